@@ -1,0 +1,363 @@
+//! Configuration: built-in defaults, then a TOML file, then `FLEETLAKE_*` environment variables,
+//! then command-line flags (`--set key=value` and the named flags).
+//!
+//! Every key is listed in [`KEYS`] with its default and meaning; `fleetlake config` prints them.
+//! Unknown keys and unparsable values are errors that name the key and what was expected.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use fleetlake_zones::LakeConfig;
+
+/// One configuration key: `section.name`, its default and what it means.
+pub struct Key {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every configuration key.
+pub const KEYS: &[Key] = &[
+    Key { name: "lake.location", default: "./lakehouse", help: "where the zones live: a folder, file:///abs/path or s3://bucket/prefix" },
+    Key { name: "lake.endpoint", default: "", help: "S3 endpoint URL for S3-compatible storage (else AWS_ENDPOINT_URL)" },
+    Key { name: "lake.region", default: "", help: "S3 region (else AWS_REGION; us-east-1 when neither is set)" },
+    Key { name: "lake.allow_http", default: "false", help: "allow plain-HTTP S3 endpoints (loopback and test setups)" },
+    Key { name: "nats.url", default: "nats://127.0.0.1:4222", help: "NATS server URL" },
+    Key { name: "nats.stream", default: "TELEMETRY", help: "JetStream stream to consume (created if absent)" },
+    Key { name: "nats.subjects", default: "telemetry.>", help: "comma-separated subjects of the stream when fleetlake creates it" },
+    Key { name: "nats.consumer", default: "fleetlake", help: "durable pull consumer name; also the Delta txn application id" },
+    Key { name: "ingest.fetch_batch", default: "1000", help: "messages requested per pull" },
+    Key { name: "ingest.commit_rows", default: "20000", help: "commit when this many messages are buffered" },
+    Key { name: "ingest.commit_interval_ms", default: "1000", help: "commit at least this often while messages arrive" },
+    Key { name: "ingest.ack_wait_s", default: "300", help: "JetStream ack wait: longer than any commit, so an in-flight batch is never redelivered" },
+    Key { name: "http.listen", default: "127.0.0.1:8080", help: "HTTP API address" },
+];
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    values: HashMap<&'static str, String>,
+}
+
+/// A configuration mistake: which key, what was wrong, what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown configuration key {key:?} (from {origin}); known keys: {known}")]
+    UnknownKey {
+        key: String,
+        origin: String,
+        known: String,
+    },
+    #[error("configuration key {key} = {value:?} (from {origin}): expected {expected}")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        origin: String,
+        expected: &'static str,
+    },
+    #[error("reading configuration file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            values: KEYS.iter().map(|k| (k.name, k.default.to_string())).collect(),
+        }
+    }
+}
+
+fn known_keys() -> String {
+    KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+}
+
+impl Config {
+    /// Defaults → `file` (if given) → `FLEETLAKE_*` from `env` → `overrides` (flags).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut config = Config::default();
+        if let Some(path) = file {
+            config.apply_toml_file(path)?;
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("FLEETLAKE_") else {
+                continue;
+            };
+            if rest == "CONFIG" || rest == "LOG" || rest == "NATS_SERVER" {
+                continue;
+            }
+            let key = env_to_key(rest);
+            config.set(&key, &value, &format!("environment variable {name}"))?;
+        }
+        for (key, value) in overrides {
+            config.set(key, value, "command line")?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_toml_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let file_error = |reason: String| ConfigError::File {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+        let origin = path.display().to_string();
+        for (section, body) in &table {
+            let toml::Value::Table(body) = body else {
+                return Err(ConfigError::UnknownKey {
+                    key: section.clone(),
+                    origin,
+                    known: known_keys(),
+                });
+            };
+            for (name, value) in body {
+                let text = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Array(items) => items
+                        .iter()
+                        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                self.set(&format!("{section}.{name}"), &text, &origin)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets one key, refusing unknown keys.
+    pub fn set(&mut self, key: &str, value: &str, origin: &str) -> Result<(), ConfigError> {
+        let Some(known) = KEYS.iter().find(|k| k.name == key) else {
+            return Err(ConfigError::UnknownKey {
+                key: key.to_string(),
+                origin: origin.to_string(),
+                known: known_keys(),
+            });
+        };
+        self.values.insert(known.name, value.to_string());
+        // Check the type now so the error names where the value came from.
+        self.check(known.name, origin)
+    }
+
+    fn check(&self, key: &'static str, origin: &str) -> Result<(), ConfigError> {
+        let value = self.get(key);
+        let bad = |expected| ConfigError::BadValue {
+            key,
+            value: value.to_string(),
+            origin: origin.to_string(),
+            expected,
+        };
+        match key {
+            "ingest.fetch_batch" | "ingest.commit_rows" | "ingest.commit_interval_ms"
+            | "ingest.ack_wait_s" => match value.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(()),
+                _ => Err(bad("a positive integer")),
+            },
+            "lake.allow_http" => value
+                .parse::<bool>()
+                .map(|_| ())
+                .map_err(|_| bad("true or false")),
+            "http.listen" => value
+                .parse::<std::net::SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| bad("an address such as 127.0.0.1:8080")),
+            "nats.url" => {
+                if value.contains("://") || !value.is_empty() {
+                    Ok(())
+                } else {
+                    Err(bad("a NATS URL such as nats://127.0.0.1:4222"))
+                }
+            }
+            "nats.stream" | "nats.consumer" => {
+                let ok = !value.is_empty()
+                    && value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if ok {
+                    Ok(())
+                } else {
+                    Err(bad("a name of letters, digits, '_' or '-'"))
+                }
+            }
+            "nats.subjects" => {
+                if self.subjects().is_empty() {
+                    Err(bad("one or more comma-separated subjects"))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for key in KEYS {
+            self.check(key.name, "configuration")?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.values.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    fn number(&self, key: &str) -> u64 {
+        self.get(key).parse().expect("validated")
+    }
+
+    pub fn nats_url(&self) -> &str {
+        self.get("nats.url")
+    }
+    pub fn stream(&self) -> &str {
+        self.get("nats.stream")
+    }
+    pub fn consumer(&self) -> &str {
+        self.get("nats.consumer")
+    }
+    pub fn subjects(&self) -> Vec<String> {
+        self.get("nats.subjects")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+    pub fn fetch_batch(&self) -> usize {
+        self.number("ingest.fetch_batch") as usize
+    }
+    pub fn commit_rows(&self) -> usize {
+        self.number("ingest.commit_rows") as usize
+    }
+    pub fn commit_interval(&self) -> Duration {
+        Duration::from_millis(self.number("ingest.commit_interval_ms"))
+    }
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.number("ingest.ack_wait_s"))
+    }
+    pub fn listen(&self) -> std::net::SocketAddr {
+        self.get("http.listen").parse().expect("validated")
+    }
+
+    /// The lake location and object-store options: `AWS_*` variables from `env`, overridden by
+    /// the `lake.*` keys.
+    pub fn lake(&self, env: impl IntoIterator<Item = (String, String)>) -> LakeConfig {
+        let mut options: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .collect();
+        if !self.get("lake.endpoint").is_empty() {
+            options.insert("AWS_ENDPOINT_URL".into(), self.get("lake.endpoint").into());
+        }
+        if !self.get("lake.region").is_empty() {
+            options.insert("AWS_REGION".into(), self.get("lake.region").into());
+        }
+        options.entry("AWS_REGION".into()).or_insert_with(|| "us-east-1".into());
+        if self.get("lake.allow_http") == "true" {
+            options.insert("AWS_ALLOW_HTTP".into(), "true".into());
+        }
+        if options.contains_key("AWS_ENDPOINT_URL") {
+            // S3-compatible servers (SeaweedFS, MinIO) address buckets by path.
+            options
+                .entry("AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into())
+                .or_insert_with(|| "false".into());
+        }
+        LakeConfig {
+            location: self.get("lake.location").to_string(),
+            storage_options: options,
+        }
+    }
+
+    /// `fleetlake config`: every key, its value and where the default differs.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for key in KEYS {
+            let value = self.get(key.name);
+            let env = format!("FLEETLAKE_{}", key.name.to_uppercase().replace('.', "_"));
+            out.push_str(&format!(
+                "{:<28} = {:<24} # {} (default {:?}; env {})\n",
+                key.name,
+                format!("{value:?}"),
+                key.help,
+                key.default,
+                env
+            ));
+        }
+        out
+    }
+}
+
+/// `LAKE_LOCATION` → `lake.location`: the first `_` separates section and name.
+fn env_to_key(rest: &str) -> String {
+    let lower = rest.to_lowercase();
+    match lower.split_once('_') {
+        Some((section, name)) => format!("{section}.{name}"),
+        None => lower,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fleetlake.toml");
+        std::fs::write(
+            &file,
+            "[nats]\nstream = \"FROM_FILE\"\nsubjects = [\"a.>\", \"b.>\"]\n[ingest]\ncommit_rows = 5\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("FLEETLAKE_NATS_STREAM".to_string(), "FROM_ENV".to_string()),
+            ("FLEETLAKE_INGEST_FETCH_BATCH".to_string(), "7".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let flags = vec![("ingest.fetch_batch".to_string(), "9".to_string())];
+        let c = Config::load(Some(&file), env, &flags).unwrap();
+        assert_eq!(c.stream(), "FROM_ENV");
+        assert_eq!(c.subjects(), vec!["a.>", "b.>"]);
+        assert_eq!(c.commit_rows(), 5);
+        assert_eq!(c.fetch_batch(), 9);
+        assert_eq!(c.consumer(), "fleetlake");
+
+        std::fs::write(&file, "[nats]\nstraem = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file), vec![], &[]).unwrap_err().to_string();
+        assert!(err.contains("unknown configuration key \"nats.straem\""), "{err}");
+        assert!(err.contains("nats.stream"), "{err}");
+
+        let env = vec![("FLEETLAKE_INGEST_COMMIT_ROWS".to_string(), "many".to_string())];
+        let err = Config::load(None, env, &[]).unwrap_err().to_string();
+        assert!(err.contains("ingest.commit_rows"), "{err}");
+        assert!(err.contains("FLEETLAKE_INGEST_COMMIT_ROWS"), "{err}");
+        assert!(err.contains("positive integer"), "{err}");
+    }
+
+    #[test]
+    fn lake_options_come_from_aws_variables_and_keys() {
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID".to_string(), "k".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let flags = vec![
+            ("lake.location".to_string(), "s3://b/p".to_string()),
+            ("lake.endpoint".to_string(), "http://127.0.0.1:9000".to_string()),
+            ("lake.allow_http".to_string(), "true".to_string()),
+        ];
+        let c = Config::load(None, vec![], &flags).unwrap();
+        let lake = c.lake(env);
+        assert_eq!(lake.location, "s3://b/p");
+        assert_eq!(lake.storage_options["AWS_ACCESS_KEY_ID"], "k");
+        assert_eq!(lake.storage_options["AWS_ENDPOINT_URL"], "http://127.0.0.1:9000");
+        assert_eq!(lake.storage_options["AWS_ALLOW_HTTP"], "true");
+        assert_eq!(lake.storage_options["AWS_REGION"], "us-east-1");
+        assert!(!lake.storage_options.contains_key("PATH"));
+    }
+}

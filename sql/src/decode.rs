@@ -1,0 +1,427 @@
+//! The built-in pipeline: decode the default telemetry envelope into typed rows.
+//!
+//! The envelope is a JSON object with `device_id` (string), `seq` (integer ≥ 0), `ts` (RFC 3339
+//! string or epoch milliseconds), optional `fw` and `hw` strings and numeric metrics
+//! (`temperature`, `humidity`, `battery`). Unknown fields are ignored.
+//!
+//! Decoding is vectorized: the payloads of a whole micro-batch go through one arrow-json
+//! [`Decoder`](arrow::json::reader::Decoder). A payload that arrow cannot decode (bad JSON, a value
+//! of the wrong type) fails the whole decode, so a failing set of messages is split and decoded
+//! again until each bad message stands alone; good messages are never lost with the bad ones and the
+//! common case (no bad message) costs one pass. Field checks (required fields, ranges) are then
+//! applied column by column.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Date32Array, RecordBatch, StringArray, UInt32Array,
+};
+use arrow::compute::{cast, concat_batches, take, take_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::json::ReaderBuilder;
+use fleetlake_zones::schema::{RAW_QUARANTINE, RAW_TELEMETRY, USABLE_TELEMETRY};
+
+use crate::{Error, Result};
+
+/// What the JSON decoder is asked for; everything nullable so that missing fields are reported by
+/// name rather than as a decoder error.
+static ENVELOPE: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("device_id", DataType::Utf8, true),
+        Field::new("seq", DataType::Int64, true),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
+        Field::new("fw", DataType::Utf8, true),
+        Field::new("hw", DataType::Utf8, true),
+        Field::new("temperature", DataType::Float64, true),
+        Field::new("humidity", DataType::Float64, true),
+        Field::new("battery", DataType::Float64, true),
+    ]))
+});
+
+/// Accepted ranges: a reading outside them is quarantined.
+pub const TEMPERATURE_RANGE: (f64, f64) = (-90.0, 150.0);
+pub const HUMIDITY_RANGE: (f64, f64) = (0.0, 100.0);
+pub const BATTERY_RANGE: (f64, f64) = (0.0, 100.0);
+/// Device timestamps must fall in [2000-01-01, 2100-01-01).
+pub const TS_RANGE_MS: (i64, i64) = (946_684_800_000, 4_102_444_800_000);
+
+/// The result of decoding one raw batch: every input row is in exactly one of the two.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// Rows for `usable.telemetry`.
+    pub usable: RecordBatch,
+    /// Rows for `raw.quarantine`, each with its reason.
+    pub quarantine: RecordBatch,
+}
+
+/// Decodes a `raw.telemetry` batch into usable rows and quarantined rows.
+pub fn decode_envelope(raw: &RecordBatch) -> Result<Decoded> {
+    let payloads = raw
+        .column_by_name("payload")
+        .and_then(|c| c.as_binary_opt::<i32>())
+        .ok_or_else(|| Error::Internal("raw batch without a binary payload column".into()))?;
+    let mut rejected: Vec<(u32, String)> = Vec::new();
+    let mut candidates: Vec<u32> = Vec::with_capacity(raw.num_rows());
+    for i in 0..payloads.len() {
+        match precheck(payloads.value(i)) {
+            Ok(()) => candidates.push(i as u32),
+            Err(reason) => rejected.push((i as u32, reason)),
+        }
+    }
+    let mut parts: Vec<(Vec<u32>, RecordBatch)> = Vec::new();
+    decode_isolating(payloads, &candidates, &mut parts, &mut rejected);
+
+    let decoded_batches: Vec<RecordBatch> = parts.iter().map(|(_, b)| b.clone()).collect();
+    let decoded = concat_batches(&ENVELOPE, &decoded_batches).map_err(internal)?;
+    let rows: Vec<u32> = parts.into_iter().flat_map(|(idx, _)| idx).collect();
+
+    let problems = check_fields(&decoded).map_err(internal)?;
+    let mut keep: Vec<u32> = Vec::with_capacity(rows.len());
+    let mut keep_raw: Vec<u32> = Vec::with_capacity(rows.len());
+    for (pos, raw_row) in rows.iter().enumerate() {
+        match &problems[pos] {
+            None => {
+                keep.push(pos as u32);
+                keep_raw.push(*raw_row);
+            }
+            Some(reason) => rejected.push((*raw_row, reason.clone())),
+        }
+    }
+    let usable = build_usable(raw, &decoded, &keep, &keep_raw).map_err(internal)?;
+    rejected.sort_by_key(|(i, _)| *i);
+    let quarantine = build_quarantine(raw, &rejected).map_err(internal)?;
+    Ok(Decoded { usable, quarantine })
+}
+
+fn internal(e: arrow::error::ArrowError) -> Error {
+    Error::Internal(e.to_string())
+}
+
+/// Cheap per-message checks that give clearer reasons than the JSON decoder would.
+fn precheck(payload: &[u8]) -> Result<(), String> {
+    if let Err(e) = std::str::from_utf8(payload) {
+        return Err(format!(
+            "payload is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ));
+    }
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => Err("payload is empty; expected a JSON object".into()),
+        Some(b'{') => Ok(()),
+        Some(_) => Err(format!(
+            "payload is not a JSON object; expected {{\"device_id\": …, \"seq\": …, \"ts\": …}}, got {}",
+            snippet(payload)
+        )),
+    }
+}
+
+fn snippet(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(payload);
+    let text = text.trim();
+    if text.chars().count() > 40 {
+        format!("{:?}…", text.chars().take(40).collect::<String>())
+    } else {
+        format!("{text:?}")
+    }
+}
+
+/// A decode failure and, when known, the position (within the attempted set) of the culprit.
+struct Failure {
+    at: Option<usize>,
+    reason: String,
+}
+
+/// Decodes `rows` in one pass when possible; otherwise splits around failures until every bad
+/// message is isolated and rejected with the decoder's reason.
+fn decode_isolating(
+    payloads: &BinaryArray,
+    rows: &[u32],
+    parts: &mut Vec<(Vec<u32>, RecordBatch)>,
+    rejected: &mut Vec<(u32, String)>,
+) {
+    if rows.is_empty() {
+        return;
+    }
+    match decode_rows(payloads, rows) {
+        Ok(batch) => parts.push((rows.to_vec(), batch)),
+        Err(Failure { reason, .. }) if rows.len() == 1 => {
+            rejected.push((rows[0], format!("payload does not decode: {reason}")))
+        }
+        Err(Failure { at: Some(at), reason }) => {
+            decode_isolating(payloads, &rows[..at], parts, rejected);
+            rejected.push((rows[at], format!("payload does not decode: {reason}")));
+            decode_isolating(payloads, &rows[at + 1..], parts, rejected);
+        }
+        Err(Failure { at: None, .. }) => {
+            let mid = rows.len() / 2;
+            decode_isolating(payloads, &rows[..mid], parts, rejected);
+            decode_isolating(payloads, &rows[mid..], parts, rejected);
+        }
+    }
+}
+
+/// One arrow-json pass over the given payloads. Each payload must contribute exactly one
+/// complete object, so a truncated message can never merge with the next one.
+fn decode_rows(payloads: &BinaryArray, rows: &[u32]) -> Result<RecordBatch, Failure> {
+    let mut decoder = ReaderBuilder::new(ENVELOPE.clone())
+        .with_batch_size(rows.len() + 1)
+        .build_decoder()
+        .map_err(|e| Failure {
+            at: None,
+            reason: e.to_string(),
+        })?;
+    for (pos, &row) in rows.iter().enumerate() {
+        let payload = payloads.value(row as usize);
+        let fail = |reason: String| Failure {
+            at: Some(pos),
+            reason,
+        };
+        let used = decoder.decode(payload).map_err(|e| fail(e.to_string()))?;
+        if used != payload.len() {
+            return Err(fail("the payload holds more than the decoder can take".into()));
+        }
+        if decoder.has_partial_record() {
+            return Err(fail("the JSON object is not complete".into()));
+        }
+        if decoder.len() > pos + 1 {
+            return Err(fail("more than one JSON value in the payload".into()));
+        }
+        if decoder.len() != pos + 1 {
+            return Err(fail("expected exactly one JSON object".into()));
+        }
+    }
+    match decoder.flush() {
+        Ok(Some(batch)) => Ok(batch),
+        Ok(None) => Err(Failure {
+            at: None,
+            reason: "no rows decoded".into(),
+        }),
+        Err(e) => Err(Failure {
+            at: None,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Per decoded row, the reason it must be quarantined, if any.
+fn check_fields(decoded: &RecordBatch) -> Result<Vec<Option<String>>, arrow::error::ArrowError> {
+    let n = decoded.num_rows();
+    let mut problems: Vec<Option<String>> = vec![None; n];
+    let mut note = |i: usize, reason: String| {
+        if problems[i].is_none() {
+            problems[i] = Some(reason);
+        }
+    };
+    let device = decoded.column(0).as_string::<i32>();
+    let seq = decoded.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+    let ts = decoded.column(2).as_primitive::<TimestampMillisecondType>();
+    for i in 0..n {
+        if device.is_null(i) {
+            note(i, "missing required field device_id (string)".into());
+        } else if device.value(i).is_empty() {
+            note(i, "device_id is empty".into());
+        }
+        if seq.is_null(i) {
+            note(i, "missing required field seq (integer)".into());
+        } else if seq.value(i) < 0 {
+            note(i, format!("seq is {}, expected an integer >= 0", seq.value(i)));
+        }
+        if ts.is_null(i) {
+            note(
+                i,
+                "missing required field ts (RFC 3339 string or epoch milliseconds)".into(),
+            );
+        } else if !(TS_RANGE_MS.0..TS_RANGE_MS.1).contains(&ts.value(i)) {
+            note(
+                i,
+                format!(
+                    "ts is {} ms since the epoch, expected a time between 2000-01-01 and 2100-01-01",
+                    ts.value(i)
+                ),
+            );
+        }
+    }
+    for (column, name, (lo, hi)) in [
+        (5, "temperature", TEMPERATURE_RANGE),
+        (6, "humidity", HUMIDITY_RANGE),
+        (7, "battery", BATTERY_RANGE),
+    ] {
+        let values = decoded.column(column).as_primitive::<arrow::datatypes::Float64Type>();
+        if values.null_count() == values.len() {
+            continue;
+        }
+        for i in 0..n {
+            if values.is_valid(i) {
+                let v = values.value(i);
+                if !(lo..=hi).contains(&v) {
+                    note(i, format!("{name} is {v}, expected a value in [{lo}, {hi}]"));
+                }
+            }
+        }
+    }
+    Ok(problems)
+}
+
+fn build_usable(
+    raw: &RecordBatch,
+    decoded: &RecordBatch,
+    keep: &[u32],
+    keep_raw: &[u32],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let keep = UInt32Array::from(keep.to_vec());
+    let keep_raw = UInt32Array::from(keep_raw.to_vec());
+    let pick = |name: &str| take(decoded.column_by_name(name).expect("envelope"), &keep, None);
+    let pick_raw = |name: &str| take(raw.column_by_name(name).expect("raw schema"), &keep_raw, None);
+    let ts_ms = pick("ts")?;
+    let ts: ArrayRef = cast(&ts_ms, &fleetlake_zones::schema::timestamp_type())?;
+    let event_date: ArrayRef = {
+        let ms = ts_ms.as_primitive::<TimestampMillisecondType>();
+        Arc::new(Date32Array::from_iter_values(
+            ms.values().iter().map(|v| v.div_euclid(86_400_000) as i32),
+        ))
+    };
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(USABLE_TELEMETRY.fields().len());
+    for field in USABLE_TELEMETRY.fields() {
+        let column = match field.name().as_str() {
+            "ts" => ts.clone(),
+            "event_date" => event_date.clone(),
+            name if ENVELOPE.column_with_name(name).is_some() => pick(name)?,
+            name => pick_raw(name)?,
+        };
+        columns.push(column);
+    }
+    RecordBatch::try_new(USABLE_TELEMETRY.clone(), columns)
+}
+
+fn build_quarantine(
+    raw: &RecordBatch,
+    rejected: &[(u32, String)],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let indices = UInt32Array::from_iter_values(rejected.iter().map(|(i, _)| *i));
+    let picked = take_record_batch(raw, &indices)?;
+    let reasons: ArrayRef = Arc::new(StringArray::from_iter_values(
+        rejected.iter().map(|(_, r)| r.as_str()),
+    ));
+    let columns = RAW_QUARANTINE
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "reason" => Ok(reasons.clone()),
+            name => picked
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("raw lacks {name}"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    debug_assert_eq!(RAW_TELEMETRY.fields().len() + 1, RAW_QUARANTINE.fields().len());
+    RecordBatch::try_new(RAW_QUARANTINE.clone(), columns)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetlake_zones::schema::{RawMessage, raw_batch};
+
+    fn raw(payloads: &[&[u8]]) -> RecordBatch {
+        let messages: Vec<RawMessage> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| RawMessage {
+                payload: p.to_vec(),
+                subject: "telemetry.dev".into(),
+                stream_seq: i as i64 + 1,
+                msg_id: None,
+                received_at_us: 1_763_900_000_000_000,
+            })
+            .collect();
+        raw_batch(&messages)
+    }
+
+    fn reasons(d: &Decoded) -> Vec<(i64, String)> {
+        let seq = d.quarantine.column_by_name("stream_seq").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+        let reason = d.quarantine.column_by_name("reason").unwrap().as_string::<i32>();
+        (0..d.quarantine.num_rows())
+            .map(|i| (seq.value(i), reason.value(i).to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn good_messages_decode_with_both_timestamp_forms_and_unknown_fields_ignored() {
+        let d = decode_envelope(&raw(&[
+            br#"{"device_id":"d1","seq":1,"ts":"2025-11-23T10:00:00.250Z","temperature":4.5,"extra":{"a":[1]}}"#,
+            br#"{"device_id":"d2","seq":7,"ts":1763892000000,"fw":"1.2.0","hw":"B","battery":88,"humidity":40.5}"#,
+        ]))
+        .unwrap();
+        assert_eq!(d.usable.num_rows(), 2);
+        assert_eq!(d.quarantine.num_rows(), 0);
+        assert_eq!(d.usable.schema(), USABLE_TELEMETRY.clone());
+        let ts = d.usable.column_by_name("ts").unwrap().as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        assert_eq!(ts.value(0), 1_763_892_000_250_000);
+        assert_eq!(ts.value(1), 1_763_892_000_000_000);
+        let date = d.usable.column_by_name("event_date").unwrap().as_primitive::<arrow::datatypes::Date32Type>();
+        assert_eq!(date.value(0), 20415); // 2026-11-23
+    }
+
+    #[test]
+    fn each_bad_message_is_quarantined_alone_with_a_reason() {
+        let good = br#"{"device_id":"d1","seq":1,"ts":1763892000000,"temperature":20}"#;
+        let d = decode_envelope(&raw(&[
+            good,
+            b"not json",
+            b"\xff\xfe{",
+            br#"{"device_id":"d1","seq":2"#,
+            br#"{"device_id":"d1","seq":3,"ts":1763892000000,"temperature":"hot"}"#,
+            br#"{"seq":4,"ts":1763892000000}"#,
+            br#"{"device_id":"d1","seq":-5,"ts":1763892000000}"#,
+            br#"{"device_id":"d1","seq":6,"ts":1763892000000,"battery":140}"#,
+            br#"{"device_id":7,"seq":7,"ts":1763892000000}"#,
+            good,
+            br#"{"device_id":"d1","seq":8,"ts":1} {"device_id":"d1","seq":9,"ts":1}"#,
+            b"",
+            br#"[1,2]"#,
+        ]))
+        .unwrap();
+        assert_eq!(d.usable.num_rows(), 2, "{:?}", reasons(&d));
+        let got = reasons(&d);
+        let seqs: Vec<i64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13]);
+        let expect = [
+            (2, "not a JSON object"),
+            (3, "not valid UTF-8"),
+            (4, "not complete"),
+            (5, "does not decode"),
+            (6, "missing required field device_id"),
+            (7, "seq is -5"),
+            (8, "battery is 140"),
+            (9, "does not decode"),
+            (11, "more than one JSON value"),
+            (12, "payload is empty"),
+            (13, "not a JSON object"),
+        ];
+        for ((seq, reason), (eseq, needle)) in got.iter().zip(expect) {
+            assert_eq!(*seq, eseq);
+            assert!(reason.contains(needle), "seq {seq}: {reason:?} lacks {needle:?}");
+        }
+        // The type error names the field and the value.
+        assert!(got[3].1.contains("hot"), "{}", got[3].1);
+    }
+
+    #[test]
+    fn a_truncated_message_never_merges_with_the_next() {
+        let d = decode_envelope(&raw(&[
+            br#"{"device_id":"a","seq":1,"ts":"#,
+            br#"{"device_id":"b","seq":2,"ts":1763892000000}}"#,
+            br#"{"device_id":"c","seq":3,"ts":1763892000000}"#,
+        ]))
+        .unwrap();
+        let devices = d.usable.column_by_name("device_id").unwrap().as_string::<i32>();
+        assert_eq!(d.usable.num_rows(), 1);
+        assert_eq!(devices.value(0), "c");
+        assert_eq!(d.quarantine.num_rows(), 2);
+    }
+}

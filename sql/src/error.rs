@@ -1,0 +1,78 @@
+//! The SQL layer's error type.
+
+use datafusion::error::DataFusionError;
+
+/// Errors of the SQL layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The statement is not valid SQL.
+    #[error("SQL syntax error: {0}")]
+    Parse(String),
+    /// The statement parses but cannot be planned (unknown table or column, bad types, …).
+    #[error("{0}")]
+    Plan(String),
+    /// The statement would change something; the query endpoint only reads.
+    #[error("only read-only queries are allowed (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE): {0}")]
+    ReadOnly(String),
+    /// Executing the plan failed.
+    #[error("query failed: {0}")]
+    Execution(#[source] DataFusionError),
+    /// The lake could not be read.
+    #[error(transparent)]
+    Lake(#[from] fleetlake_zones::Error),
+    /// An Arrow kernel failed on a batch we built (our bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Whose fault an error is: decides the HTTP status and whether to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad input: fix the request (HTTP 400).
+    User,
+    /// An outside system is failing: retry later (HTTP 503).
+    Unavailable,
+    /// A bug in fleetlake (HTTP 500).
+    Internal,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Parse(_) | Error::Plan(_) | Error::ReadOnly(_) => ErrorKind::User,
+            Error::Execution(e) => classify(e),
+            Error::Lake(e) if e.is_transient() => ErrorKind::Unavailable,
+            Error::Lake(_) => ErrorKind::User,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A stable machine-readable code for API answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Parse(_) => "sql_syntax",
+            Error::Plan(_) => "sql_plan",
+            Error::ReadOnly(_) => "read_only",
+            Error::Execution(_) if self.kind() == ErrorKind::Unavailable => "storage_unavailable",
+            Error::Execution(_) => "execution",
+            Error::Lake(_) if self.kind() == ErrorKind::Unavailable => "storage_unavailable",
+            Error::Lake(_) => "lake",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+fn classify(e: &DataFusionError) -> ErrorKind {
+    match e {
+        DataFusionError::ObjectStore(_) | DataFusionError::IoError(_) => ErrorKind::Unavailable,
+        DataFusionError::Internal(_) => ErrorKind::Internal,
+        DataFusionError::Context(_, inner) => classify(inner),
+        DataFusionError::Diagnostic(_, inner) => classify(inner),
+        // Errors raised inside table providers (Delta log, object store) are outside systems.
+        DataFusionError::External(_) => ErrorKind::Unavailable,
+        _ => ErrorKind::User,
+    }
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

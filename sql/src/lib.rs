@@ -1,0 +1,26 @@
+//! # fleetlake-sql — the SQL layer
+//!
+//! Two halves that meet in Arrow record batches:
+//!
+//! ```text
+//!  write path:  raw batch (payload bytes + origin) ──► decode::decode_envelope ──► Decoded
+//!                                                        │ vectorized (arrow-json)   ├─ usable rows
+//!                                                        │                           └─ quarantine rows + reason
+//!  query path:  SQL text ──► QueryEngine::query ──► parse ─► resolve <zone>.<table> ─► plan
+//!                              (read-only: DDL, DML, COPY, SET refused) ─► Arrow batches
+//! ```
+//!
+//! Layout:
+//! - [`decode`]: the built-in pipeline that decodes the default telemetry envelope (no I/O);
+//! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
+//! - [`error`]: the crate's error type, split into the user's fault and storage's.
+//!
+//! Start reading at [`decode::decode_envelope`] for ingest and [`QueryEngine::query`] for queries.
+
+pub mod decode;
+pub mod error;
+pub mod query;
+
+pub use decode::{Decoded, decode_envelope};
+pub use error::{Error, ErrorKind, Result};
+pub use query::{QueryEngine, QueryResult};

@@ -1,0 +1,210 @@
+//! [`QueryEngine`]: read-only SQL over the zones, for the HTTP API and `fleetlake query`.
+//!
+//! Each query gets a fresh DataFusion session in which only the tables it names are registered,
+//! each at its latest Delta version, so an answer always reflects the last commit and one slow
+//! query never pins old table versions for the next.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::TableReference;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement;
+use fleetlake_zones::{Lake, TableId, Zone};
+
+use crate::{Error, Result};
+
+/// The answer to a query: its schema and batches.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl QueryResult {
+    pub fn row_count(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+}
+
+/// Plans and runs read-only SQL over the lake's zone tables (`usable.telemetry`, …).
+#[derive(Debug, Clone)]
+pub struct QueryEngine {
+    lake: Lake,
+}
+
+impl QueryEngine {
+    pub fn new(lake: Lake) -> Self {
+        Self { lake }
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    fn context() -> SessionContext {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("datafusion", "public");
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        let catalog = ctx.catalog("datafusion").expect("default catalog");
+        for zone in Zone::ALL {
+            catalog
+                .register_schema(zone.as_str(), Arc::new(MemorySchemaProvider::new()))
+                .expect("memory catalog accepts schemas");
+        }
+        ctx
+    }
+
+    /// Runs one read-only statement. DDL, DML, `COPY` and statements such as `SET` are refused.
+    pub async fn query(&self, sql: &str) -> Result<QueryResult> {
+        let ctx = Self::context();
+        let state = ctx.state();
+        let statement = state
+            .sql_to_statement(sql, &datafusion::config::Dialect::Generic)
+            .map_err(|e| Error::Parse(strip(e)))?;
+        refuse_writes(&statement)?;
+        for reference in state
+            .resolve_table_references(&statement)
+            .map_err(|e| Error::Plan(strip(e)))?
+        {
+            self.register(&ctx, &reference).await?;
+        }
+        let plan = state
+            .statement_to_plan(statement)
+            .await
+            .map_err(|e| Error::Plan(strip(e)))?;
+        datafusion::execution::context::SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| Error::ReadOnly(strip(e)))?;
+        let frame = ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(|e| Error::Plan(strip(e)))?;
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame.collect().await.map_err(Error::Execution)?;
+        Ok(QueryResult { schema, batches })
+    }
+
+    /// Registers `<zone>.<table>` if such a Delta table exists; anything else is left for the
+    /// planner to report as unknown.
+    async fn register(&self, ctx: &SessionContext, reference: &TableReference) -> Result<()> {
+        let (Some(zone), table) = (reference.schema(), reference.table()) else {
+            return Ok(());
+        };
+        let Ok(id) = TableId::parse(&format!("{zone}.{table}")) else {
+            return Ok(());
+        };
+        let Some(delta) = self.lake.load(&id).await? else {
+            return Ok(());
+        };
+        delta
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| Error::Execution(DataFusionError::External(Box::new(e))))?;
+        let provider = delta.table_provider().await.map_err(Error::Execution)?;
+        ctx.register_table(TableReference::partial(zone, table), provider)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Refuses statements that write before they reach the planner (which would otherwise complain
+/// about a missing table first).
+fn refuse_writes(statement: &Statement) -> Result<()> {
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    let kind = match statement {
+        Statement::Statement(s) => match s.as_ref() {
+            Sql::Query(_) | Sql::Explain { .. } | Sql::ExplainTable { .. } => return Ok(()),
+            Sql::ShowTables { .. } | Sql::ShowColumns { .. } | Sql::ShowVariable { .. } => {
+                return Ok(());
+            }
+            other => other.to_string().split_whitespace().next().unwrap_or("").to_uppercase(),
+        },
+        Statement::Explain(_) => return Ok(()),
+        Statement::CopyTo(_) => "COPY".to_string(),
+        Statement::CreateExternalTable(_) => "CREATE EXTERNAL TABLE".to_string(),
+        other => format!("{other}").split_whitespace().next().unwrap_or("").to_uppercase(),
+    };
+    Err(Error::ReadOnly(format!("{kind} is not allowed")))
+}
+
+/// DataFusion prefixes messages with their category ("Error during planning: …"); keep the
+/// message, since the error code already says which category it is.
+fn strip(e: DataFusionError) -> String {
+    e.strip_backtrace()
+        .trim_start_matches("Error during planning: ")
+        .trim_start_matches("SQL error: ")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetlake_zones::schema::{RAW_TELEMETRY, RawMessage, raw_batch};
+    use fleetlake_zones::LakeConfig;
+
+    async fn lake_with_rows(dir: &std::path::Path) -> Lake {
+        let lake = Lake::open(&LakeConfig {
+            location: dir.display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut w = lake
+            .writer(TableId::raw_telemetry(), RAW_TELEMETRY.clone(), vec!["ingest_date"], "t")
+            .await
+            .unwrap();
+        let messages: Vec<RawMessage> = (1..=3)
+            .map(|i| RawMessage {
+                payload: b"{}".to_vec(),
+                subject: format!("telemetry.d{i}"),
+                stream_seq: i,
+                msg_id: None,
+                received_at_us: 1_763_900_000_000_000,
+            })
+            .collect();
+        w.commit(&raw_batch(&messages), "stream_seq", 3).await.unwrap();
+        lake
+    }
+
+    #[tokio::test]
+    async fn reads_zone_tables_and_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = QueryEngine::new(lake_with_rows(dir.path()).await);
+        let r = engine
+            .query("SELECT count(*) AS n, max(stream_seq) AS m FROM raw.telemetry")
+            .await
+            .unwrap();
+        assert_eq!(r.row_count(), 1);
+        let text = arrow::util::pretty::pretty_format_batches(&r.batches).unwrap().to_string();
+        assert!(text.contains("| 3 | 3 |"), "{text}");
+
+        for (sql, code) in [
+            ("SELEC 1", "sql_syntax"),
+            ("SELECT nope FROM raw.telemetry", "sql_plan"),
+            ("SELECT * FROM usable.nothing_here", "sql_plan"),
+            ("DELETE FROM raw.telemetry", "read_only"),
+            ("INSERT INTO raw.telemetry SELECT * FROM raw.telemetry", "read_only"),
+            ("DROP TABLE raw.telemetry", "read_only"),
+            ("CREATE TABLE x AS SELECT 1", "read_only"),
+            ("COPY (SELECT 1) TO '/tmp/fleetlake-copy.csv'", "read_only"),
+            ("CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'", "read_only"),
+            ("SET datafusion.execution.batch_size = 1", "read_only"),
+        ] {
+            let err = engine.query(sql).await.unwrap_err();
+            assert_eq!(err.code(), code, "{sql}: {err}");
+            assert_eq!(err.kind(), crate::ErrorKind::User, "{sql}: {err}");
+        }
+        assert!(!std::path::Path::new("/tmp/fleetlake-copy.csv").exists());
+    }
+}

@@ -1,0 +1,26 @@
+//! # fleetlake-zones — the lakehouse layer
+//!
+//! This crate owns the Delta tables of fleetlake's zoned lakehouse and the only way rows get into
+//! them: an idempotent commit that records the writer's progress inside the table itself.
+//!
+//! ```text
+//!   RecordBatch ──► Lake::commit(table, batch, progress) ──► Delta log (txn action: app id + version)
+//!                        │ skips rows a table already holds        │
+//!                        ▼                                          ▼
+//!              <lake>/<zone>/<table>  (file:// or s3://)   Lake::committed_version(table)
+//! ```
+//!
+//! Layout:
+//! - [`schema`]: the zones, the table identifiers and the Arrow schemas of the built-in tables;
+//! - [`lake`]: [`Lake`], opening the object store, creating tables, committing and describing them;
+//! - [`error`]: the crate's one error type, which says whose fault a failure is.
+//!
+//! Start reading at [`Lake::commit`].
+
+pub mod error;
+pub mod lake;
+pub mod schema;
+
+pub use error::{Error, Result};
+pub use lake::{CommitOutcome, Lake, LakeConfig, TableInfo};
+pub use schema::{TableId, Zone};
