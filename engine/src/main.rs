@@ -1,1 +1,259 @@
-fn main() {}
+//! The `fleetlake` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleetlake::config::Config;
+use fleetlake::demo::{self, DemoOptions};
+use fleetlake::format::{self, Format};
+use fleetlake::serve::{Engine, shutdown_signal};
+use fleetlake::simulate::{self, SimConfig};
+use fleetlake_sql::QueryEngine;
+use fleetlake_zones::Lake;
+use tokio_util::sync::CancellationToken;
+
+/// fleetlake: IoT fleet telemetry from NATS JetStream into a zoned Delta lakehouse, queried with SQL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (also FLEETLAKE_CONFIG).
+    #[arg(long, global = true, env = "FLEETLAKE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Set a configuration key, e.g. --set ingest.commit_rows=50000 (repeatable; see `fleetlake config`).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Lake location: a folder, file:///path or s3://bucket/prefix (key lake.location).
+    #[arg(long, global = true)]
+    lake: Option<String>,
+    /// NATS server URL (key nats.url).
+    #[arg(long, global = true)]
+    nats: Option<String>,
+    /// HTTP listen address (key http.listen).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume JetStream into the lake and serve the HTTP API until Ctrl-C or SIGTERM.
+    Serve,
+    /// Publish simulated fleet telemetry and print what was sent as JSON.
+    Simulate(SimArgs),
+    /// Run everything at once: NATS (if none answers), engine, simulator and HTTP API.
+    Demo {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Exit once the simulated messages are all committed (needs --messages > 0).
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// Run a read-only SQL query over the lake and print the answer.
+    Query {
+        /// The SQL, e.g. "SELECT count(*) FROM usable.telemetry".
+        sql: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Show every configuration key with its value and default.
+    Config,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+    Csv,
+    Ndjson,
+}
+
+#[derive(Args, Clone)]
+struct SimArgs {
+    /// Random seed: the same seed sends the same messages.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Number of devices in the fleet.
+    #[arg(long, default_value_t = 100)]
+    devices: u64,
+    /// Messages to send (0 = until Ctrl-C).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Messages per second (0 = as fast as JetStream acknowledges).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Share of exact replays of earlier readings (0..1).
+    #[arg(long)]
+    duplicates: Option<f64>,
+    /// Share of malformed payloads (0..1).
+    #[arg(long)]
+    malformed: Option<f64>,
+    /// Share of late, out-of-order readings (0..1).
+    #[arg(long)]
+    late: Option<f64>,
+    /// Subject prefix: messages go to <prefix>.<device_id>.
+    #[arg(long, default_value = "telemetry")]
+    subject_prefix: String,
+    /// Set Nats-Msg-Id to <device_id>-<seq> on every message.
+    #[arg(long)]
+    msg_ids: bool,
+    /// Device clock of the first reading, epoch milliseconds (default: now).
+    #[arg(long)]
+    start_ms: Option<i64>,
+}
+
+impl SimArgs {
+    /// Defaults differ: `simulate` sends 10,000 clean messages, the demo a steady mixed stream.
+    fn to_config(&self, demo: bool) -> SimConfig {
+        let (messages, rate, duplicates, malformed, late) = if demo {
+            (0, 2000.0, 0.02, 0.01, 0.05)
+        } else {
+            (10_000, 0.0, 0.0, 0.0, 0.0)
+        };
+        SimConfig {
+            seed: self.seed,
+            devices: self.devices,
+            messages: self.messages.unwrap_or(messages),
+            rate: self.rate.unwrap_or(rate),
+            duplicates: self.duplicates.unwrap_or(duplicates),
+            malformed: self.malformed.unwrap_or(malformed),
+            late: self.late.unwrap_or(late),
+            subject_prefix: self.subject_prefix.clone(),
+            msg_ids: self.msg_ids,
+            start_ms: self.start_ms,
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let mut overrides = Vec::new();
+    for item in &cli.set {
+        let (k, v) = item.split_once('=').ok_or_else(|| {
+            format!("--set {item:?}: expected KEY=VALUE, e.g. --set nats.stream=TELEMETRY")
+        })?;
+        overrides.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    for (flag, key) in [
+        (&cli.lake, "lake.location"),
+        (&cli.nats, "nats.url"),
+        (&cli.listen, "http.listen"),
+    ] {
+        if let Some(v) = flag {
+            overrides.push((key.to_string(), v.clone()));
+        }
+    }
+    Config::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLEETLAKE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fleetlake=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let config = load_config(&cli)?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    match &cli.command {
+        Command::Config => {
+            print!("{}", config.describe());
+            Ok(())
+        }
+        Command::Serve => {
+            let engine = Engine::start(config, env, true)
+                .await
+                .map_err(|e| e.to_string())?;
+            shutdown_signal().await;
+            eprintln!("stopping: committing what is in flight…");
+            engine.shutdown().await;
+            Ok(())
+        }
+        Command::Simulate(args) => {
+            let sim = args.to_config(false);
+            sim.validate()?;
+            let js = fleetlake::source::connect(config.nats_url())
+                .await
+                .map_err(|e| e.to_string())?;
+            fleetlake::source::ensure_stream(&js, &config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let cancel = CancellationToken::new();
+            let on_signal = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                on_signal.cancel();
+            });
+            let report = simulate::publish(&js, sim, cancel, |r| {
+                eprintln!(
+                    "  sent {} ({:.0}/s)",
+                    r.total,
+                    r.total as f64 / r.elapsed_s.max(1e-9)
+                );
+            })
+            .await?;
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("report serializes")
+            );
+            Ok(())
+        }
+        Command::Demo {
+            sim,
+            exit_when_done,
+        } => {
+            let sim = sim.to_config(true);
+            sim.validate()?;
+            if *exit_when_done && sim.messages == 0 {
+                return Err("--exit-when-done needs --messages N".into());
+            }
+            demo::run(
+                config,
+                env,
+                DemoOptions {
+                    sim,
+                    exit_when_done: *exit_when_done,
+                },
+            )
+            .await
+        }
+        Command::Query { sql, format } => {
+            let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
+            let result = QueryEngine::new(lake)
+                .query(sql)
+                .await
+                .map_err(|e| format!("{} ({})", e, e.code()))?;
+            let out = match format {
+                OutputFormat::Table => format::to_table(&result).map_err(|e| e.to_string())?,
+                OutputFormat::Json => {
+                    String::from_utf8(Format::Json.encode(&result).map_err(|e| e.to_string())?)
+                        .expect("JSON is UTF-8")
+                }
+                OutputFormat::Csv => String::from_utf8_lossy(
+                    &Format::Csv.encode(&result).map_err(|e| e.to_string())?,
+                )
+                .into_owned(),
+                OutputFormat::Ndjson => String::from_utf8_lossy(
+                    &Format::NdJson.encode(&result).map_err(|e| e.to_string())?,
+                )
+                .into_owned(),
+            };
+            println!("{}", out.trim_end());
+            Ok(())
+        }
+    }
+}

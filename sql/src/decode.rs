@@ -151,7 +151,10 @@ fn decode_isolating(
         Err(Failure { reason, .. }) if rows.len() == 1 => {
             rejected.push((rows[0], format!("payload does not decode: {reason}")))
         }
-        Err(Failure { at: Some(at), reason }) => {
+        Err(Failure {
+            at: Some(at),
+            reason,
+        }) => {
             decode_isolating(payloads, &rows[..at], parts, rejected);
             rejected.push((rows[at], format!("payload does not decode: {reason}")));
             decode_isolating(payloads, &rows[at + 1..], parts, rejected);
@@ -182,7 +185,9 @@ fn decode_rows(payloads: &BinaryArray, rows: &[u32]) -> Result<RecordBatch, Fail
         };
         let used = decoder.decode(payload).map_err(|e| fail(e.to_string()))?;
         if used != payload.len() {
-            return Err(fail("the payload holds more than the decoder can take".into()));
+            return Err(fail(
+                "the payload holds more than the decoder can take".into(),
+            ));
         }
         if decoder.has_partial_record() {
             return Err(fail("the JSON object is not complete".into()));
@@ -217,7 +222,9 @@ fn check_fields(decoded: &RecordBatch) -> Result<Vec<Option<String>>, arrow::err
         }
     };
     let device = decoded.column(0).as_string::<i32>();
-    let seq = decoded.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+    let seq = decoded
+        .column(1)
+        .as_primitive::<arrow::datatypes::Int64Type>();
     let ts = decoded.column(2).as_primitive::<TimestampMillisecondType>();
     for i in 0..n {
         if device.is_null(i) {
@@ -228,7 +235,10 @@ fn check_fields(decoded: &RecordBatch) -> Result<Vec<Option<String>>, arrow::err
         if seq.is_null(i) {
             note(i, "missing required field seq (integer)".into());
         } else if seq.value(i) < 0 {
-            note(i, format!("seq is {}, expected an integer >= 0", seq.value(i)));
+            note(
+                i,
+                format!("seq is {}, expected an integer >= 0", seq.value(i)),
+            );
         }
         if ts.is_null(i) {
             note(
@@ -250,7 +260,9 @@ fn check_fields(decoded: &RecordBatch) -> Result<Vec<Option<String>>, arrow::err
         (6, "humidity", HUMIDITY_RANGE),
         (7, "battery", BATTERY_RANGE),
     ] {
-        let values = decoded.column(column).as_primitive::<arrow::datatypes::Float64Type>();
+        let values = decoded
+            .column(column)
+            .as_primitive::<arrow::datatypes::Float64Type>();
         if values.null_count() == values.len() {
             continue;
         }
@@ -258,7 +270,10 @@ fn check_fields(decoded: &RecordBatch) -> Result<Vec<Option<String>>, arrow::err
             if values.is_valid(i) {
                 let v = values.value(i);
                 if !(lo..=hi).contains(&v) {
-                    note(i, format!("{name} is {v}, expected a value in [{lo}, {hi}]"));
+                    note(
+                        i,
+                        format!("{name} is {v}, expected a value in [{lo}, {hi}]"),
+                    );
                 }
             }
         }
@@ -275,7 +290,13 @@ fn build_usable(
     let keep = UInt32Array::from(keep.to_vec());
     let keep_raw = UInt32Array::from(keep_raw.to_vec());
     let pick = |name: &str| take(decoded.column_by_name(name).expect("envelope"), &keep, None);
-    let pick_raw = |name: &str| take(raw.column_by_name(name).expect("raw schema"), &keep_raw, None);
+    let pick_raw = |name: &str| {
+        take(
+            raw.column_by_name(name).expect("raw schema"),
+            &keep_raw,
+            None,
+        )
+    };
     let ts_ms = pick("ts")?;
     let ts: ArrayRef = cast(&ts_ms, &fleetlake_zones::schema::timestamp_type())?;
     let event_date: ArrayRef = {
@@ -317,10 +338,12 @@ fn build_quarantine(
                 .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("raw lacks {name}"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    debug_assert_eq!(RAW_TELEMETRY.fields().len() + 1, RAW_QUARANTINE.fields().len());
+    debug_assert_eq!(
+        RAW_TELEMETRY.fields().len() + 1,
+        RAW_QUARANTINE.fields().len()
+    );
     RecordBatch::try_new(RAW_QUARANTINE.clone(), columns)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -343,8 +366,16 @@ mod tests {
     }
 
     fn reasons(d: &Decoded) -> Vec<(i64, String)> {
-        let seq = d.quarantine.column_by_name("stream_seq").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
-        let reason = d.quarantine.column_by_name("reason").unwrap().as_string::<i32>();
+        let seq = d
+            .quarantine
+            .column_by_name("stream_seq")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let reason = d
+            .quarantine
+            .column_by_name("reason")
+            .unwrap()
+            .as_string::<i32>();
         (0..d.quarantine.num_rows())
             .map(|i| (seq.value(i), reason.value(i).to_string()))
             .collect()
@@ -360,10 +391,18 @@ mod tests {
         assert_eq!(d.usable.num_rows(), 2);
         assert_eq!(d.quarantine.num_rows(), 0);
         assert_eq!(d.usable.schema(), USABLE_TELEMETRY.clone());
-        let ts = d.usable.column_by_name("ts").unwrap().as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        let ts = d
+            .usable
+            .column_by_name("ts")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
         assert_eq!(ts.value(0), 1_763_892_000_250_000);
         assert_eq!(ts.value(1), 1_763_892_000_000_000);
-        let date = d.usable.column_by_name("event_date").unwrap().as_primitive::<arrow::datatypes::Date32Type>();
+        let date = d
+            .usable
+            .column_by_name("event_date")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Date32Type>();
         assert_eq!(date.value(0), 20415); // 2026-11-23
     }
 
@@ -405,7 +444,10 @@ mod tests {
         ];
         for ((seq, reason), (eseq, needle)) in got.iter().zip(expect) {
             assert_eq!(*seq, eseq);
-            assert!(reason.contains(needle), "seq {seq}: {reason:?} lacks {needle:?}");
+            assert!(
+                reason.contains(needle),
+                "seq {seq}: {reason:?} lacks {needle:?}"
+            );
         }
         // The type error names the field and the value.
         assert!(got[3].1.contains("hot"), "{}", got[3].1);
@@ -419,7 +461,11 @@ mod tests {
             br#"{"device_id":"c","seq":3,"ts":1763892000000}"#,
         ]))
         .unwrap();
-        let devices = d.usable.column_by_name("device_id").unwrap().as_string::<i32>();
+        let devices = d
+            .usable
+            .column_by_name("device_id")
+            .unwrap()
+            .as_string::<i32>();
         assert_eq!(d.usable.num_rows(), 1);
         assert_eq!(devices.value(0), "c");
         assert_eq!(d.quarantine.num_rows(), 2);

@@ -129,12 +129,21 @@ fn refuse_writes(statement: &Statement) -> Result<()> {
             Sql::ShowTables { .. } | Sql::ShowColumns { .. } | Sql::ShowVariable { .. } => {
                 return Ok(());
             }
-            other => other.to_string().split_whitespace().next().unwrap_or("").to_uppercase(),
+            other => other
+                .to_string()
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_uppercase(),
         },
         Statement::Explain(_) => return Ok(()),
         Statement::CopyTo(_) => "COPY".to_string(),
         Statement::CreateExternalTable(_) => "CREATE EXTERNAL TABLE".to_string(),
-        other => format!("{other}").split_whitespace().next().unwrap_or("").to_uppercase(),
+        other => format!("{other}")
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_uppercase(),
     };
     Err(Error::ReadOnly(format!("{kind} is not allowed")))
 }
@@ -151,8 +160,8 @@ fn strip(e: DataFusionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetlake_zones::schema::{RAW_TELEMETRY, RawMessage, raw_batch};
     use fleetlake_zones::LakeConfig;
+    use fleetlake_zones::schema::{RAW_TELEMETRY, RawMessage, raw_batch};
 
     async fn lake_with_rows(dir: &std::path::Path) -> Lake {
         let lake = Lake::open(&LakeConfig {
@@ -161,7 +170,12 @@ mod tests {
         })
         .unwrap();
         let mut w = lake
-            .writer(TableId::raw_telemetry(), RAW_TELEMETRY.clone(), vec!["ingest_date"], "t")
+            .writer(
+                TableId::raw_telemetry(),
+                RAW_TELEMETRY.clone(),
+                vec!["ingest_date"],
+                "t",
+            )
             .await
             .unwrap();
         let messages: Vec<RawMessage> = (1..=3)
@@ -173,7 +187,9 @@ mod tests {
                 received_at_us: 1_763_900_000_000_000,
             })
             .collect();
-        w.commit(&raw_batch(&messages), "stream_seq", 3).await.unwrap();
+        w.commit(&raw_batch(&messages), "stream_seq", 3)
+            .await
+            .unwrap();
         lake
     }
 
@@ -186,7 +202,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.row_count(), 1);
-        let text = arrow::util::pretty::pretty_format_batches(&r.batches).unwrap().to_string();
+        let text = arrow::util::pretty::pretty_format_batches(&r.batches)
+            .unwrap()
+            .to_string();
         assert!(text.contains("| 3 | 3 |"), "{text}");
 
         for (sql, code) in [
@@ -194,11 +212,17 @@ mod tests {
             ("SELECT nope FROM raw.telemetry", "sql_plan"),
             ("SELECT * FROM usable.nothing_here", "sql_plan"),
             ("DELETE FROM raw.telemetry", "read_only"),
-            ("INSERT INTO raw.telemetry SELECT * FROM raw.telemetry", "read_only"),
+            (
+                "INSERT INTO raw.telemetry SELECT * FROM raw.telemetry",
+                "read_only",
+            ),
             ("DROP TABLE raw.telemetry", "read_only"),
             ("CREATE TABLE x AS SELECT 1", "read_only"),
             ("COPY (SELECT 1) TO '/tmp/fleetlake-copy.csv'", "read_only"),
-            ("CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'", "read_only"),
+            (
+                "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '/etc/passwd'",
+                "read_only",
+            ),
             ("SET datafusion.execution.batch_size = 1", "read_only"),
         ] {
             let err = engine.query(sql).await.unwrap_err();

@@ -4,10 +4,14 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The lake location in the configuration is not usable (user's fault).
-    #[error("invalid lake location {location:?}: {reason} (expected file:///path, a relative folder, or s3://bucket/prefix)")]
+    #[error(
+        "invalid lake location {location:?}: {reason} (expected file:///path, a relative folder, or s3://bucket/prefix)"
+    )]
     InvalidLocation { location: String, reason: String },
     /// A table name that fleetlake does not know (user's fault).
-    #[error("unknown table {0:?}: expected <zone>.<table> with zone one of raw, usable, final, reference")]
+    #[error(
+        "unknown table {0:?}: expected <zone>.<table> with zone one of raw, usable, final, reference"
+    )]
     UnknownTable(String),
     /// Delta or object storage failed (outside system: retried with backoff).
     #[error("{action} {table}: {source}")]

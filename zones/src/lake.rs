@@ -12,8 +12,8 @@ use std::path::Path;
 use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
-use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder};
 use url::Url;
@@ -285,7 +285,10 @@ impl TableWriter {
     }
 
     async fn read_committed(&self) -> Result<Option<i64>> {
-        let snapshot = self.table.snapshot().map_err(|source| self.delta("reading", source))?;
+        let snapshot = self
+            .table
+            .snapshot()
+            .map_err(|source| self.delta("reading", source))?;
         snapshot
             .transaction_version(self.table.log_store().as_ref(), &self.app_id)
             .await
@@ -326,12 +329,12 @@ impl TableWriter {
             return Ok(CommitOutcome::AlreadyCommitted);
         }
         let batch = match self.committed {
-            Some(done) => rows_after(batch, progress_column, done).map_err(|source| {
-                Error::Schema {
+            Some(done) => {
+                rows_after(batch, progress_column, done).map_err(|source| Error::Schema {
                     table: self.id.to_string(),
                     source,
-                }
-            })?,
+                })?
+            }
             None => batch.clone(),
         };
         let rows = batch.num_rows();
@@ -381,14 +384,17 @@ fn rows_after(
     if values.null_count() == 0 && values.values().iter().all(|v| *v > after) {
         return Ok(batch.clone());
     }
-    let keep: BooleanArray = values.iter().map(|v| Some(v.is_some_and(|v| v > after))).collect();
+    let keep: BooleanArray = values
+        .iter()
+        .map(|v| Some(v.is_some_and(|v| v > after)))
+        .collect();
     filter_record_batch(batch, &keep)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{TableId, RAW_TELEMETRY};
+    use crate::schema::{RAW_TELEMETRY, TableId};
     use arrow::array::{BinaryArray, Date32Array, StringArray, TimestampMicrosecondArray};
     use std::sync::Arc;
 
@@ -398,7 +404,9 @@ mod tests {
             RAW_TELEMETRY.clone(),
             vec![
                 Arc::new(BinaryArray::from_iter_values(seqs.iter().map(|_| b"{}"))),
-                Arc::new(StringArray::from_iter_values(seqs.iter().map(|_| "telemetry.x"))),
+                Arc::new(StringArray::from_iter_values(
+                    seqs.iter().map(|_| "telemetry.x"),
+                )),
                 Arc::new(Int64Array::from(seqs.to_vec())),
                 Arc::new(StringArray::from(vec![None::<&str>; n])),
                 Arc::new(
@@ -421,28 +429,52 @@ mod tests {
         .unwrap();
         let id = TableId::raw_telemetry();
         let mut w = lake
-            .writer(id.clone(), RAW_TELEMETRY.clone(), vec!["ingest_date"], "app")
+            .writer(
+                id.clone(),
+                RAW_TELEMETRY.clone(),
+                vec!["ingest_date"],
+                "app",
+            )
             .await
             .unwrap();
         assert_eq!(w.committed(), None);
-        let first = w.commit(&raw_batch(&[1, 2, 3]), "stream_seq", 3).await.unwrap();
+        let first = w
+            .commit(&raw_batch(&[1, 2, 3]), "stream_seq", 3)
+            .await
+            .unwrap();
         assert!(matches!(first, CommitOutcome::Committed { rows: 3, .. }));
         // The same batch again: nothing written.
         assert_eq!(
-            w.commit(&raw_batch(&[1, 2, 3]), "stream_seq", 3).await.unwrap(),
+            w.commit(&raw_batch(&[1, 2, 3]), "stream_seq", 3)
+                .await
+                .unwrap(),
             CommitOutcome::AlreadyCommitted
         );
         // A new writer (a restarted engine) sees the progress and skips the overlap.
         let mut w2 = lake
-            .writer(id.clone(), RAW_TELEMETRY.clone(), vec!["ingest_date"], "app")
+            .writer(
+                id.clone(),
+                RAW_TELEMETRY.clone(),
+                vec!["ingest_date"],
+                "app",
+            )
             .await
             .unwrap();
         assert_eq!(w2.committed(), Some(3));
-        let again = w2.commit(&raw_batch(&[2, 3, 4, 5]), "stream_seq", 5).await.unwrap();
-        assert!(matches!(again, CommitOutcome::Committed { rows: 2, .. }), "{again:?}");
+        let again = w2
+            .commit(&raw_batch(&[2, 3, 4, 5]), "stream_seq", 5)
+            .await
+            .unwrap();
+        assert!(
+            matches!(again, CommitOutcome::Committed { rows: 2, .. }),
+            "{again:?}"
+        );
         // Progress only: a commit with no rows still moves the version.
         let empty = w2.commit(&raw_batch(&[]), "stream_seq", 9).await.unwrap();
-        assert!(matches!(empty, CommitOutcome::Committed { rows: 0, .. }), "{empty:?}");
+        assert!(
+            matches!(empty, CommitOutcome::Committed { rows: 0, .. }),
+            "{empty:?}"
+        );
         let info = lake.describe(&id).await.unwrap().unwrap();
         assert_eq!(info.rows, 5);
         let w3 = lake

@@ -74,10 +74,7 @@ impl TableId {
             .split_once('.')
             .ok_or_else(|| crate::Error::UnknownTable(s.to_string()))?;
         let zone = Zone::parse(zone).ok_or_else(|| crate::Error::UnknownTable(s.to_string()))?;
-        let valid = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(crate::Error::UnknownTable(s.to_string()));
         }

@@ -1,0 +1,135 @@
+//! `fleetlake demo`: the whole system in one command — a NATS server (started as a child process
+//! when none answers), the local-folder lake, the engine, the simulator and the HTTP API — with
+//! progress while it runs. Stops cleanly on Ctrl-C.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::nats_server::NatsServer;
+use crate::serve::{Engine, shutdown_signal};
+use crate::simulate::{self, SimConfig};
+
+/// Demo options.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub sim: SimConfig,
+    /// Exit by itself once `sim.messages` are published and committed (for scripted runs).
+    pub exit_when_done: bool,
+}
+
+/// Runs the demo until Ctrl-C (or until done with `exit_when_done`).
+pub async fn run(
+    mut config: Config,
+    env: Vec<(String, String)>,
+    options: DemoOptions,
+) -> Result<(), String> {
+    let url = config.nats_url().to_string();
+    let mut child: Option<NatsServer> = None;
+    if crate::source::connect(&url).await.is_err() {
+        let port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+            .unwrap_or(4222);
+        let dir = PathBuf::from(".fleetlake-demo");
+        eprintln!(
+            "· no NATS server at {url}: starting nats-server on 127.0.0.1:{port} (store in {}/nats)",
+            dir.display()
+        );
+        let server =
+            NatsServer::start(port, &dir.join("nats"), Some(&dir.join("nats.log"))).await?;
+        config
+            .set("nats.url", &server.url, "demo")
+            .map_err(|e| e.to_string())?;
+        child = Some(server);
+    } else {
+        eprintln!("· using the NATS server at {url}");
+    }
+    let engine = Engine::start(config.clone(), env, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = engine.addr;
+    eprintln!("· lake at {}", engine.lake.root());
+    eprintln!("· HTTP API on http://{addr}");
+    eprintln!();
+    eprintln!("Try, in another terminal:");
+    eprintln!("  curl -s http://{addr}/v1/tables");
+    eprintln!(
+        "  curl -s http://{addr}/v1/query -d '{{\"sql\": \"SELECT device_id, count(*) AS n, avg(temperature) AS avg_t FROM usable.telemetry GROUP BY device_id ORDER BY n DESC LIMIT 5\"}}'"
+    );
+    eprintln!(
+        "  curl -s http://{addr}/v1/query -H 'Accept: text/csv' -d '{{\"sql\": \"SELECT reason, count(*) FROM raw.quarantine GROUP BY reason\"}}'"
+    );
+    eprintln!(
+        "  cargo run -q -- query \"SELECT fw, hw, count(*) FROM usable.telemetry GROUP BY fw, hw ORDER BY 1, 2\""
+    );
+    eprintln!("  curl -s http://{addr}/metrics | grep ^fleetlake_");
+    eprintln!("Press Ctrl-C to stop.");
+    eprintln!();
+
+    let js = crate::source::connect(config.nats_url())
+        .await
+        .map_err(|e| e.to_string())?;
+    crate::source::ensure_stream(&js, &config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stop = CancellationToken::new();
+    let sim_stop = stop.clone();
+    let sim_config = options.sim.clone();
+    let publisher =
+        tokio::spawn(async move { simulate::publish(&js, sim_config, sim_stop, |_| {}).await });
+    let metrics = engine.metrics.clone();
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut published_report = None;
+    let mut publisher = Some(publisher);
+    loop {
+        tokio::select! {
+            _ = &mut signal => {
+                eprintln!("\n· stopping: committing what is in flight…");
+                break;
+            }
+            _ = ticker.tick() => {
+                let raw = metrics.rows_committed("raw.telemetry");
+                eprintln!(
+                    "  pulled {:>9}  raw {:>9}  usable {:>9}  quarantined {:>6}  lag {:>7}  storage {}",
+                    metrics.messages_pulled.load(Ordering::Relaxed),
+                    raw,
+                    metrics.rows_committed("usable.telemetry"),
+                    metrics.quarantined.load(Ordering::Relaxed),
+                    metrics.consumer_lag.load(Ordering::Relaxed),
+                    if metrics.storage_up.load(Ordering::Relaxed) == 1 { "up" } else { "DOWN" },
+                );
+                if let Some(p) = publisher.as_ref().filter(|p| p.is_finished()) {
+                    let _ = p;
+                    let done = publisher.take().expect("checked").await.map_err(|e| e.to_string())??;
+                    eprintln!("· simulator finished: {}", serde_json::to_string(&done).unwrap_or_default());
+                    published_report = Some(done);
+                }
+                if options.exit_when_done {
+                    if let Some(r) = &published_report {
+                        if metrics.messages_acked.load(Ordering::Relaxed) >= r.total {
+                            eprintln!("· all {} messages committed", r.total);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    stop.cancel();
+    if let Some(p) = publisher {
+        let _ = p.await;
+    }
+    engine.shutdown().await;
+    if let Some(mut server) = child {
+        server.stop().await;
+    }
+    eprintln!("· stopped");
+    Ok(())
+}

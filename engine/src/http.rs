@@ -1,0 +1,175 @@
+//! The HTTP API (axum): SQL over the zones, table listing, health and metrics.
+//!
+//! The handlers depend on the [`Lakehouse`] trait, not on the engine, so they can be served over
+//! any implementation; the binary wires in [`fleetlake_sql::QueryEngine`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use fleetlake_sql::{ErrorKind, QueryEngine, QueryResult};
+use fleetlake_zones::TableInfo;
+use fleetlake_zones::schema::builtin_tables;
+use futures::future::BoxFuture;
+use serde_json::json;
+
+use crate::format::Format;
+use crate::metrics::Metrics;
+
+/// What the HTTP layer needs from the lake.
+pub trait Lakehouse: Send + Sync + 'static {
+    fn query(&self, sql: String) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>>;
+    fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>>;
+}
+
+impl Lakehouse for QueryEngine {
+    fn query(&self, sql: String) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>> {
+        let engine = self.clone();
+        Box::pin(async move { QueryEngine::query(&engine, &sql).await })
+    }
+
+    fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>> {
+        let lake = self.lake().clone();
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (id, _, _) in builtin_tables() {
+                if let Some(info) = lake.describe(&id).await? {
+                    out.push(info);
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub lake: Arc<dyn Lakehouse>,
+    pub metrics: Arc<Metrics>,
+    /// False for a process that only serves queries (no ingest): health ignores the source.
+    pub ingesting: bool,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/query", post(query))
+        .route("/v1/tables", get(tables))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// `{"error":{"code":…,"message":…}}` with a status.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"error": {"code": code, "message": message}}).to_string(),
+    )
+        .into_response()
+}
+
+fn sql_error(e: &fleetlake_sql::Error) -> Response {
+    let status = match e.kind() {
+        ErrorKind::User => StatusCode::BAD_REQUEST,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error_response(status, e.code(), &e.to_string())
+}
+
+async fn query(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Request {
+        sql: String,
+    }
+    let request: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("expected a JSON body {{\"sql\": \"SELECT …\"}}: {e}"),
+            );
+        }
+    };
+    let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    match state.lake.query(request.sql).await {
+        Ok(result) => match format.encode(&result) {
+            Ok(body) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, format.content_type())],
+                body,
+            )
+                .into_response(),
+            Err(e) => error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding",
+                &e.to_string(),
+            ),
+        },
+        Err(e) => sql_error(&e),
+    }
+}
+
+async fn tables(State(state): State<AppState>) -> Response {
+    match state.lake.tables().await {
+        Ok(tables) => {
+            let tables: Vec<_> = tables
+                .iter()
+                .map(|t| {
+                    json!({
+                        "table": t.table.to_string(),
+                        "zone": t.table.zone.as_str(),
+                        "version": t.version,
+                        "rows": t.rows,
+                        "files": t.files,
+                        "size_bytes": t.size_bytes,
+                    })
+                })
+                .collect();
+            axum::Json(json!({ "tables": tables })).into_response()
+        }
+        Err(e) => sql_error(&e),
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let m = &state.metrics;
+    let storage_up = m.storage_up.load(Ordering::Relaxed) == 1;
+    let source_up = !state.ingesting || m.source_up.load(Ordering::Relaxed) == 1;
+    let component = |up: bool, name: &str| {
+        let last = m
+            .last_error(name)
+            .map(|(reason, at)| json!({"message": reason, "at": at.to_rfc3339()}));
+        json!({"up": up, "last_error": last})
+    };
+    let healthy = storage_up && source_up;
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "storage": component(storage_up, "storage"),
+        "nats": component(source_up, "source"),
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

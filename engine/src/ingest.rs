@@ -1,0 +1,334 @@
+//! The ingest stage: JetStream → micro-batches → raw, quarantine and usable Delta tables → ack.
+//!
+//! ```text
+//!  Source (pull consumer) ──► buffer (≤ commit_rows or commit_interval) ──► raw batch
+//!        ▲                                                                     │ decode_envelope
+//!        │ ack (AckPolicy::All, last message) ◄── commit raw ─► quarantine ─► usable
+//! ```
+//!
+//! Guarantees: a message is acknowledged only after every table that needs it has committed; each
+//! commit records `txn(consumer, last stream sequence)`, and a restarted engine starts the
+//! consumer after the lowest recorded sequence and skips rows a table already holds. A failing
+//! commit is retried with backoff (pulling stops meanwhile, JetStream keeps the backlog); a lost
+//! consumer is reopened from the lake's position.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use fleetlake_sql::decode_envelope;
+use fleetlake_zones::lake::TableWriter;
+use fleetlake_zones::schema::{RawMessage, builtin_tables, raw_batch};
+use fleetlake_zones::{CommitOutcome, Lake, TableId};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::source::Source;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Exponential backoff that sleeps unless cancelled; returns false when cancelled.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(BACKOFF_START)
+    }
+    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+/// The writers of the three tables the ingest stage fills, in commit order.
+struct Writers {
+    raw: TableWriter,
+    quarantine: TableWriter,
+    usable: TableWriter,
+}
+
+impl Writers {
+    async fn open(lake: &Lake, app_id: &str) -> fleetlake_zones::Result<Self> {
+        let mut open = Vec::new();
+        for (id, schema, partitions) in builtin_tables() {
+            open.push(lake.writer(id, schema, partitions, app_id).await?);
+        }
+        let usable = open.pop().expect("three tables");
+        let quarantine = open.pop().expect("three tables");
+        let raw = open.pop().expect("three tables");
+        debug_assert_eq!(raw.id(), &TableId::raw_telemetry());
+        Ok(Self {
+            raw,
+            quarantine,
+            usable,
+        })
+    }
+
+    /// The first stream sequence not yet in every table.
+    fn resume_at(&self) -> u64 {
+        [&self.raw, &self.quarantine, &self.usable]
+            .iter()
+            .map(|w| w.committed().unwrap_or(0))
+            .min()
+            .unwrap_or(0) as u64
+            + 1
+    }
+}
+
+/// Runs the ingest stage until `cancel` fires; in-flight messages are committed and acked first.
+pub async fn run(config: Config, lake: Lake, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    let app_id = config.consumer().to_string();
+    let mut backoff = Backoff::new();
+    let mut writers = loop {
+        match Writers::open(&lake, &app_id).await {
+            Ok(w) => break w,
+            Err(e) => {
+                storage_failed(&metrics, &e.to_string());
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    };
+    metrics.storage_up.store(1, Ordering::Relaxed);
+    let mut ingest = Ingest {
+        config,
+        metrics,
+        cancel,
+    };
+    loop {
+        if ingest.cancel.is_cancelled() {
+            return;
+        }
+        let start = writers.resume_at();
+        let mut source = match Source::open(&ingest.config, start).await {
+            Ok(source) => source,
+            Err(e) => {
+                ingest.source_failed(&e.to_string());
+                if !backoff.wait(&ingest.cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        tracing::info!(start, "consuming");
+        ingest.metrics.source_up.store(1, Ordering::Relaxed);
+        backoff = Backoff::new();
+        match ingest.pump(&mut source, &mut writers).await {
+            Pumped::Stopped => return,
+            Pumped::SourceLost(reason) => {
+                ingest.source_failed(&reason);
+                if !backoff.wait(&ingest.cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn storage_failed(metrics: &Metrics, reason: &str) {
+    tracing::warn!(%reason, "object storage failed; retrying");
+    metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
+    metrics.storage_up.store(0, Ordering::Relaxed);
+    metrics.set_last_error("storage", reason);
+}
+
+enum Pumped {
+    Stopped,
+    SourceLost(String),
+}
+
+struct Ingest {
+    config: Config,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+}
+
+/// Messages taken from the source and not yet committed.
+#[derive(Default)]
+struct Buffer {
+    messages: Vec<RawMessage>,
+    last: Option<jetstream::Message>,
+    first_at: Option<Instant>,
+}
+
+impl Ingest {
+    fn source_failed(&self, reason: &str) {
+        tracing::warn!(%reason, "NATS consumer failed; reopening");
+        self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.source_up.store(0, Ordering::Relaxed);
+        self.metrics.set_last_error("source", reason);
+    }
+
+    async fn pump(&mut self, source: &mut Source, writers: &mut Writers) -> Pumped {
+        let mut buffer = Buffer::default();
+        // Redeliveries (ack wait expired during a long outage) are at or below this.
+        let mut highest_seen = source.start.saturating_sub(1);
+        let interval = self.config.commit_interval();
+        loop {
+            let wait = match buffer.first_at {
+                Some(t) => interval.saturating_sub(t.elapsed()),
+                None => interval,
+            };
+            let next = tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    // Graceful shutdown: stop pulling, commit what is in flight, ack, exit.
+                    self.flush(&mut buffer, writers).await;
+                    return Pumped::Stopped;
+                }
+                next = tokio::time::timeout(wait, source.next()) => next,
+            };
+            match next {
+                Err(_elapsed) => {
+                    if !self.flush(&mut buffer, writers).await {
+                        return Pumped::Stopped;
+                    }
+                }
+                Ok(None) => {
+                    self.flush(&mut buffer, writers).await;
+                    return Pumped::SourceLost("the message stream ended".into());
+                }
+                Ok(Some(Err(e))) => {
+                    if !self.flush(&mut buffer, writers).await {
+                        return Pumped::Stopped;
+                    }
+                    return Pumped::SourceLost(e.to_string());
+                }
+                Ok(Some(Ok(message))) => {
+                    let Ok(info) = message.info() else {
+                        continue;
+                    };
+                    let seq = info.stream_sequence;
+                    self.metrics
+                        .consumer_lag
+                        .store(info.pending as i64, Ordering::Relaxed);
+                    if seq <= highest_seen {
+                        continue;
+                    }
+                    highest_seen = seq;
+                    self.metrics.messages_pulled.fetch_add(1, Ordering::Relaxed);
+                    let msg_id = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                        .map(|v| v.as_str().to_string());
+                    buffer.messages.push(RawMessage {
+                        payload: message.payload.to_vec(),
+                        subject: message.subject.to_string(),
+                        stream_seq: seq as i64,
+                        msg_id,
+                        received_at_us: chrono::Utc::now().timestamp_micros(),
+                    });
+                    buffer.first_at.get_or_insert_with(Instant::now);
+                    buffer.last = Some(message);
+                    if buffer.messages.len() >= self.config.commit_rows()
+                        && !self.flush(&mut buffer, writers).await
+                    {
+                        return Pumped::Stopped;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits the buffer to every table, then acks. Returns false if cancelled while storage
+    /// was failing (nothing was acked then: the messages come back after a restart).
+    async fn flush(&self, buffer: &mut Buffer, writers: &mut Writers) -> bool {
+        if buffer.messages.is_empty() {
+            return true;
+        }
+        let started = buffer.first_at.unwrap_or_else(Instant::now);
+        let raw = raw_batch(&buffer.messages);
+        let version = buffer
+            .messages
+            .iter()
+            .map(|m| m.stream_seq)
+            .max()
+            .expect("non-empty");
+        let decoded = match decode_envelope(&raw) {
+            Ok(d) => d,
+            Err(e) => {
+                // A bug in decoding must not lose data: keep the raw rows and stop here.
+                tracing::error!(error = %e, "decoding failed; committing raw only and stopping");
+                let _ = self.commit(&mut writers.raw, &raw, version).await;
+                self.cancel.cancel();
+                return false;
+            }
+        };
+        let quarantined = decoded.quarantine.num_rows();
+        let ok = self.commit(&mut writers.raw, &raw, version).await
+            && self
+                .commit(&mut writers.quarantine, &decoded.quarantine, version)
+                .await
+            && self
+                .commit(&mut writers.usable, &decoded.usable, version)
+                .await;
+        if !ok {
+            return false;
+        }
+        self.metrics
+            .quarantined
+            .fetch_add(quarantined as u64, Ordering::Relaxed);
+        if let Some(last) = buffer.last.take() {
+            match last.ack().await {
+                Ok(()) => {
+                    self.metrics
+                        .messages_acked
+                        .fetch_add(buffer.messages.len() as u64, Ordering::Relaxed);
+                }
+                // Not fatal: the lake holds the progress, and a redelivery is skipped.
+                Err(e) => tracing::warn!(error = %e, "ack failed"),
+            }
+        }
+        self.metrics.batch_latency.observe(started.elapsed());
+        buffer.messages.clear();
+        buffer.first_at = None;
+        true
+    }
+
+    /// Commits one table, retrying with backoff until it succeeds or the engine is cancelled.
+    async fn commit(
+        &self,
+        writer: &mut TableWriter,
+        batch: &arrow::array::RecordBatch,
+        version: i64,
+    ) -> bool {
+        let table = self.metrics.table(&writer.id().to_string());
+        let mut backoff = Backoff::new();
+        // Once cancelled, keep trying for a short while to finish the in-flight batch.
+        let mut attempts_after_cancel = 0;
+        loop {
+            let started = Instant::now();
+            match writer.commit(batch, "stream_seq", version).await {
+                Ok(outcome) => {
+                    self.metrics.storage_up.store(1, Ordering::Relaxed);
+                    if let CommitOutcome::Committed { rows, .. } = outcome {
+                        table.rows.fetch_add(rows as u64, Ordering::Relaxed);
+                        table.commits.fetch_add(1, Ordering::Relaxed);
+                        table.latency.observe(started.elapsed());
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    storage_failed(&self.metrics, &e.to_string());
+                    if self.cancel.is_cancelled() {
+                        attempts_after_cancel += 1;
+                        if attempts_after_cancel > 3 {
+                            return false;
+                        }
+                        tokio::time::sleep(BACKOFF_START).await;
+                    } else if !backoff.wait(&self.cancel).await {
+                        continue;
+                    }
+                }
+            }
+        }
+    }
+}

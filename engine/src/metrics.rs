@@ -1,0 +1,293 @@
+//! Counters and gauges of the running engine, rendered in Prometheus text format.
+//!
+//! Plain atomics: the ingest loop updates them once per micro-batch, so there is nothing to gain
+//! from a metrics framework here.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A latency histogram with fixed buckets (seconds).
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Histogram {
+    fn new() -> Self {
+        Self {
+            buckets: LATENCY_BUCKETS,
+            counts: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (bound, count) in self.buckets.iter().zip(&self.counts) {
+            if secs <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, count) in self.buckets.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {total}");
+    }
+}
+
+/// Per-table commit statistics.
+#[derive(Debug)]
+pub struct TableMetrics {
+    pub table: String,
+    pub rows: AtomicU64,
+    pub commits: AtomicU64,
+    pub latency: Histogram,
+}
+
+/// Everything `/metrics` reports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub messages_pulled: AtomicU64,
+    pub messages_acked: AtomicU64,
+    pub quarantined: AtomicU64,
+    pub batch_latency: Histogram,
+    pub consumer_lag: AtomicI64,
+    pub storage_errors: AtomicU64,
+    pub source_errors: AtomicU64,
+    /// 1 while the last commit attempt succeeded.
+    pub storage_up: AtomicI64,
+    /// 1 while the NATS consumer is connected.
+    pub source_up: AtomicI64,
+    tables: Mutex<Vec<std::sync::Arc<TableMetrics>>>,
+    /// The last error of each component ("storage", "source"), for `/healthz`.
+    last_errors: Mutex<Vec<(&'static str, String, chrono::DateTime<chrono::Utc>)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            messages_pulled: AtomicU64::new(0),
+            messages_acked: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
+            batch_latency: Histogram::new(),
+            consumer_lag: AtomicI64::new(0),
+            storage_errors: AtomicU64::new(0),
+            source_errors: AtomicU64::new(0),
+            storage_up: AtomicI64::new(1),
+            source_up: AtomicI64::new(0),
+            tables: Mutex::new(Vec::new()),
+            last_errors: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Metrics {
+    /// The statistics of one table, created on first use.
+    pub fn table(&self, table: &str) -> std::sync::Arc<TableMetrics> {
+        let mut tables = self.tables.lock().expect("metrics lock");
+        if let Some(t) = tables.iter().find(|t| t.table == table) {
+            return t.clone();
+        }
+        let t = std::sync::Arc::new(TableMetrics {
+            table: table.to_string(),
+            rows: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            latency: Histogram::new(),
+        });
+        tables.push(t.clone());
+        t
+    }
+
+    /// Remembers the last error of a component.
+    pub fn set_last_error(&self, component: &'static str, reason: &str) {
+        let mut errors = self.last_errors.lock().expect("metrics lock");
+        errors.retain(|(c, _, _)| *c != component);
+        errors.push((component, reason.to_string(), chrono::Utc::now()));
+    }
+
+    /// The last error of a component and when it happened.
+    pub fn last_error(&self, component: &str) -> Option<(String, chrono::DateTime<chrono::Utc>)> {
+        let errors = self.last_errors.lock().expect("metrics lock");
+        errors
+            .iter()
+            .find(|(c, _, _)| *c == component)
+            .map(|(_, r, t)| (r.clone(), *t))
+    }
+
+    /// Rows committed to a table so far by this process.
+    pub fn rows_committed(&self, table: &str) -> u64 {
+        self.table(table).rows.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, kind: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        counter(
+            "fleetlake_messages_pulled_total",
+            "Messages received from JetStream.",
+            "counter",
+            load(&self.messages_pulled),
+        );
+        counter(
+            "fleetlake_messages_acked_total",
+            "Messages acknowledged to JetStream after their commits were durable.",
+            "counter",
+            load(&self.messages_acked),
+        );
+        counter(
+            "fleetlake_quarantined_total",
+            "Messages written to raw.quarantine.",
+            "counter",
+            load(&self.quarantined),
+        );
+        counter(
+            "fleetlake_consumer_lag",
+            "Messages in the stream not yet delivered to fleetlake's consumer.",
+            "gauge",
+            self.consumer_lag.load(Ordering::Relaxed).to_string(),
+        );
+        counter(
+            "fleetlake_storage_errors_total",
+            "Failed commit attempts (retried with backoff).",
+            "counter",
+            load(&self.storage_errors),
+        );
+        counter(
+            "fleetlake_source_errors_total",
+            "NATS consumer errors (the consumer is reopened).",
+            "counter",
+            load(&self.source_errors),
+        );
+        counter(
+            "fleetlake_storage_up",
+            "1 when the last commit to object storage succeeded.",
+            "gauge",
+            self.storage_up.load(Ordering::Relaxed).to_string(),
+        );
+        counter(
+            "fleetlake_source_up",
+            "1 when the NATS consumer is connected.",
+            "gauge",
+            self.source_up.load(Ordering::Relaxed).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_batch_seconds Time from the first message of a micro-batch being taken to its ack.\n# TYPE fleetlake_batch_seconds histogram"
+        );
+        self.batch_latency
+            .render(&mut out, "fleetlake_batch_seconds", "");
+        let tables = self.tables.lock().expect("metrics lock").clone();
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_rows_committed_total Rows committed per table.\n# TYPE fleetlake_rows_committed_total counter"
+        );
+        for t in &tables {
+            let _ = writeln!(
+                out,
+                "fleetlake_rows_committed_total{{table=\"{}\"}} {}",
+                t.table,
+                t.rows.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_commits_total Delta commits per table.\n# TYPE fleetlake_commits_total counter"
+        );
+        for t in &tables {
+            let _ = writeln!(
+                out,
+                "fleetlake_commits_total{{table=\"{}\"}} {}",
+                t.table,
+                t.commits.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_commit_seconds Delta commit latency per table.\n# TYPE fleetlake_commit_seconds histogram"
+        );
+        for t in &tables {
+            t.latency.render(
+                &mut out,
+                "fleetlake_commit_seconds",
+                &format!("table=\"{}\"", t.table),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.messages_pulled.fetch_add(5, Ordering::Relaxed);
+        let t = m.table("raw.telemetry");
+        t.rows.fetch_add(5, Ordering::Relaxed);
+        t.latency.observe(Duration::from_millis(30));
+        let text = m.render();
+        assert!(
+            text.contains("fleetlake_messages_pulled_total 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetlake_rows_committed_total{table=\"raw.telemetry\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fleetlake_commit_seconds_bucket{table=\"raw.telemetry\",le=\"0.05\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fleetlake_commit_seconds_bucket{table=\"raw.telemetry\",le=\"0.025\"} 0\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetlake_commit_seconds_count{table=\"raw.telemetry\"} 1\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! `fleetlake serve`: wires the lake, the ingest stage and the HTTP API together, and shuts them
+//! down in order (stop pulling → commit and ack in-flight messages → stop HTTP).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fleetlake_sql::QueryEngine;
+use fleetlake_zones::Lake;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{AppState, router};
+use crate::metrics::Metrics;
+
+/// A running engine.
+pub struct Engine {
+    /// Where the HTTP API listens.
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub lake: Lake,
+    ingest_stop: CancellationToken,
+    http_stop: CancellationToken,
+    ingest: JoinSet<()>,
+    http: JoinSet<()>,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Lake(#[from] fleetlake_zones::Error),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Engine {
+    /// Opens the lake, binds the HTTP address and starts ingesting (when `ingest` is true).
+    pub async fn start(
+        config: Config,
+        env: Vec<(String, String)>,
+        ingest: bool,
+    ) -> Result<Self, StartError> {
+        let lake = Lake::open(&config.lake(env))?;
+        let metrics = Arc::new(Metrics::default());
+        let addr = config.listen();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Listen { addr, source })?;
+        let state = AppState {
+            lake: Arc::new(QueryEngine::new(lake.clone())),
+            metrics: metrics.clone(),
+            ingesting: ingest,
+        };
+        let ingest_stop = CancellationToken::new();
+        let http_stop = CancellationToken::new();
+        let mut http = JoinSet::new();
+        let stop = http_stop.clone();
+        http.spawn(async move {
+            let served = axum::serve(listener, router(state))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        let mut tasks = JoinSet::new();
+        if ingest {
+            tasks.spawn(crate::ingest::run(
+                config,
+                lake.clone(),
+                metrics.clone(),
+                ingest_stop.clone(),
+            ));
+        }
+        tracing::info!(%addr, lake = %lake.root(), "fleetlake is serving");
+        Ok(Self {
+            addr,
+            metrics,
+            lake,
+            ingest_stop,
+            http_stop,
+            ingest: tasks,
+            http,
+        })
+    }
+
+    /// Stops in order: ingest (commits and acks what is in flight), then HTTP.
+    pub async fn shutdown(mut self) {
+        self.ingest_stop.cancel();
+        while self.ingest.join_next().await.is_some() {}
+        self.http_stop.cancel();
+        while self.http.join_next().await.is_some() {}
+    }
+}
+
+/// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,447 @@
+//! `fleetlake simulate`: a deterministic (seeded) fleet that publishes telemetry to JetStream.
+//!
+//! The same seed gives the same sequence of payloads (timestamps follow `start_ms`). Shares of
+//! duplicate replays, malformed payloads and late readings are exact: message `i` is malformed
+//! when `floor((i+1)·share)` steps past `floor(i·share)`, so 20,000 messages at 1% carry exactly
+//! 200 malformed ones. The report says exactly what was sent.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub devices: u64,
+    /// Messages to send; 0 = until cancelled.
+    pub messages: u64,
+    /// Messages per second; 0 = as fast as the server acknowledges.
+    pub rate: f64,
+    pub duplicates: f64,
+    pub malformed: f64,
+    pub late: f64,
+    /// Subjects are `<prefix>.<device_id>`.
+    pub subject_prefix: String,
+    /// Set `Nats-Msg-Id` to `<device_id>-<seq>` (JetStream then drops replays within its
+    /// duplicate window).
+    pub msg_ids: bool,
+    /// Device clock at the first message, epoch milliseconds; `None` = now.
+    pub start_ms: Option<i64>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            devices: 100,
+            messages: 10_000,
+            rate: 0.0,
+            duplicates: 0.0,
+            malformed: 0.0,
+            late: 0.0,
+            subject_prefix: "telemetry".into(),
+            msg_ids: false,
+            start_ms: None,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Checks shares and counts, naming the bad option.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("duplicates", self.duplicates),
+            ("malformed", self.malformed),
+            ("late", self.late),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("--{name} is {v}: expected a share between 0 and 1"));
+            }
+        }
+        if self.duplicates + self.malformed > 1.0 {
+            return Err("--duplicates plus --malformed must not exceed 1".into());
+        }
+        if self.devices == 0 {
+            return Err("--devices must be at least 1".into());
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            return Err(format!(
+                "--rate is {}: expected messages per second >= 0",
+                self.rate
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one simulated message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Good,
+    Duplicate,
+    Malformed,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct SimMessage {
+    pub subject: String,
+    pub payload: Vec<u8>,
+    pub msg_id: Option<String>,
+    pub kind: Kind,
+    pub late: bool,
+}
+
+/// What was sent, printed as JSON.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Report {
+    pub seed: u64,
+    pub devices: u64,
+    /// Messages published.
+    pub total: u64,
+    /// Distinct well-formed readings (one per device and sequence number).
+    pub distinct: u64,
+    /// Exact replays of earlier well-formed readings.
+    pub duplicates: u64,
+    pub malformed: u64,
+    /// Well-formed readings whose device timestamp lags behind (out of order).
+    pub late: u64,
+    /// Publishes JetStream itself reported as duplicates (only with message ids).
+    pub stream_duplicates: u64,
+    pub elapsed_s: f64,
+    pub rate: f64,
+}
+
+/// SplitMix64: small, fast and good enough for simulation; deterministic across platforms.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+struct Device {
+    seq: u64,
+    temperature: f64,
+    humidity: f64,
+    battery: f64,
+}
+
+/// The deterministic message generator.
+///
+/// Message `i` is malformed when `floor((i+1)·malformed)` steps past `floor(i·malformed)`;
+/// duplicates follow the same rule shifted by half a step.
+pub struct Simulator {
+    config: SimConfig,
+    rng: Rng,
+    devices: Vec<Device>,
+    recent: VecDeque<SimMessage>,
+    index: u64,
+    duplicates_sent: u64,
+    start_ms: i64,
+}
+
+const RECENT: usize = 10_000;
+const FIRMWARE: [&str; 4] = ["1.8.2", "1.9.0", "2.0.1", "2.1.0-rc1"];
+const HARDWARE: [&str; 3] = ["rev-A", "rev-B", "rev-C"];
+
+/// True when the `i`-th message (0-based) falls in an exact share.
+fn in_share(i: u64, share: f64) -> bool {
+    ((i + 1) as f64 * share).floor() > (i as f64 * share).floor()
+}
+
+impl Simulator {
+    pub fn new(config: SimConfig) -> Self {
+        let mut rng = Rng(config.seed);
+        let devices = (0..config.devices)
+            .map(|_| Device {
+                seq: 0,
+                temperature: 2.0 + rng.unit() * 6.0,
+                humidity: 30.0 + rng.unit() * 40.0,
+                battery: 60.0 + rng.unit() * 40.0,
+            })
+            .collect();
+        let start_ms = config
+            .start_ms
+            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+        Self {
+            config,
+            rng,
+            devices,
+            recent: VecDeque::with_capacity(RECENT),
+            index: 0,
+            duplicates_sent: 0,
+            start_ms,
+        }
+    }
+
+    fn device_id(d: u64) -> String {
+        format!("dev-{d:06}")
+    }
+
+    fn good(&mut self) -> SimMessage {
+        let d = self.rng.below(self.config.devices);
+        let late = self.config.late > 0.0 && in_share(self.index, self.config.late);
+        let dev = &mut self.devices[d as usize];
+        dev.seq += 1;
+        dev.temperature = (dev.temperature + (self.rng.unit() - 0.5) * 0.4).clamp(-30.0, 45.0);
+        dev.humidity = (dev.humidity + (self.rng.unit() - 0.5)).clamp(5.0, 95.0);
+        dev.battery = (dev.battery - self.rng.unit() * 0.01).max(1.0);
+        let (seq, temperature, humidity, battery) =
+            (dev.seq, dev.temperature, dev.humidity, dev.battery);
+        // Device clocks advance 1 s per reading; late readings lag 30 s to 10 min behind.
+        let mut ts_ms = self.start_ms + seq as i64 * 1000 + (d as i64 % 1000);
+        if late {
+            ts_ms -= 30_000 + self.rng.below(570_000) as i64;
+        }
+        let id = Self::device_id(d);
+        let ts = if d % 2 == 0 {
+            format!(
+                "\"{}\"",
+                chrono::DateTime::from_timestamp_millis(ts_ms)
+                    .expect("simulated times are in range")
+                    .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            )
+        } else {
+            ts_ms.to_string()
+        };
+        let payload = format!(
+            r#"{{"device_id":"{id}","seq":{seq},"ts":{ts},"fw":"{}","hw":"{}","temperature":{temperature:.2},"humidity":{humidity:.1},"battery":{battery:.2}}}"#,
+            FIRMWARE[(d % 4) as usize],
+            HARDWARE[(d % 3) as usize],
+        );
+        SimMessage {
+            subject: format!("{}.{id}", self.config.subject_prefix),
+            payload: payload.into_bytes(),
+            msg_id: self.config.msg_ids.then(|| format!("{id}-{seq}")),
+            kind: Kind::Good,
+            late,
+        }
+    }
+
+    fn malformed(&mut self) -> SimMessage {
+        let d = self.rng.below(self.config.devices);
+        let id = Self::device_id(d);
+        let n = self.index;
+        let payload: Vec<u8> = match self.rng.below(8) {
+            0 => format!("garbage-{n}").into_bytes(),
+            1 => format!(r#"{{"device_id":"{id}","seq":{n},"ts":"#).into_bytes(),
+            2 => format!(r#"{{"seq":{n},"ts":{},"temperature":3.5}}"#, self.start_ms).into_bytes(),
+            3 => format!(
+                r#"{{"device_id":"{id}","seq":{n},"ts":{},"temperature":"hot"}}"#,
+                self.start_ms
+            )
+            .into_bytes(),
+            4 => format!(
+                r#"{{"device_id":"{id}","seq":{n},"ts":{},"battery":250}}"#,
+                self.start_ms
+            )
+            .into_bytes(),
+            5 => {
+                let mut p = vec![0xff, 0xfe];
+                p.extend_from_slice(format!(r#"{{"device_id":"{id}","seq":{n}}}"#).as_bytes());
+                p
+            }
+            6 => format!(r#"[{{"device_id":"{id}"}}]"#).into_bytes(),
+            _ => format!(
+                r#"{{"device_id":"{id}","seq":-{n},"ts":{}}}"#,
+                self.start_ms
+            )
+            .into_bytes(),
+        };
+        SimMessage {
+            subject: format!("{}.{id}", self.config.subject_prefix),
+            payload,
+            msg_id: self.config.msg_ids.then(|| format!("bad-{n}")),
+            kind: Kind::Malformed,
+            late: false,
+        }
+    }
+}
+
+impl Iterator for Simulator {
+    type Item = SimMessage;
+
+    fn next(&mut self) -> Option<SimMessage> {
+        if self.config.messages != 0 && self.index >= self.config.messages {
+            return None;
+        }
+        let i = self.index;
+        // Duplicates are due half a period out of phase with malformed messages, so the two
+        // rarely meet; when they do, the duplicate is owed to the next slot.
+        let duplicates_due = ((i + 1) as f64 * self.config.duplicates + 0.5).floor() as u64;
+        let message = if in_share(i, self.config.malformed) {
+            self.malformed()
+        } else if duplicates_due > self.duplicates_sent && !self.recent.is_empty() {
+            self.duplicates_sent += 1;
+            let pick = self.rng.below(self.recent.len() as u64) as usize;
+            let mut replay = self.recent[pick].clone();
+            replay.kind = Kind::Duplicate;
+            replay
+        } else {
+            let m = self.good();
+            if self.recent.len() == RECENT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(m.clone());
+            m
+        };
+        self.index += 1;
+        Some(message)
+    }
+}
+
+/// How many publishes may await their acknowledgement at once.
+const IN_FLIGHT: usize = 512;
+
+/// Publishes the simulated fleet; `progress` is called about once a second with the report so far.
+pub async fn publish(
+    js: &jetstream::Context,
+    config: SimConfig,
+    cancel: CancellationToken,
+    mut progress: impl FnMut(&Report),
+) -> Result<Report, String> {
+    config.validate()?;
+    let mut report = Report {
+        seed: config.seed,
+        devices: config.devices,
+        ..Default::default()
+    };
+    let rate = config.rate;
+    let sim = Simulator::new(config);
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut pending: VecDeque<jetstream::context::PublishAckFuture> = VecDeque::new();
+    for message in sim {
+        if cancel.is_cancelled() {
+            break;
+        }
+        if rate > 0.0 {
+            let due = Duration::from_secs_f64(report.total as f64 / rate);
+            let now = started.elapsed();
+            if due > now + Duration::from_millis(2) {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(due - now) => {}
+                }
+            }
+        }
+        let payload = bytes::Bytes::from(message.payload);
+        let ack = match &message.msg_id {
+            Some(id) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+                js.publish_with_headers(message.subject, headers, payload)
+                    .await
+            }
+            None => js.publish(message.subject, payload).await,
+        }
+        .map_err(|e| format!("publishing: {e}"))?;
+        pending.push_back(ack);
+        match message.kind {
+            Kind::Good => report.distinct += 1,
+            Kind::Duplicate => report.duplicates += 1,
+            Kind::Malformed => report.malformed += 1,
+        }
+        report.late += message.late as u64;
+        report.total += 1;
+        if pending.len() >= IN_FLIGHT {
+            let ack = pending.pop_front().expect("non-empty").await;
+            report.stream_duplicates +=
+                ack.map_err(|e| format!("publishing: {e}"))?.duplicate as u64;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            report.elapsed_s = started.elapsed().as_secs_f64();
+            progress(&report);
+        }
+    }
+    while let Some(ack) = pending.pop_front() {
+        report.stream_duplicates +=
+            ack.await.map_err(|e| format!("publishing: {e}"))?.duplicate as u64;
+    }
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    report.rate = report.total as f64 / report.elapsed_s.max(1e-9);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SimConfig {
+        SimConfig {
+            seed: 7,
+            devices: 50,
+            messages: 20_000,
+            duplicates: 0.05,
+            malformed: 0.01,
+            late: 0.1,
+            start_ms: Some(1_763_900_000_000),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn same_seed_same_messages_and_exact_shares() {
+        let a: Vec<_> = Simulator::new(config()).collect();
+        let b: Vec<_> = Simulator::new(config()).collect();
+        assert_eq!(a.len(), 20_000);
+        assert!(
+            a.iter()
+                .zip(&b)
+                .all(|(x, y)| x.payload == y.payload && x.subject == y.subject)
+        );
+        let count = |k| a.iter().filter(|m| m.kind == k).count();
+        assert_eq!(count(Kind::Malformed), 200);
+        assert_eq!(count(Kind::Duplicate), 1000);
+        assert_eq!(count(Kind::Good), 18_800);
+        let other: Vec<_> = Simulator::new(SimConfig {
+            seed: 8,
+            ..config()
+        })
+        .take(10)
+        .collect();
+        assert!(other.iter().zip(&a).any(|(x, y)| x.payload != y.payload));
+    }
+
+    #[test]
+    fn every_good_reading_is_a_distinct_device_and_sequence() {
+        let mut seen = std::collections::HashSet::new();
+        for m in Simulator::new(config()).filter(|m| m.kind == Kind::Good) {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert!(seen.insert((
+                v["device_id"].as_str().unwrap().to_string(),
+                v["seq"].as_u64().unwrap()
+            )));
+        }
+        assert_eq!(seen.len(), 18_800);
+    }
+
+    #[test]
+    fn shares_are_checked() {
+        let err = SimConfig {
+            malformed: 1.5,
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("--malformed"), "{err}");
+    }
+}
