@@ -38,6 +38,7 @@ FILER_GRPC_PORT=19888
 ADMIN_PORT=18646
 ADMIN_GRPC_PORT=$((ADMIN_PORT + 10000))
 
+# Keys of scripts/seaweedfs-s3.json (shared with docker-compose.yml).
 S3_ACCESS_KEY=fleetlake
 S3_SECRET_KEY=fleetlake-secret
 S3_BUCKET=fleetlake
@@ -218,22 +219,6 @@ start_nats() {
     log "nats: started pid $(cat "$SVC/nats.pid")"
 }
 
-write_s3_identities() {
-    local f="$SVC/seaweedfs-s3.json"
-    (umask 077 && cat >"$f.tmp") <<EOF
-{
-  "identities": [
-    {
-      "name": "$S3_ACCESS_KEY",
-      "credentials": [{ "accessKey": "$S3_ACCESS_KEY", "secretKey": "$S3_SECRET_KEY" }],
-      "actions": ["Admin", "Read", "Write", "List", "Tagging"]
-    }
-  ]
-}
-EOF
-    mv -f "$f.tmp" "$f"
-}
-
 start_weed() {
     if running_pid seaweedfs "$WEED_BIN" >/dev/null; then
         log "seaweedfs: already running (pid $(cat "$SVC/seaweedfs.pid"))"
@@ -242,7 +227,6 @@ start_weed() {
     check_ports_free seaweedfs "$S3_PORT" "$S3_GRPC_PORT" "$MASTER_PORT" "$MASTER_GRPC_PORT" \
         "$VOLUME_PORT" "$VOLUME_GRPC_PORT" "$FILER_PORT" "$FILER_GRPC_PORT" "$ADMIN_PORT" "$ADMIN_GRPC_PORT"
     mkdir -p "$SVC/seaweedfs"
-    write_s3_identities
     remove_weed_sockets
     # Local unix sockets default to /tmp/seaweedfs-{filer,s3}-PORT.sock; keep them here
     # when the path fits a unix socket name (108 bytes).
@@ -268,7 +252,7 @@ start_weed() {
         -s3.port.grpc="$S3_GRPC_PORT" \
         -s3.port.iceberg=0 \
         -s3.port.lance=0 \
-        -s3.config="$SVC/seaweedfs-s3.json" \
+        -s3.config="$ROOT/scripts/seaweedfs-s3.json" \
         -admin.ui=false \
         -admin.port="$ADMIN_PORT" \
         -admin.port.grpc="$ADMIN_GRPC_PORT" \

@@ -40,7 +40,7 @@ missing=()
 for spec in "${PY_PACKAGES[@]}"; do
     name="${spec%%==*}"
     version="${spec##*==}"
-    have="$("$PY" -m pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}')"
+    have="$("$PY" -m pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}' || true)"
     [[ "$have" == "$version" ]] || missing+=("$spec")
 done
 if ((${#missing[@]})); then
