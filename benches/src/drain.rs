@@ -66,7 +66,11 @@ async fn main() {
     };
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s3 = if args.s3 { Some(Seaweed::start().await) } else { None };
+    let mut s3 = if args.s3 {
+        Some(Seaweed::start().await)
+    } else {
+        None
+    };
     let (location, env) = match &s3 {
         Some(s3) => (format!("s3://{}/bench", s3.bucket), s3.env()),
         None => (dir.path().join("lake").display().to_string(), Vec::new()),
@@ -85,7 +89,9 @@ async fn main() {
 
     eprintln!("filling the stream with {} messages…", args.messages);
     let js = fleetlake::source::connect(nats.url()).await.expect("NATS");
-    fleetlake::source::ensure_stream(&js, &config).await.expect("stream");
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .expect("stream");
     let report = simulate::publish(
         &js,
         SimConfig {
@@ -113,7 +119,10 @@ async fn main() {
     };
     let deadline = Instant::now() + Duration::from_secs(1800);
     while !done(&m) {
-        assert!(Instant::now() < deadline, "drain did not finish in 30 minutes");
+        assert!(
+            Instant::now() < deadline,
+            "drain did not finish in 30 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -105,19 +105,17 @@ pub async fn run(
                     metrics.consumer_lag.load(Ordering::Relaxed),
                     if metrics.storage_up.load(Ordering::Relaxed) == 1 { "up" } else { "DOWN" },
                 );
-                if let Some(p) = publisher.as_ref().filter(|p| p.is_finished()) {
-                    let _ = p;
+                if publisher.as_ref().is_some_and(|p| p.is_finished()) {
                     let done = publisher.take().expect("checked").await.map_err(|e| e.to_string())??;
                     eprintln!("· simulator finished: {}", serde_json::to_string(&done).unwrap_or_default());
                     published_report = Some(done);
                 }
-                if options.exit_when_done {
-                    if let Some(r) = &published_report {
-                        if metrics.messages_acked.load(Ordering::Relaxed) >= r.total {
-                            eprintln!("· all {} messages committed", r.total);
-                            break;
-                        }
-                    }
+                if options.exit_when_done
+                    && let Some(r) = &published_report
+                    && metrics.messages_acked.load(Ordering::Relaxed) >= r.total
+                {
+                    eprintln!("· all {} messages committed", r.total);
+                    break;
                 }
             }
         }

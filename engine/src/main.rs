@@ -151,14 +151,13 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLEETLAKE_LOG")
-                .unwrap_or_else(|_| {
-                    // delta-rs warns on every commit that it keeps no statistics for binary
-                    // columns (the raw payload): expected, so not shown by default.
-                    tracing_subscriber::EnvFilter::new(
-                        "warn,fleetlake=info,deltalake_core::writer::stats=error",
-                    )
-                }),
+            tracing_subscriber::EnvFilter::try_from_env("FLEETLAKE_LOG").unwrap_or_else(|_| {
+                // delta-rs warns on every commit that it keeps no statistics for binary
+                // columns (the raw payload): expected, so not shown by default.
+                tracing_subscriber::EnvFilter::new(
+                    "warn,fleetlake=info,deltalake_core::writer::stats=error",
+                )
+            }),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)

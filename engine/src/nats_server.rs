@@ -26,10 +26,10 @@ pub fn find_binary(name: &str, env_var: &str) -> Option<PathBuf> {
         let candidate = dir.join(name);
         candidate.is_file().then_some(candidate)
     };
-    if let Some(paths) = std::env::var_os("PATH") {
-        if let Some(found) = std::env::split_paths(&paths).find_map(|d| in_dir(&d)) {
-            return Some(found);
-        }
+    if let Some(paths) = std::env::var_os("PATH")
+        && let Some(found) = std::env::split_paths(&paths).find_map(|d| in_dir(&d))
+    {
+        return Some(found);
     }
     let mut dir = std::env::current_dir().ok();
     while let Some(d) = dir {

@@ -211,7 +211,7 @@ impl Simulator {
             ts_ms -= 30_000 + self.rng.below(570_000) as i64;
         }
         let id = Self::device_id(d);
-        let ts = if d % 2 == 0 {
+        let ts = if d.is_multiple_of(2) {
             format!(
                 "\"{}\"",
                 chrono::DateTime::from_timestamp_millis(ts_ms)

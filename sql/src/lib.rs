@@ -12,15 +12,18 @@
 //!
 //! Layout:
 //! - [`decode`]: the built-in pipeline that decodes the default telemetry envelope (no I/O);
+//! - [`dedup`]: removal of device replays by key, with state that snapshots to bytes (no I/O);
 //! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
 //! - [`error`]: the crate's error type, split into the user's fault and storage's.
 //!
 //! Start reading at [`decode::decode_envelope`] for ingest and [`QueryEngine::query`] for queries.
 
 pub mod decode;
+pub mod dedup;
 pub mod error;
 pub mod query;
 
 pub use decode::{Decoded, decode_envelope};
+pub use dedup::{DedupKey, DedupState, DedupStats};
 pub use error::{Error, ErrorKind, Result};
 pub use query::{QueryEngine, QueryResult};

@@ -19,7 +19,7 @@ pub enum Error {
         action: &'static str,
         table: String,
         #[source]
-        source: deltalake::DeltaTableError,
+        source: Box<deltalake::DeltaTableError>,
     },
     /// A batch does not fit its table (our bug).
     #[error("batch for {table} does not match its schema: {source}")]

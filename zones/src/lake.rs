@@ -126,21 +126,21 @@ impl Lake {
             .map_err(|source| Error::Delta {
                 action: "opening",
                 table: id.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
     /// Opens a table at its latest version; `None` when no Delta table exists there yet.
     pub async fn load(&self, id: &TableId) -> Result<Option<DeltaTable>> {
-        if let Ok(path) = self.table_url(id).to_file_path() {
-            if !path.join("_delta_log").exists() {
-                return Ok(None);
-            }
+        if let Ok(path) = self.table_url(id).to_file_path()
+            && !path.join("_delta_log").exists()
+        {
+            return Ok(None);
         }
         let mut table = self.builder(id)?.build().map_err(|source| Error::Delta {
             action: "opening",
             table: id.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         match table.load().await {
             Ok(()) => Ok(Some(table)),
@@ -148,7 +148,7 @@ impl Lake {
             Err(source) => Err(Error::Delta {
                 action: "loading",
                 table: id.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -171,7 +171,7 @@ impl Lake {
         let table = self.builder(id)?.build().map_err(|source| Error::Delta {
             action: "creating",
             table: id.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let created = table
             .write(vec![RecordBatch::new_empty(schema.clone())])
@@ -187,7 +187,7 @@ impl Lake {
             Err(source) => Err(Error::Delta {
                 action: "creating",
                 table: id.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -200,7 +200,7 @@ impl Lake {
         let snapshot = table.snapshot().map_err(|source| Error::Delta {
             action: "reading",
             table: id.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let (mut rows, mut files, mut size_bytes) = (0u64, 0u64, 0u64);
         for file in snapshot.log_data().iter() {
@@ -299,7 +299,7 @@ impl TableWriter {
         Error::Delta {
             action,
             table: self.id.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
