@@ -80,6 +80,8 @@ impl Nats {
 /// A SeaweedFS S3 server of the test's own, with one bucket.
 pub struct Seaweed {
     child: Child,
+    binary: PathBuf,
+    args: Vec<String>,
     pub s3_port: u16,
     pub bucket: String,
     pub access_key: String,
@@ -108,16 +110,11 @@ impl Seaweed {
         std::fs::create_dir_all(&data).expect("data dir");
         let s3_port = free_port();
         let args = seaweed_args(&data, &identities, bucket, s3_port);
-        let log = std::fs::File::create(dir.path().join("weed.log")).expect("log file");
-        let child = Command::new(weed)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting weed mini");
+        let child = spawn_weed(&weed, &args, dir.path());
         let mut server = Self {
             child,
+            binary: weed,
+            args,
             s3_port,
             bucket: bucket.into(),
             access_key: access_key.into(),
@@ -177,6 +174,27 @@ impl Seaweed {
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// Starts the stopped server again on the same ports and data.
+    pub async fn start_again(&mut self) {
+        self.child = spawn_weed(&self.binary, &self.args, self._dir.path());
+        self.wait_ready().await;
+    }
+}
+
+fn spawn_weed(binary: &Path, args: &[String], dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("weed.log"))
+        .expect("log file");
+    Command::new(binary)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting weed mini")
 }
 
 /// `weed mini` with every port chosen, bound to loopback.
@@ -324,4 +342,101 @@ pub fn python() -> PathBuf {
             None
         })
         .expect(".venv/bin/python3 not found: run scripts/setup.sh")
+}
+
+/// The `fleetlake` binary next to the test executable (`scripts/test.sh` builds it first), or
+/// `FLEETLAKE_BIN`.
+pub fn fleetlake_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLEETLAKE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/it-<hash> → target/debug/fleetlake
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("fleetlake"))
+        .expect("target directory");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run scripts/test.sh, or cargo build --bin fleetlake before cargo test",
+        bin.display()
+    );
+    bin
+}
+
+/// A `fleetlake serve` child process, killed (SIGKILL) when dropped.
+pub struct EngineProcess {
+    child: Child,
+    pub api: Api,
+    log: PathBuf,
+}
+
+impl EngineProcess {
+    /// Starts `fleetlake serve` with `env` (FLEETLAKE_* and AWS_* variables) and its HTTP API on
+    /// a free port; returns once the API answers.
+    pub async fn start(env: &[(String, String)], log: &Path) -> Self {
+        let port = free_port();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("engine log");
+        let child = Command::new(fleetlake_bin())
+            .arg("serve")
+            .envs(env.iter().cloned())
+            .env("FLEETLAKE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FLEETLAKE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting fleetlake serve");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let mut engine = Self {
+            child,
+            api: Api::new(addr),
+            log: log.to_path_buf(),
+        };
+        let log = engine.log.clone();
+        wait_for("fleetlake serve to answer", Duration::from_secs(60), || {
+            let exited = engine.child.try_wait().ok().flatten();
+            let log = log.clone();
+            async move {
+                if let Some(status) = exited {
+                    panic!("fleetlake serve exited ({status}):\n{}", tail(&log));
+                }
+                tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+            }
+        })
+        .await;
+        engine
+    }
+
+    /// SIGKILL: no chance to flush or ack.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running child");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+            Ok(status) => status.expect("waiting for fleetlake"),
+            Err(_) => panic!(
+                "fleetlake did not exit within 60 s of SIGTERM:\n{}",
+                tail(&self.log)
+            ),
+        }
+    }
+}
+
+/// The last lines of a log file, for failure messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }

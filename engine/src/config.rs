@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use fleetlake_sql::DedupKey;
 use fleetlake_zones::LakeConfig;
 
 /// One configuration key: `section.name`, its default and what it means.
@@ -78,6 +79,26 @@ pub const KEYS: &[Key] = &[
         name: "ingest.ack_wait_s",
         default: "300",
         help: "JetStream ack wait: longer than any commit, so an in-flight batch is never redelivered",
+    },
+    Key {
+        name: "dedup.key",
+        default: "device_seq",
+        help: "what identifies a replay: device_seq (device_id + seq), msg_id (Nats-Msg-Id header) or none",
+    },
+    Key {
+        name: "dedup.max_gaps",
+        default: "64",
+        help: "device_seq: gaps in a device's sequence remembered before its oldest readings are forgotten",
+    },
+    Key {
+        name: "dedup.window_minutes",
+        default: "60",
+        help: "msg_id: how long (received time) a message id is remembered",
+    },
+    Key {
+        name: "dedup.snapshot_interval_s",
+        default: "60",
+        help: "how often the dedup state is snapshotted beside usable.telemetry (a restart replays the rows since)",
     },
     Key {
         name: "http.listen",
@@ -303,6 +324,18 @@ impl Config {
     }
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.number("ingest.ack_wait_s"))
+    }
+    pub fn dedup_key(&self) -> DedupKey {
+        DedupKey::parse(self.get("dedup.key")).expect("validated")
+    }
+    pub fn dedup_max_gaps(&self) -> usize {
+        self.number("dedup.max_gaps") as usize
+    }
+    pub fn dedup_window_minutes(&self) -> i64 {
+        self.number("dedup.window_minutes") as i64
+    }
+    pub fn dedup_snapshot_interval(&self) -> Duration {
+        Duration::from_secs(self.number("dedup.snapshot_interval_s"))
     }
     pub fn listen(&self) -> std::net::SocketAddr {
         self.get("http.listen").parse().expect("validated")

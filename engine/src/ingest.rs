@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use fleetlake_sql::decode_envelope;
+use fleetlake_sql::{DedupKey, DedupState, QueryEngine, decode_envelope};
 use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::schema::{RawMessage, builtin_tables, raw_batch};
 use fleetlake_zones::{CommitOutcome, Lake, TableId};
@@ -97,11 +97,24 @@ pub async fn run(config: Config, lake: Lake, metrics: Arc<Metrics>, cancel: Canc
             }
         }
     };
+    let dedup = loop {
+        match load_dedup(&config, &lake, &writers.usable).await {
+            Ok(d) => break d,
+            Err(e) => {
+                storage_failed(&metrics, &e);
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    };
     metrics.storage_up.store(1, Ordering::Relaxed);
     let mut ingest = Ingest {
         config,
         metrics,
         cancel,
+        dedup,
+        last_snapshot: Instant::now(),
     };
     loop {
         if ingest.cancel.is_cancelled() {
@@ -149,6 +162,70 @@ struct Ingest {
     config: Config,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    dedup: DedupState,
+    last_snapshot: Instant,
+}
+
+/// Side-file kind of the dedup snapshots of one consumer.
+fn snapshot_kind(consumer: &str) -> String {
+    format!("dedup-{consumer}")
+}
+
+/// The dedup state as of usable's committed position: the newest snapshot at or below it, plus
+/// the usable rows committed after that snapshot.
+async fn load_dedup(
+    config: &Config,
+    lake: &Lake,
+    usable: &TableWriter,
+) -> Result<DedupState, String> {
+    let (key, gaps, window) = (
+        config.dedup_key(),
+        config.dedup_max_gaps(),
+        config.dedup_window_minutes(),
+    );
+    let mut state = DedupState::new(key, gaps, window);
+    if key == DedupKey::None {
+        return Ok(state);
+    }
+    let committed = usable.committed().unwrap_or(0);
+    let kind = snapshot_kind(config.consumer());
+    let versions = usable
+        .side_file_versions(&kind)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut since = 0;
+    if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
+        let bytes = usable
+            .get_side_file(&kind, v)
+            .await
+            .map_err(|e| e.to_string())?;
+        match DedupState::decode(&bytes, gaps, window) {
+            Ok(s) if s.key() == key => {
+                state = s;
+                since = v;
+            }
+            Ok(_) => tracing::warn!("dedup snapshot was taken with another dedup.key; rebuilding"),
+            Err(e) => tracing::warn!(error = %e, "ignoring a damaged dedup snapshot; rebuilding"),
+        }
+    }
+    if committed > since {
+        let sql = format!(
+            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since}"
+        );
+        let rows = QueryEngine::new(lake.clone())
+            .query(&sql)
+            .await
+            .map_err(|e| format!("rebuilding the dedup state: {e}"))?;
+        for batch in &rows.batches {
+            state.observe(batch).map_err(|e| e.to_string())?;
+        }
+        tracing::info!(
+            since,
+            rows = rows.row_count(),
+            "dedup state rebuilt from usable.telemetry"
+        );
+    }
+    Ok(state)
 }
 
 /// Messages taken from the source and not yet committed.
@@ -179,8 +256,13 @@ impl Ingest {
             };
             let next = tokio::select! {
                 _ = self.cancel.cancelled() => {
-                    // Graceful shutdown: stop pulling, commit what is in flight, ack, exit.
-                    self.flush(&mut buffer, writers).await;
+                    // Graceful shutdown: stop pulling, commit what is in flight, ack, and
+                    // snapshot the dedup state so the next start need not rebuild it.
+                    if self.flush(&mut buffer, writers).await
+                        && let Some(version) = writers.usable.committed()
+                    {
+                        self.snapshot(&writers.usable, version).await;
+                    }
                     return Pumped::Stopped;
                 }
                 next = tokio::time::timeout(wait, source.next()) => next,
@@ -240,7 +322,7 @@ impl Ingest {
 
     /// Commits the buffer to every table, then acks. Returns false if cancelled while storage
     /// was failing (nothing was acked then: the messages come back after a restart).
-    async fn flush(&self, buffer: &mut Buffer, writers: &mut Writers) -> bool {
+    async fn flush(&mut self, buffer: &mut Buffer, writers: &mut Writers) -> bool {
         if buffer.messages.is_empty() {
             return true;
         }
@@ -263,15 +345,35 @@ impl Ingest {
             }
         };
         let quarantined = decoded.quarantine.num_rows();
+        let before = self.dedup.stats();
+        let usable = match self.dedup.filter(&decoded.usable) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "deduplication failed; stopping");
+                self.cancel.cancel();
+                return false;
+            }
+        };
+        let after = self.dedup.stats();
         let ok = self.commit(&mut writers.raw, &raw, version).await
             && self
                 .commit(&mut writers.quarantine, &decoded.quarantine, version)
                 .await
-            && self
-                .commit(&mut writers.usable, &decoded.usable, version)
-                .await;
+            && self.commit(&mut writers.usable, &usable, version).await;
         if !ok {
             return false;
+        }
+        self.metrics
+            .duplicates_dropped
+            .fetch_add(after.dropped - before.dropped, Ordering::Relaxed);
+        self.metrics
+            .dedup_forgotten
+            .fetch_add(after.forgotten - before.forgotten, Ordering::Relaxed);
+        self.metrics
+            .dedup_keys
+            .store(self.dedup.len() as i64, Ordering::Relaxed);
+        if self.last_snapshot.elapsed() >= self.config.dedup_snapshot_interval() {
+            self.snapshot(&writers.usable, version).await;
         }
         self.metrics
             .quarantined
@@ -291,6 +393,27 @@ impl Ingest {
         buffer.messages.clear();
         buffer.first_at = None;
         true
+    }
+
+    /// Stores the dedup state as of `version` beside usable.telemetry. A failure only means a
+    /// longer rebuild after a restart, so it is logged, not retried.
+    async fn snapshot(&mut self, usable: &TableWriter, version: i64) {
+        if self.dedup.key() == DedupKey::None {
+            return;
+        }
+        let kind = snapshot_kind(self.config.consumer());
+        let stored = usable
+            .put_side_file(&kind, version, self.dedup.encode())
+            .await;
+        match stored {
+            Ok(()) => {
+                self.last_snapshot = Instant::now();
+                if let Err(e) = usable.prune_side_files(&kind, 2).await {
+                    tracing::warn!(error = %e, "pruning old dedup snapshots failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "storing the dedup snapshot failed"),
+        }
     }
 
     /// Commits one table, retrying with backoff until it succeeds or the engine is cancelled.

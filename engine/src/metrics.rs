@@ -80,6 +80,12 @@ pub struct Metrics {
     pub messages_pulled: AtomicU64,
     pub messages_acked: AtomicU64,
     pub quarantined: AtomicU64,
+    /// Device replays dropped before the usable zone.
+    pub duplicates_dropped: AtomicU64,
+    /// Old intervals of dedup state forgotten (a replay of those readings would pass).
+    pub dedup_forgotten: AtomicU64,
+    /// Devices (or message ids) the dedup state remembers.
+    pub dedup_keys: AtomicI64,
     pub batch_latency: Histogram,
     pub consumer_lag: AtomicI64,
     pub storage_errors: AtomicU64,
@@ -99,6 +105,9 @@ impl Default for Metrics {
             messages_pulled: AtomicU64::new(0),
             messages_acked: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
+            duplicates_dropped: AtomicU64::new(0),
+            dedup_forgotten: AtomicU64::new(0),
+            dedup_keys: AtomicI64::new(0),
             batch_latency: Histogram::new(),
             consumer_lag: AtomicI64::new(0),
             storage_errors: AtomicU64::new(0),
@@ -176,6 +185,24 @@ impl Metrics {
             "Messages written to raw.quarantine.",
             "counter",
             load(&self.quarantined),
+        );
+        counter(
+            "fleetlake_duplicates_dropped_total",
+            "Device replays dropped before usable.telemetry.",
+            "counter",
+            load(&self.duplicates_dropped),
+        );
+        counter(
+            "fleetlake_dedup_forgotten_total",
+            "Dedup intervals forgotten because a device exceeded dedup.max_gaps.",
+            "counter",
+            load(&self.dedup_forgotten),
+        );
+        counter(
+            "fleetlake_dedup_keys",
+            "Devices (or message ids) the dedup state remembers.",
+            "gauge",
+            self.dedup_keys.load(Ordering::Relaxed).to_string(),
         );
         counter(
             "fleetlake_consumer_lag",

@@ -367,7 +367,80 @@ impl TableWriter {
     pub fn lake(&self) -> &Lake {
         &self.lake
     }
+
+    fn side_path(name: &str) -> object_store::path::Path {
+        object_store::path::Path::from(format!("{SIDE_DIR}/{name}"))
+    }
+
+    fn storage(&self, action: &'static str, source: object_store::Error) -> Error {
+        self.delta(action, deltalake::DeltaTableError::ObjectStore { source })
+    }
+
+    /// Stores `bytes` as version `version` of the side file `kind` (e.g. a dedup snapshot),
+    /// under `_fleetlake/` in the table's folder: hidden from Delta readers and from VACUUM.
+    pub async fn put_side_file(&self, kind: &str, version: i64, bytes: Vec<u8>) -> Result<()> {
+        let store = self.table.log_store().object_store(None);
+        let path = Self::side_path(&format!("{kind}-{version:020}.bin"));
+        object_store::ObjectStoreExt::put(store.as_ref(), &path, bytes.into())
+            .await
+            .map_err(|e| self.storage("writing a side file of", e))?;
+        Ok(())
+    }
+
+    /// Versions of the side file `kind` stored so far, ascending.
+    pub async fn side_file_versions(&self, kind: &str) -> Result<Vec<i64>> {
+        use futures::TryStreamExt;
+        let store = self.table.log_store().object_store(None);
+        let prefix = object_store::path::Path::from(SIDE_DIR);
+        let listed: Vec<_> = store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.storage("listing side files of", e))?;
+        let mut versions: Vec<i64> = listed
+            .iter()
+            .filter_map(|meta| {
+                let name = meta.location.filename()?;
+                name.strip_prefix(&format!("{kind}-"))?
+                    .strip_suffix(".bin")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    /// Reads one version of a side file.
+    pub async fn get_side_file(&self, kind: &str, version: i64) -> Result<Vec<u8>> {
+        let store = self.table.log_store().object_store(None);
+        let path = Self::side_path(&format!("{kind}-{version:020}.bin"));
+        let got = object_store::ObjectStoreExt::get(store.as_ref(), &path)
+            .await
+            .map_err(|e| self.storage("reading a side file of", e))?;
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.storage("reading a side file of", e))?;
+        Ok(bytes.to_vec())
+    }
+
+    /// Deletes all but the newest `keep` versions of a side file.
+    pub async fn prune_side_files(&self, kind: &str, keep: usize) -> Result<()> {
+        let versions = self.side_file_versions(kind).await?;
+        let store = self.table.log_store().object_store(None);
+        for v in versions.iter().take(versions.len().saturating_sub(keep)) {
+            let path = Self::side_path(&format!("{kind}-{v:020}.bin"));
+            object_store::ObjectStoreExt::delete(store.as_ref(), &path)
+                .await
+                .map_err(|e| self.storage("pruning side files of", e))?;
+        }
+        Ok(())
+    }
 }
+
+/// Folder of fleetlake's own files beside a table's data (a leading `_` hides it from Delta).
+const SIDE_DIR: &str = "_fleetlake";
 
 /// Keeps the rows whose `column` (Int64) is greater than `after`.
 fn rows_after(

@@ -1,0 +1,114 @@
+//! Device replays are removed before the usable zone, also when they arrive after a restart.
+
+use std::time::Duration;
+
+use fleetlake::config::Config;
+use fleetlake::serve::Engine;
+use fleetlake_tests::{Api, Nats, wait_for};
+
+fn reading(device: &str, seq: u64) -> bytes::Bytes {
+    format!(
+        r#"{{"device_id":"{device}","seq":{seq},"ts":{},"temperature":4.0}}"#,
+        1_763_900_000_000u64 + seq * 1000
+    )
+    .into()
+}
+
+async fn usable_rows(api: &Api, n: i64) {
+    wait_for(&format!("{n} usable rows"), Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let (status, body) = api.query("SELECT count(*) FROM usable.telemetry").await;
+            (status == 200 && body["rows"][0][0].as_i64() == Some(n)).then_some(())
+        }
+    })
+    .await;
+}
+
+async fn restart_drops_replays(snapshot_on_stop: bool) {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flags: Vec<(String, String)> = [
+        ("nats.url", nats.url().to_string()),
+        (
+            "lake.location",
+            dir.path().join("lake").display().to_string(),
+        ),
+        ("http.listen", "127.0.0.1:0".to_string()),
+        ("ingest.commit_interval_ms", "200".to_string()),
+        ("dedup.snapshot_interval_s", "3600".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = Config::load(None, Vec::new(), &flags).unwrap();
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    let publish = |device: &'static str, seq: u64| {
+        let js = js.clone();
+        async move {
+            js.publish(format!("telemetry.{device}"), reading(device, seq))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    for seq in 1..=3 {
+        publish("dev-a", seq).await;
+    }
+    publish("dev-a", 2).await; // a replay within the run
+    usable_rows(&api, 3).await;
+    assert_eq!(api.scalar("SELECT count(*) FROM raw.telemetry").await, 4);
+    if snapshot_on_stop {
+        engine.shutdown().await;
+    } else {
+        // Without a snapshot the state is rebuilt from usable.telemetry: remove the one the
+        // graceful stop wrote.
+        engine.shutdown().await;
+        let snapshots = dir.path().join("lake/usable/telemetry/_fleetlake");
+        std::fs::remove_dir_all(&snapshots).expect("the graceful stop wrote a snapshot");
+    }
+
+    let engine = Engine::start(config, Vec::new(), true).await.unwrap();
+    let api = Api::new(engine.addr);
+    publish("dev-a", 1).await; // replays arriving after the restart
+    publish("dev-a", 3).await;
+    publish("dev-a", 4).await; // new
+    wait_for("all 7 messages in raw", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move { (api.scalar("SELECT count(*) FROM raw.telemetry").await == 7).then_some(()) }
+    })
+    .await;
+    usable_rows(&api, 4).await;
+    assert_eq!(
+        api.scalar(
+            "SELECT count(*) FROM usable.telemetry WHERE device_id = 'dev-a' AND seq IN (1, 3)"
+        )
+        .await,
+        2
+    );
+    let (_, metrics) = api.get("/metrics").await;
+    assert!(
+        metrics.contains("fleetlake_duplicates_dropped_total 2\n"),
+        "{metrics}"
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_a_restart_is_dropped_using_the_snapshot() {
+    restart_drops_replays(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_a_restart_is_dropped_rebuilding_from_usable() {
+    restart_drops_replays(false).await;
+}
