@@ -8,4 +8,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/setup.sh
 export PATH="$ROOT/.venv/bin:$PATH"
+# The crash tests run the real binary as a child process: build it first.
+cargo build --bin fleetlake
 exec cargo test --workspace "$@"

@@ -386,7 +386,10 @@ impl EngineProcess {
             .arg("serve")
             .envs(env.iter().cloned())
             .env("FLEETLAKE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("FLEETLAKE_LOG", "info")
+            .env(
+                "FLEETLAKE_LOG",
+                "warn,fleetlake=info,deltalake_core::writer::stats=error",
+            )
             .stdout(Stdio::null())
             .stderr(out)
             .kill_on_drop(true)

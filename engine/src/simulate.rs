@@ -26,8 +26,9 @@ pub struct SimConfig {
     pub late: f64,
     /// Subjects are `<prefix>.<device_id>`.
     pub subject_prefix: String,
-    /// Set `Nats-Msg-Id` to `<device_id>-<seq>` (JetStream then drops replays within its
-    /// duplicate window).
+    /// Set `Nats-Msg-Id` to `<device_id>-<seq>`, so JetStream drops replays within its duplicate
+    /// window. Otherwise every publish carries its own id (`sim-<seed>-<n>`), so a publish that
+    /// is retried after a lost acknowledgement is stored once.
     pub msg_ids: bool,
     /// Device clock at the first message, epoch milliseconds; `None` = now.
     pub start_ms: Option<i64>,
@@ -229,7 +230,11 @@ impl Simulator {
         SimMessage {
             subject: format!("{}.{id}", self.config.subject_prefix),
             payload: payload.into_bytes(),
-            msg_id: self.config.msg_ids.then(|| format!("{id}-{seq}")),
+            msg_id: Some(if self.config.msg_ids {
+                format!("{id}-{seq}")
+            } else {
+                format!("sim-{}-{}", self.config.seed, self.index)
+            }),
             kind: Kind::Good,
             late,
         }
@@ -268,7 +273,7 @@ impl Simulator {
         SimMessage {
             subject: format!("{}.{id}", self.config.subject_prefix),
             payload,
-            msg_id: self.config.msg_ids.then(|| format!("bad-{n}")),
+            msg_id: Some(format!("sim-{}-{n}", self.config.seed)),
             kind: Kind::Malformed,
             late: false,
         }
@@ -293,6 +298,9 @@ impl Iterator for Simulator {
             let pick = self.rng.below(self.recent.len() as u64) as usize;
             let mut replay = self.recent[pick].clone();
             replay.kind = Kind::Duplicate;
+            if !self.config.msg_ids {
+                replay.msg_id = Some(format!("sim-{}-{i}", self.config.seed));
+            }
             replay
         } else {
             let m = self.good();
@@ -310,7 +318,82 @@ impl Iterator for Simulator {
 /// How many publishes may await their acknowledgement at once.
 const IN_FLIGHT: usize = 512;
 
+/// How long a publish is retried (NATS restarting, JetStream electing) before giving up.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(120);
+
+type PendingAck = jetstream::context::PublishAckFuture;
+
+async fn send(js: &jetstream::Context, message: &SimMessage) -> Result<PendingAck, String> {
+    let payload = bytes::Bytes::from(message.payload.clone());
+    let sent = match &message.msg_id {
+        Some(id) => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            js.publish_with_headers(message.subject.clone(), headers, payload)
+                .await
+        }
+        None => js.publish(message.subject.clone(), payload).await,
+    };
+    sent.map_err(|e| e.to_string())
+}
+
+/// Waits for a publish to be stored, publishing it again (same message id, so JetStream stores
+/// it once) while the server does not acknowledge. Returns whether JetStream saw a duplicate.
+async fn confirm(
+    js: &jetstream::Context,
+    message: &SimMessage,
+    first: Result<PendingAck, String>,
+    cancel: &CancellationToken,
+) -> Result<bool, String> {
+    let deadline = Instant::now() + PUBLISH_PATIENCE;
+    let mut pending = first;
+    // The first retry goes out at once: after an outage every publish in flight has timed out,
+    // and pausing for each would stall the whole queue.
+    let mut pause = Duration::ZERO;
+    loop {
+        let error = match pending {
+            Ok(ack) => match ack.await {
+                Ok(ack) => return Ok(ack.duplicate),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e,
+        };
+        if Instant::now() > deadline || cancel.is_cancelled() {
+            return Err(format!("publishing to {}: {error}", message.subject));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        pending = send(js, message).await;
+    }
+}
+
+/// Confirms the oldest publish in flight. An acknowledgement's timeout only starts when it is
+/// awaited, so after a lost connection every publish in flight is sent again at once (same
+/// message ids: JetStream stores each once) rather than timing out one after the other.
+async fn confirm_oldest(
+    js: &jetstream::Context,
+    pending: &mut VecDeque<(SimMessage, Result<PendingAck, String>)>,
+    cancel: &CancellationToken,
+) -> Result<bool, String> {
+    let (message, ack) = pending.pop_front().expect("non-empty");
+    let ack = match ack {
+        Ok(ack) => ack.await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    match ack {
+        Ok(ack) => Ok(ack.duplicate),
+        Err(error) => {
+            tracing::debug!(%error, "publish unconfirmed; sending everything in flight again");
+            for (m, a) in pending.iter_mut() {
+                *a = send(js, m).await;
+            }
+            confirm(js, &message, Err(error), cancel).await
+        }
+    }
+}
+
 /// Publishes the simulated fleet; `progress` is called about once a second with the report so far.
+/// Publishes that fail or go unacknowledged are retried with the same message id.
 pub async fn publish(
     js: &jetstream::Context,
     config: SimConfig,
@@ -327,7 +410,7 @@ pub async fn publish(
     let sim = Simulator::new(config);
     let started = Instant::now();
     let mut last_progress = Instant::now();
-    let mut pending: VecDeque<jetstream::context::PublishAckFuture> = VecDeque::new();
+    let mut pending: VecDeque<(SimMessage, Result<PendingAck, String>)> = VecDeque::new();
     for message in sim {
         if cancel.is_cancelled() {
             break;
@@ -342,18 +425,6 @@ pub async fn publish(
                 }
             }
         }
-        let payload = bytes::Bytes::from(message.payload);
-        let ack = match &message.msg_id {
-            Some(id) => {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-                js.publish_with_headers(message.subject, headers, payload)
-                    .await
-            }
-            None => js.publish(message.subject, payload).await,
-        }
-        .map_err(|e| format!("publishing: {e}"))?;
-        pending.push_back(ack);
         match message.kind {
             Kind::Good => report.distinct += 1,
             Kind::Duplicate => report.duplicates += 1,
@@ -361,10 +432,10 @@ pub async fn publish(
         }
         report.late += message.late as u64;
         report.total += 1;
+        let ack = send(js, &message).await;
+        pending.push_back((message, ack));
         if pending.len() >= IN_FLIGHT {
-            let ack = pending.pop_front().expect("non-empty").await;
-            report.stream_duplicates +=
-                ack.map_err(|e| format!("publishing: {e}"))?.duplicate as u64;
+            report.stream_duplicates += confirm_oldest(js, &mut pending, &cancel).await? as u64;
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
@@ -372,9 +443,8 @@ pub async fn publish(
             progress(&report);
         }
     }
-    while let Some(ack) = pending.pop_front() {
-        report.stream_duplicates +=
-            ack.await.map_err(|e| format!("publishing: {e}"))?.duplicate as u64;
+    while !pending.is_empty() {
+        report.stream_duplicates += confirm_oldest(js, &mut pending, &cancel).await? as u64;
     }
     report.elapsed_s = started.elapsed().as_secs_f64();
     report.rate = report.total as f64 / report.elapsed_s.max(1e-9);

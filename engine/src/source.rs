@@ -31,6 +31,10 @@ fn err(action: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SourceErr
 pub async fn connect(url: &str) -> Result<jetstream::Context, SourceError> {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
+        // Reconnect quickly after a server restart (the default backs off to several seconds).
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100 * attempts as u64).min(1_000))
+        })
         .connect(url)
         .await
         .map_err(|e| err("connecting")(&e))?;
@@ -63,10 +67,13 @@ impl Source {
     /// (Re)creates the durable pull consumer at `start` (a stream sequence, 1-based) and opens
     /// its message stream.
     pub async fn open(config: &Config, start: u64) -> Result<Self, SourceError> {
+        let started = std::time::Instant::now();
         let js = connect(config.nats_url()).await?;
         let stream = ensure_stream(&js, config).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "stream ready");
         // Deleting a consumer that does not exist is fine: the lake decides where to start.
-        let _ = stream.delete_consumer(config.consumer()).await;
+        let deleted = stream.delete_consumer(config.consumer()).await;
+        tracing::debug!(elapsed = ?started.elapsed(), deleted = deleted.is_ok(), "old consumer deleted");
         let deliver_policy = if start <= 1 {
             consumer::DeliverPolicy::All
         } else {
@@ -86,11 +93,13 @@ impl Source {
             })
             .await
             .map_err(|e| err("creating the consumer")(&e))?;
+        tracing::debug!(elapsed = ?started.elapsed(), "consumer created");
         let messages = consumer
             .stream()
             .max_messages_per_batch(config.fetch_batch())
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            // Short pulls with frequent heartbeats: a restarted server is noticed in seconds.
+            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(5))
             .messages()
             .await
             .map_err(|e| err("pulling")(&e))?;

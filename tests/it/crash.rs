@@ -21,7 +21,7 @@ enum Disruption {
 
 const KILLS: usize = 6;
 
-/// Seeded pauses between 0.4 and 2.0 s, so a failure can be replayed.
+/// Seeded pauses between 0.8 and 3.0 s, so a failure can be replayed.
 struct Pauses(u64);
 impl Pauses {
     fn next(&mut self) -> Duration {
@@ -29,7 +29,7 @@ impl Pauses {
             .0
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        Duration::from_millis(400 + (self.0 >> 33) % 1600)
+        Duration::from_millis(800 + (self.0 >> 33) % 2200)
     }
 }
 
@@ -219,6 +219,24 @@ async fn crash_run(disruption: Disruption, seed: u64) {
         .await,
         usable
     );
+    // The engines resumed mid-stream from the lake's position, not from the beginning.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let starts: Vec<&str> = text.lines().filter(|l| l.contains("consuming")).collect();
+    for l in text
+        .lines()
+        .filter(|l| {
+            l.contains("dedup")
+                || l.contains("fleetlake::ingest: NATS")
+                || l.contains("fleetlake::source")
+        })
+        .take(20)
+    {
+        println!("{l}");
+    }
+    println!("{}", starts.join("\n"));
+    // (A kill can land before an engine got as far as consuming.)
+    let resumed = starts.iter().filter(|l| !l.ends_with("start=1")).count();
+    assert!(resumed >= 3, "only {resumed} engines resumed mid-stream");
     if let Some(s3) = s3.as_mut() {
         s3.stop().await;
     }

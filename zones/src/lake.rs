@@ -557,6 +557,50 @@ mod tests {
         assert_eq!(w3.committed(), Some(9));
     }
 
+    #[tokio::test]
+    async fn side_files_are_listed_read_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(&LakeConfig {
+            location: dir.path().display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+        let w = lake
+            .writer(
+                TableId::raw_telemetry(),
+                RAW_TELEMETRY.clone(),
+                vec!["ingest_date"],
+                "app",
+            )
+            .await
+            .unwrap();
+        for v in [7, 30, 12] {
+            w.put_side_file("dedup-app", v, vec![v as u8])
+                .await
+                .unwrap();
+        }
+        w.put_side_file("other", 99, vec![]).await.unwrap();
+        assert_eq!(
+            w.side_file_versions("dedup-app").await.unwrap(),
+            vec![7, 12, 30]
+        );
+        assert_eq!(w.get_side_file("dedup-app", 12).await.unwrap(), vec![12]);
+        w.prune_side_files("dedup-app", 2).await.unwrap();
+        assert_eq!(
+            w.side_file_versions("dedup-app").await.unwrap(),
+            vec![12, 30]
+        );
+        // Delta readers do not see them.
+        assert_eq!(
+            lake.describe(&TableId::raw_telemetry())
+                .await
+                .unwrap()
+                .unwrap()
+                .files,
+            0
+        );
+    }
+
     #[test]
     fn bad_locations_are_explained() {
         let err = Lake::open(&LakeConfig {
