@@ -125,34 +125,35 @@ impl Seaweed {
         server
     }
 
+    /// Waits until a signed listing of the bucket succeeds: the gateway is up, the identities
+    /// are loaded and the bucket exists.
     async fn wait_ready(&mut self) {
-        let url = format!("http://127.0.0.1:{}/{}/", self.s3_port, self.bucket);
-        let client = reqwest::Client::new();
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_bucket_name(&self.bucket)
+            .with_access_key_id(&self.access_key)
+            .with_secret_access_key(&self.secret_key)
+            .with_region("us-east-1")
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .build()
+            .expect("S3 client");
         let log = self._dir.path().join("weed.log");
-        wait_for(
-            "the SeaweedFS S3 gateway and its bucket",
-            Duration::from_secs(60),
-            || {
-                let (client, url) = (client.clone(), url.clone());
-                let exited = self.child.try_wait().ok().flatten();
-                let log = log.clone();
-                async move {
-                    if let Some(status) = exited {
-                        panic!(
-                            "weed mini exited ({status}): {}",
-                            std::fs::read_to_string(log).unwrap_or_default()
-                        );
-                    }
-                    // Unsigned requests are refused (403) once the gateway and its identities are up;
-                    // a missing bucket answers 404.
-                    match client.get(&url).send().await {
-                        Ok(r) if r.status().as_u16() == 403 => Some(()),
-                        _ => None,
-                    }
-                }
-            },
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("weed mini exited ({status}): {}", tail(&log));
+            }
+            if object_store::ObjectStore::list_with_delimiter(&store, None).await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "SeaweedFS not ready within 60 s: {}", tail(&log));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn endpoint(&self) -> String {

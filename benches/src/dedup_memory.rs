@@ -1,0 +1,98 @@
+//! Memory of the dedup state: bytes per device for a large fleet.
+//!
+//! ```text
+//! cargo run --release -p fleetlake-benches --bin dedup_memory -- --devices 1000000 --readings 20
+//! ```
+//!
+//! Feeds `readings` per device (every 10th device with a lost reading, so it carries one gap)
+//! through [`fleetlake_sql::DedupState`], in usable-shaped batches, and reports the resident
+//! memory it added (from /proc/self/statm) and the state's own estimate, per device. Prints one
+//! JSON line.
+
+use std::sync::Arc;
+
+use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use fleetlake_sql::{DedupKey, DedupState};
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("resident pages");
+    pages * 4096
+}
+
+fn main() {
+    let mut devices: u64 = 1_000_000;
+    let mut readings: i64 = 20;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<u64>().ok());
+        match (flag.as_str(), value) {
+            ("--devices", Some(v)) => devices = v,
+            ("--readings", Some(v)) => readings = v as i64,
+            _ => {
+                eprintln!("usage: dedup_memory [--devices N] [--readings N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("msg_id", DataType::Utf8, true),
+        Field::new(
+            "received_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ]));
+    let mut state = DedupState::new(
+        DedupKey::DeviceSeq,
+        fleetlake_sql::dedup::DEFAULT_MAX_GAPS,
+        60,
+    );
+    let before = resident_bytes();
+    let chunk = 100_000u64;
+    for seq in 1..=readings {
+        let mut start = 0;
+        while start < devices {
+            let end = (start + chunk).min(devices);
+            // Every 10th device lost reading 2: it keeps one gap.
+            let ids: Vec<u64> = (start..end)
+                .filter(|d| !(seq == 2 && d % 10 == 0))
+                .collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from_iter_values(
+                        ids.iter().map(|d| format!("dev-{d:07}")),
+                    )),
+                    Arc::new(Int64Array::from(vec![seq; ids.len()])),
+                    Arc::new(StringArray::from(vec![None::<&str>; ids.len()])),
+                    Arc::new(
+                        TimestampMicrosecondArray::from(vec![0; ids.len()]).with_timezone("UTC"),
+                    ),
+                ],
+            )
+            .expect("batch");
+            state.filter(&batch).expect("dedup");
+            start = end;
+        }
+    }
+    let after = resident_bytes();
+    let snapshot = state.encode().len();
+    let result = serde_json::json!({
+        "benchmark": "dedup_memory",
+        "devices": devices,
+        "readings_per_device": readings,
+        "resident_bytes_added": after.saturating_sub(before),
+        "resident_bytes_per_device": (after.saturating_sub(before) as f64 / devices as f64).round(),
+        "estimated_bytes_per_device": (state.estimated_bytes() as f64 / devices as f64).round(),
+        "snapshot_bytes_per_device": (snapshot as f64 / devices as f64).round(),
+    });
+    println!("{result}");
+}
