@@ -148,10 +148,17 @@ impl Seaweed {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("weed mini exited ({status}): {}", tail(&log));
             }
-            if object_store::ObjectStore::list_with_delimiter(&store, None).await.is_ok() {
+            if object_store::ObjectStore::list_with_delimiter(&store, None)
+                .await
+                .is_ok()
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "SeaweedFS not ready within 60 s: {}", tail(&log));
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS not ready within 60 s: {}",
+                tail(&log)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
