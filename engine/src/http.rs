@@ -6,15 +6,17 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use arrow::array::RecordBatch;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use fleetlake_sql::{ErrorKind, QueryEngine, QueryResult};
-use fleetlake_zones::TableInfo;
 use fleetlake_zones::schema::builtin_tables;
+use fleetlake_zones::{TableId, TableInfo, Zone};
 use futures::future::BoxFuture;
 use serde_json::json;
 
@@ -25,6 +27,12 @@ use crate::metrics::Metrics;
 pub trait Lakehouse: Send + Sync + 'static {
     fn query(&self, sql: String) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>>;
     fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>>;
+    /// Replaces `reference.<name>` with `rows`.
+    fn replace_reference(
+        &self,
+        name: String,
+        rows: RecordBatch,
+    ) -> BoxFuture<'static, fleetlake_sql::Result<TableInfo>>;
 }
 
 impl Lakehouse for QueryEngine {
@@ -36,13 +44,27 @@ impl Lakehouse for QueryEngine {
     fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>> {
         let lake = self.lake().clone();
         Box::pin(async move {
+            let mut ids: Vec<TableId> = builtin_tables().into_iter().map(|(id, _, _)| id).collect();
+            ids.extend(lake.tables(Zone::Reference).await?);
             let mut out = Vec::new();
-            for (id, _, _) in builtin_tables() {
+            for id in ids {
                 if let Some(info) = lake.describe(&id).await? {
                     out.push(info);
                 }
             }
             Ok(out)
+        })
+    }
+
+    fn replace_reference(
+        &self,
+        name: String,
+        rows: RecordBatch,
+    ) -> BoxFuture<'static, fleetlake_sql::Result<TableInfo>> {
+        let lake = self.lake().clone();
+        Box::pin(async move {
+            let id = TableId::parse(&format!("reference.{name}"))?;
+            Ok(lake.replace(&id, rows).await?)
         })
     }
 }
@@ -61,6 +83,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/query", post(query))
         .route("/v1/tables", get(tables))
+        .route(
+            "/v1/reference/{table}",
+            put(put_reference).layer(axum::extract::DefaultBodyLimit::max(
+                crate::reference::MAX_BODY_BYTES,
+            )),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -120,22 +148,40 @@ async fn query(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
     }
 }
 
+fn table_json(t: &TableInfo) -> serde_json::Value {
+    json!({
+        "table": t.table.to_string(),
+        "zone": t.table.zone.as_str(),
+        "version": t.version,
+        "rows": t.rows,
+        "files": t.files,
+        "size_bytes": t.size_bytes,
+    })
+}
+
+async fn put_reference(
+    State(state): State<AppState>,
+    Path(table): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let rows = match crate::reference::parse_rows(content_type, &body) {
+        Ok(rows) => rows,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_rows", &message),
+    };
+    match state.lake.replace_reference(table, rows).await {
+        Ok(info) => axum::Json(table_json(&info)).into_response(),
+        Err(e) => sql_error(&e),
+    }
+}
+
 async fn tables(State(state): State<AppState>) -> Response {
     match state.lake.tables().await {
         Ok(tables) => {
-            let tables: Vec<_> = tables
-                .iter()
-                .map(|t| {
-                    json!({
-                        "table": t.table.to_string(),
-                        "zone": t.table.zone.as_str(),
-                        "version": t.version,
-                        "rows": t.rows,
-                        "files": t.files,
-                        "size_bytes": t.size_bytes,
-                    })
-                })
-                .collect();
+            let tables: Vec<_> = tables.iter().map(table_json).collect();
             axum::Json(json!({ "tables": tables })).into_response()
         }
         Err(e) => sql_error(&e),

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Layout: [`config`] (layered settings), [`source`] (JetStream), [`ingest`] (the micro-batch
-//! loop), [`http`] and [`format`] (the API), [`metrics`], [`serve`] (wiring and shutdown),
+//! loop), [`http`], [`format`] and [`reference`] (the API), [`metrics`], [`serve`] (wiring and shutdown),
 //! [`simulate`] (the seeded fleet) and [`demo`] (everything in one command). Start reading at
 //! [`ingest`].
 
@@ -25,6 +25,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod nats_server;
+pub mod reference;
 pub mod serve;
 pub mod simulate;
 pub mod source;

@@ -5,3 +5,4 @@ mod concurrency;
 mod crash;
 mod dedup;
 mod end_to_end;
+mod reference;

@@ -192,6 +192,70 @@ impl Lake {
         }
     }
 
+    /// Replaces a table's content (and schema) with `batch` in one commit, creating the table if
+    /// needed: readers see the old rows or the new, never a mix. For slowly changing tables such
+    /// as the reference zone's.
+    pub async fn replace(&self, id: &TableId, batch: RecordBatch) -> Result<TableInfo> {
+        if self.root.scheme() == "file" {
+            let url = self.table_url(id);
+            create_dir(&url.to_file_path().expect("file lake"))?;
+        }
+        let table = match self.load(id).await? {
+            Some(t) => t,
+            None => self.builder(id)?.build().map_err(|source| Error::Delta {
+                action: "creating",
+                table: id.to_string(),
+                source: Box::new(source),
+            })?,
+        };
+        table
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+            .await
+            .map_err(|source| Error::Delta {
+                action: "replacing",
+                table: id.to_string(),
+                source: Box::new(source),
+            })?;
+        self.describe(id)
+            .await?
+            .ok_or_else(|| Error::UnknownTable(id.to_string()))
+    }
+
+    /// The tables of a zone that exist in the lake, by name.
+    pub async fn tables(&self, zone: crate::Zone) -> Result<Vec<TableId>> {
+        let store = DeltaTableBuilder::from_url(self.root.clone())
+            .map(|b| b.with_storage_options(self.storage_options.clone()))
+            .and_then(|b| b.build_storage())
+            .map_err(|source| Error::Delta {
+                action: "listing",
+                table: format!("{}.*", zone.as_str()),
+                source: Box::new(source),
+            })?
+            .object_store(None);
+        let prefix = object_store::path::Path::from(zone.as_str());
+        let listed = match store.list_with_delimiter(Some(&prefix)).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(Error::Delta {
+                    action: "listing",
+                    table: format!("{}.*", zone.as_str()),
+                    source: Box::new(deltalake::DeltaTableError::ObjectStore { source: e }),
+                });
+            }
+        };
+        let mut ids: Vec<TableId> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename())
+            .filter_map(|name| TableId::parse(&format!("{}.{name}", zone.as_str())).ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     /// Version, rows, files and bytes of a table; `None` if it does not exist.
     pub async fn describe(&self, id: &TableId) -> Result<Option<TableInfo>> {
         let Some(table) = self.load(id).await? else {
