@@ -58,6 +58,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
+    /// Parse and plan pipeline files without running them; errors are reported as file:line:column.
+    Check {
+        /// Pipeline files or folders (searched for *.sql).
+        #[arg(default_value = "pipelines")]
+        paths: Vec<PathBuf>,
+    },
     /// Show every configuration key with its value and default.
     Config,
 }
@@ -127,6 +133,54 @@ impl SimArgs {
     }
 }
 
+async fn check(paths: &[PathBuf]) -> Result<(), String> {
+    use fleetlake_sql::pipeline::{check_files, pipeline_files};
+    let files = pipeline_files(paths).map_err(|e| format!("reading {paths:?}: {e}"))?;
+    if files.is_empty() {
+        return Err(format!("no .sql files in {paths:?}"));
+    }
+    let reports = check_files(&files).await;
+    let mut failed = 0;
+    for report in &reports {
+        if report.errors.is_empty() {
+            let what = match &report.pipeline {
+                Some(p) => {
+                    let tables: Vec<String> = p
+                        .tables
+                        .iter()
+                        .map(|(t, _)| {
+                            format!("{} ({} expectations)", t.table, t.expectations.len())
+                        })
+                        .collect();
+                    format!(
+                        "pipeline {}: source {} on {} → {}",
+                        p.name,
+                        p.source.name,
+                        p.source.subject,
+                        tables.join(", ")
+                    )
+                }
+                None => {
+                    let refs: Vec<String> =
+                        report.references.iter().map(|r| r.to_string()).collect();
+                    format!("declares {}", refs.join(", "))
+                }
+            };
+            println!("ok    {}: {what}", report.path.display());
+        } else {
+            failed += 1;
+            for line in report.error_lines() {
+                eprintln!("error {line}");
+            }
+        }
+    }
+    if failed > 0 {
+        Err(format!("{failed} of {} files do not check", reports.len()))
+    } else {
+        Ok(())
+    }
+}
+
 fn load_config(cli: &Cli) -> Result<Config, String> {
     let mut overrides = Vec::new();
     for item in &cli.set {
@@ -180,6 +234,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             print!("{}", config.describe());
             Ok(())
         }
+        Command::Check { paths } => check(paths).await,
         Command::Serve => {
             let engine = Engine::start(config, env, true)
                 .await

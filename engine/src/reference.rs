@@ -79,8 +79,19 @@ fn parse_json(body: &[u8]) -> Result<RecordBatch, String> {
     if let Some((i, _)) = rows.iter().enumerate().find(|(_, r)| !r.is_object()) {
         return Err(format!("row {} is not a JSON object", i + 1));
     }
-    let schema: Schema = arrow::json::reader::infer_json_schema_from_iterator(rows.iter().map(Ok))
-        .map_err(|e| format!("inferring column types: {e}"))?;
+    let inferred: Schema =
+        arrow::json::reader::infer_json_schema_from_iterator(rows.iter().map(Ok))
+            .map_err(|e| format!("inferring column types: {e}"))?;
+    // Inference sorts columns by name; keep them in the order the rows first mention them.
+    let order = key_order(text)?;
+    let mut fields: Vec<_> = inferred.fields().iter().cloned().collect();
+    fields.sort_by_key(|f| {
+        order
+            .iter()
+            .position(|k| k == f.name())
+            .unwrap_or(usize::MAX)
+    });
+    let schema = Schema::new(fields);
     let mut decoder = arrow::json::ReaderBuilder::new(Arc::new(schema.clone()))
         .with_batch_size(rows.len().max(1))
         .build_decoder()
@@ -92,6 +103,47 @@ fn parse_json(body: &[u8]) -> Result<RecordBatch, String> {
         .flush()
         .map_err(|e| format!("reading rows: {e}"))?
         .unwrap_or_else(|| RecordBatch::new_empty(Arc::new(schema))))
+}
+
+/// The object keys of JSON rows (an array or NDJSON), in order of first appearance.
+fn key_order(text: &str) -> Result<Vec<String>, String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some((k, IgnoredAny)) = map.next_entry::<String, IgnoredAny>()? {
+                        keys.push(k);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let rows: Vec<Keys> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(text).map_err(|e| e.to_string())?
+    } else {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?
+    };
+    let mut order: Vec<String> = Vec::new();
+    for key in rows.into_iter().flat_map(|k| k.0) {
+        if !order.contains(&key) {
+            order.push(key);
+        }
+    }
+    Ok(order)
 }
 
 #[cfg(test)]

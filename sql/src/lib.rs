@@ -13,6 +13,7 @@
 //! Layout:
 //! - [`decode`]: the built-in pipeline that decodes the default telemetry envelope (no I/O);
 //! - [`dedup`]: removal of device replays by key, with state that snapshots to bytes (no I/O);
+//! - [`pipeline`]: the pipeline language (parsing and checking pipeline files);
 //! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
 //! - [`error`]: the crate's error type, split into the user's fault and storage's.
 //!
@@ -21,6 +22,7 @@
 pub mod decode;
 pub mod dedup;
 pub mod error;
+pub mod pipeline;
 pub mod query;
 
 pub use decode::{Decoded, decode_envelope};

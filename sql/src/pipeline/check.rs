@@ -1,0 +1,388 @@
+//! `fleetlake check`: parse and plan every pipeline without running it.
+//!
+//! Each table's query is planned by DataFusion against the source's declared columns and the
+//! declared reference tables; each expectation is planned against the table's output and must be
+//! a boolean condition. Errors carry the file position DataFusion's diagnostics point at.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::{DFSchema, TableReference};
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement;
+use datafusion::sql::sqlparser::ast::{Spanned, Statement as SqlStatement};
+use fleetlake_zones::TableId;
+
+use super::{
+    DedupSpec, PipelineError, PipelineFile, Pos, ReferenceDef, SourceDef, TableDef, parse_file,
+    schema_of,
+};
+
+/// A pipeline that checks: its parts and the schema of each table it fills.
+#[derive(Debug, Clone)]
+pub struct CheckedPipeline {
+    /// The file's name without `.sql`.
+    pub name: String,
+    pub source: SourceDef,
+    pub tables: Vec<(TableDef, SchemaRef)>,
+}
+
+/// What checking one file found.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    pub path: PathBuf,
+    /// The pipeline, when the file declares one and it checks.
+    pub pipeline: Option<CheckedPipeline>,
+    /// Reference tables the file declares.
+    pub references: Vec<TableId>,
+    pub errors: Vec<PipelineError>,
+}
+
+impl FileReport {
+    /// `path:line:column: message` per error.
+    pub fn error_lines(&self) -> Vec<String> {
+        self.errors
+            .iter()
+            .map(|e| format!("{}:{e}", self.path.display()))
+            .collect()
+    }
+}
+
+/// The `.sql` files under `paths` (folders are searched recursively), sorted.
+pub fn pipeline_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path.extension().is_some_and(|e| e == "sql") {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, &mut out)?;
+        } else {
+            std::fs::metadata(p)?;
+            out.push(p.clone());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Parses and checks the given pipeline files together (reference tables declared in any file are
+/// visible to all).
+pub async fn check_files(files: &[PathBuf]) -> Vec<FileReport> {
+    let mut parsed: Vec<(PathBuf, Result<PipelineFile, PipelineError>)> = Vec::new();
+    for path in files {
+        let result = match std::fs::read_to_string(path) {
+            Ok(text) => parse_file(&text),
+            Err(e) => Err(PipelineError::new(
+                Pos::default(),
+                format!("reading the file: {e}"),
+            )),
+        };
+        parsed.push((path.clone(), result));
+    }
+    let mut references: BTreeMap<TableId, ReferenceDef> = BTreeMap::new();
+    let mut reports = Vec::new();
+    let mut duplicate_refs = Vec::new();
+    for (path, file) in &parsed {
+        if let Ok(file) = file {
+            for r in &file.references {
+                if references.insert(r.table.clone(), r.clone()).is_some() {
+                    duplicate_refs.push((path.clone(), r.clone()));
+                }
+            }
+        }
+    }
+    let mut owners: BTreeMap<TableId, PathBuf> = BTreeMap::new();
+    for (path, file) in parsed {
+        let mut report = FileReport {
+            path: path.clone(),
+            pipeline: None,
+            references: Vec::new(),
+            errors: Vec::new(),
+        };
+        match file {
+            Err(e) => report.errors.push(e),
+            Ok(file) => {
+                report.references = file.references.iter().map(|r| r.table.clone()).collect();
+                for (p, r) in &duplicate_refs {
+                    if *p == path {
+                        report.errors.push(PipelineError::new(
+                            r.pos,
+                            format!(
+                                "reference table {} is declared in more than one file",
+                                r.table
+                            ),
+                        ));
+                    }
+                }
+                for t in &file.tables {
+                    if let Some(other) = owners.insert(t.table.clone(), path.clone()) {
+                        report.errors.push(PipelineError::new(
+                            t.pos,
+                            format!("{} is already filled by {}", t.table, other.display()),
+                        ));
+                    }
+                }
+                let name = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                match check_pipeline(&name, file, &references).await {
+                    Ok(p) => report.pipeline = p,
+                    Err(mut errors) => report.errors.append(&mut errors),
+                }
+            }
+        }
+        reports.push(report);
+    }
+    reports
+}
+
+/// Checks one parsed file; `Ok(None)` for a file that only declares reference tables.
+async fn check_pipeline(
+    name: &str,
+    file: PipelineFile,
+    references: &BTreeMap<TableId, ReferenceDef>,
+) -> Result<Option<CheckedPipeline>, Vec<PipelineError>> {
+    let mut errors = Vec::new();
+    let source = match (file.sources.len(), file.tables.first()) {
+        (0, None) => return Ok(None),
+        (0, Some(first)) => {
+            return Err(vec![PipelineError::new(
+                first.pos,
+                "missing source: a pipeline declares CREATE SOURCE name (columns) WITH (subject = '…') before its tables",
+            )]);
+        }
+        (1, None) => {
+            return Err(vec![PipelineError::new(
+                file.sources[0].pos,
+                format!(
+                    "source {} fills nothing: add CREATE STREAMING TABLE usable.… AS SELECT … FROM {}",
+                    file.sources[0].name, file.sources[0].name
+                ),
+            )]);
+        }
+        (1, Some(_)) => file.sources[0].clone(),
+        (_, _) => {
+            return Err(vec![PipelineError::new(
+                file.sources[1].pos,
+                "a pipeline file declares one source: put the second pipeline in a file of its own",
+            )]);
+        }
+    };
+    check_source(&source, &mut errors);
+    let mut tables = Vec::new();
+    for table in file.tables {
+        match check_table(&source, &table, references).await {
+            Ok(schema) => tables.push((table, schema)),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(Some(CheckedPipeline {
+            name: name.to_string(),
+            source,
+            tables,
+        }))
+    } else {
+        Err(errors)
+    }
+}
+
+fn check_source(source: &SourceDef, errors: &mut Vec<PipelineError>) {
+    let column = |name: &str| {
+        source
+            .columns
+            .iter()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
+    };
+    let known = || {
+        source
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some((event_time, at)) = &source.event_time {
+        match column(event_time) {
+            None => errors.push(PipelineError::new(
+                *at,
+                format!(
+                    "event_time names unknown column {event_time}; the source has {}",
+                    known()
+                ),
+            )),
+            Some(c) if !matches!(c.data_type, DataType::Timestamp(..)) => {
+                errors.push(PipelineError::new(
+                    *at,
+                    format!(
+                        "event_time column {event_time} is {}, expected TIMESTAMP",
+                        c.data_type
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if let DedupSpec::Columns(cols) = &source.dedup {
+        let at = source
+            .option_pos
+            .iter()
+            .find(|(k, _)| k == "dedup_key")
+            .map(|(_, p)| *p)
+            .unwrap_or(source.pos);
+        let written = source.option_pos.iter().any(|(k, _)| k == "dedup_key");
+        for c in cols {
+            if column(c).is_none() {
+                let message = if written {
+                    format!(
+                        "dedup_key names unknown column {c}; the source has {}",
+                        known()
+                    )
+                } else {
+                    format!(
+                        "the default dedup_key 'device_id, seq' needs column {c}: declare it, or set dedup_key to other columns, 'msg_id' or 'none'"
+                    )
+                };
+                errors.push(PipelineError::new(at, message));
+            }
+        }
+    }
+}
+
+/// A session in which the source and the declared reference tables exist (empty).
+fn planning_context(
+    source: &SourceDef,
+    references: &BTreeMap<TableId, ReferenceDef>,
+) -> datafusion::error::Result<SessionContext> {
+    let mut config = SessionConfig::new();
+    config.options_mut().sql_parser.collect_spans = true;
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features()
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    let schema = schema_of(&source.columns);
+    ctx.register_table(
+        source.name.as_str(),
+        Arc::new(MemTable::try_new(schema, vec![vec![]])?),
+    )?;
+    let catalog = ctx.catalog("datafusion").expect("default catalog");
+    catalog.register_schema("reference", Arc::new(MemorySchemaProvider::new()))?;
+    for (id, r) in references {
+        ctx.register_table(
+            TableReference::partial("reference", id.name.as_str()),
+            Arc::new(MemTable::try_new(r.schema(), vec![vec![]])?),
+        )?;
+    }
+    Ok(ctx)
+}
+
+/// The position a DataFusion error points at, if it carries a diagnostic with a span.
+fn located(e: &DataFusionError, fallback: Pos) -> PipelineError {
+    let pos = e
+        .iter()
+        .find_map(|e| e.diagnostic().and_then(|d| d.span))
+        .filter(|s| s.start.line > 0)
+        .map(|s| Pos {
+            line: s.start.line,
+            column: s.start.column,
+        })
+        .unwrap_or(fallback);
+    let message = e
+        .strip_backtrace()
+        .trim_start_matches("Error during planning: ")
+        .trim_start_matches("Schema error: ")
+        .replace('\n', " ");
+    PipelineError::new(pos, message)
+}
+
+async fn check_table(
+    source: &SourceDef,
+    table: &TableDef,
+    references: &BTreeMap<TableId, ReferenceDef>,
+) -> Result<SchemaRef, Vec<PipelineError>> {
+    let ctx = planning_context(source, references)
+        .map_err(|e| vec![PipelineError::new(table.pos, e.to_string())])?;
+    let state = ctx.state();
+    let statement = Statement::Statement(Box::new(SqlStatement::Query(table.query.clone())));
+    let plan = state.statement_to_plan(statement).await.map_err(|e| {
+        let mut err = located(&e, table.pos);
+        err.message = format!("in the query of {}: {}", table.table, err.message);
+        vec![err]
+    })?;
+    let df_schema: &DFSchema = plan.schema();
+    let schema: SchemaRef = Arc::new(df_schema.as_arrow().clone());
+    let mut errors = Vec::new();
+    let outputs = || {
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (column, at) in &table.partitioned_by {
+        if schema.field_with_name(column).is_err() {
+            errors.push(PipelineError::new(
+                *at,
+                format!(
+                    "partition column {column} is not an output of the query; it returns {}",
+                    outputs()
+                ),
+            ));
+        }
+    }
+    for e in &table.expectations {
+        let at = {
+            let span = e.condition.span();
+            if span.start.line > 0 {
+                Pos {
+                    line: span.start.line,
+                    column: span.start.column,
+                }
+            } else {
+                e.pos
+            }
+        };
+        let planned = state
+            .create_logical_expr(&e.condition.to_string(), df_schema)
+            .and_then(|expr| datafusion::logical_expr::ExprSchemable::get_type(&expr, df_schema));
+        match planned {
+            Ok(DataType::Boolean) => {}
+            Ok(other) => errors.push(PipelineError::new(
+                at,
+                format!(
+                    "expectation {} must be a boolean condition, but it is {other}",
+                    e.name
+                ),
+            )),
+            Err(err) => {
+                let mut err = located(&err, at);
+                err.pos = at;
+                err.message = format!("in expectation {}: {}", e.name, err.message);
+                errors.push(err);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(schema)
+    } else {
+        Err(errors)
+    }
+}
