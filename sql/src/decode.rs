@@ -60,6 +60,39 @@ pub struct Decoded {
 
 /// Decodes a `raw.telemetry` batch into usable rows and quarantined rows.
 pub fn decode_envelope(raw: &RecordBatch) -> Result<Decoded> {
+    let json = decode_json(raw, &ENVELOPE)?;
+    let mut rejected = json.rejected;
+    let problems = check_fields(&json.decoded).map_err(internal)?;
+    let mut keep: Vec<u32> = Vec::with_capacity(json.rows.len());
+    let mut keep_raw: Vec<u32> = Vec::with_capacity(json.rows.len());
+    for (pos, raw_row) in json.rows.iter().enumerate() {
+        match &problems[pos] {
+            None => {
+                keep.push(pos as u32);
+                keep_raw.push(*raw_row);
+            }
+            Some(reason) => rejected.push((*raw_row, reason.clone())),
+        }
+    }
+    let usable = build_usable(raw, &json.decoded, &keep, &keep_raw).map_err(internal)?;
+    rejected.sort_by_key(|(i, _)| *i);
+    let quarantine = quarantine_rows(raw, &rejected)?;
+    Ok(Decoded { usable, quarantine })
+}
+
+/// Payloads decoded against a schema: the rows that decoded (with the raw row each came from)
+/// and the raw rows that did not, with the reason.
+#[derive(Debug, Clone)]
+pub struct JsonRows {
+    pub decoded: RecordBatch,
+    /// For each decoded row, its row in the raw batch.
+    pub rows: Vec<u32>,
+    pub rejected: Vec<(u32, String)>,
+}
+
+/// Decodes the `payload` column of a raw batch as JSON objects with `schema` (fields not in the
+/// schema are ignored), vectorized, isolating the messages that do not decode.
+pub fn decode_json(raw: &RecordBatch, schema: &SchemaRef) -> Result<JsonRows> {
     let payloads = raw
         .column_by_name("payload")
         .and_then(|c| c.as_binary_opt::<i32>())
@@ -73,28 +106,20 @@ pub fn decode_envelope(raw: &RecordBatch) -> Result<Decoded> {
         }
     }
     let mut parts: Vec<(Vec<u32>, RecordBatch)> = Vec::new();
-    decode_isolating(payloads, &candidates, &mut parts, &mut rejected);
-
+    decode_isolating(schema, payloads, &candidates, &mut parts, &mut rejected);
     let decoded_batches: Vec<RecordBatch> = parts.iter().map(|(_, b)| b.clone()).collect();
-    let decoded = concat_batches(&ENVELOPE, &decoded_batches).map_err(internal)?;
+    let decoded = concat_batches(schema, &decoded_batches).map_err(internal)?;
     let rows: Vec<u32> = parts.into_iter().flat_map(|(idx, _)| idx).collect();
+    Ok(JsonRows {
+        decoded,
+        rows,
+        rejected,
+    })
+}
 
-    let problems = check_fields(&decoded).map_err(internal)?;
-    let mut keep: Vec<u32> = Vec::with_capacity(rows.len());
-    let mut keep_raw: Vec<u32> = Vec::with_capacity(rows.len());
-    for (pos, raw_row) in rows.iter().enumerate() {
-        match &problems[pos] {
-            None => {
-                keep.push(pos as u32);
-                keep_raw.push(*raw_row);
-            }
-            Some(reason) => rejected.push((*raw_row, reason.clone())),
-        }
-    }
-    let usable = build_usable(raw, &decoded, &keep, &keep_raw).map_err(internal)?;
-    rejected.sort_by_key(|(i, _)| *i);
-    let quarantine = build_quarantine(raw, &rejected).map_err(internal)?;
-    Ok(Decoded { usable, quarantine })
+/// `raw.quarantine` rows: the given raw rows with their reasons.
+pub fn quarantine_rows(raw: &RecordBatch, rejected: &[(u32, String)]) -> Result<RecordBatch> {
+    build_quarantine(raw, rejected).map_err(internal)
 }
 
 fn internal(e: arrow::error::ArrowError) -> Error {
@@ -138,6 +163,7 @@ struct Failure {
 /// Decodes `rows` in one pass when possible; otherwise splits around failures until every bad
 /// message is isolated and rejected with the decoder's reason.
 fn decode_isolating(
+    schema: &SchemaRef,
     payloads: &BinaryArray,
     rows: &[u32],
     parts: &mut Vec<(Vec<u32>, RecordBatch)>,
@@ -146,7 +172,7 @@ fn decode_isolating(
     if rows.is_empty() {
         return;
     }
-    match decode_rows(payloads, rows) {
+    match decode_rows(schema, payloads, rows) {
         Ok(batch) => parts.push((rows.to_vec(), batch)),
         Err(Failure { reason, .. }) if rows.len() == 1 => {
             rejected.push((rows[0], format!("payload does not decode: {reason}")))
@@ -155,22 +181,26 @@ fn decode_isolating(
             at: Some(at),
             reason,
         }) => {
-            decode_isolating(payloads, &rows[..at], parts, rejected);
+            decode_isolating(schema, payloads, &rows[..at], parts, rejected);
             rejected.push((rows[at], format!("payload does not decode: {reason}")));
-            decode_isolating(payloads, &rows[at + 1..], parts, rejected);
+            decode_isolating(schema, payloads, &rows[at + 1..], parts, rejected);
         }
         Err(Failure { at: None, .. }) => {
             let mid = rows.len() / 2;
-            decode_isolating(payloads, &rows[..mid], parts, rejected);
-            decode_isolating(payloads, &rows[mid..], parts, rejected);
+            decode_isolating(schema, payloads, &rows[..mid], parts, rejected);
+            decode_isolating(schema, payloads, &rows[mid..], parts, rejected);
         }
     }
 }
 
 /// One arrow-json pass over the given payloads. Each payload must contribute exactly one
 /// complete object, so a truncated message can never merge with the next one.
-fn decode_rows(payloads: &BinaryArray, rows: &[u32]) -> Result<RecordBatch, Failure> {
-    let mut decoder = ReaderBuilder::new(ENVELOPE.clone())
+fn decode_rows(
+    schema: &SchemaRef,
+    payloads: &BinaryArray,
+    rows: &[u32],
+) -> Result<RecordBatch, Failure> {
+    let mut decoder = ReaderBuilder::new(schema.clone())
         .with_batch_size(rows.len() + 1)
         .build_decoder()
         .map_err(|e| Failure {

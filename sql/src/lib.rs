@@ -25,7 +25,7 @@ pub mod error;
 pub mod pipeline;
 pub mod query;
 
-pub use decode::{Decoded, decode_envelope};
+pub use decode::{Decoded, JsonRows, decode_envelope, decode_json};
 pub use dedup::{DedupKey, DedupState, DedupStats};
 pub use error::{Error, ErrorKind, Result};
 pub use query::{QueryEngine, QueryResult};

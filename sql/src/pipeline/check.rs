@@ -8,20 +8,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, SchemaRef};
-use datafusion::catalog::MemorySchemaProvider;
-use datafusion::common::{DFSchema, TableReference};
-use datafusion::datasource::MemTable;
+use datafusion::common::DFSchema;
 use datafusion::error::DataFusionError;
-use datafusion::execution::SessionStateBuilder;
-use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 use datafusion::sql::sqlparser::ast::{Spanned, Statement as SqlStatement};
 use fleetlake_zones::TableId;
 
+use super::run::{aggregates, declared_references, session, with_lineage};
 use super::{
     DedupSpec, PipelineError, PipelineFile, Pos, ReferenceDef, SourceDef, TableDef, parse_file,
-    schema_of,
 };
 
 /// A pipeline that checks: its parts and the schema of each table it fills.
@@ -30,7 +27,10 @@ pub struct CheckedPipeline {
     /// The file's name without `.sql`.
     pub name: String,
     pub source: SourceDef,
+    /// Each table with the schema its query returns (including `stream_seq`).
     pub tables: Vec<(TableDef, SchemaRef)>,
+    /// The reference tables declared alongside (in any checked file).
+    pub references: Vec<ReferenceDef>,
 }
 
 /// What checking one file found.
@@ -197,6 +197,7 @@ async fn check_pipeline(
             name: name.to_string(),
             source,
             tables,
+            references: references.values().cloned().collect(),
         }))
     } else {
         Err(errors)
@@ -265,34 +266,6 @@ fn check_source(source: &SourceDef, errors: &mut Vec<PipelineError>) {
     }
 }
 
-/// A session in which the source and the declared reference tables exist (empty).
-fn planning_context(
-    source: &SourceDef,
-    references: &BTreeMap<TableId, ReferenceDef>,
-) -> datafusion::error::Result<SessionContext> {
-    let mut config = SessionConfig::new();
-    config.options_mut().sql_parser.collect_spans = true;
-    let state = SessionStateBuilder::new()
-        .with_config(config)
-        .with_default_features()
-        .build();
-    let ctx = SessionContext::new_with_state(state);
-    let schema = schema_of(&source.columns);
-    ctx.register_table(
-        source.name.as_str(),
-        Arc::new(MemTable::try_new(schema, vec![vec![]])?),
-    )?;
-    let catalog = ctx.catalog("datafusion").expect("default catalog");
-    catalog.register_schema("reference", Arc::new(MemorySchemaProvider::new()))?;
-    for (id, r) in references {
-        ctx.register_table(
-            TableReference::partial("reference", id.name.as_str()),
-            Arc::new(MemTable::try_new(r.schema(), vec![vec![]])?),
-        )?;
-    }
-    Ok(ctx)
-}
-
 /// The position a DataFusion error points at, if it carries a diagnostic with a span.
 fn located(e: &DataFusionError, fallback: Pos) -> PipelineError {
     let pos = e
@@ -317,15 +290,32 @@ async fn check_table(
     table: &TableDef,
     references: &BTreeMap<TableId, ReferenceDef>,
 ) -> Result<SchemaRef, Vec<PipelineError>> {
-    let ctx = planning_context(source, references)
-        .map_err(|e| vec![PipelineError::new(table.pos, e.to_string())])?;
+    let query = with_lineage(table, &source.name).map_err(|e| vec![e])?;
+    let (_, visible) = super::run::source_schemas(source);
+    let declared: Vec<ReferenceDef> = references.values().cloned().collect();
+    let ctx = session(
+        source,
+        RecordBatch::new_empty(visible),
+        &declared_references(&declared),
+        true,
+    )
+    .map_err(|e| vec![PipelineError::new(table.pos, e.to_string())])?;
     let state = ctx.state();
-    let statement = Statement::Statement(Box::new(SqlStatement::Query(table.query.clone())));
+    let statement = Statement::Statement(Box::new(SqlStatement::Query(query)));
     let plan = state.statement_to_plan(statement).await.map_err(|e| {
         let mut err = located(&e, table.pos);
         err.message = format!("in the query of {}: {}", table.table, err.message);
         vec![err]
     })?;
+    if aggregates(&plan) {
+        return Err(vec![PipelineError::new(
+            table.pos,
+            format!(
+                "{}: a streaming table keeps one row per reading, so its query cannot aggregate; aggregate in windows instead",
+                table.table
+            ),
+        )]);
+    }
     let df_schema: &DFSchema = plan.schema();
     let schema: SchemaRef = Arc::new(df_schema.as_arrow().clone());
     let mut errors = Vec::new();

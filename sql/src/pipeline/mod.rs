@@ -21,10 +21,12 @@
 //! by example in `pipelines/README.md` and `sql/tests/pipelines/`.
 //!
 //! - [`parse`]: text → [`PipelineFile`], with positions (line:column) on everything;
-//! - [`check`]: plans every table and expectation without running anything.
+//! - [`check`]: plans every table and expectation without running anything;
+//! - [`run`]: runs a checked pipeline over a micro-batch (pure Arrow in and out).
 
 pub mod check;
 pub mod parse;
+pub mod run;
 
 use std::fmt;
 
@@ -34,6 +36,7 @@ use fleetlake_zones::TableId;
 
 pub use check::{CheckedPipeline, FileReport, check_files, pipeline_files};
 pub use parse::parse_file;
+pub use run::{PipelineFailure, PipelineOutput, PipelineRunner};
 
 /// A position in a pipeline file, 1-based.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]

@@ -1,4 +1,4 @@
--- expect: 8:23 table 'datafusion.public.readngs' not found
+-- expect: 8:23 the query reads FROM readngs, but the pipeline's source is readings
 CREATE SOURCE readings (
     device_id VARCHAR NOT NULL,
     seq       BIGINT NOT NULL

@@ -1,0 +1,542 @@
+//! Running a checked pipeline over one micro-batch: decode the payloads with the source's
+//! columns, run each table's query, apply the expectations. Pure Arrow in, Arrow out: the engine
+//! does the I/O (reference tables come in as table providers, results go to its writers).
+//!
+//! ```text
+//!  raw rows of the source's subjects ─► decode_json(source columns) ─► source table (+ _stream_seq)
+//!      ─► AS SELECT … (joins with reference.*)  ─► expectations: FAIL? stop │ QUARANTINE │ DROP │ WARN
+//!      ─► rows for usable.<table> (with stream_seq, so every table resumes exactly once)
+//! ```
+//!
+//! Lineage: every query is rewritten to also return the source's hidden `_stream_seq` column as
+//! `stream_seq`, which ties each output row to its message (for quarantine) and is the progress
+//! column of the table's exactly-once commits. Queries therefore keep one row per reading: no
+//! `GROUP BY`, `DISTINCT` or aggregates (those belong to windows).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::{cast, concat_batches, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::{MemorySchemaProvider, TableProvider};
+use datafusion::common::TableReference;
+use datafusion::common::tree_node::TreeNode;
+use datafusion::datasource::MemTable;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement;
+use datafusion::sql::sqlparser::ast::{
+    Expr, GroupByExpr, Ident, Query, SelectItem, SetExpr, Statement as SqlStatement, TableFactor,
+};
+use fleetlake_zones::TableId;
+
+use super::{Action, CheckedPipeline, DedupSpec, PipelineError, ReferenceDef, SourceDef, TableDef};
+use crate::decode::{decode_json, quarantine_rows};
+use crate::{Error, Result};
+
+/// The hidden source column that carries each message's stream sequence.
+pub const LINEAGE_COLUMN: &str = "_stream_seq";
+/// The column every streaming table gets: the message each row came from.
+pub const PROGRESS_COLUMN: &str = "stream_seq";
+
+/// Rewrites a table's query so it also returns `<source>._stream_seq AS stream_seq`, refusing
+/// queries that do not keep one row per reading.
+pub fn with_lineage(table: &TableDef, source: &str) -> Result<Box<Query>, PipelineError> {
+    let refuse = |what: &str| {
+        PipelineError::new(
+            table.pos,
+            format!(
+                "{}: a streaming table keeps one row per reading, so its query cannot use {what}; aggregate in windows instead",
+                table.table
+            ),
+        )
+    };
+    let mut query = table.query.clone();
+    if query.limit_clause.is_some() {
+        return Err(refuse("LIMIT"));
+    }
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Err(refuse("UNION, VALUES or a nested query as its body"));
+    };
+    if select.distinct.is_some() {
+        return Err(refuse("DISTINCT"));
+    }
+    let grouped = match &select.group_by {
+        GroupByExpr::All(_) => true,
+        GroupByExpr::Expressions(e, _) => !e.is_empty(),
+    };
+    if grouped || select.having.is_some() {
+        return Err(refuse("GROUP BY or HAVING"));
+    }
+    let first = select.from.first().map(|t| &t.relation);
+    let qualifier = match first {
+        Some(TableFactor::Table { name, alias, .. })
+            if name.to_string().eq_ignore_ascii_case(source) =>
+        {
+            alias
+                .as_ref()
+                .map(|a| a.name.value.clone())
+                .unwrap_or_else(|| source.to_string())
+        }
+        Some(TableFactor::Table { name, .. }) => {
+            let span = datafusion::sql::sqlparser::ast::Spanned::span(name);
+            let at = if span.start.line > 0 {
+                super::Pos {
+                    line: span.start.line,
+                    column: span.start.column,
+                }
+            } else {
+                table.pos
+            };
+            return Err(PipelineError::new(
+                at,
+                format!(
+                    "{}: the query reads FROM {name}, but the pipeline's source is {source} (read the source first; joins may follow)",
+                    table.table
+                ),
+            ));
+        }
+        _ => {
+            return Err(PipelineError::new(
+                table.pos,
+                format!(
+                    "{}: the query must read FROM the source {source} first (joins may follow)",
+                    table.table
+                ),
+            ));
+        }
+    };
+    select.projection.push(SelectItem::ExprWithAlias {
+        expr: Expr::CompoundIdentifier(vec![Ident::new(qualifier), Ident::new(LINEAGE_COLUMN)]),
+        alias: Ident::new(PROGRESS_COLUMN),
+    });
+    Ok(query)
+}
+
+/// True when a NATS subject filter (`*` one token, `>` the rest) matches a subject.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The source's columns as the decoder reads them (all nullable: missing required fields are
+/// reported by name) and as queries see them (with `_stream_seq`).
+pub(crate) fn source_schemas(source: &SourceDef) -> (SchemaRef, SchemaRef) {
+    let decode: Vec<Field> = source
+        .columns
+        .iter()
+        .map(|c| Field::new(&c.name, c.data_type.clone(), true))
+        .collect();
+    let mut visible = decode.clone();
+    visible.push(Field::new(LINEAGE_COLUMN, DataType::Int64, false));
+    (
+        Arc::new(Schema::new(decode)),
+        Arc::new(Schema::new(visible)),
+    )
+}
+
+/// A session holding the source rows and the reference tables.
+pub(crate) fn session(
+    source: &SourceDef,
+    rows: RecordBatch,
+    references: &[(TableId, Arc<dyn TableProvider>)],
+    collect_spans: bool,
+) -> datafusion::error::Result<SessionContext> {
+    let mut config = SessionConfig::new().with_target_partitions(1);
+    config.options_mut().sql_parser.collect_spans = collect_spans;
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features()
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    let schema = rows.schema();
+    ctx.register_table(
+        source.name.as_str(),
+        Arc::new(MemTable::try_new(schema, vec![vec![rows]])?),
+    )?;
+    let catalog = ctx.catalog("datafusion").expect("default catalog");
+    catalog.register_schema("reference", Arc::new(MemorySchemaProvider::new()))?;
+    for (id, provider) in references {
+        ctx.register_table(
+            TableReference::partial("reference", id.name.as_str()),
+            provider.clone(),
+        )?;
+    }
+    Ok(ctx)
+}
+
+/// Empty providers for declared reference tables (for checking, or before any upload).
+pub fn declared_references(defs: &[ReferenceDef]) -> Vec<(TableId, Arc<dyn TableProvider>)> {
+    defs.iter()
+        .map(|r| {
+            let empty = MemTable::try_new(r.schema(), vec![vec![]]).expect("schema");
+            (r.table.clone(), Arc::new(empty) as Arc<dyn TableProvider>)
+        })
+        .collect()
+}
+
+/// True when a plan aggregates (which would break one row per reading).
+pub(crate) fn aggregates(plan: &LogicalPlan) -> bool {
+    plan.exists(|n| {
+        Ok(matches!(
+            n,
+            LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_)
+        ))
+    })
+    .unwrap_or(false)
+}
+
+/// The schema a table is stored with: the query's columns, all nullable, timestamps as
+/// microseconds in UTC (Delta's `timestamp`), view types as their plain forms; `stream_seq` last.
+pub fn storage_schema(planned: &Schema) -> SchemaRef {
+    let fields: Vec<Field> = planned
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = match f.data_type() {
+                DataType::Timestamp(_, _) => {
+                    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+                }
+                DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+                DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+                other => other.clone(),
+            };
+            Field::new(f.name(), t, f.name() != PROGRESS_COLUMN)
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// A table of a pipeline, ready to run.
+#[derive(Debug, Clone)]
+pub struct PreparedTable {
+    pub def: TableDef,
+    query: Box<Query>,
+    /// How the table is stored (see [`storage_schema`]).
+    pub schema: SchemaRef,
+}
+
+impl PreparedTable {
+    pub fn partitions(&self) -> Vec<String> {
+        self.def
+            .partitioned_by
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+}
+
+/// Violations of one expectation in one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectationCount {
+    pub table: TableId,
+    pub expectation: String,
+    pub action: Action,
+    pub violations: u64,
+}
+
+/// Rows for one table.
+#[derive(Debug, Clone)]
+pub struct TableOutput {
+    pub table: TableId,
+    pub rows: RecordBatch,
+    /// Rows dropped by `DROP` expectations.
+    pub dropped: u64,
+    /// Rows kept despite a `WARN` expectation.
+    pub warned: u64,
+}
+
+/// What a pipeline made of one batch.
+#[derive(Debug, Clone)]
+pub struct PipelineOutput {
+    pub rows_in: u64,
+    pub tables: Vec<TableOutput>,
+    /// `raw.quarantine` rows: undecodable messages and rows that failed a `QUARANTINE`
+    /// expectation.
+    pub quarantine: RecordBatch,
+    pub expectations: Vec<ExpectationCount>,
+}
+
+/// A `FAIL` expectation was violated: nothing of the batch may be written.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "pipeline {pipeline} stopped: expectation {expectation} of {table} failed for {violations} row(s), e.g. stream sequence {example}"
+)]
+pub struct PipelineFailure {
+    pub pipeline: String,
+    pub table: TableId,
+    pub expectation: String,
+    pub violations: u64,
+    pub example: i64,
+}
+
+/// A checked pipeline, prepared to run batch after batch.
+#[derive(Debug, Clone)]
+pub struct PipelineRunner {
+    pub name: String,
+    pub source: SourceDef,
+    decode_schema: SchemaRef,
+    pub tables: Vec<PreparedTable>,
+}
+
+impl PipelineRunner {
+    /// Prepares a pipeline that [`super::check_files`] accepted.
+    pub fn new(pipeline: &CheckedPipeline) -> Result<Self, PipelineError> {
+        let (decode_schema, _) = source_schemas(&pipeline.source);
+        let mut tables = Vec::new();
+        for (def, planned) in &pipeline.tables {
+            tables.push(PreparedTable {
+                def: def.clone(),
+                query: with_lineage(def, &pipeline.source.name)?,
+                schema: storage_schema(planned),
+            });
+        }
+        Ok(Self {
+            name: pipeline.name.clone(),
+            source: pipeline.source.clone(),
+            decode_schema,
+            tables,
+        })
+    }
+
+    /// True when messages on `subject` belong to this pipeline.
+    pub fn claims(&self, subject: &str) -> bool {
+        subject_matches(&self.source.subject, subject)
+    }
+
+    /// The dedup key of the source, when it is `(device_id, seq)`.
+    pub fn dedup(&self) -> &DedupSpec {
+        &self.source.dedup
+    }
+
+    /// Runs the pipeline over `raw` (rows of `raw.telemetry` on this pipeline's subjects).
+    pub async fn run(
+        &self,
+        raw: &RecordBatch,
+        references: &[(TableId, Arc<dyn TableProvider>)],
+    ) -> Result<Result<PipelineOutput, PipelineFailure>> {
+        let json = decode_json(raw, &self.decode_schema)?;
+        let mut rejected = json.rejected;
+        // Required (NOT NULL) columns.
+        let mut keep = vec![true; json.decoded.num_rows()];
+        for c in self.source.columns.iter().filter(|c| !c.nullable) {
+            let column = json
+                .decoded
+                .column_by_name(&c.name)
+                .expect("decoded schema");
+            for (i, k) in keep.iter_mut().enumerate() {
+                if *k && column.is_null(i) {
+                    *k = false;
+                    rejected.push((
+                        json.rows[i],
+                        format!("pipeline {}: missing required field {}", self.name, c.name),
+                    ));
+                }
+            }
+        }
+        let keep_mask = BooleanArray::from(keep.clone());
+        let decoded = filter_record_batch(&json.decoded, &keep_mask).map_err(internal)?;
+        let raw_rows: Vec<u32> = json
+            .rows
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| *r)
+            .collect();
+        let seqs = raw
+            .column_by_name(PROGRESS_COLUMN)
+            .ok_or_else(|| Error::Internal("raw batch without stream_seq".into()))?
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let lineage: ArrayRef = Arc::new(arrow::array::Int64Array::from_iter_values(
+            raw_rows.iter().map(|r| seqs.value(*r as usize)),
+        ));
+        let (_, visible) = source_schemas(&self.source);
+        let mut columns = decoded.columns().to_vec();
+        columns.push(lineage);
+        let source_rows = RecordBatch::try_new(visible, columns).map_err(internal)?;
+        let row_of_seq: HashMap<i64, u32> = (0..raw.num_rows())
+            .map(|i| (seqs.value(i), i as u32))
+            .collect();
+
+        let ctx =
+            session(&self.source, source_rows, references, false).map_err(Error::Execution)?;
+        let mut outputs = Vec::new();
+        let mut counts = Vec::new();
+        let mut quarantined: HashMap<u32, Vec<String>> = HashMap::new();
+        for table in &self.tables {
+            let statement =
+                Statement::Statement(Box::new(SqlStatement::Query(table.query.clone())));
+            let state = ctx.state();
+            let plan = state
+                .statement_to_plan(statement)
+                .await
+                .map_err(Error::Execution)?;
+            let batches = ctx
+                .execute_logical_plan(plan)
+                .await
+                .map_err(Error::Execution)?
+                .collect()
+                .await
+                .map_err(Error::Execution)?;
+            let out = conform(&table.schema, &batches)?;
+            let n = out.num_rows();
+            let mut keep = vec![true; n];
+            let (mut dropped, mut warned) = (0u64, 0u64);
+            let out_seqs = out
+                .column_by_name(PROGRESS_COLUMN)
+                .expect("lineage column")
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .clone();
+            for e in &table.def.expectations {
+                let ok = evaluate(&out, &e.condition).await?;
+                let violated: Vec<usize> = (0..n)
+                    .filter(|i| !(ok.is_valid(*i) && ok.value(*i)))
+                    .collect();
+                counts.push(ExpectationCount {
+                    table: table.def.table.clone(),
+                    expectation: e.name.clone(),
+                    action: e.action,
+                    violations: violated.len() as u64,
+                });
+                if violated.is_empty() {
+                    continue;
+                }
+                match e.action {
+                    Action::Fail => {
+                        return Ok(Err(PipelineFailure {
+                            pipeline: self.name.clone(),
+                            table: table.def.table.clone(),
+                            expectation: e.name.clone(),
+                            violations: violated.len() as u64,
+                            example: out_seqs.value(violated[0]),
+                        }));
+                    }
+                    Action::Quarantine => {
+                        for i in violated {
+                            if keep[i] {
+                                keep[i] = false;
+                            }
+                            if let Some(row) = row_of_seq.get(&out_seqs.value(i)) {
+                                quarantined.entry(*row).or_default().push(format!(
+                                    "pipeline {}: expectation {} of {} failed",
+                                    self.name, e.name, table.def.table
+                                ));
+                            }
+                        }
+                    }
+                    Action::Drop => {
+                        for i in violated {
+                            if keep[i] {
+                                keep[i] = false;
+                                dropped += 1;
+                            }
+                        }
+                    }
+                    Action::Warn => warned += violated.iter().filter(|i| keep[**i]).count() as u64,
+                }
+            }
+            let rows = filter_record_batch(&out, &BooleanArray::from(keep)).map_err(internal)?;
+            outputs.push(TableOutput {
+                table: table.def.table.clone(),
+                rows,
+                dropped,
+                warned,
+            });
+        }
+        for (row, reasons) in quarantined {
+            rejected.push((row, reasons.join("; ")));
+        }
+        rejected.sort_by_key(|(i, _)| *i);
+        rejected.dedup_by_key(|(i, _)| *i);
+        let quarantine = quarantine_rows(raw, &rejected)?;
+        Ok(Ok(PipelineOutput {
+            rows_in: raw.num_rows() as u64,
+            tables: outputs,
+            quarantine,
+            expectations: counts,
+        }))
+    }
+}
+
+fn internal(e: arrow::error::ArrowError) -> Error {
+    Error::Internal(e.to_string())
+}
+
+/// Casts query output to the table's storage schema (column by column, by name).
+fn conform(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch> {
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let c = b
+                    .column_by_name(f.name())
+                    .ok_or_else(|| Error::Internal(format!("query output lacks {}", f.name())))?;
+                cast(c, f.data_type()).map_err(internal)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.push(RecordBatch::try_new(schema.clone(), columns).map_err(internal)?);
+    }
+    concat_batches(schema, &out).map_err(internal)
+}
+
+/// Evaluates a condition over a batch: one boolean per row (null = not met).
+async fn evaluate(batch: &RecordBatch, condition: &Expr) -> Result<BooleanArray> {
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    ctx.register_table(
+        "__rows",
+        Arc::new(
+            MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])
+                .map_err(Error::Execution)?,
+        ),
+    )
+    .map_err(Error::Execution)?;
+    let sql = format!("SELECT ({condition}) AS ok FROM __rows");
+    let result = ctx
+        .sql(&sql)
+        .await
+        .map_err(Error::Execution)?
+        .collect()
+        .await
+        .map_err(Error::Execution)?;
+    let schema = Arc::new(Schema::new(vec![Field::new("ok", DataType::Boolean, true)]));
+    let all = concat_batches(&schema, &result).map_err(internal)?;
+    Ok(all.column(0).as_boolean().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_match_like_nats() {
+        assert!(subject_matches(
+            "telemetry.coldchain.>",
+            "telemetry.coldchain.t1"
+        ));
+        assert!(subject_matches(
+            "telemetry.coldchain.>",
+            "telemetry.coldchain.eu.t1"
+        ));
+        assert!(!subject_matches(
+            "telemetry.coldchain.>",
+            "telemetry.coldchain"
+        ));
+        assert!(subject_matches("telemetry.*.t1", "telemetry.health.t1"));
+        assert!(!subject_matches("telemetry.*.t1", "telemetry.health.t2"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+    }
+}
