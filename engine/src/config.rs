@@ -101,6 +101,11 @@ pub const KEYS: &[Key] = &[
         help: "how often the dedup state is snapshotted beside usable.telemetry (a restart replays the rows since)",
     },
     Key {
+        name: "pipelines.dir",
+        default: "pipelines",
+        help: "folder of pipeline files (*.sql) to run; serve refuses to start if one does not check; empty = none",
+    },
+    Key {
         name: "http.listen",
         default: "127.0.0.1:8080",
         help: "HTTP API address",
@@ -336,6 +341,12 @@ impl Config {
     }
     pub fn dedup_snapshot_interval(&self) -> Duration {
         Duration::from_secs(self.number("dedup.snapshot_interval_s"))
+    }
+    /// The pipeline folder, and whether it was configured explicitly (a missing default folder
+    /// just means no pipelines).
+    pub fn pipelines_dir(&self) -> Option<(std::path::PathBuf, bool)> {
+        let dir = self.get("pipelines.dir");
+        (!dir.is_empty()).then(|| (std::path::PathBuf::from(dir), dir != "pipelines"))
     }
     pub fn listen(&self) -> std::net::SocketAddr {
         self.get("http.listen").parse().expect("validated")

@@ -76,6 +76,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// False for a process that only serves queries (no ingest): health ignores the source.
     pub ingesting: bool,
+    /// The declared pipelines: name, source subject, tables and expectations.
+    pub pipelines: Arc<Vec<serde_json::Value>>,
 }
 
 /// The API's routes.
@@ -83,6 +85,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/query", post(query))
         .route("/v1/tables", get(tables))
+        .route("/v1/pipelines", get(pipelines))
         .route(
             "/v1/reference/{table}",
             put(put_reference).layer(axum::extract::DefaultBodyLimit::max(
@@ -188,6 +191,26 @@ async fn tables(State(state): State<AppState>) -> Response {
     }
 }
 
+async fn pipelines(State(state): State<AppState>) -> Response {
+    let counters = state.metrics.pipelines();
+    let list: Vec<serde_json::Value> = state
+        .pipelines
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            let name = p["name"].as_str().unwrap_or_default().to_string();
+            let c = counters.get(&name).cloned().unwrap_or_default();
+            p["rows"] = json!({
+                "in": c.rows_in, "out": c.rows_out, "quarantined": c.quarantined,
+                "dropped": c.dropped, "warned": c.warned,
+            });
+            p["expectations"] = json!(c.expectations.values().collect::<Vec<_>>());
+            p
+        })
+        .collect();
+    axum::Json(json!({ "pipelines": list })).into_response()
+}
+
 async fn healthz(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
     let storage_up = m.storage_up.load(Ordering::Relaxed) == 1;
@@ -198,11 +221,13 @@ async fn healthz(State(state): State<AppState>) -> Response {
             .map(|(reason, at)| json!({"message": reason, "at": at.to_rfc3339()}));
         json!({"up": up, "last_error": last})
     };
-    let healthy = storage_up && source_up;
+    let pipelines_up = m.pipeline_failed.load(Ordering::Relaxed) == 0;
+    let healthy = storage_up && source_up && pipelines_up;
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "storage": component(storage_up, "storage"),
         "nats": component(source_up, "source"),
+        "pipelines": component(pipelines_up, "pipeline"),
     });
     let status = if healthy {
         StatusCode::OK

@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use fleetlake_sql::pipeline::PipelineRunner;
 use fleetlake_sql::{DedupKey, DedupState, QueryEngine, decode_envelope};
 use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::schema::{RawMessage, builtin_tables, raw_batch};
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::pipelines::{PipelineStage, StageOutput};
 use crate::source::Source;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -52,22 +54,31 @@ struct Writers {
     raw: TableWriter,
     quarantine: TableWriter,
     usable: TableWriter,
+    /// The declared pipelines and their tables.
+    stage: PipelineStage,
 }
 
 impl Writers {
-    async fn open(lake: &Lake, app_id: &str) -> fleetlake_zones::Result<Self> {
+    async fn open(
+        lake: &Lake,
+        app_id: &str,
+        runners: &[PipelineRunner],
+    ) -> fleetlake_zones::Result<Self> {
         let mut open = Vec::new();
         for (id, schema, partitions) in builtin_tables() {
+            let partitions = partitions.into_iter().map(String::from).collect();
             open.push(lake.writer(id, schema, partitions, app_id).await?);
         }
         let usable = open.pop().expect("three tables");
         let quarantine = open.pop().expect("three tables");
         let raw = open.pop().expect("three tables");
         debug_assert_eq!(raw.id(), &TableId::raw_telemetry());
+        let stage = PipelineStage::open(lake, runners, app_id).await?;
         Ok(Self {
             raw,
             quarantine,
             usable,
+            stage,
         })
     }
 
@@ -76,6 +87,7 @@ impl Writers {
         [&self.raw, &self.quarantine, &self.usable]
             .iter()
             .map(|w| w.committed().unwrap_or(0))
+            .chain(self.stage.committed_min())
             .min()
             .unwrap_or(0) as u64
             + 1
@@ -83,11 +95,17 @@ impl Writers {
 }
 
 /// Runs the ingest stage until `cancel` fires; in-flight messages are committed and acked first.
-pub async fn run(config: Config, lake: Lake, metrics: Arc<Metrics>, cancel: CancellationToken) {
+pub async fn run(
+    config: Config,
+    lake: Lake,
+    runners: Vec<PipelineRunner>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     let app_id = config.consumer().to_string();
     let mut backoff = Backoff::new();
     let mut writers = loop {
-        match Writers::open(&lake, &app_id).await {
+        match Writers::open(&lake, &app_id, &runners).await {
             Ok(w) => break w,
             Err(e) => {
                 storage_failed(&metrics, &e.to_string());
@@ -334,7 +352,30 @@ impl Ingest {
             .map(|m| m.stream_seq)
             .max()
             .expect("non-empty");
-        let decoded = match decode_envelope(&raw) {
+        // Declared pipelines take the messages on their subjects; the built-in decoder the rest.
+        let stage = if writers.stage.is_empty() {
+            None
+        } else {
+            match self.run_pipelines(&raw, writers).await {
+                Some(out) => Some(out),
+                None => return false,
+            }
+        };
+        let builtin_raw = match &stage {
+            None => raw.clone(),
+            Some(_) => {
+                let subjects = raw
+                    .column_by_name("subject")
+                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+                    .expect("raw schema")
+                    .clone();
+                let claimed = writers.stage.claimed(&subjects);
+                let unclaimed: arrow::array::BooleanArray =
+                    claimed.iter().map(|c| Some(!c)).collect();
+                arrow::compute::filter_record_batch(&raw, &unclaimed).expect("same length")
+            }
+        };
+        let decoded = match decode_envelope(&builtin_raw) {
             Ok(d) => d,
             Err(e) => {
                 // A bug in decoding must not lose data: keep the raw rows and stop here.
@@ -344,7 +385,14 @@ impl Ingest {
                 return false;
             }
         };
-        let quarantined = decoded.quarantine.num_rows();
+        let mut quarantine = decoded.quarantine.clone();
+        if let Some(stage) = &stage {
+            let mut parts = vec![decoded.quarantine.clone()];
+            parts.extend(stage.quarantine.iter().cloned());
+            quarantine = arrow::compute::concat_batches(&decoded.quarantine.schema(), &parts)
+                .expect("quarantine batches share a schema");
+        }
+        let quarantined = quarantine.num_rows();
         let before = self.dedup.stats();
         let usable = match self.dedup.filter(&decoded.usable) {
             Ok(u) => u,
@@ -355,13 +403,23 @@ impl Ingest {
             }
         };
         let after = self.dedup.stats();
-        let ok = self.commit(&mut writers.raw, &raw, version).await
+        let mut ok = self.commit(&mut writers.raw, &raw, version).await
             && self
-                .commit(&mut writers.quarantine, &decoded.quarantine, version)
+                .commit(&mut writers.quarantine, &quarantine, version)
                 .await
             && self.commit(&mut writers.usable, &usable, version).await;
+        if let Some(stage) = &stage {
+            for (pipeline, tables) in writers.stage.pipelines.iter_mut().zip(&stage.tables) {
+                for (writer, rows) in pipeline.writers.iter_mut().zip(tables) {
+                    ok = ok && self.commit(writer, rows, version).await;
+                }
+            }
+        }
         if !ok {
             return false;
+        }
+        for counts in stage.iter().flat_map(|s| &s.counts) {
+            self.metrics.record_pipeline(counts);
         }
         self.metrics
             .duplicates_dropped
@@ -393,6 +451,36 @@ impl Ingest {
         buffer.messages.clear();
         buffer.first_at = None;
         true
+    }
+
+    /// Runs the declared pipelines over a batch, retrying while the reference tables cannot be
+    /// read. `None` when the batch must not be committed: a `FAIL` expectation stopped the
+    /// pipelines (ingest stops, nothing of the batch is written), or the engine is stopping.
+    async fn run_pipelines(
+        &self,
+        raw: &arrow::array::RecordBatch,
+        writers: &mut Writers,
+    ) -> Option<StageOutput> {
+        let mut backoff = Backoff::new();
+        loop {
+            match writers.stage.process(raw).await {
+                Ok(Ok(out)) => return Some(out),
+                Ok(Err(failure)) => {
+                    tracing::error!(%failure, "pipeline failed; ingest stops, nothing of the batch is written");
+                    self.metrics
+                        .set_last_error("pipeline", &failure.to_string());
+                    self.metrics.pipeline_failed.store(1, Ordering::Relaxed);
+                    self.cancel.cancel();
+                    return None;
+                }
+                Err(e) => {
+                    storage_failed(&self.metrics, &e);
+                    if !backoff.wait(&self.cancel).await {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Stores the dedup state as of `version` beside usable.telemetry. A failure only means a

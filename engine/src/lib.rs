@@ -25,6 +25,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod nats_server;
+pub mod pipelines;
 pub mod reference;
 pub mod serve;
 pub mod simulate;

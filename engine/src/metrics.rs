@@ -74,6 +74,27 @@ pub struct TableMetrics {
     pub latency: Histogram,
 }
 
+/// Rows through one pipeline and violations of its expectations.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PipelineCounters {
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub quarantined: u64,
+    pub dropped: u64,
+    pub warned: u64,
+    /// `(table, expectation, action)` → violations.
+    pub expectations: std::collections::BTreeMap<String, ExpectationCounter>,
+}
+
+/// Violations of one expectation.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ExpectationCounter {
+    pub table: String,
+    pub expectation: String,
+    pub action: String,
+    pub violations: u64,
+}
+
 /// Everything `/metrics` reports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -95,6 +116,9 @@ pub struct Metrics {
     /// 1 while the NATS consumer is connected.
     pub source_up: AtomicI64,
     tables: Mutex<Vec<std::sync::Arc<TableMetrics>>>,
+    /// 1 once a `FAIL` expectation stopped the pipelines.
+    pub pipeline_failed: AtomicI64,
+    pipelines: Mutex<std::collections::BTreeMap<String, PipelineCounters>>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
     last_errors: Mutex<Vec<(&'static str, String, chrono::DateTime<chrono::Utc>)>>,
 }
@@ -116,6 +140,8 @@ impl Default for Metrics {
             source_up: AtomicI64::new(0),
             tables: Mutex::new(Vec::new()),
             last_errors: Mutex::new(Vec::new()),
+            pipeline_failed: AtomicI64::new(0),
+            pipelines: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 }
@@ -151,6 +177,35 @@ impl Metrics {
             .iter()
             .find(|(c, _, _)| *c == component)
             .map(|(_, r, t)| (r.clone(), *t))
+    }
+
+    /// Adds one batch's counts for a pipeline (after its commits).
+    pub fn record_pipeline(&self, counts: &crate::pipelines::PipelineCounts) {
+        let mut pipelines = self.pipelines.lock().expect("metrics lock");
+        let p = pipelines.entry(counts.name.clone()).or_default();
+        p.rows_in += counts.rows_in;
+        p.rows_out += counts.rows_out;
+        p.quarantined += counts.quarantined;
+        p.dropped += counts.dropped;
+        p.warned += counts.warned;
+        for c in &counts.expectations {
+            let key = format!("{}/{}", c.table, c.expectation);
+            let e = p
+                .expectations
+                .entry(key)
+                .or_insert_with(|| ExpectationCounter {
+                    table: c.table.to_string(),
+                    expectation: c.expectation.clone(),
+                    action: format!("{:?}", c.action).to_lowercase(),
+                    violations: 0,
+                });
+            e.violations += c.violations;
+        }
+    }
+
+    /// Counters of every pipeline that has run.
+    pub fn pipelines(&self) -> std::collections::BTreeMap<String, PipelineCounters> {
+        self.pipelines.lock().expect("metrics lock").clone()
     }
 
     /// Rows committed to a table so far by this process.
@@ -240,6 +295,38 @@ impl Metrics {
         );
         self.batch_latency
             .render(&mut out, "fleetlake_batch_seconds", "");
+        let pipelines = self.pipelines();
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_pipeline_rows_total Rows through each pipeline, by kind (in, out, quarantined, dropped, warned).\n# TYPE fleetlake_pipeline_rows_total counter"
+        );
+        for (name, p) in &pipelines {
+            for (kind, v) in [
+                ("in", p.rows_in),
+                ("out", p.rows_out),
+                ("quarantined", p.quarantined),
+                ("dropped", p.dropped),
+                ("warned", p.warned),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "fleetlake_pipeline_rows_total{{pipeline=\"{name}\",kind=\"{kind}\"}} {v}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_expectation_violations_total Rows that violated each expectation.\n# TYPE fleetlake_expectation_violations_total counter"
+        );
+        for (name, p) in &pipelines {
+            for e in p.expectations.values() {
+                let _ = writeln!(
+                    out,
+                    "fleetlake_expectation_violations_total{{pipeline=\"{name}\",table=\"{}\",expectation=\"{}\",action=\"{}\"}} {}",
+                    e.table, e.expectation, e.action, e.violations
+                );
+            }
+        }
         let tables = self.tables.lock().expect("metrics lock").clone();
         let _ = writeln!(
             out,

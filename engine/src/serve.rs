@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fleetlake_sql::QueryEngine;
+use fleetlake_sql::pipeline::{PipelineRunner, check_files, pipeline_files};
 use fleetlake_zones::Lake;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,8 @@ pub struct Engine {
 pub enum StartError {
     #[error(transparent)]
     Lake(#[from] fleetlake_zones::Error),
+    #[error("pipelines do not check:\n{0}")]
+    Pipelines(String),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -46,6 +49,11 @@ impl Engine {
         ingest: bool,
     ) -> Result<Self, StartError> {
         let lake = Lake::open(&config.lake(env))?;
+        let runners = if ingest {
+            load_pipelines(&config).await?
+        } else {
+            Vec::new()
+        };
         let metrics = Arc::new(Metrics::default());
         let addr = config.listen();
         let listener = tokio::net::TcpListener::bind(addr)
@@ -54,10 +62,28 @@ impl Engine {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Listen { addr, source })?;
+        let described: Vec<serde_json::Value> = runners
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "source": r.source.name,
+                    "subject": r.source.subject,
+                    "tables": r.tables.iter().map(|t| serde_json::json!({
+                        "table": t.def.table.to_string(),
+                        "expectations": t.def.expectations.iter().map(|e| serde_json::json!({
+                            "name": e.name,
+                            "action": format!("{:?}", e.action).to_lowercase(),
+                        })).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         let state = AppState {
             lake: Arc::new(QueryEngine::new(lake.clone())),
             metrics: metrics.clone(),
             ingesting: ingest,
+            pipelines: Arc::new(described),
         };
         let ingest_stop = CancellationToken::new();
         let http_stop = CancellationToken::new();
@@ -76,6 +102,7 @@ impl Engine {
             tasks.spawn(crate::ingest::run(
                 config,
                 lake.clone(),
+                runners,
                 metrics.clone(),
                 ingest_stop.clone(),
             ));
@@ -99,6 +126,37 @@ impl Engine {
         self.http_stop.cancel();
         while self.http.join_next().await.is_some() {}
     }
+}
+
+/// Loads and checks the pipelines of `pipelines.dir`; any error refuses the start.
+async fn load_pipelines(config: &Config) -> Result<Vec<PipelineRunner>, StartError> {
+    let Some((dir, explicit)) = config.pipelines_dir() else {
+        return Ok(Vec::new());
+    };
+    if !dir.exists() {
+        if explicit {
+            return Err(StartError::Pipelines(format!(
+                "pipelines.dir {} does not exist",
+                dir.display()
+            )));
+        }
+        return Ok(Vec::new());
+    }
+    let files = pipeline_files(std::slice::from_ref(&dir))
+        .map_err(|e| StartError::Pipelines(format!("reading {}: {e}", dir.display())))?;
+    let reports = check_files(&files).await;
+    let errors: Vec<String> = reports.iter().flat_map(|r| r.error_lines()).collect();
+    if !errors.is_empty() {
+        return Err(StartError::Pipelines(errors.join("\n")));
+    }
+    let mut runners = Vec::new();
+    for pipeline in reports.iter().filter_map(|r| r.pipeline.as_ref()) {
+        let runner =
+            PipelineRunner::new(pipeline).map_err(|e| StartError::Pipelines(e.to_string()))?;
+        tracing::info!(pipeline = %runner.name, subject = %runner.source.subject, "pipeline loaded");
+        runners.push(runner);
+    }
+    Ok(runners)
 }
 
 /// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.

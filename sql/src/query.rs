@@ -173,7 +173,7 @@ mod tests {
             .writer(
                 TableId::raw_telemetry(),
                 RAW_TELEMETRY.clone(),
-                vec!["ingest_date"],
+                vec!["ingest_date".into()],
                 "t",
             )
             .await

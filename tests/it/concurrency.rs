@@ -21,7 +21,7 @@ async fn two_writers(config: LakeConfig) {
         let id = id.clone();
         tasks.push(tokio::spawn(async move {
             let mut w = lake
-                .writer(id, RAW_TELEMETRY.clone(), vec!["ingest_date"], format!("writer-{writer}"))
+                .writer(id, RAW_TELEMETRY.clone(), vec!["ingest_date".into()], format!("writer-{writer}"))
                 .await
                 .unwrap();
             for commit in 1..=COMMITS {
@@ -55,7 +55,7 @@ async fn two_writers(config: LakeConfig) {
             .writer(
                 id.clone(),
                 RAW_TELEMETRY.clone(),
-                vec!["ingest_date"],
+                vec!["ingest_date".into()],
                 format!("writer-{writer}"),
             )
             .await

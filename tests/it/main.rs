@@ -5,4 +5,5 @@ mod concurrency;
 mod crash;
 mod dedup;
 mod end_to_end;
+mod pipelines;
 mod reference;

@@ -286,10 +286,11 @@ impl Lake {
         &self,
         id: TableId,
         schema: SchemaRef,
-        partitions: Vec<&'static str>,
+        partitions: Vec<String>,
         app_id: impl Into<String>,
     ) -> Result<TableWriter> {
-        let table = self.ensure_table(&id, &schema, &partitions).await?;
+        let names: Vec<&str> = partitions.iter().map(String::as_str).collect();
+        let table = self.ensure_table(&id, &schema, &names).await?;
         let mut writer = TableWriter {
             lake: self.clone(),
             id,
@@ -322,7 +323,7 @@ pub struct TableWriter {
     lake: Lake,
     id: TableId,
     schema: SchemaRef,
-    partitions: Vec<&'static str>,
+    partitions: Vec<String>,
     app_id: String,
     table: DeltaTable,
     committed: Option<i64>,
@@ -410,7 +411,7 @@ impl TableWriter {
             .clone()
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
-            .with_partition_columns(self.partitions.iter().map(|p| p.to_string()))
+            .with_partition_columns(self.partitions.clone())
             .with_commit_properties(properties)
             .await;
         match result {
@@ -569,7 +570,7 @@ mod tests {
             .writer(
                 id.clone(),
                 RAW_TELEMETRY.clone(),
-                vec!["ingest_date"],
+                vec!["ingest_date".into()],
                 "app",
             )
             .await
@@ -592,7 +593,7 @@ mod tests {
             .writer(
                 id.clone(),
                 RAW_TELEMETRY.clone(),
-                vec!["ingest_date"],
+                vec!["ingest_date".into()],
                 "app",
             )
             .await
@@ -615,7 +616,7 @@ mod tests {
         let info = lake.describe(&id).await.unwrap().unwrap();
         assert_eq!(info.rows, 5);
         let w3 = lake
-            .writer(id, RAW_TELEMETRY.clone(), vec!["ingest_date"], "app")
+            .writer(id, RAW_TELEMETRY.clone(), vec!["ingest_date".into()], "app")
             .await
             .unwrap();
         assert_eq!(w3.committed(), Some(9));
@@ -633,7 +634,7 @@ mod tests {
             .writer(
                 TableId::raw_telemetry(),
                 RAW_TELEMETRY.clone(),
-                vec!["ingest_date"],
+                vec!["ingest_date".into()],
                 "app",
             )
             .await

@@ -288,6 +288,7 @@ pub struct PipelineRunner {
     pub source: SourceDef,
     decode_schema: SchemaRef,
     pub tables: Vec<PreparedTable>,
+    references: Vec<ReferenceDef>,
 }
 
 impl PipelineRunner {
@@ -307,7 +308,13 @@ impl PipelineRunner {
             source: pipeline.source.clone(),
             decode_schema,
             tables,
+            references: pipeline.references.clone(),
         })
+    }
+
+    /// The reference tables declared with this pipeline.
+    pub fn references(&self) -> &[ReferenceDef] {
+        &self.references
     }
 
     /// True when messages on `subject` belong to this pipeline.

@@ -1,0 +1,271 @@
+//! Declared pipelines in the running engine: routing by subject, firmware variants, live
+//! reference data, every expectation action, and refusing pipelines that do not check.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetlake::config::Config;
+use fleetlake::serve::Engine;
+use fleetlake_tests::{Api, Nats, wait_for};
+use serde_json::json;
+
+fn shipped_pipelines() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines")
+}
+
+fn config(nats: &Nats, lake: &Path, pipelines: &Path) -> Config {
+    let flags: Vec<(String, String)> = [
+        ("nats.url", nats.url().to_string()),
+        ("lake.location", lake.display().to_string()),
+        ("http.listen", "127.0.0.1:0".to_string()),
+        ("ingest.commit_interval_ms", "200".to_string()),
+        ("pipelines.dir", pipelines.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Config::load(None, Vec::new(), &flags).unwrap()
+}
+
+async fn put_devices(api: &Api, csv: &str) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/reference/devices", api.base))
+        .header("content-type", "text/csv")
+        .body(csv.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+async fn raw_rows(api: &Api, n: i64) {
+    wait_for(&format!("{n} raw rows"), Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let (status, body) = api.query("SELECT count(*) FROM raw.telemetry").await;
+            (status == 200 && body["rows"][0][0].as_i64() == Some(n)).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    put_devices(&api, "device_id,tenant,site,model,hw_rev\ntrailer-1,acme,berlin,T-200,rev-B\ntrailer-2,acme,paris,T-300,rev-C\n").await;
+
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    let ts = "2025-11-23T10:00:00Z";
+    let messages: Vec<(&str, String)> = vec![
+        // firmware 1.x reports Fahrenheit, 2.x Celsius
+        ("telemetry.coldchain.trailer-1", json!({"device_id":"trailer-1","seq":1,"ts":ts,"temp_f":41.0,"door_open":false,"lat":52.5,"lon":13.4,"battery":90,"fw":"1.9.0"}).to_string()),
+        ("telemetry.coldchain.trailer-2", json!({"device_id":"trailer-2","seq":1,"ts":ts,"temp_c":4.5,"lat":48.8,"lon":2.3,"battery":80,"fw":"2.1.0"}).to_string()),
+        // no temperature at all → quarantine (temperature_reported)
+        ("telemetry.coldchain.trailer-1", json!({"device_id":"trailer-1","seq":2,"ts":ts,"lat":52.5,"lon":13.4}).to_string()),
+        // implausible → quarantine (temperature_plausible)
+        ("telemetry.coldchain.trailer-1", json!({"device_id":"trailer-1","seq":3,"ts":ts,"temp_c":80.0,"lat":52.5,"lon":13.4}).to_string()),
+        // battery out of range → dropped
+        ("telemetry.coldchain.trailer-2", json!({"device_id":"trailer-2","seq":2,"ts":ts,"temp_c":4.0,"lat":48.8,"lon":2.3,"battery":150}).to_string()),
+        // no position → kept, warned (has_position)
+        ("telemetry.coldchain.trailer-2", json!({"device_id":"trailer-2","seq":3,"ts":ts,"temp_c":4.1}).to_string()),
+        // not JSON → quarantine
+        ("telemetry.coldchain.trailer-1", "not json".to_string()),
+        // no device_id → quarantine
+        ("telemetry.coldchain.trailer-1", json!({"seq":9,"ts":ts,"temp_c":3.0}).to_string()),
+        // unknown device → kept, warned (known_device), no tenant
+        ("telemetry.coldchain.trailer-9", json!({"device_id":"trailer-9","seq":1,"ts":ts,"temp_c":2.0,"lat":1.0,"lon":1.0}).to_string()),
+        // not a cold-chain subject → the built-in envelope decoder
+        ("telemetry.dev-1", json!({"device_id":"dev-1","seq":1,"ts":ts,"temperature":20.0}).to_string()),
+    ];
+    for (subject, payload) in &messages {
+        js.publish(subject.to_string(), payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    raw_rows(&api, 10).await;
+
+    let (status, body) = api
+        .query("SELECT device_id, seq, temperature_c, tenant, site, hw_rev, stream_seq FROM usable.cold_chain ORDER BY stream_seq")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["rows"],
+        json!([
+            ["trailer-1", 1, 5.0, "acme", "berlin", "rev-B", 1],
+            ["trailer-2", 1, 4.5, "acme", "paris", "rev-C", 2],
+            ["trailer-2", 3, 4.1, "acme", "paris", "rev-C", 6],
+            ["trailer-9", 1, 2.0, null, null, null, 9],
+        ]),
+        "{body}"
+    );
+    let (_, q) = api
+        .query("SELECT stream_seq, reason FROM raw.quarantine ORDER BY stream_seq")
+        .await;
+    let rows = q["rows"].as_array().unwrap();
+    let reasons: Vec<(i64, String)> = rows
+        .iter()
+        .map(|r| (r[0].as_i64().unwrap(), r[1].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        reasons.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![3, 4, 7, 8],
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[0]
+            .1
+            .contains("expectation temperature_reported of usable.cold_chain failed"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].1.contains("expectation temperature_plausible"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].1.contains("not a JSON object"), "{reasons:?}");
+    assert!(
+        reasons[3].1.contains("missing required field device_id"),
+        "{reasons:?}"
+    );
+    assert_eq!(api.scalar("SELECT count(*) FROM usable.telemetry").await, 1);
+
+    let (_, pipelines) = api.get("/v1/pipelines").await;
+    let pipelines: serde_json::Value = serde_json::from_str(&pipelines).unwrap();
+    let cold = pipelines["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "cold_chain")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        cold["rows"],
+        json!({"in": 9, "out": 4, "quarantined": 4, "dropped": 1, "warned": 2}),
+        "{cold}"
+    );
+    let violations = |name: &str| {
+        cold["expectations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["expectation"] == name)
+            .unwrap()["violations"]
+            .clone()
+    };
+    assert_eq!(violations("temperature_reported"), 1);
+    assert_eq!(violations("battery_in_range"), 1);
+    assert_eq!(violations("has_position"), 1);
+    let (_, metrics) = api.get("/metrics").await;
+    assert!(
+        metrics
+            .contains("fleetlake_pipeline_rows_total{pipeline=\"cold_chain\",kind=\"dropped\"} 1"),
+        "{metrics}"
+    );
+
+    // A reference update is seen by the rows that follow, without a restart; earlier rows keep
+    // the enrichment they had.
+    put_devices(&api, "device_id,tenant,site,model,hw_rev\ntrailer-1,globex,hamburg,T-200,rev-B\ntrailer-2,acme,paris,T-300,rev-C\n").await;
+    js.publish(
+        "telemetry.coldchain.trailer-1",
+        json!({"device_id":"trailer-1","seq":10,"ts":ts,"temp_c":3.0,"lat":53.5,"lon":10.0})
+            .to_string()
+            .into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    raw_rows(&api, 11).await;
+    let (_, body) = api
+        .query("SELECT seq, tenant, site FROM usable.cold_chain WHERE device_id = 'trailer-1' ORDER BY seq")
+        .await;
+    assert_eq!(
+        body["rows"],
+        json!([[1, "acme", "berlin"], [10, "globex", "hamburg"]]),
+        "{body}"
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    std::fs::write(
+        pipelines.join("strict.sql"),
+        "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.strict.>');\n\
+         CREATE STREAMING TABLE usable.strict (CONSTRAINT v_positive EXPECT (v > 0) ON VIOLATION FAIL)\n\
+         AS SELECT device_id, seq, v FROM r;\n",
+    )
+    .unwrap();
+    let config = config(&nats, &dir.path().join("lake"), &pipelines);
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    let publish = |payload: serde_json::Value| {
+        let js = js.clone();
+        async move {
+            js.publish("telemetry.strict.a", payload.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    publish(json!({"device_id":"a","seq":1,"v":1.0})).await;
+    raw_rows(&api, 1).await;
+    publish(json!({"device_id":"a","seq":2,"v":-1.0})).await;
+    wait_for(
+        "/healthz to report the failed pipeline",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let (status, body) = api.get("/healthz").await;
+                (status == 503 && body.contains("v_positive")).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(api.scalar("SELECT count(*) FROM raw.telemetry").await, 1);
+    assert_eq!(api.scalar("SELECT count(*) FROM usable.strict").await, 1);
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_pipelines_that_do_not_check() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    std::fs::write(
+        pipelines.join("typo.sql"),
+        "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL) WITH (subject = 'a.>', dedup_windw = '1h');\n",
+    )
+    .unwrap();
+    let config = config(&nats, &dir.path().join("lake"), &pipelines);
+    let err = Engine::start(config, Vec::new(), true)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("typo.sql:1:"), "{err}");
+    assert!(err.contains("unknown option dedup_windw"), "{err}");
+}
