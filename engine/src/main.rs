@@ -8,7 +8,7 @@ use fleetlake::config::Config;
 use fleetlake::demo::{self, DemoOptions};
 use fleetlake::format::{self, Format};
 use fleetlake::serve::{Engine, shutdown_signal};
-use fleetlake::simulate::{self, SimConfig};
+use fleetlake::simulate::{self, Profile, SimConfig};
 use fleetlake_sql::QueryEngine;
 use fleetlake_zones::Lake;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +78,9 @@ enum OutputFormat {
 
 #[derive(Args, Clone)]
 struct SimArgs {
+    /// What the fleet sends: envelope (usable.telemetry), coldchain, health, or mixed.
+    #[arg(long)]
+    profile: Option<String>,
     /// Random seed: the same seed sends the same messages.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -112,13 +115,21 @@ struct SimArgs {
 
 impl SimArgs {
     /// Defaults differ: `simulate` sends 10,000 clean messages, the demo a steady mixed stream.
-    fn to_config(&self, demo: bool) -> SimConfig {
+    fn to_config(&self, demo: bool) -> Result<SimConfig, String> {
         let (messages, rate, duplicates, malformed, late) = if demo {
             (0, 2000.0, 0.02, 0.01, 0.05)
         } else {
             (10_000, 0.0, 0.0, 0.0, 0.0)
         };
-        SimConfig {
+        let profile = self
+            .profile
+            .as_deref()
+            .unwrap_or(if demo { "mixed" } else { "envelope" });
+        let profile = Profile::parse(profile).ok_or_else(|| {
+            format!("--profile {profile:?}: expected envelope, coldchain, health or mixed")
+        })?;
+        Ok(SimConfig {
+            profile,
             seed: self.seed,
             devices: self.devices,
             messages: self.messages.unwrap_or(messages),
@@ -129,7 +140,7 @@ impl SimArgs {
             subject_prefix: self.subject_prefix.clone(),
             msg_ids: self.msg_ids,
             start_ms: self.start_ms,
-        }
+        })
     }
 }
 
@@ -245,7 +256,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Simulate(args) => {
-            let sim = args.to_config(false);
+            let sim = args.to_config(false)?;
             sim.validate()?;
             let js = fleetlake::source::connect(config.nats_url())
                 .await
@@ -277,7 +288,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             sim,
             exit_when_done,
         } => {
-            let sim = sim.to_config(true);
+            let sim = sim.to_config(true)?;
             sim.validate()?;
             if *exit_when_done && sim.messages == 0 {
                 return Err("--exit-when-done needs --messages N".into());

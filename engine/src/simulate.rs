@@ -12,9 +12,54 @@ use async_nats::jetstream;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+/// Which kind of telemetry the fleet sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// The default envelope (`<prefix>.<device>`), read by the built-in decoder.
+    Envelope,
+    /// Refrigerated trailers (`<prefix>.coldchain.<device>`), read by `pipelines/cold_chain.sql`;
+    /// firmware 1.x reports `temp_f`, 2.x `temp_c`.
+    ColdChain,
+    /// Device health (`<prefix>.health.<device>`), read by `pipelines/device_health.sql`;
+    /// firmware 1.x reports `mem_kb`, 2.x `mem_mb`.
+    Health,
+    /// Each device one of the three (by device number).
+    Mixed,
+}
+
+impl Profile {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "envelope" => Some(Self::Envelope),
+            "coldchain" => Some(Self::ColdChain),
+            "health" => Some(Self::Health),
+            "mixed" => Some(Self::Mixed),
+            _ => None,
+        }
+    }
+
+    fn of_device(self, d: u64) -> Self {
+        match (self, d % 3) {
+            (Self::Mixed, 0) => Self::Envelope,
+            (Self::Mixed, 1) => Self::ColdChain,
+            (Self::Mixed, _) => Self::Health,
+            (p, _) => p,
+        }
+    }
+
+    fn subject(self, prefix: &str, id: &str) -> String {
+        match self {
+            Self::ColdChain => format!("{prefix}.coldchain.{id}"),
+            Self::Health => format!("{prefix}.health.{id}"),
+            _ => format!("{prefix}.{id}"),
+        }
+    }
+}
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    pub profile: Profile,
     pub seed: u64,
     pub devices: u64,
     /// Messages to send; 0 = until cancelled.
@@ -37,6 +82,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
+            profile: Profile::Envelope,
             seed: 42,
             devices: 100,
             messages: 10_000,
@@ -142,6 +188,9 @@ struct Device {
     temperature: f64,
     humidity: f64,
     battery: f64,
+    lat: f64,
+    lon: f64,
+    uptime_s: u64,
 }
 
 /// The deterministic message generator.
@@ -176,6 +225,9 @@ impl Simulator {
                 temperature: 2.0 + rng.unit() * 6.0,
                 humidity: 30.0 + rng.unit() * 40.0,
                 battery: 60.0 + rng.unit() * 40.0,
+                lat: 45.0 + rng.unit() * 10.0,
+                lon: 2.0 + rng.unit() * 15.0,
+                uptime_s: rng.below(86_400),
             })
             .collect();
         let start_ms = config
@@ -198,14 +250,28 @@ impl Simulator {
 
     fn good(&mut self) -> SimMessage {
         let d = self.rng.below(self.config.devices);
+        let profile = self.config.profile.of_device(d);
         let late = self.config.late > 0.0 && in_share(self.index, self.config.late);
+        let (door, reboot, crash, cpu) = (
+            self.rng.unit() < 0.05,
+            self.rng.unit() < 0.01,
+            self.rng.unit() < 0.005,
+            5.0 + self.rng.unit() * 90.0,
+        );
+        let drift = (
+            self.rng.unit() - 0.5,
+            self.rng.unit() - 0.5,
+            self.rng.unit(),
+        );
         let dev = &mut self.devices[d as usize];
         dev.seq += 1;
-        dev.temperature = (dev.temperature + (self.rng.unit() - 0.5) * 0.4).clamp(-30.0, 45.0);
-        dev.humidity = (dev.humidity + (self.rng.unit() - 0.5)).clamp(5.0, 95.0);
-        dev.battery = (dev.battery - self.rng.unit() * 0.01).max(1.0);
-        let (seq, temperature, humidity, battery) =
-            (dev.seq, dev.temperature, dev.humidity, dev.battery);
+        dev.temperature = (dev.temperature + drift.0 * 0.4).clamp(-25.0, 35.0);
+        dev.humidity = (dev.humidity + drift.1).clamp(5.0, 95.0);
+        dev.battery = (dev.battery - drift.2 * 0.01).max(1.0);
+        dev.lat += drift.0 * 0.001;
+        dev.lon += drift.1 * 0.001;
+        dev.uptime_s = if reboot { 0 } else { dev.uptime_s + 60 };
+        let seq = dev.seq;
         // Device clocks advance 1 s per reading; late readings lag 30 s to 10 min behind.
         let mut ts_ms = self.start_ms + seq as i64 * 1000 + (d as i64 % 1000);
         if late {
@@ -222,13 +288,50 @@ impl Simulator {
         } else {
             ts_ms.to_string()
         };
-        let payload = format!(
-            r#"{{"device_id":"{id}","seq":{seq},"ts":{ts},"fw":"{}","hw":"{}","temperature":{temperature:.2},"humidity":{humidity:.1},"battery":{battery:.2}}}"#,
-            FIRMWARE[(d % 4) as usize],
-            HARDWARE[(d % 3) as usize],
-        );
+        let fw = FIRMWARE[(d % 4) as usize];
+        let old_firmware = fw.starts_with("1.");
+        let hw = HARDWARE[(d % 3) as usize];
+        let dev = &self.devices[d as usize];
+        let payload = match profile {
+            Profile::ColdChain => {
+                let temperature = if old_firmware {
+                    format!(r#""temp_f":{:.2}"#, dev.temperature * 9.0 / 5.0 + 32.0)
+                } else {
+                    format!(r#""temp_c":{:.2}"#, dev.temperature)
+                };
+                format!(
+                    r#"{{"device_id":"{id}","seq":{seq},"ts":{ts},{temperature},"door_open":{door},"lat":{:.5},"lon":{:.5},"battery":{:.2},"fw":"{fw}"}}"#,
+                    dev.lat, dev.lon, dev.battery
+                )
+            }
+            Profile::Health => {
+                let memory = if old_firmware {
+                    format!(r#""mem_kb":{}"#, 200_000 + (cpu as u64) * 1000)
+                } else {
+                    format!(r#""mem_mb":{:.1}"#, 200.0 + cpu)
+                };
+                let reboot = if reboot {
+                    r#","reboot_reason":"watchdog""#
+                } else {
+                    ""
+                };
+                let crash = if crash {
+                    r#","crash_report":"panic in sensor task""#
+                } else {
+                    ""
+                };
+                format!(
+                    r#"{{"device_id":"{id}","seq":{seq},"ts":{ts},"cpu_pct":{cpu:.1},{memory},"uptime_s":{}{reboot}{crash},"fw":"{fw}","hw":"{hw}"}}"#,
+                    dev.uptime_s
+                )
+            }
+            _ => format!(
+                r#"{{"device_id":"{id}","seq":{seq},"ts":{ts},"fw":"{fw}","hw":"{hw}","temperature":{:.2},"humidity":{:.1},"battery":{:.2}}}"#,
+                dev.temperature, dev.humidity, dev.battery
+            ),
+        };
         SimMessage {
-            subject: format!("{}.{id}", self.config.subject_prefix),
+            subject: profile.subject(&self.config.subject_prefix, &id),
             payload: payload.into_bytes(),
             msg_id: Some(if self.config.msg_ids {
                 format!("{id}-{seq}")
@@ -242,9 +345,15 @@ impl Simulator {
 
     fn malformed(&mut self) -> SimMessage {
         let d = self.rng.below(self.config.devices);
+        let profile = self.config.profile.of_device(d);
         let id = Self::device_id(d);
         let n = self.index;
-        let payload: Vec<u8> = match self.rng.below(8) {
+        // Pipelines check their own fields: send them only what any decoder refuses.
+        let kind = match profile {
+            Profile::Envelope => self.rng.below(8),
+            _ => [0, 1, 2, 5, 6][self.rng.below(5) as usize],
+        };
+        let payload: Vec<u8> = match kind {
             0 => format!("garbage-{n}").into_bytes(),
             1 => format!(r#"{{"device_id":"{id}","seq":{n},"ts":"#).into_bytes(),
             2 => format!(r#"{{"seq":{n},"ts":{},"temperature":3.5}}"#, self.start_ms).into_bytes(),
@@ -271,7 +380,7 @@ impl Simulator {
             .into_bytes(),
         };
         SimMessage {
-            subject: format!("{}.{id}", self.config.subject_prefix),
+            subject: profile.subject(&self.config.subject_prefix, &id),
             payload,
             msg_id: Some(format!("sim-{}-{n}", self.config.seed)),
             kind: Kind::Malformed,
@@ -502,6 +611,40 @@ mod tests {
             )));
         }
         assert_eq!(seen.len(), 18_800);
+    }
+
+    #[test]
+    fn mixed_fleets_send_every_profile_on_its_subject() {
+        let messages: Vec<_> = Simulator::new(SimConfig {
+            profile: Profile::Mixed,
+            ..config()
+        })
+        .filter(|m| m.kind == Kind::Good)
+        .take(3000)
+        .collect();
+        for (prefix, field) in [
+            ("telemetry.coldchain.", "door_open"),
+            ("telemetry.health.", "uptime_s"),
+        ] {
+            let of_kind: Vec<_> = messages
+                .iter()
+                .filter(|m| m.subject.starts_with(prefix))
+                .collect();
+            assert!(of_kind.len() > 500, "{prefix}: {}", of_kind.len());
+            for m in of_kind {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                assert!(v.get(field).is_some(), "{v}");
+            }
+        }
+        let cold: Vec<serde_json::Value> = messages
+            .iter()
+            .filter(|m| m.subject.starts_with("telemetry.coldchain."))
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect();
+        assert!(
+            cold.iter().any(|v| v.get("temp_f").is_some())
+                && cold.iter().any(|v| v.get("temp_c").is_some())
+        );
     }
 
     #[test]

@@ -269,3 +269,73 @@ async fn serve_refuses_pipelines_that_do_not_check() {
     assert!(err.contains("typo.sql:1:"), "{err}");
     assert!(err.contains("unknown option dedup_windw"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
+    use fleetlake::simulate::{self, Profile, SimConfig};
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    let report = simulate::publish(
+        &js,
+        SimConfig {
+            profile: Profile::Mixed,
+            seed: 77,
+            devices: 60,
+            messages: 6_000,
+            malformed: 0.01,
+            late: 0.05,
+            start_ms: Some(1_763_900_000_000),
+            ..Default::default()
+        },
+        tokio_util::sync::CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    raw_rows(&api, 6_000).await;
+    wait_for("every reading in a usable table", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let sql = "SELECT (SELECT count(*) FROM usable.telemetry) + (SELECT count(*) FROM usable.cold_chain) + (SELECT count(*) FROM usable.device_health)";
+            (api.scalar(sql).await == report.distinct as i64).then_some(())
+        }
+    })
+    .await;
+    for table in [
+        "usable.telemetry",
+        "usable.cold_chain",
+        "usable.device_health",
+    ] {
+        let n = api.scalar(&format!("SELECT count(*) FROM {table}")).await;
+        assert!(n > 1_000, "{table}: {n}");
+    }
+    assert_eq!(
+        api.scalar("SELECT count(*) FROM raw.quarantine").await,
+        report.malformed as i64
+    );
+    // Both firmware generations end up in Celsius within the plausible range.
+    assert_eq!(
+        api.scalar("SELECT count(*) FROM usable.cold_chain WHERE temperature_c IS NULL OR temperature_c NOT BETWEEN -40 AND 40").await,
+        0
+    );
+    assert!(
+        api.scalar("SELECT count(DISTINCT fw) FROM usable.cold_chain")
+            .await
+            >= 4
+    );
+    assert_eq!(
+        api.scalar("SELECT count(*) FROM usable.device_health WHERE mem_mb IS NULL")
+            .await,
+        0
+    );
+    engine.shutdown().await;
+}
