@@ -339,3 +339,76 @@ async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
     );
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    let v1 = "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.evo.>');\n\
+              CREATE STREAMING TABLE usable.evo AS SELECT device_id, seq, v FROM r;\n";
+    std::fs::write(pipelines.join("evo.sql"), v1).unwrap();
+    let config = config(&nats, &dir.path().join("lake"), &pipelines);
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    let publish = |payload: serde_json::Value| {
+        let js = js.clone();
+        async move {
+            js.publish("telemetry.evo.a", payload.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    // New firmware already sends `w`; the pipeline does not read it yet. The raw zone keeps it.
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    publish(json!({"device_id":"a","seq":1,"v":1.0,"w":10})).await;
+    raw_rows(&api, 1).await;
+    wait_for("the first row", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { (api.scalar("SELECT count(*) FROM usable.evo").await == 1).then_some(()) }
+    })
+    .await;
+    engine.shutdown().await;
+
+    // The pipeline starts reading `w`.
+    let v2 = v1
+        .replace("v DOUBLE)", "v DOUBLE, w BIGINT)")
+        .replace("seq, v FROM", "seq, v, w FROM");
+    std::fs::write(pipelines.join("evo.sql"), v2).unwrap();
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    publish(json!({"device_id":"a","seq":2,"v":2.0,"w":20})).await;
+    raw_rows(&api, 2).await;
+    wait_for("the second row", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { (api.scalar("SELECT count(*) FROM usable.evo").await == 2).then_some(()) }
+    })
+    .await;
+    let (status, body) = api
+        .query("SELECT seq, v, w FROM usable.evo ORDER BY seq")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["rows"],
+        json!([[1, 1.0, null], [2, 2.0, 20]]),
+        "{body}"
+    );
+    // The raw zone always had the field.
+    let (_, raw) = api
+        .query(
+            "SELECT count(*) FROM raw.telemetry WHERE CAST(payload AS VARCHAR) LIKE '%\"w\":10%'",
+        )
+        .await;
+    assert_eq!(raw["rows"][0][0], 1, "{raw}");
+    engine.shutdown().await;
+}

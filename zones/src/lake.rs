@@ -411,6 +411,8 @@ impl TableWriter {
             .clone()
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
+            // A pipeline that starts returning a new column adds it (nullable) to its table.
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
             .with_partition_columns(self.partitions.clone())
             .with_commit_properties(properties)
             .await;
