@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod nats_server;
 pub mod pipelines;
 pub mod reference;
+pub mod replay;
 pub mod serve;
 pub mod simulate;
 pub mod source;

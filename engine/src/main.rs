@@ -64,6 +64,17 @@ enum Command {
         #[arg(default_value = "pipelines")]
         paths: Vec<PathBuf>,
     },
+    /// Rebuild a pipeline's usable tables from the raw zone with its current definition.
+    Replay {
+        /// The pipeline (its file name without .sql).
+        pipeline: String,
+        /// Replay messages received from this time (2025-11-23 or RFC 3339); default: the start.
+        #[arg(long)]
+        from: Option<String>,
+        /// ... until before this time; default: now.
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Show every configuration key with its value and default.
     Config,
 }
@@ -246,6 +257,23 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Check { paths } => check(paths).await,
+        Command::Replay { pipeline, from, to } => {
+            let from = from
+                .as_deref()
+                .map(fleetlake::replay::parse_time)
+                .transpose()?;
+            let to = to
+                .as_deref()
+                .map(fleetlake::replay::parse_time)
+                .transpose()?;
+            let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
+            let report = fleetlake::replay::run(&config, lake, pipeline, from, to, true).await?;
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("report serializes")
+            );
+            Ok(())
+        }
         Command::Serve => {
             let engine = Engine::start(config, env, true)
                 .await

@@ -412,3 +412,130 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
     assert_eq!(raw["rows"][0][0], 1, "{raw}");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
+    use fleetlake::simulate::{self, Profile, SimConfig};
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    for f in ["cold_chain.sql", "reference.sql"] {
+        std::fs::copy(shipped_pipelines().join(f), pipelines.join(f)).unwrap();
+    }
+    let config = config(&nats, &dir.path().join("lake"), &pipelines);
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    put_devices(
+        &api,
+        "device_id,tenant,site,model,hw_rev\ndev-000001,acme,berlin,T-200,rev-B\n",
+    )
+    .await;
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    let report = simulate::publish(
+        &js,
+        SimConfig {
+            profile: Profile::ColdChain,
+            seed: 5,
+            devices: 20,
+            messages: 3_000,
+            malformed: 0.01,
+            start_ms: Some(1_763_900_000_000),
+            ..Default::default()
+        },
+        tokio_util::sync::CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    raw_rows(&api, 3_000).await;
+    wait_for("the cold chain table", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            (api.scalar("SELECT count(*) FROM usable.cold_chain").await == report.distinct as i64)
+                .then_some(())
+        }
+    })
+    .await;
+    engine.shutdown().await;
+
+    let lake = fleetlake_zones::Lake::open(&config.lake(Vec::new())).unwrap();
+    let query = fleetlake_sql::QueryEngine::new(lake.clone());
+    let snapshot = |sql: &'static str| {
+        let query = query.clone();
+        async move {
+            let r = query.query(sql).await.unwrap();
+            arrow::util::pretty::pretty_format_batches(&r.batches)
+                .unwrap()
+                .to_string()
+        }
+    };
+    let all = "SELECT * EXCLUDE (event_date) FROM usable.cold_chain ORDER BY stream_seq";
+    let before = snapshot(all).await;
+    let id = fleetlake_zones::TableId::parse("usable.cold_chain").unwrap();
+    let version_before = lake.describe(&id).await.unwrap().unwrap().version;
+
+    // Unchanged definition: the same rows, in one new version.
+    let replayed = fleetlake::replay::run(&config, lake.clone(), "cold_chain", None, None, false)
+        .await
+        .unwrap();
+    assert_eq!(replayed.messages, 3_000);
+    assert_eq!(replayed.tables["usable.cold_chain"], report.distinct);
+    assert_eq!(replayed.quarantined, report.malformed);
+    assert_eq!(snapshot(all).await, before);
+    assert_eq!(
+        lake.describe(&id).await.unwrap().unwrap().version,
+        version_before + 1
+    );
+
+    // A new rule: temperatures are rounded to one decimal, and a Fahrenheit column appears.
+    let text = std::fs::read_to_string(pipelines.join("cold_chain.sql")).unwrap();
+    let changed = text
+        .replace(
+            "COALESCE(r.temp_c, (r.temp_f - 32) * 5 / 9) AS temperature_c,",
+            "round(COALESCE(r.temp_c, (r.temp_f - 32) * 5 / 9), 1) AS temperature_c,\n    round(COALESCE(r.temp_f, r.temp_c * 9 / 5 + 32), 1) AS temperature_f,",
+        );
+    assert_ne!(changed, text);
+    std::fs::write(pipelines.join("cold_chain.sql"), changed).unwrap();
+    let day =
+        fleetlake::replay::parse_time(&chrono::Utc::now().format("%Y-%m-%d").to_string()).unwrap();
+    let replayed =
+        fleetlake::replay::run(&config, lake.clone(), "cold_chain", Some(day), None, false)
+            .await
+            .unwrap();
+    assert_eq!(replayed.tables["usable.cold_chain"], report.distinct);
+    let scalar = |sql: &'static str| {
+        let query = query.clone();
+        async move {
+            let r = query.query(sql).await.unwrap();
+            let c =
+                arrow::compute::cast(r.batches[0].column(0), &arrow::datatypes::DataType::Int64)
+                    .unwrap();
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).value(0)
+        }
+    };
+    assert_eq!(
+        scalar("SELECT count(*) FROM usable.cold_chain").await,
+        report.distinct as i64
+    );
+    assert_eq!(
+        scalar("SELECT count(temperature_f) FROM usable.cold_chain").await,
+        report.distinct as i64
+    );
+    assert_eq!(
+        scalar(
+            "SELECT count(*) FROM usable.cold_chain WHERE temperature_c <> round(temperature_c, 1)"
+        )
+        .await,
+        0
+    );
+    let unknown = fleetlake::replay::run(&config, lake, "cold_chian", None, None, false)
+        .await
+        .unwrap_err();
+    assert!(unknown.contains("there are: cold_chain"), "{unknown}");
+}

@@ -223,6 +223,35 @@ impl Lake {
             .ok_or_else(|| Error::UnknownTable(id.to_string()))
     }
 
+    /// Replaces, in one commit, the rows of a table that match `predicate` (SQL over the table's
+    /// columns, e.g. `stream_seq BETWEEN 10 AND 99`) with `batches`, whose rows must all match it.
+    /// Readers see the old rows or the new, never half of a replacement.
+    pub async fn replace_where(
+        &self,
+        id: &TableId,
+        batches: Vec<RecordBatch>,
+        predicate: String,
+    ) -> Result<TableInfo> {
+        let table = self
+            .load(id)
+            .await?
+            .ok_or_else(|| Error::UnknownTable(id.to_string()))?;
+        table
+            .write(batches)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_replace_where(predicate)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
+            .await
+            .map_err(|source| Error::Delta {
+                action: "replacing rows of",
+                table: id.to_string(),
+                source: Box::new(source),
+            })?;
+        self.describe(id)
+            .await?
+            .ok_or_else(|| Error::UnknownTable(id.to_string()))
+    }
+
     /// The tables of a zone that exist in the lake, by name.
     pub async fn tables(&self, zone: crate::Zone) -> Result<Vec<TableId>> {
         let store = DeltaTableBuilder::from_url(self.root.clone())
