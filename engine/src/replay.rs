@@ -59,7 +59,7 @@ fn scalar_i64(result: &fleetlake_sql::QueryResult) -> Option<i64> {
     let batch = result.batches.first()?;
     let column = cast(batch.column(0), &arrow::datatypes::DataType::Int64).ok()?;
     let values = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&column);
-    (values.len() > 0 && values.is_valid(0)).then(|| values.value(0))
+    (!values.is_empty() && values.is_valid(0)).then(|| values.value(0))
 }
 
 /// Replays `pipeline` over the raw messages received in `[from, to)`.
