@@ -201,7 +201,7 @@ async fn pipelines(State(state): State<AppState>) -> Response {
             let name = p["name"].as_str().unwrap_or_default().to_string();
             let c = counters.get(&name).cloned().unwrap_or_default();
             p["rows"] = json!({
-                "in": c.rows_in, "out": c.rows_out, "quarantined": c.quarantined,
+                "in": c.rows_in, "deduplicated": c.deduplicated, "out": c.rows_out, "quarantined": c.quarantined,
                 "dropped": c.dropped, "warned": c.warned,
             });
             p["expectations"] = json!(c.expectations.values().collect::<Vec<_>>());

@@ -63,17 +63,22 @@ impl Writers {
         lake: &Lake,
         app_id: &str,
         runners: &[PipelineRunner],
-    ) -> fleetlake_zones::Result<Self> {
+        max_gaps: usize,
+    ) -> Result<Self, String> {
         let mut open = Vec::new();
         for (id, schema, partitions) in builtin_tables() {
             let partitions = partitions.into_iter().map(String::from).collect();
-            open.push(lake.writer(id, schema, partitions, app_id).await?);
+            open.push(
+                lake.writer(id, schema, partitions, app_id)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
         }
         let usable = open.pop().expect("three tables");
         let quarantine = open.pop().expect("three tables");
         let raw = open.pop().expect("three tables");
         debug_assert_eq!(raw.id(), &TableId::raw_telemetry());
-        let stage = PipelineStage::open(lake, runners, app_id).await?;
+        let stage = PipelineStage::open(lake, runners, app_id, max_gaps).await?;
         Ok(Self {
             raw,
             quarantine,
@@ -105,7 +110,7 @@ pub async fn run(
     let app_id = config.consumer().to_string();
     let mut backoff = Backoff::new();
     let mut writers = loop {
-        match Writers::open(&lake, &app_id, &runners).await {
+        match Writers::open(&lake, &app_id, &runners, config.dedup_max_gaps()).await {
             Ok(w) => break w,
             Err(e) => {
                 storage_failed(&metrics, &e.to_string());
@@ -279,7 +284,7 @@ impl Ingest {
                     if self.flush(&mut buffer, writers).await
                         && let Some(version) = writers.usable.committed()
                     {
-                        self.snapshot(&writers.usable, version).await;
+                        self.snapshot(writers, version).await;
                     }
                     return Pumped::Stopped;
                 }
@@ -431,7 +436,7 @@ impl Ingest {
             .dedup_keys
             .store(self.dedup.len() as i64, Ordering::Relaxed);
         if self.last_snapshot.elapsed() >= self.config.dedup_snapshot_interval() {
-            self.snapshot(&writers.usable, version).await;
+            self.snapshot(writers, version).await;
         }
         self.metrics
             .quarantined
@@ -485,10 +490,13 @@ impl Ingest {
 
     /// Stores the dedup state as of `version` beside usable.telemetry. A failure only means a
     /// longer rebuild after a restart, so it is logged, not retried.
-    async fn snapshot(&mut self, usable: &TableWriter, version: i64) {
+    async fn snapshot(&mut self, writers: &Writers, version: i64) {
+        writers.stage.snapshot().await;
+        self.last_snapshot = Instant::now();
         if self.dedup.key() == DedupKey::None {
             return;
         }
+        let usable = &writers.usable;
         let kind = snapshot_kind(self.config.consumer());
         let stored = usable
             .put_side_file(&kind, version, self.dedup.encode())

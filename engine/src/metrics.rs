@@ -78,6 +78,7 @@ pub struct TableMetrics {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PipelineCounters {
     pub rows_in: u64,
+    pub deduplicated: u64,
     pub rows_out: u64,
     pub quarantined: u64,
     pub dropped: u64,
@@ -184,6 +185,7 @@ impl Metrics {
         let mut pipelines = self.pipelines.lock().expect("metrics lock");
         let p = pipelines.entry(counts.name.clone()).or_default();
         p.rows_in += counts.rows_in;
+        p.deduplicated += counts.deduplicated;
         p.rows_out += counts.rows_out;
         p.quarantined += counts.quarantined;
         p.dropped += counts.dropped;
@@ -303,6 +305,7 @@ impl Metrics {
         for (name, p) in &pipelines {
             for (kind, v) in [
                 ("in", p.rows_in),
+                ("deduplicated", p.deduplicated),
                 ("out", p.rows_out),
                 ("quarantined", p.quarantined),
                 ("dropped", p.dropped),

@@ -12,16 +12,30 @@ use arrow::array::{Array, BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
-use fleetlake_sql::QueryEngine;
 use fleetlake_sql::pipeline::run::ExpectationCount;
 use fleetlake_sql::pipeline::{PipelineFailure, PipelineRunner, ReferenceDef};
+use fleetlake_sql::{DedupState, QueryEngine};
 use fleetlake_zones::lake::TableWriter;
+use fleetlake_zones::schema::as_raw_batch;
 use fleetlake_zones::{Lake, TableId};
 
 /// One pipeline with the writers of its tables (in the order of its `CREATE STREAMING TABLE`s).
 pub struct Pipeline {
     pub runner: PipelineRunner,
     pub writers: Vec<TableWriter>,
+    /// Replays seen (per the source's `dedup_key`); `None` for `dedup_key = 'none'`.
+    pub dedup: Option<DedupState>,
+}
+
+impl Pipeline {
+    /// The lowest progress the pipeline's tables have recorded.
+    fn committed(&self) -> i64 {
+        self.writers
+            .iter()
+            .map(|w| w.committed().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 /// What the pipelines made of one batch.
@@ -38,6 +52,7 @@ pub struct StageOutput {
 pub struct PipelineCounts {
     pub name: String,
     pub rows_in: u64,
+    pub deduplicated: u64,
     pub rows_out: u64,
     pub quarantined: u64,
     pub dropped: u64,
@@ -51,6 +66,69 @@ pub struct PipelineStage {
     lake: Lake,
     declared: Vec<ReferenceDef>,
     references: BTreeMap<TableId, (Option<u64>, Arc<dyn TableProvider>)>,
+    app_id: String,
+}
+
+fn snapshot_kind(app_id: &str, pipeline: &str) -> String {
+    format!("dedup-{app_id}-{pipeline}")
+}
+
+/// A pipeline's dedup state as of its committed position: the newest snapshot at or below it,
+/// then the raw messages of the pipeline committed after that snapshot, decoded again.
+async fn load_dedup(lake: &Lake, app_id: &str, p: &mut Pipeline) -> Result<(), String> {
+    let (Some(state), Some(first)) = (p.dedup.as_mut(), p.writers.first()) else {
+        return Ok(());
+    };
+    let committed = p
+        .writers
+        .iter()
+        .map(|w| w.committed().unwrap_or(0))
+        .min()
+        .unwrap_or(0);
+    let kind = snapshot_kind(app_id, &p.runner.name);
+    let mut since = 0;
+    let versions = first
+        .side_file_versions(&kind)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
+        let bytes = first
+            .get_side_file(&kind, v)
+            .await
+            .map_err(|e| e.to_string())?;
+        match state.restore(&bytes) {
+            Ok(restored) => {
+                *state = restored;
+                since = v;
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %p.runner.name, error = %e, "ignoring a dedup snapshot; rebuilding")
+            }
+        }
+    }
+    if committed > since {
+        let rows = QueryEngine::new(lake.clone())
+            .query(&format!(
+                "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
+                 WHERE stream_seq > {since} AND stream_seq <= {committed}"
+            ))
+            .await
+            .map_err(|e| format!("rebuilding the dedup state of {}: {e}", p.runner.name))?;
+        for batch in &rows.batches {
+            let raw = as_raw_batch(batch).map_err(|e| e.to_string())?;
+            let subjects = raw
+                .column_by_name("subject")
+                .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+                .ok_or("raw rows without subjects")?;
+            let mine: BooleanArray = (0..subjects.len())
+                .map(|i| Some(p.runner.claims(subjects.value(i))))
+                .collect();
+            let raw = filter_record_batch(&raw, &mine).map_err(|e| e.to_string())?;
+            p.runner.observe(&raw, state).map_err(|e| e.to_string())?;
+        }
+        tracing::info!(pipeline = %p.runner.name, since, "pipeline dedup state rebuilt from raw.telemetry");
+    }
+    Ok(())
 }
 
 impl PipelineStage {
@@ -58,7 +136,8 @@ impl PipelineStage {
         lake: &Lake,
         runners: &[PipelineRunner],
         app_id: &str,
-    ) -> fleetlake_zones::Result<Self> {
+        max_gaps: usize,
+    ) -> Result<Self, String> {
         let mut pipelines = Vec::new();
         let mut declared: Vec<ReferenceDef> = Vec::new();
         for runner in runners {
@@ -71,7 +150,8 @@ impl PipelineStage {
                         table.partitions(),
                         app_id,
                     )
-                    .await?,
+                    .await
+                    .map_err(|e| e.to_string())?,
                 );
             }
             for r in runner.references() {
@@ -79,17 +159,46 @@ impl PipelineStage {
                     declared.push(r.clone());
                 }
             }
-            pipelines.push(Pipeline {
+            let mut pipeline = Pipeline {
                 runner: runner.clone(),
                 writers,
-            });
+                dedup: runner.new_dedup_state(max_gaps),
+            };
+            load_dedup(lake, app_id, &mut pipeline).await?;
+            pipelines.push(pipeline);
         }
         Ok(Self {
             pipelines,
             lake: lake.clone(),
             declared,
             references: BTreeMap::new(),
+            app_id: app_id.to_string(),
         })
+    }
+
+    /// Snapshots each pipeline's dedup state beside its first table, as of the pipeline's
+    /// committed position (call after a successful flush). A failure only means a longer rebuild
+    /// after a restart.
+    pub async fn snapshot(&self) {
+        for p in &self.pipelines {
+            let (Some(state), Some(first)) = (&p.dedup, p.writers.first()) else {
+                continue;
+            };
+            let kind = snapshot_kind(&self.app_id, &p.runner.name);
+            match first
+                .put_side_file(&kind, p.committed(), state.encode())
+                .await
+            {
+                Ok(()) => {
+                    if let Err(e) = first.prune_side_files(&kind, 2).await {
+                        tracing::warn!(error = %e, "pruning old pipeline dedup snapshots failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, pipeline = %p.runner.name, "storing the dedup snapshot failed")
+                }
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -98,11 +207,7 @@ impl PipelineStage {
 
     /// The lowest progress any pipeline table has recorded (`None` = no tables).
     pub fn committed_min(&self) -> Option<i64> {
-        self.pipelines
-            .iter()
-            .flat_map(|p| &p.writers)
-            .map(|w| w.committed().unwrap_or(0))
-            .min()
+        self.pipelines.iter().map(Pipeline::committed).min()
     }
 
     /// Rows of `raw` that some pipeline claims.
@@ -174,14 +279,14 @@ impl PipelineStage {
             quarantine: Vec::new(),
             counts: Vec::new(),
         };
-        for p in &self.pipelines {
+        for p in &mut self.pipelines {
             let mask: BooleanArray = (0..subjects.len())
                 .map(|i| Some(p.runner.claims(subjects.value(i))))
                 .collect();
             let rows = filter_record_batch(raw, &mask).map_err(|e| e.to_string())?;
             let result = p
                 .runner
-                .run(&rows, &references)
+                .run(&rows, &references, p.dedup.as_mut())
                 .await
                 .map_err(|e| format!("pipeline {}: {e}", p.runner.name))?;
             let output = match result {
@@ -191,6 +296,7 @@ impl PipelineStage {
             out.counts.push(PipelineCounts {
                 name: p.runner.name.clone(),
                 rows_in: output.rows_in,
+                deduplicated: output.deduplicated,
                 rows_out: output.tables.iter().map(|t| t.rows.num_rows() as u64).sum(),
                 quarantined: output.quarantine.num_rows() as u64,
                 dropped: output.tables.iter().map(|t| t.dropped).sum(),

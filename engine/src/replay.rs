@@ -19,7 +19,7 @@ use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
 use fleetlake_sql::QueryEngine;
 use fleetlake_sql::pipeline::{PipelineRunner, check_files, pipeline_files};
-use fleetlake_zones::schema::RAW_TELEMETRY;
+use fleetlake_zones::schema::as_raw_batch;
 use fleetlake_zones::{Lake, TableId};
 use serde::Serialize;
 
@@ -161,33 +161,27 @@ pub async fn run(
         references.push((r.table.clone(), provider));
     }
 
+    // Replays of readings received before the range are dropped as they were the first time: the
+    // dedup state is rebuilt from the pipeline's raw messages before `lo`.
+    let mut dedup = runner.new_dedup_state(config.dedup_max_gaps());
+    if let Some(state) = dedup.as_mut() {
+        let mut start = 1;
+        while start < lo {
+            let end = (start + CHUNK - 1).min(lo - 1);
+            for raw in raw_rows(&query, &runner, start, end).await? {
+                runner.observe(&raw, state).map_err(|e| e.to_string())?;
+            }
+            start = end + 1;
+        }
+    }
     let mut outputs: Vec<Vec<RecordBatch>> = vec![Vec::new(); runner.tables.len()];
     let mut start = lo;
     while start <= hi {
         let end = (start + CHUNK - 1).min(hi);
-        let rows = query
-            .query(&format!(
-                "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
-                 WHERE stream_seq BETWEEN {start} AND {end} ORDER BY stream_seq"
-            ))
-            .await
-            .map_err(|e| e.to_string())?;
-        for batch in &rows.batches {
-            let raw = conform_raw(batch)?;
-            let subjects = raw
-                .column_by_name("subject")
-                .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
-                .ok_or("raw.telemetry without subjects")?;
-            let mine: arrow::array::BooleanArray = (0..subjects.len())
-                .map(|i| Some(runner.claims(subjects.value(i))))
-                .collect();
-            let raw = filter_record_batch(&raw, &mine).map_err(|e| e.to_string())?;
-            if raw.num_rows() == 0 {
-                continue;
-            }
+        for raw in raw_rows(&query, &runner, start, end).await? {
             report.messages += raw.num_rows() as u64;
             let out = runner
-                .run(&raw, &references)
+                .run(&raw, &references, dedup.as_mut())
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|failure| format!("{failure}; nothing was replaced"))?;
@@ -227,17 +221,34 @@ pub async fn run(
     Ok(report)
 }
 
-/// Raw rows as the pipeline expects them (query answers may use view types).
-fn conform_raw(batch: &RecordBatch) -> Result<RecordBatch, String> {
-    let columns = RAW_TELEMETRY
-        .fields()
-        .iter()
-        .map(|f| {
-            let c = batch
-                .column_by_name(f.name())
-                .ok_or_else(|| format!("raw.telemetry lacks {}", f.name()))?;
-            cast(c, f.data_type()).map_err(|e| e.to_string())
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    RecordBatch::try_new(RAW_TELEMETRY.clone(), columns).map_err(|e| e.to_string())
+/// The raw messages of `runner`'s subjects with stream sequences in `[start, end]`, in order.
+async fn raw_rows(
+    query: &QueryEngine,
+    runner: &PipelineRunner,
+    start: i64,
+    end: i64,
+) -> Result<Vec<RecordBatch>, String> {
+    let rows = query
+        .query(&format!(
+            "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
+             WHERE stream_seq BETWEEN {start} AND {end} ORDER BY stream_seq"
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for batch in &rows.batches {
+        let raw = as_raw_batch(batch).map_err(|e| e.to_string())?;
+        let subjects = raw
+            .column_by_name("subject")
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+            .ok_or("raw.telemetry without subjects")?;
+        let mine: arrow::array::BooleanArray = (0..subjects.len())
+            .map(|i| Some(runner.claims(subjects.value(i))))
+            .collect();
+        let raw = filter_record_batch(&raw, &mine).map_err(|e| e.to_string())?;
+        if raw.num_rows() > 0 {
+            out.push(raw);
+        }
+    }
+    Ok(out)
 }

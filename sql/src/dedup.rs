@@ -125,6 +125,8 @@ impl Seen {
 #[derive(Debug, Clone)]
 pub struct DedupState {
     key: DedupKey,
+    /// DeviceSeq: the columns holding the device and its sequence number.
+    columns: (String, String),
     max_gaps: usize,
     devices: HashMap<Box<str>, Seen>,
     /// MsgId mode: buckets of hashes per received minute, oldest first.
@@ -140,6 +142,7 @@ impl DedupState {
     pub fn new(key: DedupKey, max_gaps: usize, window_minutes: i64) -> Self {
         Self {
             key,
+            columns: ("device_id".into(), "seq".into()),
             max_gaps,
             devices: HashMap::new(),
             buckets: VecDeque::new(),
@@ -150,6 +153,12 @@ impl DedupState {
 
     pub fn key(&self) -> DedupKey {
         self.key
+    }
+
+    /// DeviceSeq over other columns: `device` (any type, compared as text) and `seq` (an integer).
+    pub fn with_columns(mut self, device: &str, seq: &str) -> Self {
+        self.columns = (device.to_string(), seq.to_string());
+        self
     }
 
     pub fn stats(&self) -> DedupStats {
@@ -197,6 +206,16 @@ impl DedupState {
             .map_err(|e| Error::Internal(e.to_string()))
     }
 
+    /// Which rows of `batch` are new (true) or replays (false); records them.
+    pub fn keep_mask(&mut self, batch: &RecordBatch) -> Result<Vec<bool>> {
+        if self.key == DedupKey::None || batch.num_rows() == 0 {
+            return Ok(vec![true; batch.num_rows()]);
+        }
+        let keep = self.mark(batch, true)?;
+        self.stats.dropped += keep.iter().filter(|k| !*k).count() as u64;
+        Ok(keep)
+    }
+
     /// Records rows the usable zone already holds (rebuilding after a restart).
     pub fn observe(&mut self, usable: &RecordBatch) -> Result<()> {
         if self.key != DedupKey::None {
@@ -215,12 +234,23 @@ impl DedupState {
         let mut keep = Vec::with_capacity(n);
         match self.key {
             DedupKey::DeviceSeq => {
-                let devices =
-                    arrow::compute::cast(column("device_id")?, &arrow::datatypes::DataType::Utf8)
-                        .map_err(|e| Error::Internal(e.to_string()))?;
+                let devices = arrow::compute::cast(
+                    column(&self.columns.0)?,
+                    &arrow::datatypes::DataType::Utf8,
+                )
+                .map_err(|e| Error::Internal(e.to_string()))?;
                 let devices = devices.as_string::<i32>();
-                let seqs = column("seq")?.as_primitive::<Int64Type>();
+                let seqs = arrow::compute::cast(
+                    column(&self.columns.1)?,
+                    &arrow::datatypes::DataType::Int64,
+                )
+                .map_err(|e| Error::Internal(e.to_string()))?;
+                let seqs = seqs.as_primitive::<Int64Type>();
                 for i in 0..n {
+                    if devices.is_null(i) || seqs.is_null(i) {
+                        keep.push(true);
+                        continue;
+                    }
                     let (device, seq) = (devices.value(i), seqs.value(i));
                     let (new, forgotten) = match self.devices.get_mut(device) {
                         Some(seen) => seen.insert(seq, self.max_gaps),
@@ -308,6 +338,19 @@ impl DedupState {
             }
         }
         out
+    }
+
+    /// A snapshot read back with this state's settings (key, columns, gaps, window); an error if
+    /// it was taken with another key.
+    pub fn restore(&self, bytes: &[u8]) -> Result<Self> {
+        let mut state = Self::decode(bytes, self.max_gaps, self.window_minutes)?;
+        if state.key != self.key {
+            return Err(Error::Internal(
+                "dedup snapshot was taken with another key".into(),
+            ));
+        }
+        state.columns = self.columns.clone();
+        Ok(state)
     }
 
     /// Reads a snapshot written by [`DedupState::encode`] into a state with these settings.

@@ -150,7 +150,7 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
         .clone();
     assert_eq!(
         cold["rows"],
-        json!({"in": 9, "out": 4, "quarantined": 4, "dropped": 1, "warned": 2}),
+        json!({"in": 9, "deduplicated": 0, "out": 4, "quarantined": 4, "dropped": 1, "warned": 2}),
         "{cold}"
     );
     let violations = |name: &str| {
@@ -292,6 +292,7 @@ async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
             devices: 60,
             messages: 6_000,
             malformed: 0.01,
+            duplicates: 0.05,
             late: 0.05,
             start_ms: Some(1_763_900_000_000),
             ..Default::default()
@@ -445,6 +446,7 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
             devices: 20,
             messages: 3_000,
             malformed: 0.01,
+            duplicates: 0.05,
             start_ms: Some(1_763_900_000_000),
             ..Default::default()
         },
@@ -538,4 +540,90 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
         .await
         .unwrap_err();
     assert!(unknown.contains("there are: cold_chain"), "{unknown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_replays_are_dropped_also_after_restarts() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    fleetlake::source::ensure_stream(&js, &config)
+        .await
+        .unwrap();
+    let reading = |seq: u64| {
+        json!({"device_id":"trailer-1","seq":seq,"ts":"2025-11-23T10:00:00Z","temp_c":4.0,"lat":1.0,"lon":1.0}).to_string()
+    };
+    let publish = |seq: u64| {
+        let js = js.clone();
+        let payload = reading(seq);
+        async move {
+            js.publish("telemetry.coldchain.trailer-1", payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    let rows = |api: Api, n: i64| async move {
+        wait_for(
+            &format!("{n} cold chain rows"),
+            Duration::from_secs(30),
+            || {
+                let api = api.clone();
+                async move {
+                    (api.scalar("SELECT count(*) FROM usable.cold_chain").await == n).then_some(())
+                }
+            },
+        )
+        .await
+    };
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    publish(1).await;
+    publish(2).await;
+    publish(2).await; // a replay within the run
+    raw_rows(&api, 3).await;
+    rows(api.clone(), 2).await;
+    engine.shutdown().await; // snapshots the state
+
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    publish(1).await; // caught by the snapshot
+    publish(3).await;
+    raw_rows(&api, 5).await;
+    rows(api.clone(), 3).await;
+    engine.shutdown().await;
+
+    // Without snapshots the state is rebuilt from the raw zone.
+    let side = dir.path().join("lake/usable/cold_chain/_fleetlake");
+    std::fs::remove_dir_all(&side).expect("a snapshot was written");
+    let engine = Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    publish(2).await; // caught by the rebuilt state
+    publish(4).await;
+    raw_rows(&api, 7).await;
+    rows(api.clone(), 4).await;
+    assert_eq!(
+        api.scalar("SELECT count(*) FROM (SELECT DISTINCT seq FROM usable.cold_chain)")
+            .await,
+        4
+    );
+    let (_, p) = api.get("/v1/pipelines").await;
+    let p: serde_json::Value = serde_json::from_str(&p).unwrap();
+    let cold = p["pipelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "cold_chain")
+        .unwrap()
+        .clone();
+    assert_eq!(cold["rows"]["deduplicated"], 1, "{cold}");
+    engine.shutdown().await;
 }

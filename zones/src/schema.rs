@@ -181,6 +181,22 @@ pub fn raw_batch(messages: &[RawMessage]) -> RecordBatch {
     RecordBatch::try_new(RAW_TELEMETRY.clone(), columns).expect("columns match RAW_TELEMETRY")
 }
 
+/// A batch with the columns of `raw.telemetry` (by name, cast to its types), e.g. the answer of a
+/// query over the raw zone, which may use view types.
+pub fn as_raw_batch(batch: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let columns = RAW_TELEMETRY
+        .fields()
+        .iter()
+        .map(|f| {
+            let c = batch.column_by_name(f.name()).ok_or_else(|| {
+                arrow::error::ArrowError::SchemaError(format!("raw rows lack {}", f.name()))
+            })?;
+            arrow::compute::cast(c, f.data_type())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(RAW_TELEMETRY.clone(), columns)
+}
+
 /// The built-in tables: identifier, schema and partition columns.
 pub fn builtin_tables() -> Vec<(TableId, SchemaRef, Vec<&'static str>)> {
     vec![

@@ -248,6 +248,25 @@ fn check_source(source: &SourceDef, errors: &mut Vec<PipelineError>) {
             .map(|(_, p)| *p)
             .unwrap_or(source.pos);
         let written = source.option_pos.iter().any(|(k, _)| k == "dedup_key");
+        if cols.len() != 2 {
+            errors.push(PipelineError::new(
+                at,
+                format!(
+                    "dedup_key names {} columns: expected two, the device and its integer sequence number (e.g. 'device_id, seq'), or 'msg_id', or 'none'",
+                    cols.len()
+                ),
+            ));
+        } else if let Some(c) = column(&cols[1])
+            && !c.data_type.is_integer()
+        {
+            errors.push(PipelineError::new(
+                at,
+                format!(
+                    "dedup_key's second column {} is {}, expected an integer sequence number",
+                    c.name, c.data_type
+                ),
+            ));
+        }
         for c in cols {
             if column(c).is_none() {
                 let message = if written {

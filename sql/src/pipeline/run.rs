@@ -33,7 +33,8 @@ use datafusion::sql::sqlparser::ast::{
 use fleetlake_zones::TableId;
 
 use super::{Action, CheckedPipeline, DedupSpec, PipelineError, ReferenceDef, SourceDef, TableDef};
-use crate::decode::{decode_json, quarantine_rows};
+use crate::decode::{JsonRows, decode_json, quarantine_rows};
+use crate::dedup::{DedupKey, DedupState};
 use crate::{Error, Result};
 
 /// The hidden source column that carries each message's stream sequence.
@@ -261,6 +262,8 @@ pub struct TableOutput {
 #[derive(Debug, Clone)]
 pub struct PipelineOutput {
     pub rows_in: u64,
+    /// Replays dropped before the query.
+    pub deduplicated: u64,
     pub tables: Vec<TableOutput>,
     /// `raw.quarantine` rows: undecodable messages and rows that failed a `QUARANTINE`
     /// expectation.
@@ -317,6 +320,63 @@ impl PipelineRunner {
         &self.references
     }
 
+    /// Decodes the payloads and checks the required (NOT NULL) columns: the decoded rows (with
+    /// the rejected raw rows and their reasons) and which decoded rows passed.
+    fn decode_required(&self, raw: &RecordBatch) -> Result<(JsonRows, Vec<bool>)> {
+        let mut json = decode_json(raw, &self.decode_schema)?;
+        let mut rejected = std::mem::take(&mut json.rejected);
+        let mut keep = vec![true; json.decoded.num_rows()];
+        for c in self.source.columns.iter().filter(|c| !c.nullable) {
+            let column = json
+                .decoded
+                .column_by_name(&c.name)
+                .expect("decoded schema");
+            for (i, k) in keep.iter_mut().enumerate() {
+                if *k && column.is_null(i) {
+                    *k = false;
+                    rejected.push((
+                        json.rows[i],
+                        format!("pipeline {}: missing required field {}", self.name, c.name),
+                    ));
+                }
+            }
+        }
+        json.rejected = rejected;
+        Ok((json, keep))
+    }
+
+    /// A dedup state for this pipeline's source (`None` when its `dedup_key` is `none`).
+    pub fn new_dedup_state(&self, max_gaps: usize) -> Option<DedupState> {
+        match &self.source.dedup {
+            DedupSpec::None => None,
+            DedupSpec::MsgId => Some(DedupState::new(
+                DedupKey::MsgId,
+                max_gaps,
+                self.source.dedup_window_minutes,
+            )),
+            DedupSpec::Columns(c) => Some(
+                DedupState::new(
+                    DedupKey::DeviceSeq,
+                    max_gaps,
+                    self.source.dedup_window_minutes,
+                )
+                .with_columns(&c[0], &c[1]),
+            ),
+        }
+    }
+
+    /// Records in `state` the messages of `raw` as the pipeline saw them (rebuilding the state
+    /// after a restart from raw messages the pipeline already committed).
+    pub fn observe(&self, raw: &RecordBatch, state: &mut DedupState) -> Result<()> {
+        if state.key() == DedupKey::MsgId {
+            return state.observe(raw);
+        }
+        let (json, keep) = self.decode_required(raw)?;
+        let decoded =
+            filter_record_batch(&json.decoded, &BooleanArray::from(keep)).map_err(internal)?;
+        state.observe(&decoded)
+    }
+
     /// True when messages on `subject` belong to this pipeline.
     pub fn claims(&self, subject: &str) -> bool {
         subject_matches(&self.source.subject, subject)
@@ -332,23 +392,30 @@ impl PipelineRunner {
         &self,
         raw: &RecordBatch,
         references: &[(TableId, Arc<dyn TableProvider>)],
+        mut dedup: Option<&mut DedupState>,
     ) -> Result<Result<PipelineOutput, PipelineFailure>> {
-        let json = decode_json(raw, &self.decode_schema)?;
-        let mut rejected = json.rejected;
-        // Required (NOT NULL) columns.
-        let mut keep = vec![true; json.decoded.num_rows()];
-        for c in self.source.columns.iter().filter(|c| !c.nullable) {
-            let column = json
-                .decoded
-                .column_by_name(&c.name)
-                .expect("decoded schema");
-            for (i, k) in keep.iter_mut().enumerate() {
-                if *k && column.is_null(i) {
+        // Replays by message id are known before decoding.
+        let mut deduplicated = 0u64;
+        let filtered;
+        let raw = match dedup.as_deref_mut() {
+            Some(state) if state.key() == DedupKey::MsgId => {
+                let keep = state.keep_mask(raw)?;
+                deduplicated += keep.iter().filter(|k| !**k).count() as u64;
+                filtered = filter_record_batch(raw, &BooleanArray::from(keep)).map_err(internal)?;
+                &filtered
+            }
+            _ => raw,
+        };
+        let (json, mut keep) = self.decode_required(raw)?;
+        let mut rejected = json.rejected.clone();
+        if let Some(state) = dedup.filter(|s| s.key() == DedupKey::DeviceSeq) {
+            let candidates = filter_record_batch(&json.decoded, &BooleanArray::from(keep.clone()))
+                .map_err(internal)?;
+            let mut fresh = state.keep_mask(&candidates)?.into_iter();
+            for k in keep.iter_mut().filter(|k| **k) {
+                if !fresh.next().unwrap_or(true) {
                     *k = false;
-                    rejected.push((
-                        json.rows[i],
-                        format!("pipeline {}: missing required field {}", self.name, c.name),
-                    ));
+                    deduplicated += 1;
                 }
             }
         }
@@ -468,7 +535,8 @@ impl PipelineRunner {
         rejected.dedup_by_key(|(i, _)| *i);
         let quarantine = quarantine_rows(raw, &rejected)?;
         Ok(Ok(PipelineOutput {
-            rows_in: raw.num_rows() as u64,
+            deduplicated,
+            rows_in: raw.num_rows() as u64 + deduplicated,
             tables: outputs,
             quarantine,
             expectations: counts,
