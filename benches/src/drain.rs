@@ -2,8 +2,12 @@
 //! raw, quarantine and usable zones.
 //!
 //! ```text
-//! cargo run --release -p fleetlake-benches --bin drain -- --messages 200000 [--s3]
+//! cargo run --release -p fleetlake-benches --bin drain -- --messages 200000 [--s3] [--profile coldchain]
 //! ```
+//!
+//! `--profile envelope` (default) drains through the built-in decoder into `usable.telemetry`;
+//! `coldchain` through the shipped `pipelines/cold_chain.sql` (decode, query with a reference
+//! join, five expectations) into `usable.cold_chain`: the difference is the pipeline stage's cost.
 //!
 //! It starts its own nats-server (and SeaweedFS with `--s3`) on free loopback ports, publishes
 //! the simulated fleet (1% malformed) before the engine starts, then starts the engine and times
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use fleetlake::config::Config;
 use fleetlake::serve::Engine;
-use fleetlake::simulate::{self, SimConfig};
+use fleetlake::simulate::{self, Profile, SimConfig};
 use fleetlake_tests::{Nats, Seaweed};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +28,7 @@ struct Args {
     devices: u64,
     s3: bool,
     commit_rows: u64,
+    profile: Profile,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,6 +37,7 @@ fn parse_args() -> Result<Args, String> {
         devices: 1_000,
         s3: false,
         commit_rows: 50_000,
+        profile: Profile::Envelope,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -45,9 +51,15 @@ fn parse_args() -> Result<Args, String> {
             "--devices" => args.devices = number("--devices")?,
             "--commit-rows" => args.commit_rows = number("--commit-rows")?,
             "--s3" => args.s3 = true,
+            "--profile" => {
+                let name = it.next().unwrap_or_default();
+                args.profile = Profile::parse(&name).ok_or_else(|| {
+                    format!("--profile {name:?}: expected envelope, coldchain, health or mixed")
+                })?;
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; expected --messages N, --devices N, --commit-rows N, --s3"
+                    "unknown argument {other:?}; expected --messages N, --devices N, --commit-rows N, --s3, --profile NAME"
                 ));
             }
         }
@@ -81,6 +93,10 @@ async fn main() {
         ("http.listen", "127.0.0.1:0".to_string()),
         ("ingest.commit_rows", args.commit_rows.to_string()),
         ("ingest.fetch_batch", "2000".to_string()),
+        (
+            "pipelines.dir",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines").to_string(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -95,6 +111,7 @@ async fn main() {
     let report = simulate::publish(
         &js,
         SimConfig {
+            profile: args.profile,
             seed: 1,
             devices: args.devices,
             messages: args.messages,
@@ -112,11 +129,9 @@ async fn main() {
     let started = Instant::now();
     let engine = Engine::start(config, env, true).await.expect("engine");
     let m = engine.metrics.clone();
-    let done = |m: &fleetlake::metrics::Metrics| {
-        m.rows_committed("raw.telemetry") >= args.messages
-            && m.rows_committed("usable.telemetry") + m.quarantined.load(Ordering::Relaxed)
-                >= args.messages
-    };
+    // Messages are acked only once every table holding them has committed.
+    let done =
+        |m: &fleetlake::metrics::Metrics| m.messages_acked.load(Ordering::Relaxed) >= args.messages;
     let deadline = Instant::now() + Duration::from_secs(1800);
     while !done(&m) {
         assert!(
@@ -133,6 +148,7 @@ async fn main() {
     let result = serde_json::json!({
         "benchmark": "drain",
         "lake": if args.s3 { "s3 (SeaweedFS)" } else { "local folder" },
+        "input": format!("{:?}", args.profile).to_lowercase(),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
         "messages": args.messages,
         "commit_rows": args.commit_rows,
