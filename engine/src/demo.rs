@@ -100,7 +100,7 @@ pub async fn run(
                     "  pulled {:>9}  raw {:>9}  usable {:>9}  quarantined {:>6}  lag {:>7}  storage {}",
                     metrics.messages_pulled.load(Ordering::Relaxed),
                     raw,
-                    metrics.rows_committed("usable.telemetry"),
+                    metrics.rows_committed_in_zone("usable"),
                     metrics.quarantined.load(Ordering::Relaxed),
                     metrics.consumer_lag.load(Ordering::Relaxed),
                     if metrics.storage_up.load(Ordering::Relaxed) == 1 { "up" } else { "DOWN" },

@@ -210,6 +210,18 @@ impl Metrics {
         self.pipelines.lock().expect("metrics lock").clone()
     }
 
+    /// Rows committed so far to every table of a zone (`"usable"`).
+    pub fn rows_committed_in_zone(&self, zone: &str) -> u64 {
+        let prefix = format!("{zone}.");
+        self.tables
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .filter(|t| t.table.starts_with(&prefix))
+            .map(|t| t.rows.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Rows committed to a table so far by this process.
     pub fn rows_committed(&self, table: &str) -> u64 {
         self.table(table).rows.load(Ordering::Relaxed)
