@@ -18,6 +18,27 @@ use fleetlake::nats_server::{NatsServer, find_binary};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
+/// The configuration of a test's engine: its NATS server and lake, the HTTP API on a free port,
+/// commits every 200 ms, and `extra` keys.
+pub fn test_config(
+    nats_url: &str,
+    lake: &str,
+    extra: &[(&str, &str)],
+) -> fleetlake::config::Config {
+    let mut flags: Vec<(String, String)> = [
+        ("nats.url", nats_url),
+        ("lake.location", lake),
+        ("http.listen", "127.0.0.1:0"),
+        ("ingest.commit_interval_ms", "200"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    flags.dedup_by(|a, b| a.0 == b.0);
+    fleetlake::config::Config::load(None, Vec::new(), &flags).expect("test configuration")
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -279,6 +300,18 @@ impl Api {
     pub async fn query(&self, sql: &str) -> (u16, Value) {
         let (status, body) = self.query_as(sql, "application/json").await;
         (status, serde_json::from_slice(&body).expect("JSON answer"))
+    }
+
+    /// Waits (bounded) until `sql` answers the single integer `expected`.
+    pub async fn wait_scalar(&self, sql: &str, expected: i64, limit: Duration) {
+        wait_for(&format!("{sql} = {expected}"), limit, || {
+            let api = self.clone();
+            async move {
+                let (status, body) = api.query(sql).await;
+                (status == 200 && body["rows"][0][0].as_i64() == Some(expected)).then_some(())
+            }
+        })
+        .await
     }
 
     /// The single integer a query like `SELECT count(*) …` answers.

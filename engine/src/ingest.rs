@@ -232,8 +232,9 @@ async fn load_dedup(
         }
     }
     if committed > since {
+        // In the order they were first seen, so devices' sequences arrive mostly in order.
         let sql = format!(
-            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since}"
+            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} ORDER BY stream_seq"
         );
         let rows = QueryEngine::new(lake.clone())
             .query(&sql)

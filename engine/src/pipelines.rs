@@ -8,8 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, RecordBatch};
-use arrow::compute::filter_record_batch;
+use arrow::array::{Array, RecordBatch};
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
 use fleetlake_sql::pipeline::run::ExpectationCount;
@@ -107,23 +106,8 @@ async fn load_dedup(lake: &Lake, app_id: &str, p: &mut Pipeline) -> Result<(), S
         }
     }
     if committed > since {
-        let rows = QueryEngine::new(lake.clone())
-            .query(&format!(
-                "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
-                 WHERE stream_seq > {since} AND stream_seq <= {committed}"
-            ))
-            .await
-            .map_err(|e| format!("rebuilding the dedup state of {}: {e}", p.runner.name))?;
-        for batch in &rows.batches {
-            let raw = as_raw_batch(batch).map_err(|e| e.to_string())?;
-            let subjects = raw
-                .column_by_name("subject")
-                .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
-                .ok_or("raw rows without subjects")?;
-            let mine: BooleanArray = (0..subjects.len())
-                .map(|i| Some(p.runner.claims(subjects.value(i))))
-                .collect();
-            let raw = filter_record_batch(&raw, &mine).map_err(|e| e.to_string())?;
+        let query = QueryEngine::new(lake.clone());
+        for raw in raw_rows(&query, &p.runner, since + 1, committed).await? {
             p.runner.observe(&raw, state).map_err(|e| e.to_string())?;
         }
         tracing::info!(pipeline = %p.runner.name, since, "pipeline dedup state rebuilt from raw.telemetry");
@@ -269,21 +253,13 @@ impl PipelineStage {
         raw: &RecordBatch,
     ) -> Result<Result<StageOutput, PipelineFailure>, String> {
         let references = self.refresh_references().await?;
-        let subjects = raw
-            .column_by_name("subject")
-            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
-            .ok_or("raw batch without subjects")?
-            .clone();
         let mut out = StageOutput {
             tables: Vec::new(),
             quarantine: Vec::new(),
             counts: Vec::new(),
         };
         for p in &mut self.pipelines {
-            let mask: BooleanArray = (0..subjects.len())
-                .map(|i| Some(p.runner.claims(subjects.value(i))))
-                .collect();
-            let rows = filter_record_batch(raw, &mask).map_err(|e| e.to_string())?;
+            let rows = p.runner.claimed_rows(raw).map_err(|e| e.to_string())?;
             let result = p
                 .runner
                 .run(&rows, &references, p.dedup.as_mut())
@@ -309,4 +285,29 @@ impl PipelineStage {
         }
         Ok(Ok(out))
     }
+}
+
+/// The raw messages of `runner`'s subjects with stream sequences in `[start, end]`, in order.
+pub async fn raw_rows(
+    query: &QueryEngine,
+    runner: &PipelineRunner,
+    start: i64,
+    end: i64,
+) -> Result<Vec<RecordBatch>, String> {
+    let rows = query
+        .query(&format!(
+            "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
+             WHERE stream_seq BETWEEN {start} AND {end} ORDER BY stream_seq"
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for batch in &rows.batches {
+        let raw = as_raw_batch(batch).map_err(|e| e.to_string())?;
+        let raw = runner.claimed_rows(&raw).map_err(|e| e.to_string())?;
+        if raw.num_rows() > 0 {
+            out.push(raw);
+        }
+    }
+    Ok(out)
 }

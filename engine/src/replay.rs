@@ -13,17 +13,17 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
-use arrow::compute::{cast, filter_record_batch};
+use arrow::compute::cast;
 use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
 use fleetlake_sql::QueryEngine;
 use fleetlake_sql::pipeline::{PipelineRunner, check_files, pipeline_files};
-use fleetlake_zones::schema::as_raw_batch;
 use fleetlake_zones::{Lake, TableId};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::pipelines::raw_rows;
 
 /// Messages read from the raw zone per step.
 const CHUNK: i64 = 20_000;
@@ -219,36 +219,4 @@ pub async fn run(
             .map_err(|e| e.to_string())?;
     }
     Ok(report)
-}
-
-/// The raw messages of `runner`'s subjects with stream sequences in `[start, end]`, in order.
-async fn raw_rows(
-    query: &QueryEngine,
-    runner: &PipelineRunner,
-    start: i64,
-    end: i64,
-) -> Result<Vec<RecordBatch>, String> {
-    let rows = query
-        .query(&format!(
-            "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
-             WHERE stream_seq BETWEEN {start} AND {end} ORDER BY stream_seq"
-        ))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for batch in &rows.batches {
-        let raw = as_raw_batch(batch).map_err(|e| e.to_string())?;
-        let subjects = raw
-            .column_by_name("subject")
-            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
-            .ok_or("raw.telemetry without subjects")?;
-        let mine: arrow::array::BooleanArray = (0..subjects.len())
-            .map(|i| Some(runner.claims(subjects.value(i))))
-            .collect();
-        let raw = filter_record_batch(&raw, &mine).map_err(|e| e.to_string())?;
-        if raw.num_rows() > 0 {
-            out.push(raw);
-        }
-    }
-    Ok(out)
 }

@@ -97,7 +97,7 @@ impl Seen {
             (false, false) => v.insert(pos, (seq, seq)),
         }
         let mut forgotten = 0;
-        while v.len() > max_gaps + 1 {
+        while v.len() > max_gaps.saturating_add(1) {
             v.remove(0);
             forgotten += 1;
         }
@@ -252,8 +252,15 @@ impl DedupState {
                         continue;
                     }
                     let (device, seq) = (devices.value(i), seqs.value(i));
+                    // Rebuilding (observing committed rows) never forgets: rows may come in any
+                    // order, and the state must end up holding all of them.
+                    let max_gaps = if count_forgotten {
+                        self.max_gaps
+                    } else {
+                        usize::MAX
+                    };
                     let (new, forgotten) = match self.devices.get_mut(device) {
-                        Some(seen) => seen.insert(seq, self.max_gaps),
+                        Some(seen) => seen.insert(seq, max_gaps),
                         None => {
                             self.devices.insert(device.into(), Seen::One(seq, seq));
                             (true, 0)
@@ -514,6 +521,20 @@ mod tests {
         assert_eq!(s.stats().forgotten, 1);
         assert_eq!(kept(&mut s, &[("a", 2), ("a", 4), ("a", 6)]), vec![2, 4, 6]);
         assert_eq!(kept(&mut s, &[("a", 3), ("a", 7)]), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn rebuilding_from_rows_in_any_order_forgets_nothing() {
+        let mut s = DedupState::new(DedupKey::DeviceSeq, 2, 60);
+        // 1..=40 for one device, interleaved so that many gaps are open at once.
+        let order: Vec<i64> = (1..=40)
+            .filter(|i| i % 2 == 1)
+            .chain((1..=40).filter(|i| i % 2 == 0))
+            .collect();
+        let rows: Vec<(&str, i64)> = order.iter().map(|i| ("a", *i)).collect();
+        s.observe(&batch(&rows)).unwrap();
+        assert_eq!(s.devices["a"], Seen::One(1, 40));
+        assert_eq!(kept(&mut s, &[("a", 7), ("a", 40), ("a", 41)]), vec![41]);
     }
 
     #[test]

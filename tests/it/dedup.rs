@@ -2,9 +2,8 @@
 
 use std::time::Duration;
 
-use fleetlake::config::Config;
 use fleetlake::serve::Engine;
-use fleetlake_tests::{Api, Nats, wait_for};
+use fleetlake_tests::{Api, Nats};
 
 fn reading(device: &str, seq: u64) -> bytes::Bytes {
     format!(
@@ -15,33 +14,20 @@ fn reading(device: &str, seq: u64) -> bytes::Bytes {
 }
 
 async fn usable_rows(api: &Api, n: i64) {
-    wait_for(&format!("{n} usable rows"), Duration::from_secs(60), || {
-        let api = api.clone();
-        async move {
-            let (status, body) = api.query("SELECT count(*) FROM usable.telemetry").await;
-            (status == 200 && body["rows"][0][0].as_i64() == Some(n)).then_some(())
-        }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.telemetry",
+        n,
+        Duration::from_secs(60),
+    )
     .await;
 }
 
 async fn restart_drops_replays(snapshot_on_stop: bool) {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let flags: Vec<(String, String)> = [
-        ("nats.url", nats.url().to_string()),
-        (
-            "lake.location",
-            dir.path().join("lake").display().to_string(),
-        ),
-        ("http.listen", "127.0.0.1:0".to_string()),
-        ("ingest.commit_interval_ms", "200".to_string()),
-        ("dedup.snapshot_interval_s", "3600".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = Config::load(None, Vec::new(), &flags).unwrap();
+    let lake = dir.path().join("lake").display().to_string();
+    let config =
+        fleetlake_tests::test_config(nats.url(), &lake, &[("dedup.snapshot_interval_s", "3600")]);
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
     fleetlake::source::ensure_stream(&js, &config)
         .await
@@ -82,10 +68,11 @@ async fn restart_drops_replays(snapshot_on_stop: bool) {
     publish("dev-a", 1).await; // replays arriving after the restart
     publish("dev-a", 3).await;
     publish("dev-a", 4).await; // new
-    wait_for("all 7 messages in raw", Duration::from_secs(60), || {
-        let api = api.clone();
-        async move { (api.scalar("SELECT count(*) FROM raw.telemetry").await == 7).then_some(()) }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM raw.telemetry",
+        7,
+        Duration::from_secs(60),
+    )
     .await;
     usable_rows(&api, 4).await;
     assert_eq!(

@@ -13,16 +13,7 @@ use tokio_util::sync::CancellationToken;
 const MESSAGES: u64 = 20_000;
 
 fn engine_config(nats: &Nats, lake: &str) -> Config {
-    let flags: Vec<(String, String)> = [
-        ("nats.url", nats.url()),
-        ("lake.location", lake),
-        ("http.listen", "127.0.0.1:0"),
-        ("ingest.commit_interval_ms", "300"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    Config::load(None, Vec::new(), &flags).expect("test configuration")
+    fleetlake_tests::test_config(nats.url(), lake, &[("ingest.commit_interval_ms", "300")])
 }
 
 /// Publishes 20,000 messages (1% malformed) and checks every table through the API, polars and
@@ -252,13 +243,11 @@ async fn query_api_answers_in_every_format_and_refuses_writes() {
     )
     .await
     .unwrap();
-    wait_for("50 usable rows", Duration::from_secs(60), || {
-        let api = api.clone();
-        async move {
-            let (status, body) = api.query("SELECT count(*) FROM usable.telemetry").await;
-            (status == 200 && body["rows"][0][0] == 50).then_some(())
-        }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.telemetry",
+        50,
+        Duration::from_secs(60),
+    )
     .await;
     let sql = "SELECT device_id, count(*) AS n FROM usable.telemetry GROUP BY device_id ORDER BY device_id";
     let (status, body) = api.query(sql).await;

@@ -14,17 +14,12 @@ fn shipped_pipelines() -> PathBuf {
 }
 
 fn config(nats: &Nats, lake: &Path, pipelines: &Path) -> Config {
-    let flags: Vec<(String, String)> = [
-        ("nats.url", nats.url().to_string()),
-        ("lake.location", lake.display().to_string()),
-        ("http.listen", "127.0.0.1:0".to_string()),
-        ("ingest.commit_interval_ms", "200".to_string()),
-        ("pipelines.dir", pipelines.display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    Config::load(None, Vec::new(), &flags).unwrap()
+    let pipelines = pipelines.display().to_string();
+    fleetlake_tests::test_config(
+        nats.url(),
+        &lake.display().to_string(),
+        &[("pipelines.dir", &pipelines)],
+    )
 }
 
 async fn put_devices(api: &Api, csv: &str) {
@@ -39,13 +34,11 @@ async fn put_devices(api: &Api, csv: &str) {
 }
 
 async fn raw_rows(api: &Api, n: i64) {
-    wait_for(&format!("{n} raw rows"), Duration::from_secs(60), || {
-        let api = api.clone();
-        async move {
-            let (status, body) = api.query("SELECT count(*) FROM raw.telemetry").await;
-            (status == 200 && body["rows"][0][0].as_i64() == Some(n)).then_some(())
-        }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM raw.telemetry",
+        n,
+        Duration::from_secs(60),
+    )
     .await;
 }
 

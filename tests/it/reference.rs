@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use fleetlake::config::Config;
 use fleetlake::serve::Engine;
 use fleetlake::simulate::{self, SimConfig};
-use fleetlake_tests::{Api, Nats, wait_for};
+use fleetlake_tests::{Api, Nats};
 use tokio_util::sync::CancellationToken;
 
 async fn put(api: &Api, table: &str, content_type: &str, body: &str) -> (u16, serde_json::Value) {
@@ -24,19 +23,8 @@ async fn put(api: &Api, table: &str, content_type: &str, body: &str) -> (u16, se
 async fn reference_uploads_replace_the_table_and_join_with_usable() {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let flags: Vec<(String, String)> = [
-        ("nats.url", nats.url().to_string()),
-        (
-            "lake.location",
-            dir.path().join("lake").display().to_string(),
-        ),
-        ("http.listen", "127.0.0.1:0".to_string()),
-        ("ingest.commit_interval_ms", "200".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = Config::load(None, Vec::new(), &flags).unwrap();
+    let lake = dir.path().join("lake").display().to_string();
+    let config = fleetlake_tests::test_config(nats.url(), &lake, &[]);
     let engine = Engine::start(config.clone(), Vec::new(), true)
         .await
         .unwrap();
@@ -58,10 +46,11 @@ async fn reference_uploads_replace_the_table_and_join_with_usable() {
     )
     .await
     .unwrap();
-    wait_for("30 usable rows", Duration::from_secs(60), || {
-        let api = api.clone();
-        async move { (api.scalar("SELECT count(*) FROM usable.telemetry").await == 30).then_some(()) }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.telemetry",
+        30,
+        Duration::from_secs(60),
+    )
     .await;
 
     let csv = "device_id,tenant,site,model\ndev-000000,acme,berlin,T-200\ndev-000001,acme,paris,T-200\ndev-000002,globex,oslo,T-300\n";

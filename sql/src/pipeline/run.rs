@@ -377,6 +377,18 @@ impl PipelineRunner {
         state.observe(&decoded)
     }
 
+    /// The rows of a raw batch on this pipeline's subjects.
+    pub fn claimed_rows(&self, raw: &RecordBatch) -> Result<RecordBatch> {
+        let subjects = raw
+            .column_by_name("subject")
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| Error::Internal("raw rows without a subject column".into()))?;
+        let mine: BooleanArray = (0..subjects.len())
+            .map(|i| Some(self.claims(subjects.value(i))))
+            .collect();
+        filter_record_batch(raw, &mine).map_err(internal)
+    }
+
     /// True when messages on `subject` belong to this pipeline.
     pub fn claims(&self, subject: &str) -> bool {
         subject_matches(&self.source.subject, subject)
