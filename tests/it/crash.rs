@@ -199,10 +199,19 @@ async fn crash_run(disruption: Disruption, seed: u64) {
         report.malformed as i64
     );
     let usable = count(&query, "SELECT count(*) FROM usable.telemetry").await;
-    assert_eq!(
-        usable, report.distinct as i64,
-        "usable rows vs distinct readings sent: {report:?}"
-    );
+    if usable != report.distinct as i64 {
+        // Say which readings are doubled, to make a failure here diagnosable.
+        let doubled = query
+            .query("SELECT device_id, seq, count(*) AS n, min(stream_seq), max(stream_seq) FROM usable.telemetry GROUP BY device_id, seq HAVING count(*) > 1 ORDER BY device_id, seq LIMIT 20")
+            .await
+            .unwrap();
+        let doubled = arrow::util::pretty::pretty_format_batches(&doubled.batches).unwrap();
+        panic!(
+            "usable.telemetry holds {usable} rows, {} distinct readings were sent ({report:?}); doubled readings:\n{doubled}\nengine log: {}",
+            report.distinct,
+            log.display()
+        );
+    }
     assert_eq!(
         count(
             &query,
