@@ -394,11 +394,6 @@ impl PipelineRunner {
         subject_matches(&self.source.subject, subject)
     }
 
-    /// The dedup key of the source, when it is `(device_id, seq)`.
-    pub fn dedup(&self) -> &DedupSpec {
-        &self.source.dedup
-    }
-
     /// Runs the pipeline over `raw` (rows of `raw.telemetry` on this pipeline's subjects).
     pub async fn run(
         &self,
