@@ -39,6 +39,42 @@ pub fn test_config(
     fleetlake::config::Config::load(None, Vec::new(), &flags).expect("test configuration")
 }
 
+/// An in-process engine, a client for its API, and a JetStream context with its stream created.
+pub async fn start_engine(
+    config: &fleetlake::config::Config,
+) -> (
+    fleetlake::serve::Engine,
+    Api,
+    async_nats::jetstream::Context,
+) {
+    let engine = fleetlake::serve::Engine::start(config.clone(), Vec::new(), true)
+        .await
+        .expect("engine starts");
+    let api = Api::new(engine.addr);
+    let js = fleetlake::source::connect(config.nats_url())
+        .await
+        .expect("NATS");
+    fleetlake::source::ensure_stream(&js, config)
+        .await
+        .expect("stream");
+    (engine, api, js)
+}
+
+/// Publishes a simulated fleet and returns what was sent.
+pub async fn simulate(
+    js: &async_nats::jetstream::Context,
+    config: fleetlake::simulate::SimConfig,
+) -> fleetlake::simulate::Report {
+    fleetlake::simulate::publish(
+        js,
+        config,
+        tokio_util::sync::CancellationToken::new(),
+        |_| {},
+    )
+    .await
+    .expect("publishing")
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -222,15 +222,8 @@ async fn query_api_answers_in_every_format_and_refuses_writes() {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = engine_config(&nats, &dir.path().join("lake").display().to_string());
-    let engine = Engine::start(config.clone(), Vec::new(), true)
-        .await
-        .unwrap();
-    let api = Api::new(engine.addr);
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
-        .await
-        .unwrap();
-    simulate::publish(
+    let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
+    fleetlake_tests::simulate(
         &js,
         SimConfig {
             messages: 50,
@@ -238,11 +231,8 @@ async fn query_api_answers_in_every_format_and_refuses_writes() {
             start_ms: Some(1_763_900_000_000),
             ..Default::default()
         },
-        CancellationToken::new(),
-        |_| {},
     )
-    .await
-    .unwrap();
+    .await;
     api.wait_scalar(
         "SELECT count(*) FROM usable.telemetry",
         50,

@@ -204,14 +204,7 @@ async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
     )
     .unwrap();
     let config = config(&nats, &dir.path().join("lake"), &pipelines);
-    let engine = Engine::start(config.clone(), Vec::new(), true)
-        .await
-        .unwrap();
-    let api = Api::new(engine.addr);
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
-        .await
-        .unwrap();
+    let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
     let publish = |payload: serde_json::Value| {
         let js = js.clone();
         async move {
@@ -265,19 +258,12 @@ async fn serve_refuses_pipelines_that_do_not_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
-    use fleetlake::simulate::{self, Profile, SimConfig};
+    use fleetlake::simulate::{Profile, SimConfig};
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
-    let engine = Engine::start(config.clone(), Vec::new(), true)
-        .await
-        .unwrap();
-    let api = Api::new(engine.addr);
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
-        .await
-        .unwrap();
-    let report = simulate::publish(
+    let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
+    let report = fleetlake_tests::simulate(
         &js,
         SimConfig {
             profile: Profile::Mixed,
@@ -290,11 +276,8 @@ async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
             start_ms: Some(1_763_900_000_000),
             ..Default::default()
         },
-        tokio_util::sync::CancellationToken::new(),
-        |_| {},
     )
-    .await
-    .unwrap();
+    .await;
     raw_rows(&api, 6_000).await;
     wait_for("every reading in a usable table", Duration::from_secs(60), || {
         let api = api.clone();
@@ -409,7 +392,7 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
-    use fleetlake::simulate::{self, Profile, SimConfig};
+    use fleetlake::simulate::{Profile, SimConfig};
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
     let pipelines = dir.path().join("pipelines");
@@ -431,7 +414,7 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     fleetlake::source::ensure_stream(&js, &config)
         .await
         .unwrap();
-    let report = simulate::publish(
+    let report = fleetlake_tests::simulate(
         &js,
         SimConfig {
             profile: Profile::ColdChain,
@@ -443,11 +426,8 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
             start_ms: Some(1_763_900_000_000),
             ..Default::default()
         },
-        tokio_util::sync::CancellationToken::new(),
-        |_| {},
     )
-    .await
-    .unwrap();
+    .await;
     raw_rows(&api, 3_000).await;
     wait_for("the cold chain table", Duration::from_secs(60), || {
         let api = api.clone();

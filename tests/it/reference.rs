@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use fleetlake::serve::Engine;
-use fleetlake::simulate::{self, SimConfig};
+use fleetlake::simulate::SimConfig;
 use fleetlake_tests::{Api, Nats};
-use tokio_util::sync::CancellationToken;
 
 async fn put(api: &Api, table: &str, content_type: &str, body: &str) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()
@@ -25,15 +23,8 @@ async fn reference_uploads_replace_the_table_and_join_with_usable() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake").display().to_string();
     let config = fleetlake_tests::test_config(nats.url(), &lake, &[]);
-    let engine = Engine::start(config.clone(), Vec::new(), true)
-        .await
-        .unwrap();
-    let api = Api::new(engine.addr);
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
-        .await
-        .unwrap();
-    simulate::publish(
+    let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
+    fleetlake_tests::simulate(
         &js,
         SimConfig {
             devices: 3,
@@ -41,11 +32,8 @@ async fn reference_uploads_replace_the_table_and_join_with_usable() {
             start_ms: Some(1_763_900_000_000),
             ..Default::default()
         },
-        CancellationToken::new(),
-        |_| {},
     )
-    .await
-    .unwrap();
+    .await;
     api.wait_scalar(
         "SELECT count(*) FROM usable.telemetry",
         30,
