@@ -222,12 +222,14 @@ async fn healthz(State(state): State<AppState>) -> Response {
         json!({"up": up, "last_error": last})
     };
     let pipelines_up = m.pipeline_failed.load(Ordering::Relaxed) == 0;
-    let healthy = storage_up && source_up && pipelines_up;
+    let ingest_up = m.ingest_stopped.load(Ordering::Relaxed) == 0;
+    let healthy = storage_up && source_up && pipelines_up && ingest_up;
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "storage": component(storage_up, "storage"),
         "nats": component(source_up, "source"),
         "pipelines": component(pipelines_up, "pipeline"),
+        "ingest": component(ingest_up, "ingest"),
     });
     let status = if healthy {
         StatusCode::OK

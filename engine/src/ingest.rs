@@ -536,6 +536,17 @@ impl Ingest {
                     }
                     return true;
                 }
+                Err(e) if !e.is_transient() => {
+                    // Retrying cannot help (e.g. a pipeline changed a column's type): stop
+                    // ingest and say why; nothing of the batch is acked.
+                    let reason = format!("ingest stopped: {e}");
+                    tracing::error!(%reason);
+                    self.metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.set_last_error("ingest", &reason);
+                    self.metrics.ingest_stopped.store(1, Ordering::Relaxed);
+                    self.cancel.cancel();
+                    return false;
+                }
                 Err(e) => {
                     storage_failed(&self.metrics, &e.to_string());
                     if self.cancel.is_cancelled() {

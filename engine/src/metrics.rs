@@ -119,6 +119,8 @@ pub struct Metrics {
     tables: Mutex<Vec<std::sync::Arc<TableMetrics>>>,
     /// 1 once a `FAIL` expectation stopped the pipelines.
     pub pipeline_failed: AtomicI64,
+    /// 1 once a permanent error (one retrying cannot fix) stopped ingest.
+    pub ingest_stopped: AtomicI64,
     pipelines: Mutex<std::collections::BTreeMap<String, PipelineCounters>>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
     last_errors: Mutex<Vec<(&'static str, String, chrono::DateTime<chrono::Utc>)>>,
@@ -142,6 +144,7 @@ impl Default for Metrics {
             tables: Mutex::new(Vec::new()),
             last_errors: Mutex::new(Vec::new()),
             pipeline_failed: AtomicI64::new(0),
+            ingest_stopped: AtomicI64::new(0),
             pipelines: Mutex::new(std::collections::BTreeMap::new()),
         }
     }

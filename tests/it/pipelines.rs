@@ -600,3 +600,69 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
     assert_eq!(cold["rows"]["deduplicated"], 1, "{cold}");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_whose_type_changes_stops_ingest_instead_of_retrying_forever() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    let v1 = "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.typ.>');\n\
+              CREATE STREAMING TABLE usable.typ AS SELECT device_id, seq, v FROM r;\n";
+    std::fs::write(pipelines.join("typ.sql"), v1).unwrap();
+    let config = config(&nats, &dir.path().join("lake"), &pipelines);
+    let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
+    js.publish(
+        "telemetry.typ.a",
+        json!({"device_id":"a","seq":1,"v":1.5}).to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.typ",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    engine.shutdown().await;
+
+    std::fs::write(
+        pipelines.join("typ.sql"),
+        v1.replace("v DOUBLE", "v VARCHAR"),
+    )
+    .unwrap();
+    let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
+    js.publish(
+        "telemetry.typ.a",
+        json!({"device_id":"a","seq":2,"v":"high"})
+            .to_string()
+            .into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_for(
+        "/healthz to say why ingest stopped",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let (status, body) = api.get("/healthz").await;
+                (status == 503 && body.contains("usable.typ") && body.contains("ingest"))
+                    .then_some(body)
+            }
+        },
+    )
+    .await;
+    let (_, metrics) = api.get("/metrics").await;
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetlake_storage_errors_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(errors <= 1, "a permanent error was retried {errors} times");
+    engine.shutdown().await;
+}

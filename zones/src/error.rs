@@ -41,7 +41,21 @@ impl Error {
     /// True when retrying the same operation later may succeed (storage unreachable, commit
     /// conflicts, timeouts); false for mistakes in configuration or input.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Delta { .. } | Error::Io { .. })
+        use deltalake::DeltaTableError as D;
+        match self {
+            Error::Delta { source, .. } => !matches!(
+                **source,
+                D::SchemaMismatch { .. }
+                    | D::Arrow { .. }
+                    | D::PartitionError { .. }
+                    | D::InvalidPartitionFilter { .. }
+                    | D::NoSchema
+                    | D::MissingFeature { .. }
+                    | D::VersionDowngrade { .. }
+            ),
+            Error::Io { .. } => true,
+            _ => false,
+        }
     }
 }
 
