@@ -555,8 +555,9 @@ impl Ingest {
                             return false;
                         }
                         tokio::time::sleep(BACKOFF_START).await;
-                    } else if !backoff.wait(&self.cancel).await {
-                        continue;
+                    } else {
+                        // Returns early when cancelled; later attempts then count as above.
+                        backoff.wait(&self.cancel).await;
                     }
                 }
             }
