@@ -7,16 +7,18 @@
 //!  NATS JetStream ──► source (durable pull consumer, recreated at the lake's position)
 //!                        │
 //!                        ▼
-//!                     ingest (micro-batches) ──► raw.telemetry ─► decode ─► raw.quarantine
-//!                        │                                                └► usable.telemetry
-//!                        └── ack after every commit is durable
+//!                     ingest (micro-batches) ──► raw.telemetry
+//!                        │   ├─ pipelines (declared, by subject) ─► usable.<table> ─┐
+//!                        │   └─ built-in decode ─► dedup ─► usable.telemetry ───────┼─► raw.quarantine
+//!                        └── ack after every commit is durable                      ┘
 //!  HTTP (axum) ──► http ──► Lakehouse trait ──► fleetlake_sql::QueryEngine ──► zones
 //! ```
 //!
 //! Layout: [`config`] (layered settings), [`source`] (JetStream), [`ingest`] (the micro-batch
-//! loop), [`http`], [`format`] and [`reference`] (the API), [`metrics`], [`serve`] (wiring and shutdown),
-//! [`simulate`] (the seeded fleet) and [`demo`] (everything in one command). Start reading at
-//! [`ingest`].
+//! loop), [`pipelines`] (the declared pipelines' stage and writers), [`replay`] (rebuilding a
+//! pipeline's tables from the raw zone), [`http`], [`format`] and [`reference`] (the API),
+//! [`metrics`], [`serve`] (wiring and shutdown), [`simulate`] (the seeded fleet),
+//! [`nats_server`] and [`demo`] (everything in one command). Start reading at [`ingest`].
 
 pub mod config;
 pub mod demo;

@@ -12,10 +12,12 @@
 //!
 //! Layout:
 //! - [`schema`]: the zones, the table identifiers and the Arrow schemas of the built-in tables;
-//! - [`lake`]: [`Lake`], opening the object store, creating tables, committing and describing them;
+//! - [`lake`]: [`Lake`], opening the object store, creating, describing and replacing tables, and
+//!   [`lake::TableWriter`], the idempotent commit and the side files (dedup snapshots) kept beside
+//!   a table;
 //! - [`error`]: the crate's one error type, which says whose fault a failure is.
 //!
-//! Start reading at [`Lake::commit`].
+//! Start reading at [`lake::TableWriter::commit`].
 
 pub mod error;
 pub mod lake;
