@@ -16,7 +16,7 @@
 //!
 //! Layout: [`config`] (layered settings), [`source`] (JetStream), [`ingest`] (the micro-batch
 //! loop), [`pipelines`] (the declared pipelines' stage and writers), [`replay`] (rebuilding a
-//! pipeline's tables from the raw zone), [`http`], [`format`] and [`reference`] (the API),
+//! pipeline's tables from the raw zone), [`http`], [`format`](mod@format) and [`reference`](mod@reference) (the API),
 //! [`metrics`], [`serve`] (wiring and shutdown), [`simulate`] (the seeded fleet),
 //! [`nats_server`] and [`demo`] (everything in one command). Start reading at [`ingest`].
 
