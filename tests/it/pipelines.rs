@@ -22,6 +22,27 @@ fn config(nats: &Nats, lake: &Path, pipelines: &Path) -> Config {
     )
 }
 
+/// A pipelines folder in `dir` holding one file.
+fn one_pipeline(dir: &Path, file: &str, text: &str) -> PathBuf {
+    let pipelines = dir.join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    std::fs::write(pipelines.join(file), text).unwrap();
+    pipelines
+}
+
+/// Publishes one JSON payload and waits for JetStream to store it.
+async fn publish_json(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payload: serde_json::Value,
+) {
+    js.publish(subject.to_string(), payload.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 async fn put_devices(api: &Api, csv: &str) {
     let r = reqwest::Client::new()
         .put(format!("{}/v1/reference/devices", api.base))
@@ -168,16 +189,12 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
     // A reference update is seen by the rows that follow, without a restart; earlier rows keep
     // the enrichment they had.
     put_devices(&api, "device_id,tenant,site,model,hw_rev\ntrailer-1,globex,hamburg,T-200,rev-B\ntrailer-2,acme,paris,T-300,rev-C\n").await;
-    js.publish(
+    publish_json(
+        &js,
         "telemetry.coldchain.trailer-1",
-        json!({"device_id":"trailer-1","seq":10,"ts":ts,"temp_c":3.0,"lat":53.5,"lon":10.0})
-            .to_string()
-            .into(),
+        json!({"device_id":"trailer-1","seq":10,"ts":ts,"temp_c":3.0,"lat":53.5,"lon":10.0}),
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    .await;
     raw_rows(&api, 11).await;
     let (_, body) = api
         .query("SELECT seq, tenant, site FROM usable.cold_chain WHERE device_id = 'trailer-1' ORDER BY seq")
@@ -194,15 +211,13 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
 async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let pipelines = dir.path().join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    std::fs::write(
-        pipelines.join("strict.sql"),
+    let pipelines = one_pipeline(
+        dir.path(),
+        "strict.sql",
         "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.strict.>');\n\
          CREATE STREAMING TABLE usable.strict (CONSTRAINT v_positive EXPECT (v > 0) ON VIOLATION FAIL)\n\
          AS SELECT device_id, seq, v FROM r;\n",
-    )
-    .unwrap();
+    );
     let config = config(&nats, &dir.path().join("lake"), &pipelines);
     let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
     let publish = |payload: serde_json::Value| {
@@ -239,13 +254,11 @@ async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
 async fn serve_refuses_pipelines_that_do_not_check() {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let pipelines = dir.path().join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    std::fs::write(
-        pipelines.join("typo.sql"),
+    let pipelines = one_pipeline(
+        dir.path(),
+        "typo.sql",
         "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL) WITH (subject = 'a.>', dedup_windw = '1h');\n",
-    )
-    .unwrap();
+    );
     let config = config(&nats, &dir.path().join("lake"), &pipelines);
     let err = Engine::start(config, Vec::new(), true)
         .await
@@ -321,11 +334,9 @@ async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
 async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let pipelines = dir.path().join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
     let v1 = "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.evo.>');\n\
               CREATE STREAMING TABLE usable.evo AS SELECT device_id, seq, v FROM r;\n";
-    std::fs::write(pipelines.join("evo.sql"), v1).unwrap();
+    let pipelines = one_pipeline(dir.path(), "evo.sql", v1);
     let config = config(&nats, &dir.path().join("lake"), &pipelines);
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
     fleetlake::source::ensure_stream(&js, &config)
@@ -605,21 +616,17 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
 async fn a_column_whose_type_changes_stops_ingest_instead_of_retrying_forever() {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let pipelines = dir.path().join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
     let v1 = "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.typ.>');\n\
               CREATE STREAMING TABLE usable.typ AS SELECT device_id, seq, v FROM r;\n";
-    std::fs::write(pipelines.join("typ.sql"), v1).unwrap();
+    let pipelines = one_pipeline(dir.path(), "typ.sql", v1);
     let config = config(&nats, &dir.path().join("lake"), &pipelines);
     let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
-    js.publish(
+    publish_json(
+        &js,
         "telemetry.typ.a",
-        json!({"device_id":"a","seq":1,"v":1.5}).to_string().into(),
+        json!({"device_id":"a","seq":1,"v":1.5}),
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    .await;
     api.wait_scalar(
         "SELECT count(*) FROM usable.typ",
         1,
@@ -634,16 +641,12 @@ async fn a_column_whose_type_changes_stops_ingest_instead_of_retrying_forever() 
     )
     .unwrap();
     let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
-    js.publish(
+    publish_json(
+        &js,
         "telemetry.typ.a",
-        json!({"device_id":"a","seq":2,"v":"high"})
-            .to_string()
-            .into(),
+        json!({"device_id":"a","seq":2,"v":"high"}),
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    .await;
     wait_for(
         "/healthz to say why ingest stopped",
         Duration::from_secs(60),

@@ -208,19 +208,7 @@ impl Lake {
                 source: Box::new(source),
             })?,
         };
-        table
-            .write(vec![batch])
-            .with_save_mode(SaveMode::Overwrite)
-            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
-            .await
-            .map_err(|source| Error::Delta {
-                action: "replacing",
-                table: id.to_string(),
-                source: Box::new(source),
-            })?;
-        self.describe(id)
-            .await?
-            .ok_or_else(|| Error::UnknownTable(id.to_string()))
+        self.overwrite(id, table, vec![batch], None).await
     }
 
     /// Replaces, in one commit, the rows of a table that match `predicate` (SQL over the table's
@@ -236,17 +224,31 @@ impl Lake {
             .load(id)
             .await?
             .ok_or_else(|| Error::UnknownTable(id.to_string()))?;
-        table
-            .write(batches)
-            .with_save_mode(SaveMode::Overwrite)
-            .with_replace_where(predicate)
-            .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
-            .await
-            .map_err(|source| Error::Delta {
-                action: "replacing rows of",
-                table: id.to_string(),
-                source: Box::new(source),
-            })?;
+        self.overwrite(id, table, batches, Some(predicate)).await
+    }
+
+    /// One overwriting commit: the whole table (and its schema), or the rows matching
+    /// `predicate` (new columns merged in).
+    async fn overwrite(
+        &self,
+        id: &TableId,
+        table: DeltaTable,
+        batches: Vec<RecordBatch>,
+        predicate: Option<String>,
+    ) -> Result<TableInfo> {
+        use deltalake::operations::write::SchemaMode;
+        let write = table.write(batches).with_save_mode(SaveMode::Overwrite);
+        let write = match predicate {
+            Some(p) => write
+                .with_replace_where(p)
+                .with_schema_mode(SchemaMode::Merge),
+            None => write.with_schema_mode(SchemaMode::Overwrite),
+        };
+        write.await.map_err(|source| Error::Delta {
+            action: "replacing rows of",
+            table: id.to_string(),
+            source: Box::new(source),
+        })?;
         self.describe(id)
             .await?
             .ok_or_else(|| Error::UnknownTable(id.to_string()))
