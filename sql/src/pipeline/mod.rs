@@ -157,12 +157,60 @@ impl ReferenceDef {
     }
 }
 
+/// How rows are grouped into event-time windows (all durations in microseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Fixed, non-overlapping windows of `size`.
+    Tumbling { size: i64 },
+    /// Windows of `size` starting every `slide`; a row belongs to `size / slide` of them.
+    Hopping { size: i64, slide: i64 },
+    /// Per group: rows closer than `gap` to each other share a window.
+    Session { gap: i64 },
+}
+
+/// `CREATE WINDOW TABLE final.name WITH (window = 'tumbling', size = '1m', …) AS SELECT …`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowDef {
+    pub table: TableId,
+    pub pos: Pos,
+    pub kind: WindowKind,
+    /// How far behind the newest event time the watermark trails (bounded out-of-orderness).
+    pub watermark: i64,
+    /// How long after the watermark passes its end a window still takes rows.
+    pub allowed_lateness: i64,
+    /// The input's event-time column.
+    pub event_time: String,
+    pub option_pos: Vec<(String, Pos)>,
+    pub query: Box<Query>,
+}
+
+/// When a rule's key moves between states, and how often it may repeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleDef {
+    pub name: String,
+    pub pos: Pos,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+    /// The columns that say what an alert is about (a device, a site, a cohort).
+    pub key: Vec<String>,
+    /// How long (µs, event time) the condition must hold before the rule fires.
+    pub for_duration: i64,
+    /// The least time (µs, event time) between two firings of one key.
+    pub cool_down: i64,
+    /// The event-time column of the rule's rows.
+    pub event_time: String,
+    pub option_pos: Vec<(String, Pos)>,
+    pub query: Box<Query>,
+}
+
 /// Everything one file declares.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PipelineFile {
     pub sources: Vec<SourceDef>,
     pub tables: Vec<TableDef>,
     pub references: Vec<ReferenceDef>,
+    pub windows: Vec<WindowDef>,
+    pub rules: Vec<RuleDef>,
 }
 
 /// An Arrow schema from declared columns.

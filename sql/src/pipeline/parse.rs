@@ -9,9 +9,11 @@ use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 use datafusion::sql::sqlparser::tokenizer::{Location, Token};
 use fleetlake_zones::{TableId, Zone};
 
+use datafusion::sql::sqlparser::ast::Query;
+
 use super::{
     Action, Column, DedupSpec, Expectation, PipelineError, PipelineFile, Pos, ReferenceDef,
-    SourceDef, TableDef,
+    RuleDef, SourceDef, TableDef, WindowDef, WindowKind,
 };
 
 /// Options `CREATE SOURCE … WITH (…)` accepts.
@@ -109,9 +111,9 @@ impl P<'_> {
 
     fn statement(&mut self, file: &mut PipelineFile) -> R<()> {
         if !self.parser.parse_keyword(Keyword::CREATE) {
-            return Err(
-                self.unexpected("CREATE SOURCE, CREATE STREAMING TABLE or CREATE REFERENCE TABLE")
-            );
+            return Err(self.unexpected(
+                "CREATE SOURCE, STREAMING TABLE, REFERENCE TABLE, WINDOW TABLE or RULE",
+            ));
         }
         if self.word("SOURCE") {
             let source = self.source()?;
@@ -124,8 +126,17 @@ impl P<'_> {
             self.expect_word("TABLE", "TABLE after CREATE REFERENCE")?;
             let reference = self.reference()?;
             file.references.push(reference);
+        } else if self.word("WINDOW") {
+            self.expect_word("TABLE", "TABLE after CREATE WINDOW")?;
+            let window = self.window()?;
+            file.windows.push(window);
+        } else if self.word("RULE") {
+            let rule = self.rule()?;
+            file.rules.push(rule);
         } else {
-            return Err(self.unexpected("SOURCE, STREAMING TABLE or REFERENCE TABLE after CREATE"));
+            return Err(self.unexpected(
+                "SOURCE, STREAMING TABLE, REFERENCE TABLE, WINDOW TABLE or RULE after CREATE",
+            ));
         }
         Ok(())
     }
@@ -198,7 +209,7 @@ impl P<'_> {
         if !self.parser.parse_keyword(Keyword::WITH) {
             return Err(self.unexpected("WITH (subject = '…', …) after the columns of a source"));
         }
-        self.expect(Token::LParen, "( after WITH")?;
+        let options = self.options()?;
         let mut source = SourceDef {
             name,
             pos: at,
@@ -208,39 +219,15 @@ impl P<'_> {
             dedup: DedupSpec::Columns(vec!["device_id".into(), "seq".into()]),
             dedup_window_minutes: 60,
             event_time: None,
-            option_pos: Vec::new(),
+            option_pos: options
+                .iter()
+                .map(|o| (o.key.clone(), o.value_at))
+                .collect(),
         };
-        loop {
-            let key_at = self.here();
-            let key = self.run(|p| p.parse_identifier())?.value.to_lowercase();
-            self.expect(Token::Eq, "= after an option name")?;
-            let value_at = self.here();
-            let value = match self.parser.next_token().token {
-                Token::SingleQuotedString(s) => s,
-                Token::Number(n, _) => n,
-                _ => {
-                    return Err(PipelineError::new(
-                        value_at,
-                        format!(
-                            "the value of option {key} must be a quoted string, e.g. {key} = '…'"
-                        ),
-                    ));
-                }
-            };
-            if source.option_pos.iter().any(|(k, _)| *k == key) {
-                return Err(PipelineError::new(
-                    key_at,
-                    format!("option {key} is given twice"),
-                ));
-            }
-            source.option_pos.push((key.clone(), value_at));
-            let bad = |expected: &str| {
-                PipelineError::new(
-                    value_at,
-                    format!("option {key} = {value:?}: expected {expected}"),
-                )
-            };
-            match key.as_str() {
+        for o in options {
+            let (key, value, value_at) = (o.key.as_str(), o.value.clone(), o.value_at);
+            let bad = |expected: &str| o.bad(expected);
+            match key {
                 "subject" => {
                     if value.is_empty() || value.contains(' ') {
                         return Err(bad("a NATS subject such as 'telemetry.coldchain.>'"));
@@ -274,21 +261,8 @@ impl P<'_> {
                         .ok_or_else(|| bad("a duration such as '30m', '2h' or '1d'"))?;
                 }
                 "event_time" => source.event_time = Some((value, value_at)),
-                _ => {
-                    return Err(PipelineError::new(
-                        key_at,
-                        format!(
-                            "unknown option {key} for CREATE SOURCE: expected one of {}",
-                            SOURCE_OPTIONS.join(", ")
-                        ),
-                    ));
-                }
+                _ => return Err(o.unknown("CREATE SOURCE", SOURCE_OPTIONS)),
             }
-            if self.parser.consume_token(&Token::Comma) {
-                continue;
-            }
-            self.expect(Token::RParen, ", or ) after an option")?;
-            break;
         }
         if source.subject.is_empty() {
             return Err(PipelineError::new(
@@ -362,6 +336,207 @@ impl P<'_> {
         })
     }
 
+    /// `( key = 'value', … )` after WITH; each key once.
+    fn options(&mut self) -> R<Vec<Opt>> {
+        self.expect(Token::LParen, "( after WITH")?;
+        let mut options: Vec<Opt> = Vec::new();
+        loop {
+            let key_at = self.here();
+            let key = self.run(|p| p.parse_identifier())?.value.to_lowercase();
+            self.expect(Token::Eq, "= after an option name")?;
+            let value_at = self.here();
+            let value = match self.parser.next_token().token {
+                Token::SingleQuotedString(s) => s,
+                Token::Number(n, _) => n,
+                _ => {
+                    return Err(PipelineError::new(
+                        value_at,
+                        format!(
+                            "the value of option {key} must be a quoted string, e.g. {key} = '…'"
+                        ),
+                    ));
+                }
+            };
+            if options.iter().any(|o| o.key == key) {
+                return Err(PipelineError::new(
+                    key_at,
+                    format!("option {key} is given twice"),
+                ));
+            }
+            options.push(Opt {
+                key,
+                key_at,
+                value,
+                value_at,
+            });
+            if self.parser.consume_token(&Token::Comma) {
+                continue;
+            }
+            self.expect(Token::RParen, ", or ) after an option")?;
+            return Ok(options);
+        }
+    }
+
+    /// `WITH (…) AS SELECT …` of window tables and rules.
+    fn options_and_query(&mut self, what: &str) -> R<(Vec<Opt>, Box<Query>)> {
+        if !self.parser.parse_keyword(Keyword::WITH) {
+            return Err(self.unexpected(&format!("WITH (…) after the name of {what}")));
+        }
+        let options = self.options()?;
+        if !self.parser.parse_keyword(Keyword::AS) {
+            return Err(self.unexpected(&format!("AS SELECT … (the query of {what})")));
+        }
+        let query = self.run(|p| p.parse_query())?;
+        Ok((options, query))
+    }
+
+    fn window(&mut self) -> R<WindowDef> {
+        let (table, at) = self.table_id(Zone::Final, "a window table")?;
+        let (options, query) = self.options_and_query("a window table")?;
+        let mut kind = None;
+        let (mut size, mut slide, mut gap) = (None, None, None);
+        let mut def = WindowDef {
+            table,
+            pos: at,
+            kind: WindowKind::Tumbling { size: 0 },
+            watermark: 0,
+            allowed_lateness: 0,
+            event_time: "ts".into(),
+            option_pos: options
+                .iter()
+                .map(|o| (o.key.clone(), o.value_at))
+                .collect(),
+            query,
+        };
+        for o in &options {
+            let duration = || {
+                parse_duration(&o.value)
+                    .ok_or_else(|| o.bad("a duration such as '30s', '5m', '1h' or '1d'"))
+            };
+            match o.key.as_str() {
+                "window" => {
+                    kind = Some(match o.value.trim().to_lowercase().as_str() {
+                        k @ ("tumbling" | "hopping" | "session") => k.to_string(),
+                        _ => return Err(o.bad("'tumbling', 'hopping' or 'session'")),
+                    })
+                }
+                "size" => size = Some((duration()?, o)),
+                "slide" => slide = Some((duration()?, o)),
+                "gap" => gap = Some((duration()?, o)),
+                "watermark" => def.watermark = duration_or_zero(o)?,
+                "allowed_lateness" => def.allowed_lateness = duration_or_zero(o)?,
+                "event_time" => def.event_time = o.value.trim().to_string(),
+                _ => return Err(o.unknown("CREATE WINDOW TABLE", WINDOW_OPTIONS)),
+            }
+        }
+        let misplaced = |opt: Option<(i64, &Opt)>, kind: &str| match opt {
+            Some((_, o)) => Err(PipelineError::new(
+                o.key_at,
+                format!("option {} does not apply to {kind} windows", o.key),
+            )),
+            None => Ok(()),
+        };
+        let missing = |what: &str| PipelineError::new(at, format!("{}: {what}", def.table));
+        def.kind = match kind.as_deref() {
+            None => {
+                return Err(missing(
+                    "say which window: WITH (window = 'tumbling' | 'hopping' | 'session', …)",
+                ));
+            }
+            Some("tumbling") => {
+                misplaced(slide, "tumbling")?;
+                misplaced(gap, "tumbling")?;
+                let size = size
+                    .ok_or_else(|| missing("a tumbling window needs size = '…'"))?
+                    .0;
+                WindowKind::Tumbling { size }
+            }
+            Some("hopping") => {
+                misplaced(gap, "hopping")?;
+                let size = size
+                    .ok_or_else(|| missing("a hopping window needs size = '…'"))?
+                    .0;
+                let (slide, o) =
+                    slide.ok_or_else(|| missing("a hopping window needs slide = '…'"))?;
+                if slide > size || size % slide != 0 {
+                    return Err(
+                        o.bad("a slide that divides the size, e.g. size = '10m', slide = '5m'")
+                    );
+                }
+                WindowKind::Hopping { size, slide }
+            }
+            _ => {
+                misplaced(size, "session")?;
+                misplaced(slide, "session")?;
+                let gap = gap
+                    .ok_or_else(|| missing("a session window needs gap = '…'"))?
+                    .0;
+                WindowKind::Session { gap }
+            }
+        };
+        Ok(def)
+    }
+
+    fn rule(&mut self) -> R<RuleDef> {
+        let at = self.here();
+        let name = self.run(|p| p.parse_identifier())?.value;
+        let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(PipelineError::new(
+                at,
+                format!(
+                    "rule name {name:?}: expected letters, digits and _ (it becomes part of a NATS subject)"
+                ),
+            ));
+        }
+        let (options, query) = self.options_and_query("a rule")?;
+        let mut rule = RuleDef {
+            name,
+            pos: at,
+            severity: "warning".into(),
+            key: Vec::new(),
+            for_duration: 0,
+            cool_down: 0,
+            event_time: "ts".into(),
+            option_pos: options
+                .iter()
+                .map(|o| (o.key.clone(), o.value_at))
+                .collect(),
+            query,
+        };
+        for o in &options {
+            match o.key.as_str() {
+                "severity" => {
+                    let s = o.value.trim().to_lowercase();
+                    if !["info", "warning", "critical"].contains(&s.as_str()) {
+                        return Err(o.bad("'info', 'warning' or 'critical'"));
+                    }
+                    rule.severity = s;
+                }
+                "key" => {
+                    rule.key = o.value.split(',').map(|c| c.trim().to_string()).collect();
+                    if rule.key.iter().any(|c| c.is_empty()) {
+                        return Err(o.bad("columns such as 'device_id' or 'tenant, site'"));
+                    }
+                }
+                "for" => rule.for_duration = duration_or_zero(o)?,
+                "cool_down" => rule.cool_down = duration_or_zero(o)?,
+                "event_time" => rule.event_time = o.value.trim().to_string(),
+                _ => return Err(o.unknown("CREATE RULE", RULE_OPTIONS)),
+            }
+        }
+        if rule.key.is_empty() {
+            return Err(PipelineError::new(
+                at,
+                format!(
+                    "rule {}: say what an alert is about: WITH (key = 'device_id', …)",
+                    rule.name
+                ),
+            ));
+        }
+        Ok(rule)
+    }
+
     fn action(&mut self) -> R<Action> {
         if self.word("WARN") {
             Ok(Action::Warn)
@@ -402,6 +577,74 @@ impl TypeSpan for datafusion::sql::sqlparser::ast::ColumnDef {
             column: end.column + 1,
         })
     }
+}
+
+/// One `key = 'value'` of a WITH list.
+struct Opt {
+    key: String,
+    key_at: Pos,
+    value: String,
+    value_at: Pos,
+}
+
+impl Opt {
+    fn bad(&self, expected: &str) -> PipelineError {
+        PipelineError::new(
+            self.value_at,
+            format!(
+                "option {} = {:?}: expected {expected}",
+                self.key, self.value
+            ),
+        )
+    }
+    fn unknown(&self, statement: &str, known: &[&str]) -> PipelineError {
+        PipelineError::new(
+            self.key_at,
+            format!(
+                "unknown option {} for {statement}: expected one of {}",
+                self.key,
+                known.join(", ")
+            ),
+        )
+    }
+}
+
+/// Options `CREATE WINDOW TABLE … WITH (…)` accepts.
+pub const WINDOW_OPTIONS: &[&str] = &[
+    "window",
+    "size",
+    "slide",
+    "gap",
+    "watermark",
+    "allowed_lateness",
+    "event_time",
+];
+
+/// Options `CREATE RULE … WITH (…)` accepts.
+pub const RULE_OPTIONS: &[&str] = &["severity", "key", "for", "cool_down", "event_time"];
+
+/// A duration in microseconds: `500ms`, `30s`, `5m`, `2h`, `1d`, also `5 minutes`.
+pub fn parse_duration(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = number.parse().ok()?;
+    let unit = match unit.trim().to_lowercase().as_str() {
+        "ms" | "millisecond" | "milliseconds" => 1_000,
+        "s" | "sec" | "second" | "seconds" => 1_000_000,
+        "m" | "min" | "minute" | "minutes" => 60_000_000,
+        "h" | "hour" | "hours" => 3_600_000_000,
+        "d" | "day" | "days" => 86_400_000_000,
+        _ => return None,
+    };
+    n.checked_mul(unit).filter(|d| *d > 0)
+}
+
+/// A duration that may be `'0'` (watermark, lateness, for, cool-down).
+fn duration_or_zero(o: &Opt) -> R<i64> {
+    if o.value.trim() == "0" {
+        return Ok(0);
+    }
+    parse_duration(&o.value).ok_or_else(|| o.bad("a duration such as '0', '30s', '5m' or '1h'"))
 }
 
 /// `30m`, `2h`, `1d`, `90s` (rounded up to whole minutes).
@@ -473,5 +716,10 @@ mod tests {
         assert_eq!(parse_minutes("90s"), Some(2));
         assert_eq!(parse_minutes("soon"), None);
         assert_eq!(parse_minutes("0m"), None);
+        assert_eq!(parse_duration("90s"), Some(90_000_000));
+        assert_eq!(parse_duration("5 minutes"), Some(300_000_000));
+        assert_eq!(parse_duration("250ms"), Some(250_000));
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("5 fortnights"), None);
     }
 }

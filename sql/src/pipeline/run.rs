@@ -556,7 +556,7 @@ fn internal(e: arrow::error::ArrowError) -> Error {
 }
 
 /// Casts query output to the table's storage schema (column by column, by name).
-fn conform(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch> {
+pub(crate) fn conform(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch> {
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
         let columns = schema

@@ -1,0 +1,222 @@
+//! Window semantics by example: each `tests/windows/*.slt` file declares a window table over
+//! `usable.readings (device_id, ts, v, stream_seq)`, feeds it micro-batches of rows and says
+//! which window rows each batch closes and how many readings were late (format: the comment at
+//! the top of `tumbling.slt`).
+//!
+//! Every file is also run twice more — every row its own micro-batch, and all rows in one — and
+//! must produce the same rows in total: the output does not depend on how the stream is cut.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use fleetlake_sql::pipeline::parse_file;
+use fleetlake_sql::window::WindowOperator;
+use fleetlake_zones::TableId;
+
+fn input_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("device_id", DataType::Utf8, true),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            true,
+        ),
+        Field::new("v", DataType::Float64, true),
+        Field::new("stream_seq", DataType::Int64, false),
+    ]))
+}
+
+enum Step {
+    Rows(Vec<String>),
+    Closes(Vec<String>, usize),
+    Late(u64, usize),
+}
+
+struct Spec {
+    statement: String,
+    steps: Vec<Step>,
+}
+
+fn parse(text: &str) -> Spec {
+    let mut lines = text.lines().enumerate().peekable();
+    let mut statement = String::new();
+    let mut steps = Vec::new();
+    let block = |lines: &mut std::iter::Peekable<std::iter::Enumerate<std::str::Lines<'_>>>| {
+        let mut out = Vec::new();
+        while let Some((_, l)) = lines.peek() {
+            if l.trim().is_empty() {
+                break;
+            }
+            out.push(l.trim().to_string());
+            lines.next();
+        }
+        out
+    };
+    while let Some((n, line)) = lines.next() {
+        let line = line.trim();
+        let n = n + 1;
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line {
+            "statement" => statement = block(&mut lines).join("\n"),
+            "rows" => steps.push(Step::Rows(block(&mut lines))),
+            "closes nothing" => steps.push(Step::Closes(Vec::new(), n)),
+            "closes" => steps.push(Step::Closes(block(&mut lines), n)),
+            l if l.starts_with("late ") => {
+                steps.push(Step::Late(l[5..].trim().parse().expect("late N"), n))
+            }
+            other => panic!("line {n}: unexpected {other:?}"),
+        }
+    }
+    Spec { statement, steps }
+}
+
+fn batch(rows: &[String]) -> RecordBatch {
+    let (mut seq, mut dev, mut ts, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        let f: Vec<&str> = r.split_whitespace().collect();
+        assert_eq!(f.len(), 4, "a row is: stream_seq device_id ts v, not {r:?}");
+        seq.push(f[0].parse::<i64>().unwrap());
+        dev.push(f[1].to_string());
+        ts.push(if f[2] == "NULL" {
+            None
+        } else {
+            let t = chrono::NaiveDateTime::parse_from_str(f[2], "%Y-%m-%dT%H:%M:%S").unwrap();
+            Some(t.and_utc().timestamp_micros())
+        });
+        v.push(f[3].parse::<f64>().ok());
+    }
+    RecordBatch::try_new(
+        input_schema(),
+        vec![
+            Arc::new(StringArray::from(dev)),
+            Arc::new(TimestampMicrosecondArray::from(ts).with_timezone("UTC")),
+            Arc::new(Float64Array::from(v)),
+            Arc::new(Int64Array::from(seq)),
+        ],
+    )
+    .unwrap()
+}
+
+fn render(batch: &RecordBatch) -> Vec<String> {
+    let options = FormatOptions::default().with_null("NULL");
+    let formatters: Vec<ArrayFormatter<'_>> = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+        .collect();
+    let mut out: Vec<String> = (0..batch.num_rows())
+        .map(|i| {
+            formatters
+                .iter()
+                .map(|f| f.value(i).to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn operator(spec: &Spec) -> WindowOperator {
+    let file = parse_file(&spec.statement).expect("the statement parses");
+    let def = file.windows.first().expect("a CREATE WINDOW TABLE");
+    WindowOperator::new(
+        def,
+        TableId::parse("usable.readings").unwrap(),
+        &input_schema(),
+        &[],
+    )
+    .await
+    .expect("the window plans")
+}
+
+fn files() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/windows");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "the window specs are missing");
+    files
+}
+
+#[tokio::test]
+async fn window_specs() {
+    for path in files() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let spec = parse(&std::fs::read_to_string(&path).unwrap());
+        let mut op = operator(&spec).await;
+        let mut last = None;
+        let mut all_rows = Vec::new();
+        let mut all_closed = Vec::new();
+        for step in &spec.steps {
+            match step {
+                Step::Rows(rows) => {
+                    all_rows.extend(rows.iter().cloned());
+                    let out = op.process(&batch(rows), &[]).await.unwrap();
+                    all_closed.extend(render(&out.rows));
+                    last = Some(out);
+                }
+                Step::Closes(expected, line) => {
+                    let got = render(&last.as_ref().expect("rows before closes").rows);
+                    let mut expected = expected.clone();
+                    expected.sort();
+                    assert_eq!(got, expected, "{name}:{line}: rows closed");
+                }
+                Step::Late(n, line) => {
+                    let got = last.as_ref().expect("rows before late").late;
+                    assert_eq!(got, *n, "{name}:{line}: late rows");
+                }
+            }
+        }
+        all_closed.sort();
+
+        // The same stream, cut differently, closes the same windows.
+        let mut one_by_one = operator(&spec).await;
+        let mut closed = Vec::new();
+        for r in &all_rows {
+            let out = one_by_one
+                .process(&batch(std::slice::from_ref(r)), &[])
+                .await
+                .unwrap();
+            closed.extend(render(&out.rows));
+        }
+        closed.sort();
+        assert_eq!(closed, all_closed, "{name}: one row per batch");
+
+        // Snapshot and restore mid-stream: nothing is lost or repeated.
+        let mut first = operator(&spec).await;
+        let half = all_rows.len() / 2;
+        let mut closed = render(
+            &first
+                .process(&batch(&all_rows[..half]), &[])
+                .await
+                .unwrap()
+                .rows,
+        );
+        let mut second = operator(&spec).await;
+        second.restore(&first.encode().unwrap()).unwrap();
+        // Rows at or below the restored position are skipped, as after a restart.
+        closed.extend(render(
+            &second.process(&batch(&all_rows), &[]).await.unwrap().rows,
+        ));
+        closed.sort();
+        let whole = render(
+            &operator(&spec)
+                .await
+                .process(&batch(&all_rows), &[])
+                .await
+                .unwrap()
+                .rows,
+        );
+        assert_eq!(closed, whole, "{name}: snapshot and restore");
+        assert_eq!(whole, all_closed, "{name}: all rows in one batch");
+    }
+}
