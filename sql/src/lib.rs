@@ -14,6 +14,7 @@
 //! - [`decode`]: the built-in pipeline that decodes the default telemetry envelope (no I/O);
 //! - [`dedup`]: removal of device replays by key, with state that snapshots to bytes (no I/O);
 //! - [`pipeline`]: the pipeline language (parsing and checking pipeline files);
+//! - [`rules`]: continuous rules (for / hysteresis / cool-down) that turn rows into alert transitions;
 //! - [`window`]: event-time windows (tumbling, hopping, session) on DataFusion's aggregates;
 //! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
 //! - [`error`]: the crate's error type, split into the user's fault and storage's.
@@ -25,6 +26,7 @@ pub mod dedup;
 pub mod error;
 pub mod pipeline;
 pub mod query;
+pub mod rules;
 pub mod window;
 
 pub use decode::{Decoded, JsonRows, decode_envelope, decode_json};
