@@ -183,9 +183,18 @@ async fn check(paths: &[PathBuf]) -> Result<(), String> {
                     )
                 }
                 None => {
-                    let refs: Vec<String> =
+                    let mut declared: Vec<String> =
                         report.references.iter().map(|r| r.to_string()).collect();
-                    format!("declares {}", refs.join(", "))
+                    declared.extend(report.windows.iter().map(|w| {
+                        format!("{} (window over {})", w.def.table, w.input)
+                    }));
+                    declared.extend(
+                        report
+                            .rules
+                            .iter()
+                            .map(|r| format!("rule {} (over {})", r.def.name, r.input)),
+                    );
+                    format!("declares {}", declared.join(", "))
                 }
             };
             println!("ok    {}: {what}", report.path.display());

@@ -14,11 +14,12 @@ use datafusion::common::DFSchema;
 use datafusion::error::DataFusionError;
 use datafusion::sql::parser::Statement;
 use datafusion::sql::sqlparser::ast::{Spanned, Statement as SqlStatement};
-use fleetlake_zones::TableId;
+use fleetlake_zones::{TableId, Zone};
 
 use super::run::{aggregates, declared_references, session, with_lineage};
 use super::{
-    DedupSpec, PipelineError, PipelineFile, Pos, ReferenceDef, SourceDef, TableDef, parse_file,
+    DedupSpec, PipelineError, PipelineFile, Pos, ReferenceDef, RuleDef, SourceDef, TableDef,
+    WindowDef, parse_file,
 };
 
 /// A pipeline that checks: its parts and the schema of each table it fills.
@@ -33,12 +34,32 @@ pub struct CheckedPipeline {
     pub references: Vec<ReferenceDef>,
 }
 
+/// A window table that checks: what it reads and how its rows are stored.
+#[derive(Debug, Clone)]
+pub struct CheckedWindow {
+    pub def: WindowDef,
+    pub input: TableId,
+    pub input_schema: SchemaRef,
+    /// The table's storage schema (the query's columns and `stream_seq`).
+    pub schema: SchemaRef,
+}
+
+/// A rule that checks, and the table it reads.
+#[derive(Debug, Clone)]
+pub struct CheckedRule {
+    pub def: RuleDef,
+    pub input: TableId,
+    pub input_schema: SchemaRef,
+}
+
 /// What checking one file found.
 #[derive(Debug, Clone)]
 pub struct FileReport {
     pub path: PathBuf,
     /// The pipeline, when the file declares one and it checks.
     pub pipeline: Option<CheckedPipeline>,
+    pub windows: Vec<CheckedWindow>,
+    pub rules: Vec<CheckedRule>,
     /// Reference tables the file declares.
     pub references: Vec<TableId>,
     pub errors: Vec<PipelineError>,
@@ -107,10 +128,13 @@ pub async fn check_files(files: &[PathBuf]) -> Vec<FileReport> {
         }
     }
     let mut owners: BTreeMap<TableId, PathBuf> = BTreeMap::new();
+    let mut derived = Vec::new();
     for (path, file) in parsed {
         let mut report = FileReport {
             path: path.clone(),
             pipeline: None,
+            windows: Vec::new(),
+            rules: Vec::new(),
             references: Vec::new(),
             errors: Vec::new(),
         };
@@ -137,6 +161,7 @@ pub async fn check_files(files: &[PathBuf]) -> Vec<FileReport> {
                         ));
                     }
                 }
+                derived.push((reports.len(), file.windows.clone(), file.rules.clone()));
                 let name = path
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
@@ -149,7 +174,125 @@ pub async fn check_files(files: &[PathBuf]) -> Vec<FileReport> {
         }
         reports.push(report);
     }
+    check_derived(&mut reports, derived, &references).await;
     reports
+}
+
+/// Checks the window tables and rules of every file, once all pipelines are known: windows read
+/// the usable tables of pipelines, rules read those or window tables declared before them.
+async fn check_derived(
+    reports: &mut [FileReport],
+    derived: Vec<(usize, Vec<WindowDef>, Vec<RuleDef>)>,
+    references: &BTreeMap<TableId, ReferenceDef>,
+) {
+    let declared: Vec<ReferenceDef> = references.values().cloned().collect();
+    let refs = declared_references(&declared);
+    let mut tables: BTreeMap<TableId, SchemaRef> = BTreeMap::new();
+    for r in reports.iter() {
+        for (def, planned) in r.pipeline.iter().flat_map(|p| &p.tables) {
+            tables.insert(def.table.clone(), super::run::storage_schema(planned));
+        }
+    }
+    let known = |tables: &BTreeMap<TableId, SchemaRef>| {
+        tables
+            .keys()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (at, windows, _) in &derived {
+        for w in windows {
+            let input =
+                match crate::window::input_table(&w.query) {
+                    Some(t) if t.zone == Zone::Usable && tables.contains_key(&t) => t,
+                    other => {
+                        reports[*at].errors.push(PipelineError::new(
+                        w.pos,
+                        format!(
+                            "{}: a window table reads FROM a pipeline's usable table ({}), not {}",
+                            w.table,
+                            known(&tables),
+                            other.map(|t| t.to_string()).unwrap_or_else(|| "this".into())
+                        ),
+                    ));
+                        continue;
+                    }
+                };
+            let input_schema = tables[&input].clone();
+            match crate::window::plan_window(w, &input, &input_schema, &refs).await {
+                Ok((schema, _)) => {
+                    if input_schema.field_with_name(&w.event_time).is_err() {
+                        reports[*at].errors.push(PipelineError::new(
+                            w.pos,
+                            format!(
+                                "{}: the event time column {} is not a column of {input} (set event_time = '…')",
+                                w.table, w.event_time
+                            ),
+                        ));
+                        continue;
+                    }
+                    if tables.insert(w.table.clone(), schema.clone()).is_some() {
+                        reports[*at].errors.push(PipelineError::new(
+                            w.pos,
+                            format!("{} is declared twice", w.table),
+                        ));
+                        continue;
+                    }
+                    reports[*at].windows.push(CheckedWindow {
+                        def: w.clone(),
+                        input,
+                        input_schema,
+                        schema,
+                    });
+                }
+                Err(e) => reports[*at].errors.push(PipelineError::new(
+                    w.pos,
+                    format!("in the query of {}: {e}", w.table),
+                )),
+            }
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (at, _, rules) in &derived {
+        for r in rules {
+            if !names.insert(r.name.clone()) {
+                reports[*at].errors.push(PipelineError::new(
+                    r.pos,
+                    format!("rule {} is declared twice", r.name),
+                ));
+                continue;
+            }
+            let input = match crate::window::input_table(&r.query) {
+                Some(t) if tables.contains_key(&t) => t,
+                other => {
+                    reports[*at].errors.push(PipelineError::new(
+                        r.pos,
+                        format!(
+                            "rule {}: a rule reads FROM a usable or window table ({}), not {}",
+                            r.name,
+                            known(&tables),
+                            other
+                                .map(|t| t.to_string())
+                                .unwrap_or_else(|| "this".into())
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let input_schema = tables[&input].clone();
+            match crate::rules::check_rule(r, &input, &input_schema, &refs).await {
+                Ok(()) => reports[*at].rules.push(CheckedRule {
+                    def: r.clone(),
+                    input,
+                    input_schema,
+                }),
+                Err(e) => reports[*at].errors.push(PipelineError::new(
+                    r.pos,
+                    format!("in rule {}: {e}", r.name),
+                )),
+            }
+        }
+    }
 }
 
 /// Checks one parsed file; `Ok(None)` for a file that only declares reference tables.

@@ -34,7 +34,9 @@ use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::sql::sqlparser::ast::{Expr, Query};
 use fleetlake_zones::TableId;
 
-pub use check::{CheckedPipeline, FileReport, check_files, pipeline_files};
+pub use check::{
+    CheckedPipeline, CheckedRule, CheckedWindow, FileReport, check_files, pipeline_files,
+};
 pub use parse::parse_file;
 pub use run::{PipelineFailure, PipelineOutput, PipelineRunner};
 
