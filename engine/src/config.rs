@@ -101,6 +101,16 @@ pub const KEYS: &[Key] = &[
         help: "how often the dedup state is snapshotted beside usable.telemetry (a restart replays the rows since)",
     },
     Key {
+        name: "alerts.stream",
+        default: "ALERTS",
+        help: "JetStream stream for alert transitions on alerts.<rule>.<key> (created if absent)",
+    },
+    Key {
+        name: "alerts.duplicate_window_s",
+        default: "3600",
+        help: "how long JetStream remembers alert ids: a transition republished after a crash within this window is dropped",
+    },
+    Key {
         name: "pipelines.dir",
         default: "pipelines",
         help: "folder of pipeline files (*.sql) to run; serve refuses to start if one does not check; empty = none",
@@ -245,7 +255,8 @@ impl Config {
             "ingest.fetch_batch"
             | "ingest.commit_rows"
             | "ingest.commit_interval_ms"
-            | "ingest.ack_wait_s" => match value.parse::<u64>() {
+            | "ingest.ack_wait_s"
+            | "alerts.duplicate_window_s" => match value.parse::<u64>() {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(bad("a positive integer")),
             },
@@ -264,7 +275,7 @@ impl Config {
                     Err(bad("a NATS URL such as nats://127.0.0.1:4222"))
                 }
             }
-            "nats.stream" | "nats.consumer" => {
+            "nats.stream" | "nats.consumer" | "alerts.stream" => {
                 let ok = !value.is_empty()
                     && value
                         .chars()
@@ -338,6 +349,12 @@ impl Config {
     }
     pub fn dedup_window_minutes(&self) -> i64 {
         self.number("dedup.window_minutes") as i64
+    }
+    pub fn alerts_stream(&self) -> &str {
+        self.get("alerts.stream")
+    }
+    pub fn alerts_duplicate_window(&self) -> Duration {
+        Duration::from_secs(self.number("alerts.duplicate_window_s"))
     }
     pub fn dedup_snapshot_interval(&self) -> Duration {
         Duration::from_secs(self.number("dedup.snapshot_interval_s"))

@@ -25,8 +25,9 @@ use fleetlake_zones::{CommitOutcome, Lake, TableId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::derived::DerivedStage;
 use crate::metrics::Metrics;
-use crate::pipelines::{PipelineStage, StageOutput};
+use crate::pipelines::{Declared, PipelineStage, StageOutput};
 use crate::source::Source;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -56,15 +57,15 @@ struct Writers {
     usable: TableWriter,
     /// The declared pipelines and their tables.
     stage: PipelineStage,
+    /// Window tables and rules over the pipelines' tables.
+    derived: DerivedStage,
 }
 
 impl Writers {
-    async fn open(
-        lake: &Lake,
-        app_id: &str,
-        runners: &[PipelineRunner],
-        max_gaps: usize,
-    ) -> Result<Self, String> {
+    async fn open(lake: &Lake, config: &Config, declared: &Declared) -> Result<Self, String> {
+        let app_id = config.consumer();
+        let runners: &[PipelineRunner] = &declared.runners;
+        let max_gaps = config.dedup_max_gaps();
         let mut open = Vec::new();
         for (id, schema, partitions) in builtin_tables() {
             let partitions = partitions.into_iter().map(String::from).collect();
@@ -79,11 +80,13 @@ impl Writers {
         let raw = open.pop().expect("three tables");
         debug_assert_eq!(raw.id(), &TableId::raw_telemetry());
         let stage = PipelineStage::open(lake, runners, app_id, max_gaps).await?;
+        let derived = DerivedStage::open(lake, config, &declared.windows, &declared.rules).await?;
         Ok(Self {
             raw,
             quarantine,
             usable,
             stage,
+            derived,
         })
     }
 
@@ -93,6 +96,7 @@ impl Writers {
             .iter()
             .map(|w| w.committed().unwrap_or(0))
             .chain(self.stage.committed_min())
+            .chain(self.derived.committed_min())
             .min()
             .unwrap_or(0) as u64
             + 1
@@ -103,14 +107,13 @@ impl Writers {
 pub async fn run(
     config: Config,
     lake: Lake,
-    runners: Vec<PipelineRunner>,
+    declared: Declared,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    let app_id = config.consumer().to_string();
     let mut backoff = Backoff::new();
     let mut writers = loop {
-        match Writers::open(&lake, &app_id, &runners, config.dedup_max_gaps()).await {
+        match Writers::open(&lake, &config, &declared).await {
             Ok(w) => break w,
             Err(e) => {
                 storage_failed(&metrics, &e.to_string());
@@ -189,6 +192,39 @@ struct Ingest {
     last_snapshot: Instant,
 }
 
+/// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines).
+fn merge_stage(parts: Vec<StageOutput>) -> Option<StageOutput> {
+    let mut parts = parts.into_iter();
+    let mut merged = parts.next()?;
+    for part in parts {
+        for (tables, more) in merged.tables.iter_mut().zip(part.tables) {
+            for (rows, more) in tables.iter_mut().zip(more) {
+                *rows = arrow::compute::concat_batches(&rows.schema(), [&*rows, &more])
+                    .expect("a table's batches share a schema");
+            }
+        }
+        merged.quarantine.extend(part.quarantine);
+        merged.counts.extend(part.counts);
+    }
+    Some(merged)
+}
+
+/// Rows for the derived tables of a flush, in the order of [`DerivedStage::writers`]: each
+/// window table, then final.alerts.
+fn derived_rows(buffer: &Buffer, derived: &DerivedStage) -> Vec<arrow::array::RecordBatch> {
+    let mut out = Vec::new();
+    for (i, schema) in derived.window_schemas().into_iter().enumerate() {
+        let parts: Vec<&arrow::array::RecordBatch> =
+            buffer.windows.iter().filter_map(|w| w.get(i)).collect();
+        out.push(
+            arrow::compute::concat_batches(&schema, parts)
+                .expect("a window table's batches share a schema"),
+        );
+    }
+    out.push(DerivedStage::alert_rows(&buffer.transitions));
+    out
+}
+
 /// Side-file kind of the dedup snapshots of one consumer.
 fn snapshot_kind(consumer: &str) -> String {
     format!("dedup-{consumer}")
@@ -252,12 +288,26 @@ async fn load_dedup(
     Ok(state)
 }
 
-/// Messages taken from the source and not yet committed.
+/// Messages taken from the source and not yet committed, and what the pipelines, windows and
+/// rules made of them so far.
 #[derive(Default)]
 struct Buffer {
     messages: Vec<RawMessage>,
     last: Option<jetstream::Message>,
     first_at: Option<Instant>,
+    /// How many of `messages` the pipelines have processed.
+    processed: usize,
+    /// The pipelines' output per processed micro-batch.
+    stage: Vec<StageOutput>,
+    /// Rows of closed windows per window table, per micro-batch.
+    windows: Vec<Vec<arrow::array::RecordBatch>>,
+    transitions: Vec<fleetlake_sql::rules::Transition>,
+}
+
+impl Buffer {
+    fn clear(&mut self) {
+        *self = Buffer::default();
+    }
 }
 
 impl Ingest {
@@ -308,32 +358,28 @@ impl Ingest {
                     return Pumped::SourceLost(e.to_string());
                 }
                 Ok(Some(Ok(message))) => {
-                    let Ok(info) = message.info() else {
-                        continue;
-                    };
-                    let seq = info.stream_sequence;
-                    self.metrics
-                        .consumer_lag
-                        .store(info.pending as i64, Ordering::Relaxed);
-                    if seq <= highest_seen {
+                    if !self.take(message, &mut buffer, &mut highest_seen) {
                         continue;
                     }
-                    highest_seen = seq;
-                    self.metrics.messages_pulled.fetch_add(1, Ordering::Relaxed);
-                    let msg_id = message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                        .map(|v| v.as_str().to_string());
-                    buffer.messages.push(RawMessage {
-                        payload: message.payload.to_vec(),
-                        subject: message.subject.to_string(),
-                        stream_seq: seq as i64,
-                        msg_id,
-                        received_at_us: chrono::Utc::now().timestamp_micros(),
-                    });
-                    buffer.first_at.get_or_insert_with(Instant::now);
-                    buffer.last = Some(message);
+                    // The rest of what was fetched, without waiting: one micro-batch.
+                    while buffer.messages.len() < self.config.commit_rows() {
+                        match tokio::time::timeout(Duration::ZERO, source.next()).await {
+                            Ok(Some(Ok(message))) => {
+                                self.take(message, &mut buffer, &mut highest_seen);
+                            }
+                            Ok(Some(Err(e))) => {
+                                if !self.flush(&mut buffer, writers).await {
+                                    return Pumped::Stopped;
+                                }
+                                return Pumped::SourceLost(e.to_string());
+                            }
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                    // Rules see every micro-batch now, not at the commit cadence.
+                    if !self.process(&mut buffer, writers).await {
+                        return Pumped::Stopped;
+                    }
                     if buffer.messages.len() >= self.config.commit_rows()
                         && !self.flush(&mut buffer, writers).await
                     {
@@ -342,6 +388,92 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// Adds a message to the buffer, unless it is a redelivery of one already taken.
+    fn take(
+        &self,
+        message: jetstream::Message,
+        buffer: &mut Buffer,
+        highest_seen: &mut u64,
+    ) -> bool {
+        let Ok(info) = message.info() else {
+            return false;
+        };
+        let seq = info.stream_sequence;
+        self.metrics
+            .consumer_lag
+            .store(info.pending as i64, Ordering::Relaxed);
+        if seq <= *highest_seen {
+            return false;
+        }
+        *highest_seen = seq;
+        self.metrics.messages_pulled.fetch_add(1, Ordering::Relaxed);
+        let msg_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_string());
+        buffer.messages.push(RawMessage {
+            payload: message.payload.to_vec(),
+            subject: message.subject.to_string(),
+            stream_seq: seq as i64,
+            msg_id,
+            received_at_us: chrono::Utc::now().timestamp_micros(),
+        });
+        buffer.first_at.get_or_insert_with(Instant::now);
+        buffer.last = Some(message);
+        true
+    }
+
+    /// Runs the pipelines, windows and rules over the messages not processed yet, and publishes
+    /// the alert transitions. Returns false when ingest must stop (a `FAIL` expectation, a
+    /// failing window or rule, or cancelled while NATS or storage were failing).
+    async fn process(&mut self, buffer: &mut Buffer, writers: &mut Writers) -> bool {
+        if writers.stage.is_empty() || buffer.processed == buffer.messages.len() {
+            return true;
+        }
+        let raw = raw_batch(&buffer.messages[buffer.processed..]);
+        let Some(out) = self.run_pipelines(&raw, writers).await else {
+            return false;
+        };
+        if !writers.derived.is_empty() {
+            let mut tables = Vec::new();
+            for (pipeline, rows) in writers.stage.pipelines.iter().zip(&out.tables) {
+                for (writer, rows) in pipeline.writers.iter().zip(rows) {
+                    tables.push((writer.id().clone(), rows.clone()));
+                }
+            }
+            let derived = match writers.derived.process(&tables, &out.references).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let reason = format!("ingest stopped: window or rule failed: {e}");
+                    tracing::error!(%reason);
+                    self.metrics.set_last_error("ingest", &reason);
+                    self.metrics.ingest_stopped.store(1, Ordering::Relaxed);
+                    self.cancel.cancel();
+                    return false;
+                }
+            };
+            self.metrics
+                .late_rows
+                .fetch_add(derived.late, Ordering::Relaxed);
+            let mut backoff = Backoff::new();
+            while let Err(e) = writers.derived.publish(&derived.transitions).await {
+                self.source_failed(&e);
+                if !backoff.wait(&self.cancel).await {
+                    return false;
+                }
+            }
+            self.metrics
+                .alerts_published
+                .fetch_add(derived.transitions.len() as u64, Ordering::Relaxed);
+            buffer.windows.push(derived.windows);
+            buffer.transitions.extend(derived.transitions);
+        }
+        buffer.stage.push(out);
+        buffer.processed = buffer.messages.len();
+        true
     }
 
     /// Commits the buffer to every table, then acks. Returns false if cancelled while storage
@@ -359,14 +491,10 @@ impl Ingest {
             .max()
             .expect("non-empty");
         // Declared pipelines take the messages on their subjects; the built-in decoder the rest.
-        let stage = if writers.stage.is_empty() {
-            None
-        } else {
-            match self.run_pipelines(&raw, writers).await {
-                Some(out) => Some(out),
-                None => return false,
-            }
-        };
+        if !self.process(buffer, writers).await {
+            return false;
+        }
+        let stage = merge_stage(std::mem::take(&mut buffer.stage));
         let builtin_raw = match &stage {
             None => raw.clone(),
             Some(_) => {
@@ -421,6 +549,10 @@ impl Ingest {
                 }
             }
         }
+        let derived = derived_rows(buffer, &writers.derived);
+        for (writer, rows) in writers.derived.writers().zip(&derived) {
+            ok = ok && self.commit(writer, rows, version).await;
+        }
         if !ok {
             return false;
         }
@@ -454,8 +586,7 @@ impl Ingest {
             }
         }
         self.metrics.batch_latency.observe(started.elapsed());
-        buffer.messages.clear();
-        buffer.first_at = None;
+        buffer.clear();
         true
     }
 
@@ -493,6 +624,7 @@ impl Ingest {
     /// longer rebuild after a restart, so it is logged, not retried.
     async fn snapshot(&mut self, writers: &Writers, version: i64) {
         writers.stage.snapshot().await;
+        writers.derived.snapshot().await;
         self.last_snapshot = Instant::now();
         if self.dedup.key() == DedupKey::None {
             return;

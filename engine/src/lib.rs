@@ -22,6 +22,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod derived;
 pub mod format;
 pub mod http;
 pub mod ingest;

@@ -185,9 +185,12 @@ async fn check(paths: &[PathBuf]) -> Result<(), String> {
                 None => {
                     let mut declared: Vec<String> =
                         report.references.iter().map(|r| r.to_string()).collect();
-                    declared.extend(report.windows.iter().map(|w| {
-                        format!("{} (window over {})", w.def.table, w.input)
-                    }));
+                    declared.extend(
+                        report
+                            .windows
+                            .iter()
+                            .map(|w| format!("{} (window over {})", w.def.table, w.input)),
+                    );
                     declared.extend(
                         report
                             .rules

@@ -104,6 +104,10 @@ pub struct Metrics {
     pub quarantined: AtomicU64,
     /// Device replays dropped before the usable zone.
     pub duplicates_dropped: AtomicU64,
+    /// Rows left out of window tables because their window had closed.
+    pub late_rows: AtomicU64,
+    /// Alert transitions published to JetStream (a republish after a restart counts again).
+    pub alerts_published: AtomicU64,
     /// Old intervals of dedup state forgotten (a replay of those readings would pass).
     pub dedup_forgotten: AtomicU64,
     /// Devices (or message ids) the dedup state remembers.
@@ -133,6 +137,8 @@ impl Default for Metrics {
             messages_acked: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
             duplicates_dropped: AtomicU64::new(0),
+            late_rows: AtomicU64::new(0),
+            alerts_published: AtomicU64::new(0),
             dedup_forgotten: AtomicU64::new(0),
             dedup_keys: AtomicI64::new(0),
             batch_latency: Histogram::new(),
@@ -263,6 +269,18 @@ impl Metrics {
             "Device replays dropped before usable.telemetry.",
             "counter",
             load(&self.duplicates_dropped),
+        );
+        counter(
+            "fleetlake_late_rows_total",
+            "Rows left out of window tables because their window had closed (kept in usable).",
+            "counter",
+            load(&self.late_rows),
+        );
+        counter(
+            "fleetlake_alerts_published_total",
+            "Alert transitions published to JetStream.",
+            "counter",
+            load(&self.alerts_published),
         );
         counter(
             "fleetlake_dedup_forgotten_total",

@@ -44,6 +44,16 @@ pub struct StageOutput {
     pub quarantine: Vec<RecordBatch>,
     /// What each pipeline did with the batch (recorded once the batch is committed).
     pub counts: Vec<PipelineCounts>,
+    /// The reference tables the batch was enriched with (windows and rules read them too).
+    pub references: Vec<(TableId, Arc<dyn TableProvider>)>,
+}
+
+/// What `serve` runs: the pipelines, and the window tables and rules over their tables.
+#[derive(Default, Clone)]
+pub struct Declared {
+    pub runners: Vec<PipelineRunner>,
+    pub windows: Vec<fleetlake_sql::pipeline::CheckedWindow>,
+    pub rules: Vec<fleetlake_sql::pipeline::CheckedRule>,
 }
 
 /// What one pipeline did with one batch.
@@ -257,12 +267,13 @@ impl PipelineStage {
             tables: Vec::new(),
             quarantine: Vec::new(),
             counts: Vec::new(),
+            references: references.clone(),
         };
         for p in &mut self.pipelines {
             let rows = p.runner.claimed_rows(raw).map_err(|e| e.to_string())?;
             let result = p
                 .runner
-                .run(&rows, &references, p.dedup.as_mut())
+                .run(&rows, &out.references, p.dedup.as_mut())
                 .await
                 .map_err(|e| format!("pipeline {}: {e}", p.runner.name))?;
             let output = match result {

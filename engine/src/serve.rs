@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
+use crate::pipelines::Declared;
 
 /// A running engine.
 pub struct Engine {
@@ -49,11 +50,12 @@ impl Engine {
         ingest: bool,
     ) -> Result<Self, StartError> {
         let lake = Lake::open(&config.lake(env))?;
-        let runners = if ingest {
+        let declared = if ingest {
             load_pipelines(&config).await?
         } else {
-            Vec::new()
+            Declared::default()
         };
+        let runners = &declared.runners;
         let metrics = Arc::new(Metrics::default());
         let addr = config.listen();
         let listener = tokio::net::TcpListener::bind(addr)
@@ -102,7 +104,7 @@ impl Engine {
             tasks.spawn(crate::ingest::run(
                 config,
                 lake.clone(),
-                runners,
+                declared,
                 metrics.clone(),
                 ingest_stop.clone(),
             ));
@@ -129,9 +131,9 @@ impl Engine {
 }
 
 /// Loads and checks the pipelines of `pipelines.dir`; any error refuses the start.
-async fn load_pipelines(config: &Config) -> Result<Vec<PipelineRunner>, StartError> {
+async fn load_pipelines(config: &Config) -> Result<Declared, StartError> {
     let Some((dir, explicit)) = config.pipelines_dir() else {
-        return Ok(Vec::new());
+        return Ok(Declared::default());
     };
     if !dir.exists() {
         if explicit {
@@ -140,7 +142,7 @@ async fn load_pipelines(config: &Config) -> Result<Vec<PipelineRunner>, StartErr
                 dir.display()
             )));
         }
-        return Ok(Vec::new());
+        return Ok(Declared::default());
     }
     let files = pipeline_files(std::slice::from_ref(&dir))
         .map_err(|e| StartError::Pipelines(format!("reading {}: {e}", dir.display())))?;
@@ -156,7 +158,19 @@ async fn load_pipelines(config: &Config) -> Result<Vec<PipelineRunner>, StartErr
         tracing::info!(pipeline = %runner.name, subject = %runner.source.subject, "pipeline loaded");
         runners.push(runner);
     }
-    Ok(runners)
+    let windows: Vec<_> = reports.iter().flat_map(|r| r.windows.clone()).collect();
+    let rules: Vec<_> = reports.iter().flat_map(|r| r.rules.clone()).collect();
+    for w in &windows {
+        tracing::info!(table = %w.def.table, input = %w.input, "window table loaded");
+    }
+    for r in &rules {
+        tracing::info!(rule = %r.def.name, input = %r.input, "rule loaded");
+    }
+    Ok(Declared {
+        runners,
+        windows,
+        rules,
+    })
 }
 
 /// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.

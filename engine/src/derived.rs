@@ -1,0 +1,428 @@
+//! The derived stage of ingest: window tables (the final zone) and rules (alerts), fed with the
+//! rows the pipelines made of each fetched micro-batch.
+//!
+//! ```text
+//!  pipeline rows of a micro-batch ─► windows ─► rows of closed windows (final.<table>, at flush)
+//!                      │                 └───────────┐
+//!                      └──────────► rules ◄──────────┘ ─► transitions ─► JetStream alerts.<rule>.<key>
+//!                                                                       (published now, Nats-Msg-Id = alert id)
+//!                                                                     ─► final.alerts (at flush)
+//! ```
+//!
+//! Exactly once: every window table and final.alerts commit with the ingest's txn like any
+//! table. Window and rule state is snapshotted beside its table (`_fleetlake/`) and, on start,
+//! restored from the newest snapshot at or below the table's committed position, then brought
+//! up to it by replaying the committed rows of the input table. Re-processed messages then give
+//! the same transitions with the same ids, which JetStream drops within
+//! `alerts.duplicate_window_s`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use async_nats::jetstream;
+use datafusion::catalog::TableProvider;
+use fleetlake_sql::QueryEngine;
+use fleetlake_sql::pipeline::{CheckedRule, CheckedWindow};
+use fleetlake_sql::rules::{RuleRunner, Transition};
+use fleetlake_sql::window::WindowOperator;
+use fleetlake_zones::lake::TableWriter;
+use fleetlake_zones::{Lake, TableId, Zone};
+
+use crate::config::Config;
+
+/// `final.alerts`: every alert transition.
+pub fn alerts_table() -> TableId {
+    TableId::new(Zone::Final, "alerts")
+}
+
+fn alerts_schema() -> SchemaRef {
+    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("alert_id", DataType::Utf8, true),
+        Field::new("rule", DataType::Utf8, true),
+        Field::new("rule_version", DataType::Utf8, true),
+        Field::new("severity", DataType::Utf8, true),
+        Field::new("key", DataType::Utf8, true),
+        Field::new("state", DataType::Utf8, true),
+        Field::new("window_start", ts(), true),
+        Field::new("window_end", ts(), true),
+        Field::new("values", DataType::Utf8, true),
+        Field::new("event_time", ts(), true),
+        Field::new("emit_time", ts(), true),
+        Field::new("stream_seq", DataType::Int64, false),
+    ]))
+}
+
+/// The alert as published on NATS (JSON).
+pub fn alert_json(t: &Transition, emitted_us: i64) -> serde_json::Value {
+    let time = |us: i64| {
+        chrono::DateTime::from_timestamp_micros(us)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    };
+    serde_json::json!({
+        "alert_id": t.alert_id,
+        "rule": t.rule,
+        "rule_version": t.rule_version,
+        "severity": t.severity,
+        "key": t.key,
+        "state": t.state,
+        "window": t.window_start.map(|s| serde_json::json!({"start": time(s), "end": t.window_end.and_then(time)})),
+        "values": t.values,
+        "event_time": time(t.event_time),
+        "emit_time": time(emitted_us),
+        "stream_seq": t.stream_seq,
+    })
+}
+
+/// A NATS subject token for a key: NATS separators and wildcards become `_`.
+pub fn subject_token(key: &str) -> String {
+    let t: String = key
+        .chars()
+        .map(|c| match c {
+            '.' | '*' | '>' | ' ' | '\t' | '\r' | '\n' => '_',
+            c => c,
+        })
+        .collect();
+    if t.is_empty() { "_".into() } else { t }
+}
+
+struct Window {
+    op: WindowOperator,
+    writer: TableWriter,
+}
+
+/// What the derived stage made of one micro-batch.
+#[derive(Default)]
+pub struct DerivedOutput {
+    /// Rows for each window table (in declaration order).
+    pub windows: Vec<RecordBatch>,
+    pub transitions: Vec<Transition>,
+    pub late: u64,
+}
+
+pub struct DerivedStage {
+    windows: Vec<Window>,
+    rules: Vec<RuleRunner>,
+    alerts: Option<TableWriter>,
+    app_id: String,
+    js: Option<jetstream::Context>,
+    stream: String,
+    duplicate_window: Duration,
+    nats_url: String,
+}
+
+fn window_kind(app_id: &str) -> String {
+    format!("window-{app_id}")
+}
+
+fn rule_kind(app_id: &str, rule: &str) -> String {
+    format!("rule-{app_id}-{rule}")
+}
+
+/// Committed rows of `table` with stream sequences in `(after, upto]`, in stream order.
+async fn committed_rows(
+    lake: &Lake,
+    table: &TableId,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<RecordBatch>, String> {
+    if upto <= after
+        || lake
+            .describe(table)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none()
+    {
+        return Ok(Vec::new());
+    }
+    let rows = QueryEngine::new(lake.clone())
+        .query(&format!(
+            "SELECT * FROM {table} WHERE stream_seq > {after} AND stream_seq <= {upto} ORDER BY stream_seq"
+        ))
+        .await
+        .map_err(|e| format!("reading {table} to rebuild windows and rules: {e}"))?;
+    Ok(rows.batches)
+}
+
+impl DerivedStage {
+    pub async fn open(
+        lake: &Lake,
+        config: &Config,
+        windows: &[CheckedWindow],
+        rules: &[CheckedRule],
+    ) -> Result<Self, String> {
+        let app_id = config.consumer().to_string();
+        let mut stage = Self {
+            windows: Vec::new(),
+            rules: Vec::new(),
+            alerts: None,
+            app_id: app_id.clone(),
+            js: None,
+            stream: config.alerts_stream().to_string(),
+            duplicate_window: config.alerts_duplicate_window(),
+            nats_url: config.nats_url().to_string(),
+        };
+        for w in windows {
+            let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            let writer = lake
+                .writer(w.def.table.clone(), op.schema.clone(), Vec::new(), &app_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let committed = writer.committed().unwrap_or(0);
+            let kind = window_kind(&app_id);
+            let versions = writer
+                .side_file_versions(&kind)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
+                let bytes = writer
+                    .get_side_file(&kind, v)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Err(e) = op.restore(&bytes) {
+                    tracing::warn!(table = %w.def.table, error = %e, "ignoring a window snapshot; rebuilding");
+                }
+            }
+            let from = op.position();
+            for batch in committed_rows(lake, &w.input, from, committed).await? {
+                op.process(&batch, &[]).await.map_err(|e| e.to_string())?;
+            }
+            tracing::info!(table = %w.def.table, from, committed, open = op.open_groups(), "window state rebuilt");
+            stage.windows.push(Window { op, writer });
+        }
+        if !rules.is_empty() {
+            let writer = lake
+                .writer(alerts_table(), alerts_schema(), Vec::new(), &app_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let committed = writer.committed().unwrap_or(0);
+            for r in rules {
+                let mut rule = RuleRunner::new(&r.def, r.input.clone(), r.input_schema.clone());
+                let kind = rule_kind(&app_id, &r.def.name);
+                let versions = writer
+                    .side_file_versions(&kind)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
+                    let bytes = writer
+                        .get_side_file(&kind, v)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match rule.restore(&bytes) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(rule = %r.def.name, "the rule changed since its snapshot; rebuilding")
+                        }
+                        Err(e) => {
+                            tracing::warn!(rule = %r.def.name, error = %e, "ignoring a rule snapshot; rebuilding")
+                        }
+                    }
+                }
+                let from = rule.position();
+                for batch in committed_rows(lake, &r.input, from, committed).await? {
+                    rule.process(&batch, &[]).await.map_err(|e| e.to_string())?;
+                }
+                rule.advance(committed);
+                tracing::info!(rule = %r.def.name, from, committed, firing = rule.firing(), "rule state rebuilt");
+                stage.rules.push(rule);
+            }
+            stage.alerts = Some(writer);
+        }
+        Ok(stage)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty() && self.rules.is_empty()
+    }
+
+    /// The lowest progress the window tables and final.alerts have recorded.
+    pub fn committed_min(&self) -> Option<i64> {
+        self.windows
+            .iter()
+            .map(|w| &w.writer)
+            .chain(self.alerts.as_ref())
+            .map(|w| w.committed().unwrap_or(0))
+            .min()
+    }
+
+    /// The storage schema of each window table.
+    pub fn window_schemas(&self) -> Vec<SchemaRef> {
+        self.windows.iter().map(|w| w.op.schema.clone()).collect()
+    }
+
+    /// The writers in commit order: window tables, then final.alerts.
+    pub fn writers(&mut self) -> impl Iterator<Item = &mut TableWriter> {
+        self.windows
+            .iter_mut()
+            .map(|w| &mut w.writer)
+            .chain(self.alerts.as_mut())
+    }
+
+    /// Feeds the rows the pipelines made of a micro-batch to the windows, then the rules.
+    pub async fn process(
+        &mut self,
+        tables: &[(TableId, RecordBatch)],
+        references: &[(TableId, Arc<dyn TableProvider>)],
+    ) -> Result<DerivedOutput, String> {
+        let mut out = DerivedOutput::default();
+        let mut produced: Vec<(TableId, RecordBatch)> = Vec::new();
+        for w in &mut self.windows {
+            let rows = tables
+                .iter()
+                .chain(produced.iter())
+                .find(|(t, _)| *t == w.op.input)
+                .map(|(_, r)| r);
+            let result = match rows {
+                Some(rows) if rows.num_rows() > 0 => {
+                    w.op.process(rows, references)
+                        .await
+                        .map_err(|e| format!("{}: {e}", w.op.def.table))?
+                }
+                _ => fleetlake_sql::window::WindowOutput {
+                    rows: RecordBatch::new_empty(w.op.schema.clone()),
+                    late: 0,
+                },
+            };
+            out.late += result.late;
+            produced.push((w.op.def.table.clone(), result.rows.clone()));
+            out.windows.push(result.rows);
+        }
+        for r in &mut self.rules {
+            let rows = tables
+                .iter()
+                .chain(produced.iter())
+                .find(|(t, _)| *t == r.input)
+                .map(|(_, r)| r);
+            if let Some(rows) = rows.filter(|r| r.num_rows() > 0) {
+                let t = r
+                    .process(rows, references)
+                    .await
+                    .map_err(|e| format!("rule {}: {e}", r.def.name))?;
+                out.transitions.extend(t);
+            }
+        }
+        out.transitions.sort_by_key(|t| t.stream_seq);
+        Ok(out)
+    }
+
+    /// Publishes transitions to `alerts.<rule>.<key>` and waits until JetStream has stored each.
+    pub async fn publish(&mut self, transitions: &[Transition]) -> Result<(), String> {
+        if transitions.is_empty() {
+            return Ok(());
+        }
+        if self.js.is_none() {
+            let js = crate::source::connect(&self.nats_url)
+                .await
+                .map_err(|e| e.to_string())?;
+            js.get_or_create_stream(jetstream::stream::Config {
+                name: self.stream.clone(),
+                subjects: vec!["alerts.>".into()],
+                storage: jetstream::stream::StorageType::File,
+                duplicate_window: self.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("creating the alerts stream: {e}"))?;
+            self.js = Some(js);
+        }
+        let js = self.js.as_ref().expect("connected");
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut acks = Vec::new();
+        for t in transitions {
+            let subject = format!("alerts.{}.{}", t.rule, subject_token(&t.key));
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, t.alert_id.as_str());
+            let payload = serde_json::to_vec(&alert_json(t, now)).expect("serializable");
+            let ack = js
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .map_err(|e| format!("publishing an alert: {e}"))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| format!("storing an alert in JetStream: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// `final.alerts` rows for transitions.
+    pub fn alert_rows(transitions: &[Transition]) -> RecordBatch {
+        let now = chrono::Utc::now().timestamp_micros();
+        let s = |f: fn(&Transition) -> &str| {
+            Arc::new(StringArray::from_iter_values(transitions.iter().map(f)))
+                as arrow::array::ArrayRef
+        };
+        let ts = |v: Vec<Option<i64>>| {
+            Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+                as arrow::array::ArrayRef
+        };
+        RecordBatch::try_new(
+            alerts_schema(),
+            vec![
+                s(|t| &t.alert_id),
+                s(|t| &t.rule),
+                s(|t| &t.rule_version),
+                s(|t| &t.severity),
+                s(|t| &t.key),
+                s(|t| &t.state),
+                ts(transitions.iter().map(|t| t.window_start).collect()),
+                ts(transitions.iter().map(|t| t.window_end).collect()),
+                Arc::new(StringArray::from_iter_values(transitions.iter().map(|t| {
+                    serde_json::Value::Object(t.values.clone()).to_string()
+                }))),
+                ts(transitions.iter().map(|t| Some(t.event_time)).collect()),
+                ts(vec![Some(now); transitions.len()]),
+                Arc::new(Int64Array::from_iter_values(
+                    transitions.iter().map(|t| t.stream_seq),
+                )),
+            ],
+        )
+        .expect("alerts schema")
+    }
+
+    /// Snapshots window and rule state beside their tables, as of what they committed.
+    pub async fn snapshot(&self) {
+        for w in &self.windows {
+            let Some(committed) = w.writer.committed() else {
+                continue;
+            };
+            let kind = window_kind(&self.app_id);
+            let stored = match w.op.encode() {
+                Ok(bytes) => w
+                    .writer
+                    .put_side_file(&kind, committed, bytes)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match stored {
+                Ok(()) => {
+                    let _ = w.writer.prune_side_files(&kind, 2).await;
+                }
+                Err(e) => {
+                    tracing::warn!(table = %w.op.def.table, error = %e, "storing the window snapshot failed")
+                }
+            }
+        }
+        let Some(alerts) = &self.alerts else { return };
+        let Some(committed) = alerts.committed() else {
+            return;
+        };
+        for r in &self.rules {
+            let kind = rule_kind(&self.app_id, &r.def.name);
+            match alerts.put_side_file(&kind, committed, r.encode()).await {
+                Ok(()) => {
+                    let _ = alerts.prune_side_files(&kind, 2).await;
+                }
+                Err(e) => {
+                    tracing::warn!(rule = %r.def.name, error = %e, "storing the rule snapshot failed")
+                }
+            }
+        }
+    }
+}
