@@ -380,10 +380,11 @@ async fn run_query(
     references: &[(TableId, Arc<dyn TableProvider>)],
 ) -> Result<RecordBatch> {
     let mut tables = references.to_vec();
+    // Rows read back from the lake come with view types; cast them to the input's schema.
     let rows = if rows.schema() == *input_schema {
         rows.clone()
     } else {
-        RecordBatch::try_new(input_schema.clone(), rows.columns().to_vec()).map_err(internal)?
+        crate::pipeline::run::conform(input_schema, std::slice::from_ref(rows))?
     };
     tables.push((
         input.clone(),
