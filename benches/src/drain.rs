@@ -5,6 +5,9 @@
 //! cargo run --release -p fleetlake-benches --bin drain -- --messages 200000 [--s3] [--profile coldchain]
 //! ```
 //!
+//! `--without-final` leaves out `pipelines/final.sql` and `rules.sql` (window tables and rules):
+//! the difference is the final zone's cost.
+//!
 //! `--profile envelope` (default) drains through the built-in decoder into `usable.telemetry`;
 //! `coldchain` through the shipped `pipelines/cold_chain.sql` (decode, query with a reference
 //! join, five expectations) into `usable.cold_chain`: the difference is the pipeline stage's cost.
@@ -29,6 +32,8 @@ struct Args {
     s3: bool,
     commit_rows: u64,
     profile: Profile,
+    /// Leave out the window tables and rules (pipelines/final.sql, rules.sql).
+    without_final: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
         s3: false,
         commit_rows: 50_000,
         profile: Profile::Envelope,
+        without_final: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
             "--devices" => args.devices = number("--devices")?,
             "--commit-rows" => args.commit_rows = number("--commit-rows")?,
             "--s3" => args.s3 = true,
+            "--without-final" => args.without_final = true,
             "--profile" => {
                 let name = it.next().unwrap_or_default();
                 args.profile = Profile::parse(&name).ok_or_else(|| {
@@ -59,7 +66,7 @@ fn parse_args() -> Result<Args, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; expected --messages N, --devices N, --commit-rows N, --s3, --profile NAME"
+                    "unknown argument {other:?}; expected --messages N, --devices N, --commit-rows N, --s3, --profile NAME, --without-final"
                 ));
             }
         }
@@ -87,16 +94,25 @@ async fn main() {
         Some(s3) => (format!("s3://{}/bench", s3.bucket), s3.env()),
         None => (dir.path().join("lake").display().to_string(), Vec::new()),
     };
+    // The shipped pipelines, or all but the final zone and the rules.
+    let shipped = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines"));
+    let pipelines = if args.without_final {
+        let only = dir.path().join("pipelines");
+        std::fs::create_dir_all(&only).expect("pipelines folder");
+        for f in ["cold_chain.sql", "device_health.sql", "reference.sql"] {
+            std::fs::copy(shipped.join(f), only.join(f)).expect("copying a pipeline");
+        }
+        only
+    } else {
+        shipped
+    };
     let flags: Vec<(String, String)> = [
         ("nats.url", nats.url().to_string()),
         ("lake.location", location),
         ("http.listen", "127.0.0.1:0".to_string()),
         ("ingest.commit_rows", args.commit_rows.to_string()),
         ("ingest.fetch_batch", "2000".to_string()),
-        (
-            "pipelines.dir",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines").to_string(),
-        ),
+        ("pipelines.dir", pipelines.display().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -149,6 +165,7 @@ async fn main() {
         "benchmark": "drain",
         "lake": if args.s3 { "s3 (SeaweedFS)" } else { "local folder" },
         "input": format!("{:?}", args.profile).to_lowercase(),
+        "final_zone_and_rules": !args.without_final,
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
         "messages": args.messages,
         "commit_rows": args.commit_rows,
