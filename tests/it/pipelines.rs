@@ -108,6 +108,13 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
             .unwrap();
     }
     raw_rows(&api, 10).await;
+    // raw commits first; the pipeline's table a moment later.
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.cold_chain",
+        4,
+        Duration::from_secs(30),
+    )
+    .await;
 
     let (status, body) = api
         .query("SELECT device_id, seq, temperature_c, tenant, site, hw_rev, stream_seq FROM usable.cold_chain ORDER BY stream_seq")
@@ -196,6 +203,12 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
     )
     .await;
     raw_rows(&api, 11).await;
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.cold_chain WHERE seq = 10",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
     let (_, body) = api
         .query("SELECT seq, tenant, site FROM usable.cold_chain WHERE device_id = 'trailer-1' ORDER BY seq")
         .await;
