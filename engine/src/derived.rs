@@ -173,19 +173,14 @@ impl DerivedStage {
                 .await
                 .map_err(|e| e.to_string())?;
             let committed = writer.committed().unwrap_or(0);
-            let kind = window_kind(&app_id);
-            let versions = writer
-                .side_file_versions(&kind)
+            let snapshot = writer
+                .latest_side_file(&window_kind(&app_id), committed)
                 .await
                 .map_err(|e| e.to_string())?;
-            if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
-                let bytes = writer
-                    .get_side_file(&kind, v)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if let Err(e) = op.restore(&bytes) {
-                    tracing::warn!(table = %w.def.table, error = %e, "ignoring a window snapshot; rebuilding");
-                }
+            if let Some((_, bytes)) = snapshot
+                && let Err(e) = op.restore(&bytes)
+            {
+                tracing::warn!(table = %w.def.table, error = %e, "ignoring a window snapshot; rebuilding");
             }
             let from = op.position();
             for batch in committed_rows(lake, &w.input, from, committed).await? {
@@ -202,16 +197,11 @@ impl DerivedStage {
             let committed = writer.committed().unwrap_or(0);
             for r in rules {
                 let mut rule = RuleRunner::new(&r.def, r.input.clone(), r.input_schema.clone());
-                let kind = rule_kind(&app_id, &r.def.name);
-                let versions = writer
-                    .side_file_versions(&kind)
+                let snapshot = writer
+                    .latest_side_file(&rule_kind(&app_id, &r.def.name), committed)
                     .await
                     .map_err(|e| e.to_string())?;
-                if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
-                    let bytes = writer
-                        .get_side_file(&kind, v)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                if let Some((_, bytes)) = snapshot {
                     match rule.restore(&bytes) {
                         Ok(true) => {}
                         Ok(false) => {
@@ -249,9 +239,27 @@ impl DerivedStage {
             .min()
     }
 
-    /// The storage schema of each window table.
-    pub fn window_schemas(&self) -> Vec<SchemaRef> {
-        self.windows.iter().map(|w| w.op.schema.clone()).collect()
+    /// The rows a flush commits, in the order of [`Self::writers`]: each window table's rows
+    /// of the flush's micro-batches (`windows[batch][table]`), then final.alerts.
+    pub fn flush_rows(
+        &self,
+        windows: &[Vec<RecordBatch>],
+        transitions: &[Transition],
+    ) -> Vec<RecordBatch> {
+        let mut out: Vec<RecordBatch> = self
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let parts = windows.iter().filter_map(|batch| batch.get(i));
+                arrow::compute::concat_batches(&w.op.schema, parts)
+                    .expect("a window table's batches share a schema")
+            })
+            .collect();
+        if self.alerts.is_some() {
+            out.push(Self::alert_rows(transitions));
+        }
+        out
     }
 
     /// The writers in commit order: window tables, then final.alerts.
@@ -351,7 +359,7 @@ impl DerivedStage {
     }
 
     /// `final.alerts` rows for transitions.
-    pub fn alert_rows(transitions: &[Transition]) -> RecordBatch {
+    fn alert_rows(transitions: &[Transition]) -> RecordBatch {
         let now = chrono::Utc::now().timestamp_micros();
         let s = |f: fn(&Transition) -> &str| {
             Arc::new(StringArray::from_iter_values(transitions.iter().map(f)))
@@ -391,21 +399,13 @@ impl DerivedStage {
             let Some(committed) = w.writer.committed() else {
                 continue;
             };
-            let kind = window_kind(&self.app_id);
-            let stored = match w.op.encode() {
-                Ok(bytes) => w
-                    .writer
-                    .put_side_file(&kind, committed, bytes)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match stored {
-                Ok(()) => {
-                    let _ = w.writer.prune_side_files(&kind, 2).await;
+            match w.op.encode() {
+                Ok(bytes) => {
+                    let kind = window_kind(&self.app_id);
+                    w.writer.store_snapshot(&kind, committed, bytes).await;
                 }
                 Err(e) => {
-                    tracing::warn!(table = %w.op.def.table, error = %e, "storing the window snapshot failed")
+                    tracing::warn!(table = %w.op.def.table, error = %e, "encoding the window state failed")
                 }
             }
         }
@@ -415,14 +415,7 @@ impl DerivedStage {
         };
         for r in &self.rules {
             let kind = rule_kind(&self.app_id, &r.def.name);
-            match alerts.put_side_file(&kind, committed, r.encode()).await {
-                Ok(()) => {
-                    let _ = alerts.prune_side_files(&kind, 2).await;
-                }
-                Err(e) => {
-                    tracing::warn!(rule = %r.def.name, error = %e, "storing the rule snapshot failed")
-                }
-            }
+            alerts.store_snapshot(&kind, committed, r.encode()).await;
         }
     }
 }

@@ -192,37 +192,23 @@ struct Ingest {
     last_snapshot: Instant,
 }
 
-/// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines).
+/// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
+/// table's rows concatenated once.
 fn merge_stage(parts: Vec<StageOutput>) -> Option<StageOutput> {
-    let mut parts = parts.into_iter();
-    let mut merged = parts.next()?;
-    for part in parts {
-        for (tables, more) in merged.tables.iter_mut().zip(part.tables) {
-            for (rows, more) in tables.iter_mut().zip(more) {
-                *rows = arrow::compute::concat_batches(&rows.schema(), [&*rows, &more])
-                    .expect("a table's batches share a schema");
-            }
+    let mut merged = parts.first()?.clone_shape();
+    for (i, tables) in merged.tables.iter_mut().enumerate() {
+        for (j, rows) in tables.iter_mut().enumerate() {
+            let all: Vec<&arrow::array::RecordBatch> =
+                parts.iter().map(|p| &p.tables[i][j]).collect();
+            *rows = arrow::compute::concat_batches(&rows.schema(), all)
+                .expect("a table's batches share a schema");
         }
+    }
+    for part in parts {
         merged.quarantine.extend(part.quarantine);
         merged.counts.extend(part.counts);
     }
     Some(merged)
-}
-
-/// Rows for the derived tables of a flush, in the order of [`DerivedStage::writers`]: each
-/// window table, then final.alerts.
-fn derived_rows(buffer: &Buffer, derived: &DerivedStage) -> Vec<arrow::array::RecordBatch> {
-    let mut out = Vec::new();
-    for (i, schema) in derived.window_schemas().into_iter().enumerate() {
-        let parts: Vec<&arrow::array::RecordBatch> =
-            buffer.windows.iter().filter_map(|w| w.get(i)).collect();
-        out.push(
-            arrow::compute::concat_batches(&schema, parts)
-                .expect("a window table's batches share a schema"),
-        );
-    }
-    out.push(DerivedStage::alert_rows(&buffer.transitions));
-    out
 }
 
 /// Side-file kind of the dedup snapshots of one consumer.
@@ -248,16 +234,12 @@ async fn load_dedup(
     }
     let committed = usable.committed().unwrap_or(0);
     let kind = snapshot_kind(config.consumer());
-    let versions = usable
-        .side_file_versions(&kind)
+    let snapshot = usable
+        .latest_side_file(&kind, committed)
         .await
         .map_err(|e| e.to_string())?;
     let mut since = 0;
-    if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
-        let bytes = usable
-            .get_side_file(&kind, v)
-            .await
-            .map_err(|e| e.to_string())?;
+    if let Some((v, bytes)) = snapshot {
         match DedupState::decode(&bytes, gaps, window) {
             Ok(s) if s.key() == key => {
                 state = s;
@@ -549,7 +531,9 @@ impl Ingest {
                 }
             }
         }
-        let derived = derived_rows(buffer, &writers.derived);
+        let derived = writers
+            .derived
+            .flush_rows(&buffer.windows, &buffer.transitions);
         for (writer, rows) in writers.derived.writers().zip(&derived) {
             ok = ok && self.commit(writer, rows, version).await;
         }
@@ -629,20 +613,11 @@ impl Ingest {
         if self.dedup.key() == DedupKey::None {
             return;
         }
-        let usable = &writers.usable;
         let kind = snapshot_kind(self.config.consumer());
-        let stored = usable
-            .put_side_file(&kind, version, self.dedup.encode())
+        writers
+            .usable
+            .store_snapshot(&kind, version, self.dedup.encode())
             .await;
-        match stored {
-            Ok(()) => {
-                self.last_snapshot = Instant::now();
-                if let Err(e) = usable.prune_side_files(&kind, 2).await {
-                    tracing::warn!(error = %e, "pruning old dedup snapshots failed");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "storing the dedup snapshot failed"),
-        }
     }
 
     /// Commits one table, retrying with backoff until it succeeds or the engine is cancelled.

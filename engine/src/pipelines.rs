@@ -48,6 +48,26 @@ pub struct StageOutput {
     pub references: Vec<(TableId, Arc<dyn TableProvider>)>,
 }
 
+impl StageOutput {
+    /// The same pipelines and tables with no rows yet (and the same reference tables).
+    pub fn clone_shape(&self) -> Self {
+        Self {
+            tables: self
+                .tables
+                .iter()
+                .map(|t| {
+                    t.iter()
+                        .map(|r| RecordBatch::new_empty(r.schema()))
+                        .collect()
+                })
+                .collect(),
+            quarantine: Vec::new(),
+            counts: Vec::new(),
+            references: self.references.clone(),
+        }
+    }
+}
+
 /// What `serve` runs: the pipelines, and the window tables and rules over their tables.
 #[derive(Default, Clone)]
 pub struct Declared {
@@ -96,15 +116,11 @@ async fn load_dedup(lake: &Lake, app_id: &str, p: &mut Pipeline) -> Result<(), S
         .unwrap_or(0);
     let kind = snapshot_kind(app_id, &p.runner.name);
     let mut since = 0;
-    let versions = first
-        .side_file_versions(&kind)
+    let snapshot = first
+        .latest_side_file(&kind, committed)
         .await
         .map_err(|e| e.to_string())?;
-    if let Some(&v) = versions.iter().rev().find(|v| **v <= committed) {
-        let bytes = first
-            .get_side_file(&kind, v)
-            .await
-            .map_err(|e| e.to_string())?;
+    if let Some((v, bytes)) = snapshot {
         match state.restore(&bytes) {
             Ok(restored) => {
                 *state = restored;
@@ -179,19 +195,9 @@ impl PipelineStage {
                 continue;
             };
             let kind = snapshot_kind(&self.app_id, &p.runner.name);
-            match first
-                .put_side_file(&kind, p.committed(), state.encode())
-                .await
-            {
-                Ok(()) => {
-                    if let Err(e) = first.prune_side_files(&kind, 2).await {
-                        tracing::warn!(error = %e, "pruning old pipeline dedup snapshots failed");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, pipeline = %p.runner.name, "storing the dedup snapshot failed")
-                }
-            }
+            first
+                .store_snapshot(&kind, p.committed(), state.encode())
+                .await;
         }
     }
 

@@ -23,14 +23,13 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimeUnit};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::catalog::TableProvider;
-use datafusion::datasource::MemTable;
 use datafusion::sql::sqlparser::ast::{Expr, Ident, SelectItem, SetExpr};
 use fleetlake_zones::TableId;
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::RuleDef;
 use crate::pipeline::run::PROGRESS_COLUMN;
-use crate::window::{WINDOW_END, WINDOW_START, physical_plan, zone_session};
+use crate::window::{WINDOW_END, WINDOW_START, plan_over};
 use crate::{Error, Result};
 
 /// The hidden column that carries each rule row's stream sequence.
@@ -379,23 +378,21 @@ async fn run_query(
     rows: &RecordBatch,
     references: &[(TableId, Arc<dyn TableProvider>)],
 ) -> Result<RecordBatch> {
-    let mut tables = references.to_vec();
     // Rows read back from the lake come with view types; cast them to the input's schema.
     let rows = if rows.schema() == *input_schema {
         rows.clone()
     } else {
         crate::pipeline::run::conform(input_schema, std::slice::from_ref(rows))?
     };
-    tables.push((
-        input.clone(),
-        Arc::new(
-            MemTable::try_new(input_schema.clone(), vec![vec![rows]]).map_err(Error::Execution)?,
-        ),
-    ));
-    let ctx = zone_session(&tables).map_err(Error::Execution)?;
-    let plan = physical_plan(&ctx, &*rule_query(def)?)
-        .await
-        .map_err(Error::Execution)?;
+    let (ctx, plan) = plan_over(
+        &*rule_query(def)?,
+        input,
+        input_schema,
+        vec![rows],
+        references,
+    )
+    .await
+    .map_err(Error::Execution)?;
     let schema = plan.schema();
     let batches = datafusion::physical_plan::collect(plan, ctx.task_ctx())
         .await

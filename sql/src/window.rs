@@ -99,8 +99,27 @@ pub(crate) fn zone_session(
     Ok(ctx)
 }
 
+/// Plans `query` where `input` holds `rows` (with `schema`) and the reference tables can be read:
+/// the session and the physical plan.
+pub(crate) async fn plan_over(
+    query: &Query,
+    input: &TableId,
+    schema: &SchemaRef,
+    rows: Vec<RecordBatch>,
+    references: &[(TableId, Arc<dyn TableProvider>)],
+) -> datafusion::error::Result<(SessionContext, Arc<dyn ExecutionPlan>)> {
+    let mut tables = references.to_vec();
+    tables.push((
+        input.clone(),
+        Arc::new(MemTable::try_new(schema.clone(), vec![rows])?),
+    ));
+    let ctx = zone_session(&tables)?;
+    let plan = physical_plan(&ctx, query).await?;
+    Ok((ctx, plan))
+}
+
 /// Plans a query to a physical plan.
-pub(crate) async fn physical_plan(
+async fn physical_plan(
     ctx: &SessionContext,
     query: &Query,
 ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
@@ -173,15 +192,9 @@ pub async fn plan_window(
     input: &TableId,
     input_schema: &SchemaRef,
     references: &[(TableId, Arc<dyn TableProvider>)],
-) -> std::result::Result<(SchemaRef, SchemaRef), String> {
+) -> std::result::Result<PlannedWindow, String> {
     let exploded = exploded_schema(input_schema);
-    let mut tables = references.to_vec();
-    tables.push((
-        input.clone(),
-        Arc::new(MemTable::try_new(exploded.clone(), vec![vec![]]).map_err(|e| e.to_string())?),
-    ));
-    let ctx = zone_session(&tables).map_err(|e| e.to_string())?;
-    let plan = physical_plan(&ctx, &def.query)
+    let (_, plan) = plan_over(&def.query, input, &exploded, Vec::new(), references)
         .await
         .map_err(|e| e.strip_backtrace())?;
     let agg = aggregation(&plan).ok_or_else(|| {
@@ -221,7 +234,21 @@ pub async fn plan_window(
     }
     let mut fields: Vec<Field> = out.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(PROGRESS_COLUMN, DataType::Int64, false));
-    Ok((storage_schema(&Schema::new(fields)), exploded))
+    Ok(PlannedWindow {
+        schema: storage_schema(&Schema::new(fields)),
+        exploded,
+        plan,
+    })
+}
+
+/// A window query that checks, planned over no rows.
+pub struct PlannedWindow {
+    /// How the table is stored: the query's columns and `stream_seq`.
+    pub schema: SchemaRef,
+    /// What the query reads: the input's columns and the window columns.
+    pub exploded: SchemaRef,
+    /// The physical plan: its aggregation and what follows it.
+    plan: Arc<dyn ExecutionPlan>,
 }
 
 fn exploded_schema(input: &SchemaRef) -> SchemaRef {
@@ -275,16 +302,13 @@ impl WindowOperator {
         input_schema: &SchemaRef,
         references: &[(TableId, Arc<dyn TableProvider>)],
     ) -> Result<Self> {
-        let (schema, exploded) = plan_window(def, &input, input_schema, references)
+        let PlannedWindow {
+            schema,
+            exploded,
+            plan: template,
+        } = plan_window(def, &input, input_schema, references)
             .await
             .map_err(|e| Error::Internal(format!("{}: {e}", def.table)))?;
-        let mut tables = references.to_vec();
-        tables.push((
-            input.clone(),
-            Arc::new(MemTable::try_new(exploded.clone(), vec![vec![]]).map_err(exec)?),
-        ));
-        let ctx = zone_session(&tables).map_err(exec)?;
-        let template = physical_plan(&ctx, &def.query).await.map_err(exec)?;
         let agg = aggregation(&template).expect("checked: the query aggregates");
         let partial_schema = agg
             .exec(AggregateMode::Partial, agg.input.clone())
@@ -446,13 +470,15 @@ impl WindowOperator {
         exploded: RecordBatch,
         references: &[(TableId, Arc<dyn TableProvider>)],
     ) -> Result<RecordBatch> {
-        let mut tables = references.to_vec();
-        tables.push((
-            self.input.clone(),
-            Arc::new(MemTable::try_new(self.exploded.clone(), vec![vec![exploded]]).map_err(exec)?),
-        ));
-        let ctx = zone_session(&tables).map_err(exec)?;
-        let plan = physical_plan(&ctx, &self.def.query).await.map_err(exec)?;
+        let (ctx, plan) = plan_over(
+            &self.def.query,
+            &self.input,
+            &self.exploded,
+            vec![exploded],
+            references,
+        )
+        .await
+        .map_err(exec)?;
         let agg =
             aggregation(&plan).ok_or_else(|| internal("the window query lost its aggregate"))?;
         let partial = Arc::new(

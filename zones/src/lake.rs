@@ -523,6 +523,32 @@ impl TableWriter {
         Ok(bytes.to_vec())
     }
 
+    /// The newest version of side file `kind` at or below `at_most`, with its bytes: the
+    /// snapshot to restore state from when the table has committed up to `at_most`.
+    pub async fn latest_side_file(
+        &self,
+        kind: &str,
+        at_most: i64,
+    ) -> Result<Option<(i64, Vec<u8>)>> {
+        let versions = self.side_file_versions(kind).await?;
+        let Some(&v) = versions.iter().rev().find(|v| **v <= at_most) else {
+            return Ok(None);
+        };
+        Ok(Some((v, self.get_side_file(kind, v).await?)))
+    }
+
+    /// Stores a snapshot as version `version` of side file `kind` and keeps only the newest
+    /// two. A failure only means a longer rebuild after a restart, so it is logged, not returned.
+    pub async fn store_snapshot(&self, kind: &str, version: i64, bytes: Vec<u8>) {
+        if let Err(e) = self.put_side_file(kind, version, bytes).await {
+            tracing::warn!(table = %self.id, kind, error = %e, "storing a snapshot failed");
+            return;
+        }
+        if let Err(e) = self.prune_side_files(kind, 2).await {
+            tracing::warn!(table = %self.id, kind, error = %e, "pruning old snapshots failed");
+        }
+    }
+
     /// Deletes all but the newest `keep` versions of a side file.
     pub async fn prune_side_files(&self, kind: &str, keep: usize) -> Result<()> {
         let versions = self.side_file_versions(kind).await?;

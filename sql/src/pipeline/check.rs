@@ -220,7 +220,8 @@ async fn check_derived(
                 };
             let input_schema = tables[&input].clone();
             match crate::window::plan_window(w, &input, &input_schema, &refs).await {
-                Ok((schema, _)) => {
+                Ok(planned) => {
+                    let schema = planned.schema;
                     if input_schema.field_with_name(&w.event_time).is_err() {
                         reports[*at].errors.push(PipelineError::new(
                             w.pos,

@@ -164,9 +164,8 @@ impl P<'_> {
 
     fn columns(&mut self) -> R<Vec<Column>> {
         self.expect(Token::LParen, "( and the column list")?;
-        let mut columns: Vec<Column> = Vec::new();
-        loop {
-            let def = self.run(|p| p.parse_column_def())?;
+        self.list("a column", |this, columns: &[Column]| {
+            let def = this.run(|p| p.parse_column_def())?;
             let at = pos(def.name.span.start);
             let name = def.name.value.clone();
             if columns.iter().any(|c| c.name.eq_ignore_ascii_case(&name)) {
@@ -188,18 +187,13 @@ impl P<'_> {
                 .options
                 .iter()
                 .any(|o| matches!(o.option, ColumnOption::NotNull));
-            columns.push(Column {
+            Ok(Column {
                 name,
                 data_type,
                 nullable,
                 pos: at,
-            });
-            if self.parser.consume_token(&Token::Comma) {
-                continue;
-            }
-            self.expect(Token::RParen, ", or ) after a column")?;
-            return Ok(columns);
-        }
+            })
+        })
     }
 
     fn source(&mut self) -> R<SourceDef> {
@@ -280,48 +274,16 @@ impl P<'_> {
         let (table, at) = self.table_id(Zone::Usable, "a streaming table")?;
         let mut expectations = Vec::new();
         if self.parser.consume_token(&Token::LParen) {
-            loop {
-                let e_at = self.here();
-                if !self.parser.parse_keyword(Keyword::CONSTRAINT) {
-                    return Err(self.unexpected("CONSTRAINT name EXPECT (condition)"));
-                }
-                let name = self.run(|p| p.parse_identifier())?.value;
-                self.expect_word("EXPECT", "EXPECT (condition) after the constraint name")?;
-                self.expect(Token::LParen, "( around the condition")?;
-                let condition = self.run(|p| p.parse_expr())?;
-                self.expect(Token::RParen, ") after the condition")?;
-                let action = if self.parser.parse_keyword(Keyword::ON) {
-                    self.expect_word("VIOLATION", "VIOLATION after ON")?;
-                    self.action()?
-                } else {
-                    Action::Warn
-                };
-                expectations.push(Expectation {
-                    name,
-                    condition,
-                    action,
-                    pos: e_at,
-                });
-                if self.parser.consume_token(&Token::Comma) {
-                    continue;
-                }
-                self.expect(Token::RParen, ", or ) after an expectation")?;
-                break;
-            }
+            expectations = self.list("an expectation", |this, _| this.expectation())?;
         }
         let mut partitioned_by = Vec::new();
         if self.word("PARTITIONED") {
             self.expect_word("BY", "BY after PARTITIONED")?;
             self.expect(Token::LParen, "( and the partition columns")?;
-            loop {
-                let c = self.run(|p| p.parse_identifier())?;
-                partitioned_by.push((c.value, pos(c.span.start)));
-                if self.parser.consume_token(&Token::Comma) {
-                    continue;
-                }
-                self.expect(Token::RParen, ", or ) after a partition column")?;
-                break;
-            }
+            partitioned_by = self.list("a partition column", |this, _| {
+                let c = this.run(|p| p.parse_identifier())?;
+                Ok((c.value, pos(c.span.start)))
+            })?;
         }
         if !self.parser.parse_keyword(Keyword::AS) {
             return Err(self.unexpected("AS SELECT … (the query that fills the table)"));
@@ -339,13 +301,12 @@ impl P<'_> {
     /// `( key = 'value', … )` after WITH; each key once.
     fn options(&mut self) -> R<Vec<Opt>> {
         self.expect(Token::LParen, "( after WITH")?;
-        let mut options: Vec<Opt> = Vec::new();
-        loop {
-            let key_at = self.here();
-            let key = self.run(|p| p.parse_identifier())?.value.to_lowercase();
-            self.expect(Token::Eq, "= after an option name")?;
-            let value_at = self.here();
-            let value = match self.parser.next_token().token {
+        self.list("an option", |this, options: &[Opt]| {
+            let key_at = this.here();
+            let key = this.run(|p| p.parse_identifier())?.value.to_lowercase();
+            this.expect(Token::Eq, "= after an option name")?;
+            let value_at = this.here();
+            let value = match this.parser.next_token().token {
                 Token::SingleQuotedString(s) => s,
                 Token::Number(n, _) => n,
                 _ => {
@@ -363,18 +324,13 @@ impl P<'_> {
                     format!("option {key} is given twice"),
                 ));
             }
-            options.push(Opt {
+            Ok(Opt {
                 key,
                 key_at,
                 value,
                 value_at,
-            });
-            if self.parser.consume_token(&Token::Comma) {
-                continue;
-            }
-            self.expect(Token::RParen, ", or ) after an option")?;
-            return Ok(options);
-        }
+            })
+        })
     }
 
     /// `WITH (…) AS SELECT …` of window tables and rules.
@@ -535,6 +491,46 @@ impl P<'_> {
             ));
         }
         Ok(rule)
+    }
+
+    /// `CONSTRAINT name EXPECT (condition) [ON VIOLATION action]`.
+    fn expectation(&mut self) -> R<Expectation> {
+        let e_at = self.here();
+        if !self.parser.parse_keyword(Keyword::CONSTRAINT) {
+            return Err(self.unexpected("CONSTRAINT name EXPECT (condition)"));
+        }
+        let name = self.run(|p| p.parse_identifier())?.value;
+        self.expect_word("EXPECT", "EXPECT (condition) after the constraint name")?;
+        self.expect(Token::LParen, "( around the condition")?;
+        let condition = self.run(|p| p.parse_expr())?;
+        self.expect(Token::RParen, ") after the condition")?;
+        let action = if self.parser.parse_keyword(Keyword::ON) {
+            self.expect_word("VIOLATION", "VIOLATION after ON")?;
+            self.action()?
+        } else {
+            Action::Warn
+        };
+        Ok(Expectation {
+            name,
+            condition,
+            action,
+            pos: e_at,
+        })
+    }
+
+    /// Items separated by commas up to the closing `)` (the `(` is already consumed); `item`
+    /// sees the items parsed so far.
+    fn list<T>(&mut self, what: &str, mut item: impl FnMut(&mut Self, &[T]) -> R<T>) -> R<Vec<T>> {
+        let mut items = Vec::new();
+        loop {
+            let next = item(self, &items)?;
+            items.push(next);
+            if self.parser.consume_token(&Token::Comma) {
+                continue;
+            }
+            self.expect(Token::RParen, &format!(", or ) after {what}"))?;
+            return Ok(items);
+        }
     }
 
     fn action(&mut self) -> R<Action> {
