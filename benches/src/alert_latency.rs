@@ -8,7 +8,7 @@
 //! Starts its own nats-server on a free loopback port and the engine in-process (local-folder
 //! lake) with one pipeline and one rule (`temp_c > 100`, no `for`, no cool-down). Publishes
 //! `--rate` readings per second from `--devices` devices for `--seconds`; one reading in
-//! `--hot-every` is hot and the next one cool again, so every hot reading raises a `firing`
+//! `--hot-every` of each device is hot and the next one cool again, so every hot reading raises a `firing`
 //! transition (and the next a `resolved`). Each reading carries its send time; a subscriber on
 //! `alerts.>` takes the difference when the alert arrives. Prints one JSON line with the
 //! percentiles (the first 2 seconds are warm-up and not counted).
@@ -155,7 +155,8 @@ async fn main() {
             let device = (sent % args.devices) as usize;
             seqs[device] += 1;
             let seq = seqs[device];
-            let hot = (seq as u64).is_multiple_of(args.hot_every);
+            // Staggered across devices, so hot readings are spread evenly over time.
+            let hot = (seq as u64 + device as u64).is_multiple_of(args.hot_every);
             let now = chrono::Utc::now();
             let payload = serde_json::json!({
                 "device_id": format!("dev-{device:05}"),

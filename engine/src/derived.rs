@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Exactly once: every window table and final.alerts commit with the ingest's txn like any
-//! table. Window and rule state is snapshotted beside its table (`_fleetlake/`) and, on start,
+//! table (their writers are the committer's, [`crate::commit`]). Window and rule state is snapshotted beside its table (`_fleetlake/`) and, on start,
 //! restored from the newest snapshot at or below the table's committed position, then brought
 //! up to it by replaying the committed rows of the input table. Re-processed messages then give
 //! the same transitions with the same ids, which JetStream drops within
@@ -30,6 +30,7 @@ use fleetlake_sql::window::WindowOperator;
 use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::{Lake, TableId, Zone};
 
+use crate::commit::Snapshot;
 use crate::config::Config;
 
 /// `final.alerts`: every alert transition.
@@ -88,11 +89,6 @@ pub fn subject_token(key: &str) -> String {
     if t.is_empty() { "_".into() } else { t }
 }
 
-struct Window {
-    op: WindowOperator,
-    writer: TableWriter,
-}
-
 /// What the derived stage made of one micro-batch.
 #[derive(Default)]
 pub struct DerivedOutput {
@@ -102,10 +98,12 @@ pub struct DerivedOutput {
     pub late: u64,
 }
 
+/// The window operators and rules; the writers of their tables are the committer's.
 pub struct DerivedStage {
-    windows: Vec<Window>,
+    windows: Vec<WindowOperator>,
     rules: Vec<RuleRunner>,
-    alerts: Option<TableWriter>,
+    /// Whether final.alerts is written (there are rules).
+    alerts: bool,
     app_id: String,
     js: Option<jetstream::Context>,
     stream: String,
@@ -147,17 +145,20 @@ async fn committed_rows(
 }
 
 impl DerivedStage {
+    /// Opens the window tables and final.alerts (their writers are returned, in commit order)
+    /// and rebuilds the windows' and rules' state as of what those tables committed.
     pub async fn open(
         lake: &Lake,
         config: &Config,
         windows: &[CheckedWindow],
         rules: &[CheckedRule],
-    ) -> Result<Self, String> {
+    ) -> Result<(Self, Vec<TableWriter>), String> {
         let app_id = config.consumer().to_string();
+        let mut writers = Vec::new();
         let mut stage = Self {
             windows: Vec::new(),
             rules: Vec::new(),
-            alerts: None,
+            alerts: !rules.is_empty(),
             app_id: app_id.clone(),
             js: None,
             stream: config.alerts_stream().to_string(),
@@ -187,7 +188,8 @@ impl DerivedStage {
                 op.process(&batch, &[]).await.map_err(|e| e.to_string())?;
             }
             tracing::info!(table = %w.def.table, from, committed, open = op.open_groups(), "window state rebuilt");
-            stage.windows.push(Window { op, writer });
+            stage.windows.push(op);
+            writers.push(writer);
         }
         if !rules.is_empty() {
             let writer = lake
@@ -220,26 +222,16 @@ impl DerivedStage {
                 tracing::info!(rule = %r.def.name, from, committed, firing = rule.firing(), "rule state rebuilt");
                 stage.rules.push(rule);
             }
-            stage.alerts = Some(writer);
+            writers.push(writer);
         }
-        Ok(stage)
+        Ok((stage, writers))
     }
 
     pub fn is_empty(&self) -> bool {
         self.windows.is_empty() && self.rules.is_empty()
     }
 
-    /// The lowest progress the window tables and final.alerts have recorded.
-    pub fn committed_min(&self) -> Option<i64> {
-        self.windows
-            .iter()
-            .map(|w| &w.writer)
-            .chain(self.alerts.as_ref())
-            .map(|w| w.committed().unwrap_or(0))
-            .min()
-    }
-
-    /// The rows a flush commits, in the order of [`Self::writers`]: each window table's rows
+    /// The rows a flush commits, in the order of the writers [`Self::open`] returned: each window table's rows
     /// of the flush's micro-batches (`windows[batch][table]`), then final.alerts.
     pub fn flush_rows(
         &self,
@@ -252,22 +244,14 @@ impl DerivedStage {
             .enumerate()
             .map(|(i, w)| {
                 let parts = windows.iter().filter_map(|batch| batch.get(i));
-                arrow::compute::concat_batches(&w.op.schema, parts)
+                arrow::compute::concat_batches(&w.schema, parts)
                     .expect("a window table's batches share a schema")
             })
             .collect();
-        if self.alerts.is_some() {
+        if self.alerts {
             out.push(Self::alert_rows(transitions));
         }
         out
-    }
-
-    /// The writers in commit order: window tables, then final.alerts.
-    pub fn writers(&mut self) -> impl Iterator<Item = &mut TableWriter> {
-        self.windows
-            .iter_mut()
-            .map(|w| &mut w.writer)
-            .chain(self.alerts.as_mut())
     }
 
     /// Feeds the rows the pipelines made of a micro-batch to the windows, then the rules.
@@ -282,21 +266,20 @@ impl DerivedStage {
             let rows = tables
                 .iter()
                 .chain(produced.iter())
-                .find(|(t, _)| *t == w.op.input)
+                .find(|(t, _)| *t == w.input)
                 .map(|(_, r)| r);
             let result = match rows {
-                Some(rows) if rows.num_rows() > 0 => {
-                    w.op.process(rows, references)
-                        .await
-                        .map_err(|e| format!("{}: {e}", w.op.def.table))?
-                }
+                Some(rows) if rows.num_rows() > 0 => w
+                    .process(rows, references)
+                    .await
+                    .map_err(|e| format!("{}: {e}", w.def.table))?,
                 _ => fleetlake_sql::window::WindowOutput {
-                    rows: RecordBatch::new_empty(w.op.schema.clone()),
+                    rows: RecordBatch::new_empty(w.schema.clone()),
                     late: 0,
                 },
             };
             out.late += result.late;
-            produced.push((w.op.def.table.clone(), result.rows.clone()));
+            produced.push((w.def.table.clone(), result.rows.clone()));
             out.windows.push(result.rows);
         }
         for r in &mut self.rules {
@@ -393,29 +376,28 @@ impl DerivedStage {
         .expect("alerts schema")
     }
 
-    /// Snapshots window and rule state beside their tables, as of what they committed.
-    pub async fn snapshot(&self) {
+    /// Window and rule state, to store beside their tables once committed.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let mut out = Vec::new();
         for w in &self.windows {
-            let Some(committed) = w.writer.committed() else {
-                continue;
-            };
-            match w.op.encode() {
-                Ok(bytes) => {
-                    let kind = window_kind(&self.app_id);
-                    w.writer.store_snapshot(&kind, committed, bytes).await;
-                }
+            match w.encode() {
+                Ok(bytes) => out.push(Snapshot {
+                    tables: vec![w.def.table.clone()],
+                    kind: window_kind(&self.app_id),
+                    bytes,
+                }),
                 Err(e) => {
-                    tracing::warn!(table = %w.op.def.table, error = %e, "encoding the window state failed")
+                    tracing::warn!(table = %w.def.table, error = %e, "encoding the window state failed")
                 }
             }
         }
-        let Some(alerts) = &self.alerts else { return };
-        let Some(committed) = alerts.committed() else {
-            return;
-        };
         for r in &self.rules {
-            let kind = rule_kind(&self.app_id, &r.def.name);
-            alerts.store_snapshot(&kind, committed, r.encode()).await;
+            out.push(Snapshot {
+                tables: vec![alerts_table()],
+                kind: rule_kind(&self.app_id, &r.def.name),
+                bytes: r.encode(),
+            });
         }
+        out
     }
 }

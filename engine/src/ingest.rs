@@ -1,107 +1,81 @@
-//! The ingest stage: JetStream → micro-batches → raw, quarantine and usable Delta tables → ack.
+//! The ingest stage: JetStream → micro-batches → raw, quarantine, usable and final Delta tables
+//! → ack.
 //!
 //! ```text
-//!  Source (pull consumer) ──► buffer (≤ commit_rows or commit_interval) ──► raw batch
-//!        ▲                                                                     │ decode_envelope
-//!        │ ack (AckPolicy::All, last message) ◄── commit raw ─► quarantine ─► usable
+//!  Source (pull consumer) ──► micro-batch (what one fetch made ready)
+//!        ▲                      │ pipelines ─► windows ─► rules ─► alerts published now
+//!        │                      ▼
+//!        │                    buffer (≤ commit_rows or commit_interval) ─► flush: decode_envelope, dedup
+//!        │                                                                  │ Job (rows per table)
+//!        │ ack (AckPolicy::All, last message) ◄── committer task: raw ─► quarantine ─► usable ─► …
 //! ```
 //!
 //! Guarantees: a message is acknowledged only after every table that needs it has committed; each
 //! commit records `txn(consumer, last stream sequence)`, and a restarted engine starts the
-//! consumer after the lowest recorded sequence and skips rows a table already holds. A failing
-//! commit is retried with backoff (pulling stops meanwhile, JetStream keeps the backlog); a lost
-//! consumer is reopened from the lake's position.
+//! consumer after the lowest recorded sequence and skips rows a table already holds. A flush is
+//! committed on its own task ([`crate::commit`]) while the loop goes on fetching and running
+//! rules, so alerts do not wait for the lake; the next flush waits for it (one in flight). A
+//! failing commit is retried with backoff (pulling stops at the next flush, JetStream keeps the
+//! backlog); a lost consumer is reopened from the lake's position.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use fleetlake_sql::pipeline::PipelineRunner;
 use fleetlake_sql::{DedupKey, DedupState, QueryEngine, decode_envelope};
-use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::schema::{RawMessage, builtin_tables, raw_batch};
-use fleetlake_zones::{CommitOutcome, Lake, TableId};
+use fleetlake_zones::{Lake, TableId};
 use tokio_util::sync::CancellationToken;
 
+use crate::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage_failed};
 use crate::config::Config;
 use crate::derived::DerivedStage;
 use crate::metrics::Metrics;
 use crate::pipelines::{Declared, PipelineStage, StageOutput};
 use crate::source::Source;
 
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Exponential backoff that sleeps unless cancelled; returns false when cancelled.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Self(BACKOFF_START)
-    }
-    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
-        }
-    }
-}
-
-/// The writers of the three tables the ingest stage fills, in commit order.
-struct Writers {
-    raw: TableWriter,
-    quarantine: TableWriter,
-    usable: TableWriter,
-    /// The declared pipelines and their tables.
+/// What ingest runs over each micro-batch; the tables' writers are the committer's.
+struct Stages {
+    /// The declared pipelines.
     stage: PipelineStage,
     /// Window tables and rules over the pipelines' tables.
     derived: DerivedStage,
 }
 
-impl Writers {
-    async fn open(lake: &Lake, config: &Config, declared: &Declared) -> Result<Self, String> {
-        let app_id = config.consumer();
-        let runners: &[PipelineRunner] = &declared.runners;
-        let max_gaps = config.dedup_max_gaps();
-        let mut open = Vec::new();
-        for (id, schema, partitions) in builtin_tables() {
-            let partitions = partitions.into_iter().map(String::from).collect();
-            open.push(
-                lake.writer(id, schema, partitions, app_id)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        let usable = open.pop().expect("three tables");
-        let quarantine = open.pop().expect("three tables");
-        let raw = open.pop().expect("three tables");
-        debug_assert_eq!(raw.id(), &TableId::raw_telemetry());
-        let stage = PipelineStage::open(lake, runners, app_id, max_gaps).await?;
-        let derived = DerivedStage::open(lake, config, &declared.windows, &declared.rules).await?;
-        Ok(Self {
-            raw,
-            quarantine,
-            usable,
-            stage,
-            derived,
-        })
+/// Opens every table (raw, quarantine, usable, the pipelines', the window tables, final.alerts:
+/// the committer's order) and rebuilds the stages' state as of what they committed.
+async fn open(
+    lake: &Lake,
+    config: &Config,
+    declared: &Declared,
+    metrics: &Arc<Metrics>,
+    cancel: &CancellationToken,
+) -> Result<(Stages, Committer), String> {
+    let app_id = config.consumer();
+    let mut writers = Vec::new();
+    for (id, schema, partitions) in builtin_tables() {
+        let partitions = partitions.into_iter().map(String::from).collect();
+        writers.push(
+            lake.writer(id, schema, partitions, app_id)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
     }
-
-    /// The first stream sequence not yet in every table.
-    fn resume_at(&self) -> u64 {
-        [&self.raw, &self.quarantine, &self.usable]
-            .iter()
-            .map(|w| w.committed().unwrap_or(0))
-            .chain(self.stage.committed_min())
-            .chain(self.derived.committed_min())
-            .min()
-            .unwrap_or(0) as u64
-            + 1
-    }
+    debug_assert_eq!(writers[RAW].id(), &TableId::raw_telemetry());
+    let (stage, pipeline_writers) =
+        PipelineStage::open(lake, &declared.runners, app_id, config.dedup_max_gaps()).await?;
+    writers.extend(pipeline_writers);
+    let (derived, derived_writers) =
+        DerivedStage::open(lake, config, &declared.windows, &declared.rules).await?;
+    writers.extend(derived_writers);
+    let committer = Committer::new(writers, metrics.clone(), cancel.clone());
+    Ok((Stages { stage, derived }, committer))
 }
+
+/// Positions of the built-in tables among the committer's writers.
+const RAW: usize = 0;
+const USABLE: usize = 2;
 
 /// Runs the ingest stage until `cancel` fires; in-flight messages are committed and acked first.
 pub async fn run(
@@ -112,8 +86,8 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
-    let mut writers = loop {
-        match Writers::open(&lake, &config, &declared).await {
+    let (mut stages, committer) = loop {
+        match open(&lake, &config, &declared, &metrics, &cancel).await {
             Ok(w) => break w,
             Err(e) => {
                 storage_failed(&metrics, &e.to_string());
@@ -124,7 +98,7 @@ pub async fn run(
         }
     };
     let dedup = loop {
-        match load_dedup(&config, &lake, &writers.usable).await {
+        match load_dedup(&config, &lake, &committer).await {
             Ok(d) => break d,
             Err(e) => {
                 storage_failed(&metrics, &e);
@@ -141,12 +115,13 @@ pub async fn run(
         cancel,
         dedup,
         last_snapshot: Instant::now(),
+        commits: Commits::new(committer),
     };
     loop {
         if ingest.cancel.is_cancelled() {
             return;
         }
-        let start = writers.resume_at();
+        let start = ingest.commits.idle().await.0.resume_at();
         let mut source = match Source::open(&ingest.config, start).await {
             Ok(source) => source,
             Err(e) => {
@@ -160,7 +135,7 @@ pub async fn run(
         tracing::info!(start, "consuming");
         ingest.metrics.source_up.store(1, Ordering::Relaxed);
         backoff = Backoff::new();
-        match ingest.pump(&mut source, &mut writers).await {
+        match ingest.pump(&mut source, &mut stages).await {
             Pumped::Stopped => return,
             Pumped::SourceLost(reason) => {
                 ingest.source_failed(&reason);
@@ -170,13 +145,6 @@ pub async fn run(
             }
         }
     }
-}
-
-fn storage_failed(metrics: &Metrics, reason: &str) {
-    tracing::warn!(%reason, "object storage failed; retrying");
-    metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
-    metrics.storage_up.store(0, Ordering::Relaxed);
-    metrics.set_last_error("storage", reason);
 }
 
 enum Pumped {
@@ -190,6 +158,7 @@ struct Ingest {
     cancel: CancellationToken,
     dedup: DedupState,
     last_snapshot: Instant,
+    commits: Commits,
 }
 
 /// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
@@ -221,8 +190,9 @@ fn snapshot_kind(consumer: &str) -> String {
 async fn load_dedup(
     config: &Config,
     lake: &Lake,
-    usable: &TableWriter,
+    committer: &Committer,
 ) -> Result<DedupState, String> {
+    let usable = committer.writer(USABLE);
     let (key, gaps, window) = (
         config.dedup_key(),
         config.dedup_max_gaps(),
@@ -300,7 +270,15 @@ impl Ingest {
         self.metrics.set_last_error("source", reason);
     }
 
-    async fn pump(&mut self, source: &mut Source, writers: &mut Writers) -> Pumped {
+    /// Consumes `source` until it fails or ingest is cancelled. Returns with no commit in
+    /// flight.
+    async fn pump(&mut self, source: &mut Source, stages: &mut Stages) -> Pumped {
+        let pumped = self.pump_until(source, stages).await;
+        self.commits.settle().await;
+        pumped
+    }
+
+    async fn pump_until(&mut self, source: &mut Source, stages: &mut Stages) -> Pumped {
         let mut buffer = Buffer::default();
         // Redeliveries (ack wait expired during a long outage) are at or below this.
         let mut highest_seen = source.start.saturating_sub(1);
@@ -313,11 +291,13 @@ impl Ingest {
             let next = tokio::select! {
                 _ = self.cancel.cancelled() => {
                     // Graceful shutdown: stop pulling, commit what is in flight, ack, and
-                    // snapshot the dedup state so the next start need not rebuild it.
-                    if self.flush(&mut buffer, writers).await
-                        && let Some(version) = writers.usable.committed()
-                    {
-                        self.snapshot(writers, version).await;
+                    // snapshot the state so the next start need not rebuild it.
+                    if self.flush(&mut buffer, stages).await {
+                        let snapshots = self.snapshots(stages);
+                        let (committer, ok) = self.commits.idle().await;
+                        if ok {
+                            committer.store(snapshots).await;
+                        }
                     }
                     return Pumped::Stopped;
                 }
@@ -325,16 +305,16 @@ impl Ingest {
             };
             match next {
                 Err(_elapsed) => {
-                    if !self.flush(&mut buffer, writers).await {
+                    if !self.flush(&mut buffer, stages).await {
                         return Pumped::Stopped;
                     }
                 }
                 Ok(None) => {
-                    self.flush(&mut buffer, writers).await;
+                    self.flush(&mut buffer, stages).await;
                     return Pumped::SourceLost("the message stream ended".into());
                 }
                 Ok(Some(Err(e))) => {
-                    if !self.flush(&mut buffer, writers).await {
+                    if !self.flush(&mut buffer, stages).await {
                         return Pumped::Stopped;
                     }
                     return Pumped::SourceLost(e.to_string());
@@ -350,7 +330,7 @@ impl Ingest {
                                 self.take(message, &mut buffer, &mut highest_seen);
                             }
                             Ok(Some(Err(e))) => {
-                                if !self.flush(&mut buffer, writers).await {
+                                if !self.flush(&mut buffer, stages).await {
                                     return Pumped::Stopped;
                                 }
                                 return Pumped::SourceLost(e.to_string());
@@ -359,11 +339,11 @@ impl Ingest {
                         }
                     }
                     // Rules see every micro-batch now, not at the commit cadence.
-                    if !self.process(&mut buffer, writers).await {
+                    if !self.process(&mut buffer, stages).await {
                         return Pumped::Stopped;
                     }
                     if buffer.messages.len() >= self.config.commit_rows()
-                        && !self.flush(&mut buffer, writers).await
+                        && !self.flush(&mut buffer, stages).await
                     {
                         return Pumped::Stopped;
                     }
@@ -411,22 +391,22 @@ impl Ingest {
     /// Runs the pipelines, windows and rules over the messages not processed yet, and publishes
     /// the alert transitions. Returns false when ingest must stop (a `FAIL` expectation, a
     /// failing window or rule, or cancelled while NATS or storage were failing).
-    async fn process(&mut self, buffer: &mut Buffer, writers: &mut Writers) -> bool {
-        if writers.stage.is_empty() || buffer.processed == buffer.messages.len() {
+    async fn process(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
+        if stages.stage.is_empty() || buffer.processed == buffer.messages.len() {
             return true;
         }
         let raw = raw_batch(&buffer.messages[buffer.processed..]);
-        let Some(out) = self.run_pipelines(&raw, writers).await else {
+        let Some(out) = self.run_pipelines(&raw, stages).await else {
             return false;
         };
-        if !writers.derived.is_empty() {
+        if !stages.derived.is_empty() {
             let mut tables = Vec::new();
-            for (pipeline, rows) in writers.stage.pipelines.iter().zip(&out.tables) {
-                for (writer, rows) in pipeline.writers.iter().zip(rows) {
-                    tables.push((writer.id().clone(), rows.clone()));
+            for (pipeline, rows) in stages.stage.pipelines.iter().zip(&out.tables) {
+                for (table, rows) in pipeline.tables().zip(rows) {
+                    tables.push((table.clone(), rows.clone()));
                 }
             }
-            let derived = match writers.derived.process(&tables, &out.references).await {
+            let derived = match stages.derived.process(&tables, &out.references).await {
                 Ok(d) => d,
                 Err(e) => {
                     let reason = format!("ingest stopped: window or rule failed: {e}");
@@ -441,7 +421,7 @@ impl Ingest {
                 .late_rows
                 .fetch_add(derived.late, Ordering::Relaxed);
             let mut backoff = Backoff::new();
-            while let Err(e) = writers.derived.publish(&derived.transitions).await {
+            while let Err(e) = stages.derived.publish(&derived.transitions).await {
                 self.source_failed(&e);
                 if !backoff.wait(&self.cancel).await {
                     return false;
@@ -458,9 +438,11 @@ impl Ingest {
         true
     }
 
-    /// Commits the buffer to every table, then acks. Returns false if cancelled while storage
-    /// was failing (nothing was acked then: the messages come back after a restart).
-    async fn flush(&mut self, buffer: &mut Buffer, writers: &mut Writers) -> bool {
+    /// Hands the buffer to the committer, which commits it to every table and then acks while
+    /// ingest goes on. Returns false if ingest must stop (a previous commit failed, or decoding
+    /// or deduplication failed); nothing of an uncommitted batch is acked then, so the messages
+    /// come back after a restart.
+    async fn flush(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
         if buffer.messages.is_empty() {
             return true;
         }
@@ -473,7 +455,7 @@ impl Ingest {
             .max()
             .expect("non-empty");
         // Declared pipelines take the messages on their subjects; the built-in decoder the rest.
-        if !self.process(buffer, writers).await {
+        if !self.process(buffer, stages).await {
             return false;
         }
         let stage = merge_stage(std::mem::take(&mut buffer.stage));
@@ -485,7 +467,7 @@ impl Ingest {
                     .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
                     .expect("raw schema")
                     .clone();
-                let claimed = writers.stage.claimed(&subjects);
+                let claimed = stages.stage.claimed(&subjects);
                 let unclaimed: arrow::array::BooleanArray =
                     claimed.iter().map(|c| Some(!c)).collect();
                 arrow::compute::filter_record_batch(&raw, &unclaimed).expect("same length")
@@ -496,7 +478,10 @@ impl Ingest {
             Err(e) => {
                 // A bug in decoding must not lose data: keep the raw rows and stop here.
                 tracing::error!(error = %e, "decoding failed; committing raw only and stopping");
-                let _ = self.commit(&mut writers.raw, &raw, version).await;
+                let (committer, ok) = self.commits.idle().await;
+                if ok {
+                    committer.commit_one(RAW, &raw, version).await;
+                }
                 self.cancel.cancel();
                 return false;
             }
@@ -508,7 +493,6 @@ impl Ingest {
             quarantine = arrow::compute::concat_batches(&decoded.quarantine.schema(), &parts)
                 .expect("quarantine batches share a schema");
         }
-        let quarantined = quarantine.num_rows();
         let before = self.dedup.stats();
         let usable = match self.dedup.filter(&decoded.usable) {
             Ok(u) => u,
@@ -519,59 +503,39 @@ impl Ingest {
             }
         };
         let after = self.dedup.stats();
-        let mut ok = self.commit(&mut writers.raw, &raw, version).await
-            && self
-                .commit(&mut writers.quarantine, &quarantine, version)
-                .await
-            && self.commit(&mut writers.usable, &usable, version).await;
-        if let Some(stage) = &stage {
-            for (pipeline, tables) in writers.stage.pipelines.iter_mut().zip(&stage.tables) {
-                for (writer, rows) in pipeline.writers.iter_mut().zip(tables) {
-                    ok = ok && self.commit(writer, rows, version).await;
-                }
-            }
+        let effects = Effects {
+            pipelines: stage.iter().flat_map(|s| s.counts.clone()).collect(),
+            duplicates_dropped: after.dropped - before.dropped,
+            dedup_forgotten: after.forgotten - before.forgotten,
+            dedup_keys: self.dedup.len() as i64,
+            quarantined: quarantine.num_rows() as u64,
+        };
+        let mut rows = vec![raw, quarantine, usable];
+        if let Some(stage) = stage {
+            rows.extend(stage.tables.into_iter().flatten());
         }
-        let derived = writers
-            .derived
-            .flush_rows(&buffer.windows, &buffer.transitions);
-        for (writer, rows) in writers.derived.writers().zip(&derived) {
-            ok = ok && self.commit(writer, rows, version).await;
-        }
-        if !ok {
-            return false;
-        }
-        for counts in stage.iter().flat_map(|s| &s.counts) {
-            self.metrics.record_pipeline(counts);
-        }
-        self.metrics
-            .duplicates_dropped
-            .fetch_add(after.dropped - before.dropped, Ordering::Relaxed);
-        self.metrics
-            .dedup_forgotten
-            .fetch_add(after.forgotten - before.forgotten, Ordering::Relaxed);
-        self.metrics
-            .dedup_keys
-            .store(self.dedup.len() as i64, Ordering::Relaxed);
-        if self.last_snapshot.elapsed() >= self.config.dedup_snapshot_interval() {
-            self.snapshot(writers, version).await;
-        }
-        self.metrics
-            .quarantined
-            .fetch_add(quarantined as u64, Ordering::Relaxed);
-        if let Some(last) = buffer.last.take() {
-            match last.ack().await {
-                Ok(()) => {
-                    self.metrics
-                        .messages_acked
-                        .fetch_add(buffer.messages.len() as u64, Ordering::Relaxed);
-                }
-                // Not fatal: the lake holds the progress, and a redelivery is skipped.
-                Err(e) => tracing::warn!(error = %e, "ack failed"),
-            }
-        }
-        self.metrics.batch_latency.observe(started.elapsed());
+        rows.extend(
+            stages
+                .derived
+                .flush_rows(&buffer.windows, &buffer.transitions),
+        );
+        let snapshots = if self.last_snapshot.elapsed() >= self.config.dedup_snapshot_interval() {
+            self.last_snapshot = Instant::now();
+            self.snapshots(stages)
+        } else {
+            Vec::new()
+        };
+        let job = Job {
+            rows,
+            version,
+            last: buffer.last.take(),
+            messages: buffer.messages.len(),
+            started,
+            snapshots,
+            effects,
+        };
         buffer.clear();
-        true
+        self.commits.submit(job).await
     }
 
     /// Runs the declared pipelines over a batch, retrying while the reference tables cannot be
@@ -580,11 +544,11 @@ impl Ingest {
     async fn run_pipelines(
         &self,
         raw: &arrow::array::RecordBatch,
-        writers: &mut Writers,
+        stages: &mut Stages,
     ) -> Option<StageOutput> {
         let mut backoff = Backoff::new();
         loop {
-            match writers.stage.process(raw).await {
+            match stages.stage.process(raw).await {
                 Ok(Ok(out)) => return Some(out),
                 Ok(Err(failure)) => {
                     tracing::error!(%failure, "pipeline failed; ingest stops, nothing of the batch is written");
@@ -604,70 +568,18 @@ impl Ingest {
         }
     }
 
-    /// Stores the dedup state as of `version` beside usable.telemetry. A failure only means a
-    /// longer rebuild after a restart, so it is logged, not retried.
-    async fn snapshot(&mut self, writers: &Writers, version: i64) {
-        writers.stage.snapshot().await;
-        writers.derived.snapshot().await;
-        self.last_snapshot = Instant::now();
-        if self.dedup.key() == DedupKey::None {
-            return;
+    /// The state of the dedup filter, the pipelines, windows and rules as of everything taken
+    /// so far, to store beside their tables once committed.
+    fn snapshots(&self, stages: &Stages) -> Vec<Snapshot> {
+        let mut out = stages.stage.snapshots();
+        out.extend(stages.derived.snapshots());
+        if self.dedup.key() != DedupKey::None {
+            out.push(Snapshot {
+                tables: vec![TableId::usable_telemetry()],
+                kind: snapshot_kind(self.config.consumer()),
+                bytes: self.dedup.encode(),
+            });
         }
-        let kind = snapshot_kind(self.config.consumer());
-        writers
-            .usable
-            .store_snapshot(&kind, version, self.dedup.encode())
-            .await;
-    }
-
-    /// Commits one table, retrying with backoff until it succeeds or the engine is cancelled.
-    async fn commit(
-        &self,
-        writer: &mut TableWriter,
-        batch: &arrow::array::RecordBatch,
-        version: i64,
-    ) -> bool {
-        let table = self.metrics.table(&writer.id().to_string());
-        let mut backoff = Backoff::new();
-        // Once cancelled, keep trying for a short while to finish the in-flight batch.
-        let mut attempts_after_cancel = 0;
-        loop {
-            let started = Instant::now();
-            match writer.commit(batch, "stream_seq", version).await {
-                Ok(outcome) => {
-                    self.metrics.storage_up.store(1, Ordering::Relaxed);
-                    if let CommitOutcome::Committed { rows, .. } = outcome {
-                        table.rows.fetch_add(rows as u64, Ordering::Relaxed);
-                        table.commits.fetch_add(1, Ordering::Relaxed);
-                        table.latency.observe(started.elapsed());
-                    }
-                    return true;
-                }
-                Err(e) if !e.is_transient() => {
-                    // Retrying cannot help (e.g. a pipeline changed a column's type): stop
-                    // ingest and say why; nothing of the batch is acked.
-                    let reason = format!("ingest stopped: {e}");
-                    tracing::error!(%reason);
-                    self.metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.set_last_error("ingest", &reason);
-                    self.metrics.ingest_stopped.store(1, Ordering::Relaxed);
-                    self.cancel.cancel();
-                    return false;
-                }
-                Err(e) => {
-                    storage_failed(&self.metrics, &e.to_string());
-                    if self.cancel.is_cancelled() {
-                        attempts_after_cancel += 1;
-                        if attempts_after_cancel > 3 {
-                            return false;
-                        }
-                        tokio::time::sleep(BACKOFF_START).await;
-                    } else {
-                        // Returns early when cancelled; later attempts then count as above.
-                        backoff.wait(&self.cancel).await;
-                    }
-                }
-            }
-        }
+        out
     }
 }

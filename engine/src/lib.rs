@@ -9,17 +9,20 @@
 //!                        ▼
 //!                     ingest (micro-batches) ──► raw.telemetry
 //!                        │   ├─ pipelines (declared, by subject) ─► usable.<table> ─┐
+//!                        │   │    └─ derived: windows ─► final.<table>, rules ─► alerts.<rule>.<key> (NATS), final.alerts
 //!                        │   └─ built-in decode ─► dedup ─► usable.telemetry ───────┼─► raw.quarantine
-//!                        └── ack after every commit is durable                      ┘
+//!                        └── commit (in the background, one flush at a time) ─► ack after every table is durable
 //!  HTTP (axum) ──► http ──► Lakehouse trait ──► fleetlake_sql::QueryEngine ──► zones
 //! ```
 //!
 //! Layout: [`config`] (layered settings), [`source`] (JetStream), [`ingest`] (the micro-batch
-//! loop), [`pipelines`] (the declared pipelines' stage and writers), [`replay`] (rebuilding a
+//! loop), [`commit`] (the tables' writers, committing a flush while ingest goes on),
+//! [`pipelines`] (the declared pipelines' stage), [`derived`] (windows, rules and alerts), [`replay`] (rebuilding a
 //! pipeline's tables from the raw zone), [`http`], [`format`](mod@format) and [`reference`](mod@reference) (the API),
 //! [`metrics`], [`serve`] (wiring and shutdown), [`simulate`] (the seeded fleet),
 //! [`nats_server`] and [`demo`] (everything in one command). Start reading at [`ingest`].
 
+pub mod commit;
 pub mod config;
 pub mod demo;
 pub mod derived;

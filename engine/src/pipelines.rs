@@ -1,5 +1,6 @@
 //! The pipeline stage of ingest: routes each message to the declared pipelines whose subject
-//! filter matches it, runs them, and holds the writers of their usable tables.
+//! filter matches it and runs them. The writers of their tables are opened here and handed to
+//! the committer ([`crate::commit`]).
 //!
 //! Reference tables are read from the lake and kept as in-memory tables; each batch checks their
 //! Delta version and reloads one that changed, so an upload (`PUT /v1/reference/…`) or any new
@@ -18,22 +19,19 @@ use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::schema::as_raw_batch;
 use fleetlake_zones::{Lake, TableId};
 
-/// One pipeline with the writers of its tables (in the order of its `CREATE STREAMING TABLE`s).
+use crate::commit::Snapshot;
+
+/// One pipeline; the writers of its tables are the committer's.
 pub struct Pipeline {
     pub runner: PipelineRunner,
-    pub writers: Vec<TableWriter>,
     /// Replays seen (per the source's `dedup_key`); `None` for `dedup_key = 'none'`.
     pub dedup: Option<DedupState>,
 }
 
 impl Pipeline {
-    /// The lowest progress the pipeline's tables have recorded.
-    fn committed(&self) -> i64 {
-        self.writers
-            .iter()
-            .map(|w| w.committed().unwrap_or(0))
-            .min()
-            .unwrap_or(0)
+    /// The ids of the pipeline's tables, in the order of its `CREATE STREAMING TABLE`s.
+    pub fn tables(&self) -> impl Iterator<Item = &TableId> {
+        self.runner.tables.iter().map(|t| &t.def.table)
     }
 }
 
@@ -104,12 +102,16 @@ fn snapshot_kind(app_id: &str, pipeline: &str) -> String {
 
 /// A pipeline's dedup state as of its committed position: the newest snapshot at or below it,
 /// then the raw messages of the pipeline committed after that snapshot, decoded again.
-async fn load_dedup(lake: &Lake, app_id: &str, p: &mut Pipeline) -> Result<(), String> {
-    let (Some(state), Some(first)) = (p.dedup.as_mut(), p.writers.first()) else {
+async fn load_dedup(
+    lake: &Lake,
+    app_id: &str,
+    p: &mut Pipeline,
+    writers: &[TableWriter],
+) -> Result<(), String> {
+    let (Some(state), Some(first)) = (p.dedup.as_mut(), writers.first()) else {
         return Ok(());
     };
-    let committed = p
-        .writers
+    let committed = writers
         .iter()
         .map(|w| w.committed().unwrap_or(0))
         .min()
@@ -147,8 +149,9 @@ impl PipelineStage {
         runners: &[PipelineRunner],
         app_id: &str,
         max_gaps: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<(Self, Vec<TableWriter>), String> {
         let mut pipelines = Vec::new();
+        let mut all_writers = Vec::new();
         let mut declared: Vec<ReferenceDef> = Vec::new();
         for runner in runners {
             let mut writers = Vec::new();
@@ -171,43 +174,38 @@ impl PipelineStage {
             }
             let mut pipeline = Pipeline {
                 runner: runner.clone(),
-                writers,
                 dedup: runner.new_dedup_state(max_gaps),
             };
-            load_dedup(lake, app_id, &mut pipeline).await?;
+            load_dedup(lake, app_id, &mut pipeline, &writers).await?;
             pipelines.push(pipeline);
+            all_writers.extend(writers);
         }
-        Ok(Self {
+        let stage = Self {
             pipelines,
             lake: lake.clone(),
             declared,
             references: BTreeMap::new(),
             app_id: app_id.to_string(),
-        })
+        };
+        Ok((stage, all_writers))
     }
 
-    /// Snapshots each pipeline's dedup state beside its first table, as of the pipeline's
-    /// committed position (call after a successful flush). A failure only means a longer rebuild
-    /// after a restart.
-    pub async fn snapshot(&self) {
-        for p in &self.pipelines {
-            let (Some(state), Some(first)) = (&p.dedup, p.writers.first()) else {
-                continue;
-            };
-            let kind = snapshot_kind(&self.app_id, &p.runner.name);
-            first
-                .store_snapshot(&kind, p.committed(), state.encode())
-                .await;
-        }
+    /// Each pipeline's dedup state, to store beside its first table once committed.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.pipelines
+            .iter()
+            .filter_map(|p| {
+                Some(Snapshot {
+                    tables: p.tables().cloned().collect(),
+                    kind: snapshot_kind(&self.app_id, &p.runner.name),
+                    bytes: p.dedup.as_ref()?.encode(),
+                })
+            })
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
         self.pipelines.is_empty()
-    }
-
-    /// The lowest progress any pipeline table has recorded (`None` = no tables).
-    pub fn committed_min(&self) -> Option<i64> {
-        self.pipelines.iter().map(Pipeline::committed).min()
     }
 
     /// Rows of `raw` that some pipeline claims.

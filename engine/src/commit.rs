@@ -1,0 +1,286 @@
+//! The commit side of ingest: the writer of every table ingest fills, committing one flush's rows
+//! in the background while ingest goes on fetching, running pipelines and rules, and publishing
+//! alerts.
+//!
+//! ```text
+//!  ingest loop ── flush ──► Job (rows per table, version, last message, snapshots)
+//!       │                      │ spawned: commit every table in order ─► snapshots ─► ack
+//!       └── keeps processing ◄─┘ (the next flush first waits for this one: one job in flight)
+//! ```
+//!
+//! A job commits its tables in a fixed order (raw, quarantine, usable, the pipelines' tables,
+//! window tables, final.alerts) so inputs are committed before what is derived from them, and
+//! acks the last message only after every table has committed. A commit that fails is retried
+//! with backoff; one that cannot succeed stops ingest.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use async_nats::jetstream;
+use fleetlake_zones::lake::TableWriter;
+use fleetlake_zones::{CommitOutcome, TableId};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::pipelines::PipelineCounts;
+
+pub(crate) const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Exponential backoff that sleeps unless cancelled; returns false when cancelled.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self(BACKOFF_START)
+    }
+    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+pub(crate) fn storage_failed(metrics: &Metrics, reason: &str) {
+    tracing::warn!(%reason, "object storage failed; retrying");
+    metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
+    metrics.storage_up.store(0, Ordering::Relaxed);
+    metrics.set_last_error("storage", reason);
+}
+
+/// State to store beside a table once a job has committed: stored beside `tables[0]`, as of the
+/// lowest position the `tables` have committed (the state covers at least that much).
+pub struct Snapshot {
+    pub tables: Vec<TableId>,
+    pub kind: String,
+    pub bytes: Vec<u8>,
+}
+
+/// What ingest counts once a job's rows are committed.
+#[derive(Default)]
+pub struct Effects {
+    pub pipelines: Vec<PipelineCounts>,
+    pub duplicates_dropped: u64,
+    pub dedup_forgotten: u64,
+    pub dedup_keys: i64,
+    pub quarantined: u64,
+}
+
+/// One flush: the rows for every table (in the committer's order), the stream sequence they run
+/// up to, and the last message, acked once all of them are committed.
+pub struct Job {
+    pub rows: Vec<RecordBatch>,
+    pub version: i64,
+    pub last: Option<jetstream::Message>,
+    pub messages: usize,
+    /// When the first of the job's messages was taken.
+    pub started: Instant,
+    pub snapshots: Vec<Snapshot>,
+    pub effects: Effects,
+}
+
+/// The writers of every table ingest fills, in commit order.
+pub struct Committer {
+    writers: Vec<TableWriter>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+}
+
+impl Committer {
+    pub fn new(
+        writers: Vec<TableWriter>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            writers,
+            metrics,
+            cancel,
+        }
+    }
+
+    /// The first stream sequence not yet in every table.
+    pub fn resume_at(&self) -> u64 {
+        self.writers
+            .iter()
+            .map(|w| w.committed().unwrap_or(0))
+            .min()
+            .unwrap_or(0) as u64
+            + 1
+    }
+
+    /// The `i`th writer in commit order.
+    pub fn writer(&self, i: usize) -> &TableWriter {
+        &self.writers[i]
+    }
+
+    /// Commits every table, stores the snapshots, records the effects and acks. Returns false if
+    /// a table could not be committed (ingest was cancelled; nothing was acked, so the messages
+    /// come back after a restart).
+    pub async fn run(&mut self, job: Job) -> bool {
+        debug_assert_eq!(job.rows.len(), self.writers.len());
+        for (writer, rows) in self.writers.iter_mut().zip(&job.rows) {
+            if !commit(&self.metrics, &self.cancel, writer, rows, job.version).await {
+                return false;
+            }
+        }
+        self.store(job.snapshots).await;
+        let m = &self.metrics;
+        for counts in &job.effects.pipelines {
+            m.record_pipeline(counts);
+        }
+        let e = &job.effects;
+        m.duplicates_dropped
+            .fetch_add(e.duplicates_dropped, Ordering::Relaxed);
+        m.dedup_forgotten
+            .fetch_add(e.dedup_forgotten, Ordering::Relaxed);
+        m.dedup_keys.store(e.dedup_keys, Ordering::Relaxed);
+        m.quarantined.fetch_add(e.quarantined, Ordering::Relaxed);
+        if let Some(last) = job.last {
+            match last.ack().await {
+                Ok(()) => {
+                    m.messages_acked
+                        .fetch_add(job.messages as u64, Ordering::Relaxed);
+                }
+                // Not fatal: the lake holds the progress, and a redelivery is skipped.
+                Err(e) => tracing::warn!(error = %e, "ack failed"),
+            }
+        }
+        m.batch_latency.observe(job.started.elapsed());
+        true
+    }
+
+    /// Commits one table alone (e.g. raw only, when the rest of a batch cannot be made).
+    pub async fn commit_one(&mut self, i: usize, rows: &RecordBatch, version: i64) -> bool {
+        commit(
+            &self.metrics,
+            &self.cancel,
+            &mut self.writers[i],
+            rows,
+            version,
+        )
+        .await
+    }
+
+    /// Stores snapshots beside their tables. A failure only means a longer rebuild after a
+    /// restart, so it is logged, not retried.
+    pub async fn store(&self, snapshots: Vec<Snapshot>) {
+        for s in snapshots {
+            let writers: Vec<&TableWriter> = s
+                .tables
+                .iter()
+                .filter_map(|t| self.writers.iter().find(|w| w.id() == t))
+                .collect();
+            let (Some(first), Some(committed)) = (
+                writers.first(),
+                writers.iter().map(|w| w.committed()).min().flatten(),
+            ) else {
+                continue;
+            };
+            first.store_snapshot(&s.kind, committed, s.bytes).await;
+        }
+    }
+}
+
+/// Commits one table, retrying with backoff until it succeeds or the engine is cancelled.
+async fn commit(
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+    writer: &mut TableWriter,
+    batch: &RecordBatch,
+    version: i64,
+) -> bool {
+    let table = metrics.table(&writer.id().to_string());
+    let mut backoff = Backoff::new();
+    // Once cancelled, keep trying for a short while to finish the in-flight batch.
+    let mut attempts_after_cancel = 0;
+    loop {
+        let started = Instant::now();
+        match writer.commit(batch, "stream_seq", version).await {
+            Ok(outcome) => {
+                metrics.storage_up.store(1, Ordering::Relaxed);
+                if let CommitOutcome::Committed { rows, .. } = outcome {
+                    table.rows.fetch_add(rows as u64, Ordering::Relaxed);
+                    table.commits.fetch_add(1, Ordering::Relaxed);
+                    table.latency.observe(started.elapsed());
+                }
+                return true;
+            }
+            Err(e) if !e.is_transient() => {
+                // Retrying cannot help (e.g. a pipeline changed a column's type): stop ingest
+                // and say why; nothing of the batch is acked.
+                let reason = format!("ingest stopped: {e}");
+                tracing::error!(%reason);
+                metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
+                metrics.set_last_error("ingest", &reason);
+                metrics.ingest_stopped.store(1, Ordering::Relaxed);
+                cancel.cancel();
+                return false;
+            }
+            Err(e) => {
+                storage_failed(metrics, &e.to_string());
+                if cancel.is_cancelled() {
+                    attempts_after_cancel += 1;
+                    if attempts_after_cancel > 3 {
+                        return false;
+                    }
+                    tokio::time::sleep(BACKOFF_START).await;
+                } else {
+                    // Returns early when cancelled; later attempts then count as above.
+                    backoff.wait(cancel).await;
+                }
+            }
+        }
+    }
+}
+
+/// The committer, idle or committing one job on its own task.
+pub struct Commits {
+    idle: Option<Committer>,
+    busy: Option<JoinHandle<(Committer, bool)>>,
+}
+
+impl Commits {
+    pub fn new(committer: Committer) -> Self {
+        Self {
+            idle: Some(committer),
+            busy: None,
+        }
+    }
+
+    /// Waits for the job in flight, if any. False if it failed (ingest is then cancelled).
+    pub async fn settle(&mut self) -> bool {
+        let Some(handle) = self.busy.take() else {
+            return true;
+        };
+        let (committer, ok) = handle.await.expect("the commit task panicked");
+        self.idle = Some(committer);
+        ok
+    }
+
+    /// The committer, after waiting for the job in flight; false if that job failed.
+    pub async fn idle(&mut self) -> (&mut Committer, bool) {
+        let ok = self.settle().await;
+        (self.idle.as_mut().expect("settled"), ok)
+    }
+
+    /// Starts committing `job` once the previous job is done. False if the previous job failed
+    /// (then `job` is dropped unacked).
+    pub async fn submit(&mut self, job: Job) -> bool {
+        if !self.settle().await {
+            return false;
+        }
+        let mut committer = self.idle.take().expect("settled");
+        self.busy = Some(tokio::spawn(async move {
+            let ok = committer.run(job).await;
+            (committer, ok)
+        }));
+        true
+    }
+}
