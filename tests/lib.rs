@@ -359,6 +359,53 @@ impl Api {
             .unwrap_or_else(|| panic!("{sql}: {body}"))
     }
 
+    /// A request with an optional `X-Fleetlake-Author` and a text body: status and the JSON
+    /// answer.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        author: Option<&str>,
+        body: &str,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("content-type", "application/sql")
+            .body(body.to_string());
+        if let Some(author) = author {
+            request = request.header("x-fleetlake-author", author);
+        }
+        let r = request.send().await.expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
+        (status, value)
+    }
+
+    /// Waits (bounded) until this engine process has acked `n` messages: they and everything
+    /// derived from them (pipeline, window and alert tables) are committed.
+    pub async fn wait_acked(&self, n: u64) {
+        wait_for(
+            &format!("{n} messages acked"),
+            Duration::from_secs(60),
+            || {
+                let api = self.clone();
+                async move {
+                    let (_, metrics) = api.get("/metrics").await;
+                    let acked = metrics
+                        .lines()
+                        .find_map(|l| l.strip_prefix("fleetlake_messages_acked_total "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    (acked >= n).then_some(())
+                }
+            },
+        )
+        .await
+    }
+
     pub async fn get(&self, path: &str) -> (u16, String) {
         let r = self
             .client

@@ -156,6 +156,12 @@ impl Committer {
         true
     }
 
+    /// Adds a table (last in commit order); returns its position.
+    pub fn push(&mut self, writer: TableWriter) -> usize {
+        self.writers.push(writer);
+        self.writers.len() - 1
+    }
+
     /// Commits one table alone (e.g. raw only, when the rest of a batch cannot be made).
     pub async fn commit_one(&mut self, i: usize, rows: &RecordBatch, version: i64) -> bool {
         commit(

@@ -111,6 +111,12 @@ pub struct DerivedStage {
     nats_url: String,
 }
 
+async fn open_alerts(lake: &Lake, app_id: &str) -> Result<TableWriter, String> {
+    lake.writer(alerts_table(), alerts_schema(), Vec::new(), app_id)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 fn window_kind(app_id: &str) -> String {
     format!("window-{app_id}")
 }
@@ -152,6 +158,7 @@ impl DerivedStage {
         config: &Config,
         windows: &[CheckedWindow],
         rules: &[CheckedRule],
+        references: &[(TableId, Arc<dyn TableProvider>)],
     ) -> Result<(Self, Vec<TableWriter>), String> {
         let app_id = config.consumer().to_string();
         let mut writers = Vec::new();
@@ -166,7 +173,7 @@ impl DerivedStage {
             nats_url: config.nats_url().to_string(),
         };
         for w in windows {
-            let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, &[])
+            let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
                 .await
                 .map_err(|e| e.to_string())?;
             let writer = lake
@@ -185,38 +192,49 @@ impl DerivedStage {
             }
             let from = op.position();
             for batch in committed_rows(lake, &w.input, from, committed).await? {
-                op.process(&batch, &[]).await.map_err(|e| e.to_string())?;
+                op.process(&batch, references)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             tracing::info!(table = %w.def.table, from, committed, open = op.open_groups(), "window state rebuilt");
             stage.windows.push(op);
             writers.push(writer);
         }
         if !rules.is_empty() {
-            let writer = lake
-                .writer(alerts_table(), alerts_schema(), Vec::new(), &app_id)
-                .await
-                .map_err(|e| e.to_string())?;
+            let writer = open_alerts(lake, &app_id).await?;
             let committed = writer.committed().unwrap_or(0);
             for r in rules {
                 let mut rule = RuleRunner::new(&r.def, r.input.clone(), r.input_schema.clone());
+                let kind = rule_kind(&app_id, &r.def.name);
                 let snapshot = writer
-                    .latest_side_file(&rule_kind(&app_id, &r.def.name), committed)
+                    .latest_side_file(&kind, committed)
                     .await
                     .map_err(|e| e.to_string())?;
-                if let Some((_, bytes)) = snapshot {
-                    match rule.restore(&bytes) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::info!(rule = %r.def.name, "the rule changed since its snapshot; rebuilding")
-                        }
-                        Err(e) => {
-                            tracing::warn!(rule = %r.def.name, error = %e, "ignoring a rule snapshot; rebuilding")
-                        }
+                let restored = match snapshot.map(|(_, bytes)| rule.restore(&bytes)) {
+                    Some(Ok(true)) => true,
+                    // Rebuilt from the input's committed rows, from the start.
+                    Some(Err(e)) => {
+                        tracing::warn!(rule = %r.def.name, error = %e, "ignoring a damaged rule snapshot; rebuilding");
+                        true
                     }
+                    Some(Ok(false)) | None => false,
+                };
+                if !restored {
+                    // A new rule, or one whose definition changed: it starts from the rows
+                    // after what is committed, with no state (re-evaluating the past would
+                    // take state from transitions that were never published). Its snapshot is
+                    // stored at once, so a crash before the next one restores this start.
+                    rule.advance(committed);
+                    writer.store_snapshot(&kind, committed, rule.encode()).await;
+                    tracing::info!(rule = %r.def.name, version = %rule.version, from = committed, "rule starts");
+                    stage.rules.push(rule);
+                    continue;
                 }
                 let from = rule.position();
                 for batch in committed_rows(lake, &r.input, from, committed).await? {
-                    rule.process(&batch, &[]).await.map_err(|e| e.to_string())?;
+                    rule.process(&batch, references)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
                 rule.advance(committed);
                 tracing::info!(rule = %r.def.name, from, committed, firing = rule.firing(), "rule state rebuilt");
@@ -229,6 +247,44 @@ impl DerivedStage {
 
     pub fn is_empty(&self) -> bool {
         self.windows.is_empty() && self.rules.is_empty()
+    }
+
+    /// Adds a rule, or replaces the one of the same name, starting after stream sequence
+    /// `position` with no state (as a new rule does at start). Returns the new rule's snapshot,
+    /// to store at once, and the writer of final.alerts when it was not open yet (it goes last
+    /// among the committer's writers).
+    pub async fn upsert_rule(
+        &mut self,
+        lake: &Lake,
+        rule: &CheckedRule,
+        position: i64,
+    ) -> Result<(Snapshot, Option<TableWriter>), String> {
+        let mut runner = RuleRunner::new(&rule.def, rule.input.clone(), rule.input_schema.clone());
+        runner.advance(position);
+        let snapshot = Snapshot {
+            tables: vec![alerts_table()],
+            kind: rule_kind(&self.app_id, &rule.def.name),
+            bytes: runner.encode(),
+        };
+        let writer = if self.alerts {
+            None
+        } else {
+            Some(open_alerts(lake, &self.app_id).await?)
+        };
+        self.alerts = true;
+        match self.rules.iter_mut().find(|r| r.def.name == rule.def.name) {
+            Some(r) => *r = runner,
+            None => self.rules.push(runner),
+        }
+        tracing::info!(rule = %rule.def.name, from = position, "rule loaded");
+        Ok((snapshot, writer))
+    }
+
+    /// Removes a rule; false if there is none of that name. final.alerts stays open.
+    pub fn remove_rule(&mut self, name: &str) -> bool {
+        let before = self.rules.len();
+        self.rules.retain(|r| r.def.name != name);
+        before != self.rules.len()
     }
 
     /// The rows a flush commits, in the order of the writers [`Self::open`] returned: each window table's rows

@@ -14,6 +14,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+
+use crate::rules::{Refused, Rules};
 use fleetlake_sql::{ErrorKind, QueryEngine, QueryResult};
 use fleetlake_zones::schema::builtin_tables;
 use fleetlake_zones::{TableId, TableInfo, Zone};
@@ -78,6 +80,8 @@ pub struct AppState {
     pub ingesting: bool,
     /// The declared pipelines: name, source subject, tables and expectations.
     pub pipelines: Arc<Vec<serde_json::Value>>,
+    /// The rules, changeable at runtime (`None` when this process does not ingest).
+    pub rules: Option<Arc<crate::rules::Rules>>,
 }
 
 /// The API's routes.
@@ -91,6 +95,13 @@ pub fn router(state: AppState) -> Router {
             put(put_reference).layer(axum::extract::DefaultBodyLimit::max(
                 crate::reference::MAX_BODY_BYTES,
             )),
+        )
+        .route("/v1/rules", get(list_rules))
+        .route(
+            "/v1/rules/{name}",
+            get(get_rule).put(put_rule).delete(delete_rule).layer(
+                axum::extract::DefaultBodyLimit::max(crate::rules::MAX_RULE_BYTES),
+            ),
         )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -209,6 +220,95 @@ async fn pipelines(State(state): State<AppState>) -> Response {
         })
         .collect();
     axum::Json(json!({ "pipelines": list })).into_response()
+}
+
+fn refused(r: Refused) -> Response {
+    error_response(r.status, r.code, &r.message)
+}
+
+fn rules_of(state: &AppState) -> Result<&Rules, Refused> {
+    state.rules.as_deref().ok_or_else(|| Refused {
+        status: StatusCode::NOT_FOUND,
+        code: "rules_disabled",
+        message:
+            "rules are managed by a process that ingests (fleetlake serve) with a pipelines.dir"
+                .into(),
+    })
+}
+
+/// Who makes a change, for final.rule_audit.
+const AUTHOR_HEADER: &str = "x-fleetlake-author";
+
+fn author(headers: &HeaderMap) -> Result<String, Refused> {
+    let author = headers
+        .get(AUTHOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or_default();
+    if author.is_empty() || author.len() > 200 {
+        return Err(Refused {
+            status: StatusCode::BAD_REQUEST,
+            code: "missing_author",
+            message: "expected an X-Fleetlake-Author header (1 to 200 characters) saying who makes the change: it is recorded in final.rule_audit".into(),
+        });
+    }
+    Ok(author.to_string())
+}
+
+async fn list_rules(State(state): State<AppState>) -> Response {
+    match rules_of(&state) {
+        Ok(rules) => axum::Json(rules.list().await).into_response(),
+        Err(r) => refused(r),
+    }
+}
+
+async fn get_rule(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let rules = match rules_of(&state) {
+        Ok(r) => r,
+        Err(r) => return refused(r),
+    };
+    match rules.get(&name).await {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(r) => refused(r),
+    }
+}
+
+async fn put_rule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (rules, author) = match (rules_of(&state), author(&headers)) {
+        (Ok(r), Ok(a)) => (r, a),
+        (Err(r), _) | (_, Err(r)) => return refused(r),
+    };
+    let Ok(sql) = std::str::from_utf8(&body) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected the rule as UTF-8 text: CREATE RULE name WITH (…) AS SELECT …",
+        );
+    };
+    match rules.put(&name, sql, &author).await {
+        Ok((status, body)) => (status, axum::Json(body)).into_response(),
+        Err(r) => refused(r),
+    }
+}
+
+async fn delete_rule(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (rules, author) = match (rules_of(&state), author(&headers)) {
+        (Ok(r), Ok(a)) => (r, a),
+        (Err(r), _) | (_, Err(r)) => return refused(r),
+    };
+    match rules.delete(&name, &author).await {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(r) => refused(r),
+    }
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {

@@ -26,6 +26,7 @@ use async_nats::jetstream;
 use fleetlake_sql::{DedupKey, DedupState, QueryEngine, decode_envelope};
 use fleetlake_zones::schema::{RawMessage, builtin_tables, raw_batch};
 use fleetlake_zones::{Lake, TableId};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage_failed};
@@ -33,6 +34,7 @@ use crate::config::Config;
 use crate::derived::DerivedStage;
 use crate::metrics::Metrics;
 use crate::pipelines::{Declared, PipelineStage, StageOutput};
+use crate::rules::{RuleChange, RuleUpdate};
 use crate::source::Source;
 
 /// What ingest runs over each micro-batch; the tables' writers are the committer's.
@@ -41,6 +43,8 @@ struct Stages {
     stage: PipelineStage,
     /// Window tables and rules over the pipelines' tables.
     derived: DerivedStage,
+    /// Rule changes made over HTTP (`/v1/rules`), applied between micro-batches.
+    changes: Option<mpsc::Receiver<RuleChange>>,
 }
 
 /// Opens every table (raw, quarantine, usable, the pipelines', the window tables, final.alerts:
@@ -63,14 +67,26 @@ async fn open(
         );
     }
     debug_assert_eq!(writers[RAW].id(), &TableId::raw_telemetry());
-    let (stage, pipeline_writers) =
+    let (mut stage, pipeline_writers) =
         PipelineStage::open(lake, &declared.runners, app_id, config.dedup_max_gaps()).await?;
     writers.extend(pipeline_writers);
-    let (derived, derived_writers) =
-        DerivedStage::open(lake, config, &declared.windows, &declared.rules).await?;
+    let references = stage.refresh_references().await?;
+    let (derived, derived_writers) = DerivedStage::open(
+        lake,
+        config,
+        &declared.windows,
+        &declared.rules,
+        &references,
+    )
+    .await?;
     writers.extend(derived_writers);
     let committer = Committer::new(writers, metrics.clone(), cancel.clone());
-    Ok((Stages { stage, derived }, committer))
+    let stages = Stages {
+        stage,
+        derived,
+        changes: None,
+    };
+    Ok((stages, committer))
 }
 
 /// Positions of the built-in tables among the committer's writers.
@@ -82,6 +98,7 @@ pub async fn run(
     config: Config,
     lake: Lake,
     declared: Declared,
+    changes: mpsc::Receiver<RuleChange>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
@@ -109,6 +126,7 @@ pub async fn run(
         }
     };
     metrics.storage_up.store(1, Ordering::Relaxed);
+    stages.changes = Some(changes);
     let mut ingest = Ingest {
         config,
         metrics,
@@ -116,6 +134,7 @@ pub async fn run(
         dedup,
         last_snapshot: Instant::now(),
         commits: Commits::new(committer),
+        lake,
     };
     loop {
         if ingest.cancel.is_cancelled() {
@@ -147,6 +166,17 @@ pub async fn run(
     }
 }
 
+/// The next rule change, or never when there is no channel (or it is closed).
+async fn next_change(changes: &mut Option<mpsc::Receiver<RuleChange>>) -> Option<RuleChange> {
+    match changes {
+        Some(rx) => match rx.recv().await {
+            Some(c) => Some(c),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 enum Pumped {
     Stopped,
     SourceLost(String),
@@ -159,6 +189,7 @@ struct Ingest {
     dedup: DedupState,
     last_snapshot: Instant,
     commits: Commits,
+    lake: Lake,
 }
 
 /// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
@@ -301,7 +332,17 @@ impl Ingest {
                     }
                     return Pumped::Stopped;
                 }
-                next = tokio::time::timeout(wait, source.next()) => next,
+                Some(change) = next_change(&mut stages.changes) => {
+                let position = highest_seen as i64;
+                let applied = self.apply(change.update, &mut buffer, stages, position).await;
+                let stopping = applied.is_err() && self.cancel.is_cancelled();
+                let _ = change.done.send(applied);
+                if stopping {
+                    return Pumped::Stopped;
+                }
+                continue;
+            }
+            next = tokio::time::timeout(wait, source.next()) => next,
             };
             match next {
                 Err(_elapsed) => {
@@ -350,6 +391,48 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// Applies a rule change between micro-batches: what was taken so far is committed first,
+    /// so a new rule starts exactly after it (and restarts where it started).
+    async fn apply(
+        &mut self,
+        change: RuleUpdate,
+        buffer: &mut Buffer,
+        stages: &mut Stages,
+        highest_seen: i64,
+    ) -> Result<(), String> {
+        let stopping = || "ingest is stopping; the change applies at the next start".to_string();
+        if !self.flush(buffer, stages).await {
+            return Err(stopping());
+        }
+        let (committer, ok) = self.commits.idle().await;
+        if !ok {
+            return Err(stopping());
+        }
+        match change {
+            RuleUpdate::Remove(name) => {
+                stages.derived.remove_rule(&name);
+                tracing::info!(rule = %name, "rule removed");
+            }
+            RuleUpdate::Upsert(rule) => {
+                let position = highest_seen.max(committer.resume_at() as i64 - 1);
+                let (snapshot, alerts) = stages
+                    .derived
+                    .upsert_rule(&self.lake, &rule, position)
+                    .await?;
+                if let Some(writer) = alerts {
+                    // Recorded as up to date, so it does not pull the resume point back.
+                    let empty = arrow::array::RecordBatch::new_empty(writer.schema().clone());
+                    let at = committer.push(writer);
+                    if !committer.commit_one(at, &empty, position).await {
+                        return Err(stopping());
+                    }
+                }
+                committer.store(vec![snapshot]).await;
+            }
+        }
+        Ok(())
     }
 
     /// Adds a message to the buffer, unless it is a redelivery of one already taken.

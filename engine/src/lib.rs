@@ -17,7 +17,8 @@
 //!
 //! Layout: [`config`] (layered settings), [`source`] (JetStream), [`ingest`] (the micro-batch
 //! loop), [`commit`] (the tables' writers, committing a flush while ingest goes on),
-//! [`pipelines`] (the declared pipelines' stage), [`derived`] (windows, rules and alerts), [`replay`] (rebuilding a
+//! [`pipelines`] (the declared pipelines' stage), [`derived`] (windows, rules and alerts),
+//! [`rules`] (changing rules at runtime over `/v1/rules`), [`replay`] (rebuilding a
 //! pipeline's tables from the raw zone), [`http`], [`format`](mod@format) and [`reference`](mod@reference) (the API),
 //! [`metrics`], [`serve`] (wiring and shutdown), [`simulate`] (the seeded fleet),
 //! [`nats_server`] and [`demo`] (everything in one command). Start reading at [`ingest`].
@@ -34,6 +35,7 @@ pub mod nats_server;
 pub mod pipelines;
 pub mod reference;
 pub mod replay;
+pub mod rules;
 pub mod serve;
 pub mod simulate;
 pub mod source;

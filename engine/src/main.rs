@@ -165,41 +165,39 @@ async fn check(paths: &[PathBuf]) -> Result<(), String> {
     let mut failed = 0;
     for report in &reports {
         if report.errors.is_empty() {
-            let what = match &report.pipeline {
-                Some(p) => {
-                    let tables: Vec<String> = p
-                        .tables
-                        .iter()
-                        .map(|(t, _)| {
-                            format!("{} ({} expectations)", t.table, t.expectations.len())
-                        })
-                        .collect();
-                    format!(
-                        "pipeline {}: source {} on {} → {}",
-                        p.name,
-                        p.source.name,
-                        p.source.subject,
-                        tables.join(", ")
-                    )
-                }
-                None => {
-                    let mut declared: Vec<String> =
-                        report.references.iter().map(|r| r.to_string()).collect();
-                    declared.extend(
-                        report
-                            .windows
-                            .iter()
-                            .map(|w| format!("{} (window over {})", w.def.table, w.input)),
-                    );
-                    declared.extend(
-                        report
-                            .rules
-                            .iter()
-                            .map(|r| format!("rule {} (over {})", r.def.name, r.input)),
-                    );
-                    format!("declares {}", declared.join(", "))
-                }
-            };
+            let mut parts = Vec::new();
+            if let Some(p) = &report.pipeline {
+                let tables: Vec<String> = p
+                    .tables
+                    .iter()
+                    .map(|(t, _)| format!("{} ({} expectations)", t.table, t.expectations.len()))
+                    .collect();
+                parts.push(format!(
+                    "pipeline {}: source {} on {} → {}",
+                    p.name,
+                    p.source.name,
+                    p.source.subject,
+                    tables.join(", ")
+                ));
+            }
+            let mut declared: Vec<String> =
+                report.references.iter().map(|r| r.to_string()).collect();
+            declared.extend(
+                report
+                    .windows
+                    .iter()
+                    .map(|w| format!("{} (window over {})", w.def.table, w.input)),
+            );
+            declared.extend(
+                report
+                    .rules
+                    .iter()
+                    .map(|r| format!("rule {} (over {})", r.def.name, r.input)),
+            );
+            if !declared.is_empty() {
+                parts.push(format!("declares {}", declared.join(", ")));
+            }
+            let what = parts.join("; ");
             println!("ok    {}: {what}", report.path.display());
         } else {
             failed += 1;

@@ -220,7 +220,7 @@ impl PipelineStage {
     }
 
     /// Brings the reference tables up to their latest Delta versions.
-    async fn refresh_references(
+    pub async fn refresh_references(
         &mut self,
     ) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, String> {
         for def in &self.declared {
@@ -243,10 +243,13 @@ impl PipelineStage {
                         .query(&format!("SELECT * FROM {}", def.table))
                         .await
                         .map_err(|e| format!("reading {}: {e}", def.table))?;
-                    Arc::new(
-                        MemTable::try_new(rows.schema, vec![rows.batches])
-                            .map_err(|e| e.to_string())?,
-                    )
+                    let schema = def.schema();
+                    let batches = rows
+                        .batches
+                        .iter()
+                        .map(|b| conform(b, &schema, &def.table))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Arc::new(MemTable::try_new(schema, vec![batches]).map_err(|e| e.to_string())?)
                 }
             };
             tracing::info!(table = %def.table, ?version, "reference table loaded");
@@ -300,6 +303,41 @@ impl PipelineStage {
         }
         Ok(Ok(out))
     }
+}
+
+/// Rows of a reference table as its `CREATE REFERENCE TABLE` declares them: the declared columns,
+/// in order, cast to the declared types (an upload infers its types: `5` is an integer even where
+/// `DOUBLE` is declared). Queries were planned against the declaration, so they keep working
+/// whatever an upload inferred. A declared column the upload lacks reads NULL; a value that does
+/// not cast reads NULL too (both are logged).
+fn conform(
+    batch: &RecordBatch,
+    schema: &arrow::datatypes::SchemaRef,
+    table: &TableId,
+) -> Result<RecordBatch, String> {
+    let options = arrow::compute::CastOptions {
+        safe: true,
+        ..Default::default()
+    };
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) => {
+                let cast = arrow::compute::cast_with_options(c, f.data_type(), &options)
+                    .map_err(|e| format!("{table}.{}: {e}", f.name()))?;
+                if cast.null_count() > c.null_count() {
+                    tracing::warn!(%table, column = %f.name(), "values that are not {} read NULL", f.data_type());
+                }
+                Ok(cast)
+            }
+            None => {
+                tracing::warn!(%table, column = %f.name(), "the uploaded rows lack a declared column; it reads NULL");
+                Ok(arrow::array::new_null_array(f.data_type(), batch.num_rows()))
+            }
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| format!("{table}: {e}"))
 }
 
 /// The raw messages of `runner`'s subjects with stream sequences in `[start, end]`, in order.

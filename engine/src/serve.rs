@@ -2,6 +2,7 @@
 //! down in order (stop pulling → commit and ack in-flight messages → stop HTTP).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use fleetlake_sql::QueryEngine;
@@ -14,6 +15,7 @@ use crate::config::Config;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::pipelines::Declared;
+use crate::rules::{RuleEntry, Rules};
 
 /// A running engine.
 pub struct Engine {
@@ -50,10 +52,10 @@ impl Engine {
         ingest: bool,
     ) -> Result<Self, StartError> {
         let lake = Lake::open(&config.lake(env))?;
-        let declared = if ingest {
+        let (declared, rule_files) = if ingest {
             load_pipelines(&config).await?
         } else {
-            Declared::default()
+            (Declared::default(), Vec::new())
         };
         let runners = &declared.runners;
         let metrics = Arc::new(Metrics::default());
@@ -81,11 +83,41 @@ impl Engine {
                 })
             })
             .collect();
+        let (changes, rule_changes) = tokio::sync::mpsc::channel(8);
+        let rules = match (ingest, config.pipelines_dir()) {
+            (true, Some((dir, _))) => {
+                let entries = declared
+                    .rules
+                    .iter()
+                    .zip(rule_files)
+                    .map(|(rule, file)| {
+                        let managed =
+                            file == dir.join("rules").join(format!("{}.sql", rule.def.name));
+                        RuleEntry {
+                            rule: rule.clone(),
+                            sql: managed
+                                .then(|| std::fs::read_to_string(&file).ok())
+                                .flatten(),
+                            file,
+                        }
+                    })
+                    .collect();
+                Some(Arc::new(Rules::new(
+                    dir,
+                    lake.clone(),
+                    config.consumer(),
+                    entries,
+                    changes,
+                )))
+            }
+            _ => None,
+        };
         let state = AppState {
             lake: Arc::new(QueryEngine::new(lake.clone())),
             metrics: metrics.clone(),
             ingesting: ingest,
             pipelines: Arc::new(described),
+            rules,
         };
         let ingest_stop = CancellationToken::new();
         let http_stop = CancellationToken::new();
@@ -105,6 +137,7 @@ impl Engine {
                 config,
                 lake.clone(),
                 declared,
+                rule_changes,
                 metrics.clone(),
                 ingest_stop.clone(),
             ));
@@ -130,10 +163,11 @@ impl Engine {
     }
 }
 
-/// Loads and checks the pipelines of `pipelines.dir`; any error refuses the start.
-async fn load_pipelines(config: &Config) -> Result<Declared, StartError> {
+/// Loads and checks the pipelines of `pipelines.dir`; any error refuses the start. Also returns
+/// the file each rule is declared in (in the order of `Declared::rules`).
+async fn load_pipelines(config: &Config) -> Result<(Declared, Vec<PathBuf>), StartError> {
     let Some((dir, explicit)) = config.pipelines_dir() else {
-        return Ok(Declared::default());
+        return Ok((Declared::default(), Vec::new()));
     };
     if !dir.exists() {
         if explicit {
@@ -142,7 +176,7 @@ async fn load_pipelines(config: &Config) -> Result<Declared, StartError> {
                 dir.display()
             )));
         }
-        return Ok(Declared::default());
+        return Ok((Declared::default(), Vec::new()));
     }
     let files = pipeline_files(std::slice::from_ref(&dir))
         .map_err(|e| StartError::Pipelines(format!("reading {}: {e}", dir.display())))?;
@@ -160,17 +194,22 @@ async fn load_pipelines(config: &Config) -> Result<Declared, StartError> {
     }
     let windows: Vec<_> = reports.iter().flat_map(|r| r.windows.clone()).collect();
     let rules: Vec<_> = reports.iter().flat_map(|r| r.rules.clone()).collect();
+    let rule_files = reports
+        .iter()
+        .flat_map(|r| r.rules.iter().map(|_| r.path.clone()))
+        .collect();
     for w in &windows {
         tracing::info!(table = %w.def.table, input = %w.input, "window table loaded");
     }
     for r in &rules {
         tracing::info!(rule = %r.def.name, input = %r.input, "rule loaded");
     }
-    Ok(Declared {
+    let declared = Declared {
         runners,
         windows,
         rules,
-    })
+    };
+    Ok((declared, rule_files))
 }
 
 /// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.

@@ -55,7 +55,8 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
     h
 }
 
-/// The version of a rule: a hash of its definition, so a change is a new version.
+/// The version of a rule: a hash of its definition (the query as normalized SQL, so where it is
+/// written and its spacing do not matter), so a change is a new version.
 pub fn rule_version(def: &RuleDef) -> String {
     let text = format!(
         "{}|{}|{:?}|{}|{}|{}|{}",

@@ -2,7 +2,8 @@
 //! that stays warm longer than `for`, one that blips and recovers, one whose readings arrive out
 //! of order (and one reading far too late) — gives exactly the expected alert transitions on the
 //! JetStream alerts stream and exactly the expected final rows; also when the engine is killed
-//! (SIGKILL) right after publishing its first alert and restarted.
+//! (SIGKILL) right after publishing its first alert and restarted. And a window table and a rule
+//! that join a reference table (whose upload inferred other types than it declares).
 
 use std::path::Path;
 use std::time::Duration;
@@ -291,5 +292,122 @@ async fn alerts_stay_exactly_once_when_the_engine_is_killed_after_publishing() {
     engine.kill().await;
     let engine = EngineProcess::start(&env, &log).await;
     check_outcome(&engine, &js).await;
+    engine.terminate().await;
+}
+
+const WITH_LIMITS: &str = "
+CREATE SOURCE readings (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, ts TIMESTAMP, temp_c DOUBLE)
+WITH (subject = 'telemetry.coldchain.>', event_time = 'ts');
+
+CREATE STREAMING TABLE usable.trailers
+AS SELECT device_id, seq, ts, temp_c AS temperature_c FROM readings;
+
+CREATE REFERENCE TABLE reference.limits (device_id VARCHAR, max_c DOUBLE);
+
+CREATE WINDOW TABLE final.limit_minute
+WITH (window = 'tumbling', size = '1m', watermark = '0', allowed_lateness = '0s')
+AS SELECT window_start, window_end, t.device_id, max(l.max_c) AS max_c, count(*) AS readings
+FROM usable.trailers t JOIN reference.limits l ON t.device_id = l.device_id
+GROUP BY window_start, window_end, t.device_id;
+
+CREATE RULE over_limit WITH (key = 'device_id')
+AS SELECT t.device_id, t.ts, t.temperature_c, l.max_c, t.temperature_c > l.max_c AS firing
+FROM usable.trailers t JOIN reference.limits l ON t.device_id = l.device_id;
+";
+
+/// (device, window start minute, max_c, readings) in final.limit_minute.
+async fn limit_minutes(api: &fleetlake_tests::Api) -> Vec<(String, i64, f64, i64)> {
+    let (_, rows) = api
+        .query(
+            "SELECT device_id, CAST(extract(minute FROM window_start) AS BIGINT), max_c, readings \
+             FROM final.limit_minute ORDER BY window_start, device_id",
+        )
+        .await;
+    rows["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap().to_string(),
+                r[1].as_i64().unwrap(),
+                r[2].as_f64().unwrap(),
+                r[3].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pipelines");
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("limits.sql"), WITH_LIMITS).unwrap();
+    let env = env(&nats, &dir.path().join("lake"), &p);
+    let log = dir.path().join("engine.log");
+    let engine = EngineProcess::start(&env, &log).await;
+    let status = reqwest::Client::new()
+        .put(format!("{}/v1/reference/limits", engine.api.base))
+        .header("content-type", "text/csv")
+        .body("device_id,max_c\nt-a,5\nt-b,50\n")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let reading = |d: &str, seq: i64, secs: i64| {
+        (
+            d.to_string(),
+            seq,
+            json!({"device_id": d, "seq": seq, "ts": time(secs), "temp_c": 10.0}),
+        )
+    };
+    // Minute 0 for both, then 00:01:10 closes it.
+    publish(
+        &js,
+        &[
+            reading("t-a", 1, 0),
+            reading("t-b", 1, 0),
+            reading("t-a", 2, 70),
+            reading("t-b", 2, 70),
+        ],
+    )
+    .await;
+    engine.api.wait_acked(4).await;
+    let subjects: Vec<String> = alerts(&js).await.into_iter().map(|a| a.0).collect();
+    assert_eq!(
+        subjects,
+        ["alerts.over_limit.t-a"],
+        "10 °C is over t-a's 5 °C only"
+    );
+    assert_eq!(
+        limit_minutes(&engine.api).await,
+        [
+            ("t-a".to_string(), 0, 5.0, 1),
+            ("t-b".to_string(), 0, 50.0, 1)
+        ]
+    );
+
+    // Killed and restarted: the open minute is rebuilt from usable rows joined with the
+    // reference table, and closes with both of its readings counted.
+    engine.kill().await;
+    let engine = EngineProcess::start(&env, &log).await;
+    publish(&js, &[reading("t-a", 3, 140)]).await;
+    engine.api.wait_acked(1).await;
+    assert_eq!(
+        limit_minutes(&engine.api).await[2..],
+        [
+            ("t-a".to_string(), 1, 5.0, 1),
+            ("t-b".to_string(), 1, 50.0, 1)
+        ]
+    );
+    assert_eq!(
+        alerts(&js).await.len(),
+        1,
+        "t-a is still firing: no new transition"
+    );
     engine.terminate().await;
 }

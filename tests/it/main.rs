@@ -8,3 +8,4 @@ mod dedup;
 mod end_to_end;
 mod pipelines;
 mod reference;
+mod rules_api;

@@ -63,29 +63,6 @@ async fn raw_rows(api: &Api, n: i64) {
     .await;
 }
 
-/// Waits until this engine has acknowledged `n` messages: raw commits first, and a message is
-/// acked (and its pipeline counts recorded) only once every table of its batch — pipeline, window
-/// and alert tables too — has committed.
-async fn acked(api: &Api, n: u64) {
-    wait_for(
-        &format!("{n} messages acked"),
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            async move {
-                let (_, metrics) = api.get("/metrics").await;
-                let acked = metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix("fleetlake_messages_acked_total "))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-                (acked >= n).then_some(())
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
     let nats = Nats::start().await;
@@ -131,7 +108,7 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
             .unwrap();
     }
     raw_rows(&api, 10).await;
-    acked(&api, 10).await;
+    api.wait_acked(10).await;
 
     let (status, body) = api
         .query("SELECT device_id, seq, temperature_c, tenant, site, hw_rev, stream_seq FROM usable.cold_chain ORDER BY stream_seq")
@@ -220,7 +197,7 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
     )
     .await;
     raw_rows(&api, 11).await;
-    acked(&api, 11).await;
+    api.wait_acked(11).await;
     let (_, body) = api
         .query("SELECT seq, tenant, site FROM usable.cold_chain WHERE device_id = 'trailer-1' ORDER BY seq")
         .await;
@@ -624,7 +601,7 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
             .await,
         4
     );
-    acked(&api, 2).await; // the counts are recorded once every table has committed
+    api.wait_acked(2).await; // the counts are recorded once every table has committed
     let (_, p) = api.get("/v1/pipelines").await;
     let p: serde_json::Value = serde_json::from_str(&p).unwrap();
     let cold = p["pipelines"]

@@ -104,16 +104,26 @@ pub fn pipeline_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
 /// Parses and checks the given pipeline files together (reference tables declared in any file are
 /// visible to all).
 pub async fn check_files(files: &[PathBuf]) -> Vec<FileReport> {
+    let texts = files
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("reading the file: {e}"));
+            (path.clone(), text)
+        })
+        .collect();
+    check_texts(texts).await
+}
+
+/// [`check_files`] over texts: each path with its text, or why it could not be read (e.g. to
+/// check a changed file before it is written).
+pub async fn check_texts(files: Vec<(PathBuf, Result<String, String>)>) -> Vec<FileReport> {
     let mut parsed: Vec<(PathBuf, Result<PipelineFile, PipelineError>)> = Vec::new();
-    for path in files {
-        let result = match std::fs::read_to_string(path) {
+    for (path, text) in files {
+        let result = match text {
             Ok(text) => parse_file(&text),
-            Err(e) => Err(PipelineError::new(
-                Pos::default(),
-                format!("reading the file: {e}"),
-            )),
+            Err(e) => Err(PipelineError::new(Pos::default(), e)),
         };
-        parsed.push((path.clone(), result));
+        parsed.push((path, result));
     }
     let mut references: BTreeMap<TableId, ReferenceDef> = BTreeMap::new();
     let mut reports = Vec::new();

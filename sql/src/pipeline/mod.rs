@@ -35,7 +35,8 @@ use datafusion::sql::sqlparser::ast::{Expr, Query};
 use fleetlake_zones::TableId;
 
 pub use check::{
-    CheckedPipeline, CheckedRule, CheckedWindow, FileReport, check_files, pipeline_files,
+    CheckedPipeline, CheckedRule, CheckedWindow, FileReport, check_files, check_texts,
+    pipeline_files,
 };
 pub use parse::parse_file;
 pub use run::{PipelineFailure, PipelineOutput, PipelineRunner};

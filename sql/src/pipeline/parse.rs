@@ -619,8 +619,13 @@ pub const WINDOW_OPTIONS: &[&str] = &[
 /// Options `CREATE RULE … WITH (…)` accepts.
 pub const RULE_OPTIONS: &[&str] = &["severity", "key", "for", "cool_down", "event_time"];
 
-/// A duration in microseconds: `500ms`, `30s`, `5m`, `2h`, `1d`, also `5 minutes`.
+/// A positive duration in microseconds: `500ms`, `30s`, `5m`, `2h`, `1d`, also `5 minutes`.
 pub fn parse_duration(s: &str) -> Option<i64> {
+    duration_us(s).filter(|d| *d > 0)
+}
+
+/// [`parse_duration`], zero allowed (`0s`, `0m`).
+fn duration_us(s: &str) -> Option<i64> {
     let s = s.trim();
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: i64 = number.parse().ok()?;
@@ -632,15 +637,15 @@ pub fn parse_duration(s: &str) -> Option<i64> {
         "d" | "day" | "days" => 86_400_000_000,
         _ => return None,
     };
-    n.checked_mul(unit).filter(|d| *d > 0)
+    n.checked_mul(unit)
 }
 
-/// A duration that may be `'0'` (watermark, lateness, for, cool-down).
+/// A duration that may be zero (`'0'`, `'0s'`, …: watermark, lateness, for, cool-down).
 fn duration_or_zero(o: &Opt) -> R<i64> {
     if o.value.trim() == "0" {
         return Ok(0);
     }
-    parse_duration(&o.value).ok_or_else(|| o.bad("a duration such as '0', '30s', '5m' or '1h'"))
+    duration_us(&o.value).ok_or_else(|| o.bad("a duration such as '0', '30s', '5m' or '1h'"))
 }
 
 /// `30m`, `2h`, `1d`, `90s` (rounded up to whole minutes).
@@ -716,6 +721,8 @@ mod tests {
         assert_eq!(parse_duration("5 minutes"), Some(300_000_000));
         assert_eq!(parse_duration("250ms"), Some(250_000));
         assert_eq!(parse_duration("0s"), None);
+        assert_eq!(duration_us("0s"), Some(0));
+        assert_eq!(duration_us("0 minutes"), Some(0));
         assert_eq!(parse_duration("5 fortnights"), None);
     }
 }

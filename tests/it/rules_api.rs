@@ -1,0 +1,258 @@
+//! Rules changed at runtime over `/v1/rules`, on a real NATS server and the real binary: a bad
+//! rule is refused with where and why, a created rule fires on the next readings, a changed rule
+//! fires by its new condition only, a deleted rule falls silent; every change is a file under
+//! `pipelines.dir` and a row of `final.rule_audit`, and survives a restart.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use fleetlake_tests::{Api, EngineProcess, Nats, wait_for};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const PIPELINE: &str = "
+CREATE SOURCE readings (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, ts TIMESTAMP, temp_c DOUBLE)
+WITH (subject = 'telemetry.coldchain.>', event_time = 'ts');
+
+CREATE STREAMING TABLE usable.trailers
+AS SELECT device_id, seq, ts, temp_c AS temperature_c FROM readings;
+";
+
+/// A file declaring a rule among other statements (here: a reference table).
+const OTHER: &str = "
+CREATE REFERENCE TABLE reference.sites (site VARCHAR);
+
+CREATE RULE in_file WITH (key = 'device_id')
+AS SELECT device_id, ts, temperature_c < -30 AS firing FROM usable.trailers;
+";
+
+fn rule(threshold: i64) -> String {
+    format!(
+        "-- hot trailers\nCREATE RULE hot WITH (severity = 'critical', key = 'device_id')\n\
+         AS SELECT device_id, ts, temperature_c, temperature_c > {threshold} AS firing\n\
+         FROM usable.trailers;\n"
+    )
+}
+
+fn env(nats: &Nats, lake: &Path, pipelines: &Path) -> Vec<(String, String)> {
+    [
+        ("FLEETLAKE_NATS_URL", nats.url().to_string()),
+        ("FLEETLAKE_LAKE_LOCATION", lake.display().to_string()),
+        ("FLEETLAKE_PIPELINES_DIR", pipelines.display().to_string()),
+        ("FLEETLAKE_INGEST_COMMIT_INTERVAL_MS", "200".to_string()),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.clone()))
+    .collect()
+}
+
+/// The subjects of the alerts on the ALERTS stream, in order.
+async fn alert_subjects(js: &jetstream::Context) -> Vec<String> {
+    let Ok(stream) = js.get_stream("ALERTS").await else {
+        return Vec::new();
+    };
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) =
+        tokio::time::timeout(Duration::from_millis(300), messages.next()).await
+    {
+        out.push(m.subject.to_string());
+    }
+    out
+}
+
+/// Publishes one reading per device, at increasing times.
+async fn publish(js: &jetstream::Context, readings: &[(&str, f64)], seq: &mut i64) {
+    for (device, t) in readings {
+        *seq += 1;
+        let payload = json!({
+            "device_id": device, "seq": *seq, "ts": format!("2026-01-01T00:00:{:02}Z", *seq), "temp_c": t,
+        });
+        js.publish(
+            format!("telemetry.coldchain.{device}"),
+            payload.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+}
+
+async fn put(api: &Api, name: &str, author: Option<&str>, sql: &str) -> (u16, Value) {
+    api.send(Method::PUT, &format!("/v1/rules/{name}"), author, sql)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();
+    let env = env(&nats, &dir.path().join("lake"), &pipelines);
+    let log = dir.path().join("engine.log");
+    let engine = EngineProcess::start(&env, &log).await;
+    let api = engine.api.clone();
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    wait_for("the stream", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }
+    })
+    .await;
+    let mut seq = 0;
+    let file = pipelines.join("rules/hot.sql");
+
+    let (status, listed) = api.send(Method::GET, "/v1/rules", None, "").await;
+    assert_eq!((status, listed), (200, json!({"rules": []})));
+
+    // Refused, with where and why; nothing is written.
+    let (status, body) = put(&api, "hot", None, &rule(8)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "missing_author");
+    let bad = rule(8).replace("temperature_c > 8", "temp > 8");
+    let (status, body) = put(&api, "hot", Some("alice"), &bad).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("rules/hot.sql:2:"), "{message}");
+    assert!(message.contains("temp"), "{message}");
+    let (status, body) = put(&api, "cold", Some("alice"), &rule(8)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("creates rule hot but the URL names cold"),
+        "{body}"
+    );
+    let (status, body) = put(&api, "Hot.x", Some("alice"), &rule(8)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_name"))
+    );
+    assert!(!file.exists());
+
+    // Created: fires on the next warm reading.
+    let (status, created) = put(&api, "hot", Some("alice"), &rule(8)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["applied"], true, "{created}");
+    assert_eq!(created["managed"], true);
+    let v1 = created["version"].as_str().unwrap().to_string();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), rule(8));
+    publish(&js, &[("t1", 10.0)], &mut seq).await;
+    wait_for("the alert of t1", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            alert_subjects(&js)
+                .await
+                .contains(&"alerts.hot.t1".to_string())
+                .then_some(())
+        }
+    })
+    .await;
+    let (status, same) = put(&api, "hot", Some("alice"), &rule(8)).await;
+    assert_eq!((status, &same["changed"]), (200, &json!(false)), "{same}");
+
+    // Changed: 15 °C no longer fires, 25 °C does.
+    let (status, changed) = put(&api, "hot", Some("bob"), &rule(20)).await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["action"], "changed");
+    assert_eq!(changed["applied"], true);
+    let v2 = changed["version"].as_str().unwrap().to_string();
+    assert_ne!(v1, v2);
+    publish(&js, &[("t2", 15.0), ("t3", 25.0)], &mut seq).await;
+    wait_for("the alert of t3", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            alert_subjects(&js)
+                .await
+                .contains(&"alerts.hot.t3".to_string())
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Deleted: silent from then on.
+    let (status, deleted) = api
+        .send(Method::DELETE, "/v1/rules/hot", Some("carol"), "")
+        .await;
+    assert_eq!(status, 200, "{deleted}");
+    assert_eq!(deleted["applied"], true);
+    assert!(!file.exists());
+    publish(&js, &[("t4", 30.0)], &mut seq).await;
+    api.wait_acked(seq as u64).await;
+    assert_eq!(
+        alert_subjects(&js).await,
+        vec!["alerts.hot.t1", "alerts.hot.t3"]
+    );
+    let (status, _) = api.send(Method::GET, "/v1/rules/hot", None, "").await;
+    assert_eq!(status, 404);
+
+    // Who, when, what.
+    let (_, audit) = api
+        .query(
+            "SELECT author, action, rule, version, previous_version, sql FROM final.rule_audit ORDER BY change_seq",
+        )
+        .await;
+    let rows = audit["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{audit}");
+    assert_eq!(
+        rows[0],
+        json!(["alice", "created", "hot", v1, null, rule(8)])
+    );
+    assert_eq!(rows[1], json!(["bob", "changed", "hot", v2, v1, rule(20)]));
+    assert_eq!(rows[2], json!(["carol", "deleted", "hot", null, v2, null]));
+
+    // A rule created over HTTP is a file: it is there after a restart.
+    let (status, _) = put(&api, "hot", Some("alice"), &rule(50)).await;
+    assert_eq!(status, 201);
+    engine.terminate().await;
+    std::fs::write(pipelines.join("other.sql"), OTHER).unwrap();
+    let engine = EngineProcess::start(&env, &log).await;
+    let api = engine.api.clone();
+    let (status, got) = api.send(Method::GET, "/v1/rules/hot", None, "").await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["sql"], rule(50));
+    assert_eq!(
+        got["version"],
+        put(&api, "hot", Some("a"), &rule(50)).await.1["version"]
+    );
+
+    // A rule declared among other statements is listed, not managed here.
+    let (_, listed) = api.send(Method::GET, "/v1/rules", None, "").await;
+    let names: Vec<&Value> = listed["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["name"])
+        .collect();
+    assert_eq!(names, [&json!("hot"), &json!("in_file")]);
+    assert_eq!(listed["rules"][1]["managed"], false);
+    assert_eq!(listed["rules"][1]["file"], "other.sql");
+    let in_file = rule(8).replace("RULE hot", "RULE in_file");
+    let (status, body) = put(&api, "in_file", Some("alice"), &in_file).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api
+        .send(Method::DELETE, "/v1/rules/in_file", Some("alice"), "")
+        .await;
+    assert_eq!(status, 409, "{body}");
+    publish(&js, &[("t5", 60.0)], &mut seq).await;
+    wait_for("the alert of t5", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            alert_subjects(&js)
+                .await
+                .contains(&"alerts.hot.t5".to_string())
+                .then_some(())
+        }
+    })
+    .await;
+    engine.terminate().await;
+}
