@@ -111,6 +111,22 @@ pub struct DerivedStage {
     nats_url: String,
 }
 
+/// Why the derived stage could not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Reading or writing the lake failed: worth retrying.
+    Storage(String),
+    /// A window or rule cannot run over what is committed (e.g. its input's columns changed
+    /// type): retrying cannot help.
+    Invalid(String),
+}
+
+impl From<String> for OpenError {
+    fn from(e: String) -> Self {
+        OpenError::Storage(e)
+    }
+}
+
 async fn open_alerts(lake: &Lake, app_id: &str) -> Result<TableWriter, String> {
     lake.writer(alerts_table(), alerts_schema(), Vec::new(), app_id)
         .await
@@ -159,7 +175,7 @@ impl DerivedStage {
         windows: &[CheckedWindow],
         rules: &[CheckedRule],
         references: &[(TableId, Arc<dyn TableProvider>)],
-    ) -> Result<(Self, Vec<TableWriter>), String> {
+    ) -> Result<(Self, Vec<TableWriter>), OpenError> {
         let app_id = config.consumer().to_string();
         let mut writers = Vec::new();
         let mut stage = Self {
@@ -175,7 +191,7 @@ impl DerivedStage {
         for w in windows {
             let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| OpenError::Invalid(format!("planning {}: {e}", w.def.table)))?;
             let writer = lake
                 .writer(w.def.table.clone(), op.schema.clone(), Vec::new(), &app_id)
                 .await
@@ -192,9 +208,12 @@ impl DerivedStage {
             }
             let from = op.position();
             for batch in committed_rows(lake, &w.input, from, committed).await? {
-                op.process(&batch, references)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                op.process(&batch, references).await.map_err(|e| {
+                    OpenError::Invalid(format!(
+                        "rebuilding {} from the rows of {}: {e}",
+                        w.def.table, w.input
+                    ))
+                })?;
             }
             tracing::info!(table = %w.def.table, from, committed, open = op.open_groups(), "window state rebuilt");
             stage.windows.push(op);
@@ -232,9 +251,12 @@ impl DerivedStage {
                 }
                 let from = rule.position();
                 for batch in committed_rows(lake, &r.input, from, committed).await? {
-                    rule.process(&batch, references)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    rule.process(&batch, references).await.map_err(|e| {
+                        OpenError::Invalid(format!(
+                            "rebuilding rule {} from the rows of {}: {e}",
+                            r.def.name, r.input
+                        ))
+                    })?;
                 }
                 rule.advance(committed);
                 tracing::info!(rule = %r.def.name, from, committed, firing = rule.firing(), "rule state rebuilt");

@@ -46,8 +46,15 @@ impl Lakehouse for QueryEngine {
     fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>> {
         let lake = self.lake().clone();
         Box::pin(async move {
+            // Every table in the lake, zone by zone: built-in, pipeline, window and reference.
             let mut ids: Vec<TableId> = builtin_tables().into_iter().map(|(id, _, _)| id).collect();
-            ids.extend(lake.tables(Zone::Reference).await?);
+            for zone in Zone::ALL {
+                for id in lake.tables(zone).await? {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
             let mut out = Vec::new();
             for id in ids {
                 if let Some(info) = lake.describe(&id).await? {

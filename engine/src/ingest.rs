@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage_failed};
 use crate::config::Config;
-use crate::derived::DerivedStage;
+use crate::derived::{DerivedStage, OpenError};
 use crate::metrics::Metrics;
 use crate::pipelines::{Declared, PipelineStage, StageOutput};
 use crate::rules::{RuleChange, RuleUpdate};
@@ -55,7 +55,7 @@ async fn open(
     declared: &Declared,
     metrics: &Arc<Metrics>,
     cancel: &CancellationToken,
-) -> Result<(Stages, Committer), String> {
+) -> Result<(Stages, Committer), OpenError> {
     let app_id = config.consumer();
     let mut writers = Vec::new();
     for (id, schema, partitions) in builtin_tables() {
@@ -106,8 +106,15 @@ pub async fn run(
     let (mut stages, committer) = loop {
         match open(&lake, &config, &declared, &metrics, &cancel).await {
             Ok(w) => break w,
-            Err(e) => {
-                storage_failed(&metrics, &e.to_string());
+            Err(OpenError::Invalid(e)) => {
+                let reason = format!("ingest stopped: {e}");
+                tracing::error!(%reason);
+                metrics.set_last_error("ingest", &reason);
+                metrics.ingest_stopped.store(1, Ordering::Relaxed);
+                return;
+            }
+            Err(OpenError::Storage(e)) => {
+                storage_failed(&metrics, &e);
                 if !backoff.wait(&cancel).await {
                     return;
                 }

@@ -209,6 +209,17 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     );
     assert_eq!(rows[1], json!(["bob", "changed", "hot", v2, v1, rule(20)]));
     assert_eq!(rows[2], json!(["carol", "deleted", "hot", null, v2, null]));
+    let (_, tables) = api.get("/v1/tables").await;
+    let tables: Value = serde_json::from_str(&tables).unwrap();
+    let names: Vec<&str> = tables["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    for t in ["usable.trailers", "final.alerts", "final.rule_audit"] {
+        assert!(names.contains(&t), "GET /v1/tables: {names:?}");
+    }
 
     // A rule created over HTTP is a file: it is there after a restart.
     let (status, _) = put(&api, "hot", Some("alice"), &rule(50)).await;
