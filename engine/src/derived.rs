@@ -111,6 +111,46 @@ pub struct DerivedStage {
     nats_url: String,
 }
 
+/// Stream sequences read from the input table per step of a backfill.
+const BACKFILL_CHUNK: i64 = 200_000;
+
+/// Fills a new window table from what its input table already holds (rather than from the
+/// stream, which may have dropped it): every committed input row up to `upto`, in stream order
+/// and in steps, then one commit of the windows that closed, recorded as progress `upto`.
+async fn backfill(
+    lake: &Lake,
+    op: &mut WindowOperator,
+    writer: &mut TableWriter,
+    upto: i64,
+    references: &[(TableId, Arc<dyn TableProvider>)],
+) -> Result<(), OpenError> {
+    let table = op.def.table.clone();
+    tracing::info!(%table, input = %op.input, upto, "backfilling a new window table from its input");
+    let mut closed = Vec::new();
+    let (mut from, mut rows, mut late) = (0, 0, 0);
+    while from < upto {
+        let to = from.saturating_add(BACKFILL_CHUNK).min(upto);
+        for batch in committed_rows(lake, &op.input, from, to).await? {
+            rows += batch.num_rows();
+            let out = op.process(&batch, references).await.map_err(|e| {
+                OpenError::Invalid(format!("backfilling {table} from {}: {e}", op.input))
+            })?;
+            late += out.late;
+            closed.push(out.rows);
+        }
+        from = to;
+        tracing::info!(%table, stream_seq = to, of = upto, rows, "backfilling");
+    }
+    let closed = arrow::compute::concat_batches(&op.schema, &closed)
+        .map_err(|e| OpenError::Invalid(format!("backfilling {table}: {e}")))?;
+    writer
+        .commit(&closed, "stream_seq", upto)
+        .await
+        .map_err(|e| OpenError::Storage(format!("committing the backfill of {table}: {e}")))?;
+    tracing::info!(%table, rows, windows = closed.num_rows(), late, open = op.open_groups(), "backfilled");
+    Ok(())
+}
+
 /// Why the derived stage could not open.
 #[derive(Debug)]
 pub enum OpenError {
@@ -175,6 +215,7 @@ impl DerivedStage {
         windows: &[CheckedWindow],
         rules: &[CheckedRule],
         references: &[(TableId, Arc<dyn TableProvider>)],
+        inputs: &[(TableId, i64)],
     ) -> Result<(Self, Vec<TableWriter>), OpenError> {
         let app_id = config.consumer().to_string();
         let mut writers = Vec::new();
@@ -192,10 +233,21 @@ impl DerivedStage {
             let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
                 .await
                 .map_err(|e| OpenError::Invalid(format!("planning {}: {e}", w.def.table)))?;
-            let writer = lake
+            let mut writer = lake
                 .writer(w.def.table.clone(), op.schema.clone(), Vec::new(), &app_id)
                 .await
                 .map_err(|e| e.to_string())?;
+            let input_committed = inputs
+                .iter()
+                .find(|(t, _)| *t == w.input)
+                .map(|(_, c)| *c)
+                .unwrap_or(0);
+            if writer.committed().is_none() && input_committed > 0 {
+                backfill(lake, &mut op, &mut writer, input_committed, references).await?;
+                let kind = window_kind(&app_id);
+                let bytes = op.encode().map_err(|e| OpenError::Invalid(e.to_string()))?;
+                writer.store_snapshot(&kind, input_committed, bytes).await;
+            }
             let committed = writer.committed().unwrap_or(0);
             let snapshot = writer
                 .latest_side_file(&window_kind(&app_id), committed)

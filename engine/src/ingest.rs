@@ -71,12 +71,18 @@ async fn open(
         PipelineStage::open(lake, &declared.runners, app_id, config.dedup_max_gaps()).await?;
     writers.extend(pipeline_writers);
     let references = stage.refresh_references().await?;
+    // What the pipelines' tables hold: a new window table is backfilled from it.
+    let inputs: Vec<(TableId, i64)> = writers[USABLE + 1..]
+        .iter()
+        .map(|w| (w.id().clone(), w.committed().unwrap_or(0)))
+        .collect();
     let (derived, derived_writers) = DerivedStage::open(
         lake,
         config,
         &declared.windows,
         &declared.rules,
         &references,
+        &inputs,
     )
     .await?;
     writers.extend(derived_writers);

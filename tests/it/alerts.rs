@@ -411,3 +411,74 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
     );
     engine.terminate().await;
 }
+
+/// The value of a counter on `/metrics`.
+async fn counter(api: &fleetlake_tests::Api, name: &str) -> u64 {
+    let (_, metrics) = api.get("/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_window_table_is_backfilled_from_its_input_not_from_the_stream() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pipelines");
+    std::fs::create_dir_all(&p).unwrap();
+    let (pipeline, _) = PIPELINE.split_once("CREATE WINDOW TABLE").unwrap();
+    std::fs::write(p.join("trailers.sql"), pipeline).unwrap();
+    let env = env(&nats, &dir.path().join("lake"), &p);
+    let log = dir.path().join("engine.log");
+    let engine = EngineProcess::start(&env, &log).await;
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let reading = |seq: i64, secs: i64| {
+        (
+            "t-a".to_string(),
+            seq,
+            json!({"device_id": "t-a", "seq": seq, "ts": time(secs), "temp_c": 4.0}),
+        )
+    };
+    let before: Vec<_> = [0, 30, 60, 90, 130]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| reading(i as i64, *s))
+        .collect();
+    publish(&js, &before).await;
+    engine.api.wait_acked(5).await;
+    engine.terminate().await;
+
+    // The window table is new at the restart: it is filled from usable.trailers, and the
+    // consumer does not go back to the stream's start for it.
+    std::fs::write(
+        p.join("minutes.sql"),
+        "CREATE WINDOW TABLE final.backfilled
+         WITH (window = 'tumbling', size = '1m', watermark = '0', allowed_lateness = '0s')
+         AS SELECT window_start, window_end, device_id, count(*) AS readings
+         FROM usable.trailers GROUP BY window_start, window_end, device_id;",
+    )
+    .unwrap();
+    let engine = EngineProcess::start(&env, &log).await;
+    let api = &engine.api;
+    api.wait_scalar(
+        "SELECT count(*) FROM final.backfilled",
+        2,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(counter(api, "fleetlake_messages_pulled_total").await, 0);
+
+    // Minute 2 was open after the backfill (00:02:10); 00:03:05 closes it.
+    publish(&js, &[reading(5, 185)]).await;
+    api.wait_acked(1).await;
+    let (_, rows) = api
+        .query(
+            "SELECT CAST(extract(minute FROM window_start) AS BIGINT), readings FROM final.backfilled ORDER BY window_start",
+        )
+        .await;
+    assert_eq!(rows["rows"], json!([[0, 2], [1, 2], [2, 1]]), "{rows}");
+    assert_eq!(counter(api, "fleetlake_messages_pulled_total").await, 1);
+    engine.terminate().await;
+}
