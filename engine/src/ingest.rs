@@ -71,8 +71,9 @@ async fn open(
         PipelineStage::open(lake, &declared.runners, app_id, config.dedup_max_gaps()).await?;
     writers.extend(pipeline_writers);
     let references = stage.refresh_references().await?;
-    // What the pipelines' tables hold: a new window table is backfilled from it.
-    let inputs: Vec<(TableId, i64)> = writers[USABLE + 1..]
+    // What usable.telemetry and the pipelines' tables hold: a new window table is backfilled
+    // from it.
+    let inputs: Vec<(TableId, i64)> = writers[USABLE..]
         .iter()
         .map(|w| (w.id().clone(), w.committed().unwrap_or(0)))
         .collect();
@@ -224,6 +225,16 @@ fn merge_stage(parts: Vec<StageOutput>) -> Option<StageOutput> {
     Some(merged)
 }
 
+/// The highest stream sequence of `messages` (the progress a flush records).
+fn raw_version(messages: &[RawMessage]) -> i64 {
+    messages.iter().map(|m| m.stream_seq).max().unwrap_or(0)
+}
+
+/// One batch of the (non-empty) parts, which share a schema.
+fn concat(parts: &[arrow::array::RecordBatch]) -> arrow::array::RecordBatch {
+    arrow::compute::concat_batches(&parts[0].schema(), parts).expect("parts share a schema")
+}
+
 /// Side-file kind of the dedup snapshots of one consumer.
 fn snapshot_kind(consumer: &str) -> String {
     format!("dedup-{consumer}")
@@ -291,10 +302,16 @@ struct Buffer {
     messages: Vec<RawMessage>,
     last: Option<jetstream::Message>,
     first_at: Option<Instant>,
-    /// How many of `messages` the pipelines have processed.
+    /// How many of `messages` have been processed.
     processed: usize,
     /// The pipelines' output per processed micro-batch.
     stage: Vec<StageOutput>,
+    /// What the built-in decoder made of the messages no pipeline claims, per micro-batch:
+    /// usable.telemetry rows (replays removed) and quarantined rows.
+    usable: Vec<arrow::array::RecordBatch>,
+    quarantine: Vec<arrow::array::RecordBatch>,
+    duplicates_dropped: u64,
+    dedup_forgotten: u64,
     /// Rows of closed windows per window table, per micro-batch.
     windows: Vec<Vec<arrow::array::RecordBatch>>,
     transitions: Vec<fleetlake_sql::rules::Transition>,
@@ -484,25 +501,77 @@ impl Ingest {
         true
     }
 
-    /// Runs the pipelines, windows and rules over the messages not processed yet, and publishes
-    /// the alert transitions. Returns false when ingest must stop (a `FAIL` expectation, a
-    /// failing window or rule, or cancelled while NATS or storage were failing).
+    /// Runs the pipelines, the built-in decoder (with dedup), windows and rules over the
+    /// messages not processed yet, and publishes the alert transitions. Returns false when
+    /// ingest must stop (a `FAIL` expectation, a failing decoder, window or rule, or cancelled
+    /// while NATS or storage were failing).
     async fn process(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
-        if stages.stage.is_empty() || buffer.processed == buffer.messages.len() {
+        if buffer.processed == buffer.messages.len() {
             return true;
         }
         let raw = raw_batch(&buffer.messages[buffer.processed..]);
-        let Some(out) = self.run_pipelines(&raw, stages).await else {
-            return false;
+        // Declared pipelines take the messages on their subjects; the built-in decoder the rest.
+        let out = if stages.stage.is_empty() {
+            None
+        } else {
+            let Some(out) = self.run_pipelines(&raw, stages).await else {
+                return false;
+            };
+            Some(out)
         };
-        if !stages.derived.is_empty() {
-            let mut tables = Vec::new();
-            for (pipeline, rows) in stages.stage.pipelines.iter().zip(&out.tables) {
-                for (table, rows) in pipeline.tables().zip(rows) {
-                    tables.push((table.clone(), rows.clone()));
-                }
+        let builtin_raw = match &out {
+            None => raw,
+            Some(_) => {
+                let subjects = raw
+                    .column_by_name("subject")
+                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+                    .expect("raw schema")
+                    .clone();
+                let claimed = stages.stage.claimed(&subjects);
+                let unclaimed: arrow::array::BooleanArray =
+                    claimed.iter().map(|c| Some(!c)).collect();
+                arrow::compute::filter_record_batch(&raw, &unclaimed).expect("same length")
             }
-            let derived = match stages.derived.process(&tables, &out.references).await {
+        };
+        let decoded = match decode_envelope(&builtin_raw) {
+            Ok(d) => d,
+            Err(e) => {
+                // A bug in decoding must not lose data: keep the raw rows and stop here.
+                tracing::error!(error = %e, "decoding failed; committing raw only and stopping");
+                let raw = raw_batch(&buffer.messages);
+                let version = raw_version(&buffer.messages);
+                let (committer, ok) = self.commits.idle().await;
+                if ok {
+                    committer.commit_one(RAW, &raw, version).await;
+                }
+                self.cancel.cancel();
+                return false;
+            }
+        };
+        let before = self.dedup.stats();
+        let usable = match self.dedup.filter(&decoded.usable) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "deduplication failed; stopping");
+                self.cancel.cancel();
+                return false;
+            }
+        };
+        let after = self.dedup.stats();
+        buffer.duplicates_dropped += after.dropped - before.dropped;
+        buffer.dedup_forgotten += after.forgotten - before.forgotten;
+        if !stages.derived.is_empty() {
+            let mut tables = vec![(TableId::usable_telemetry(), usable.clone())];
+            let mut references = Vec::new();
+            if let Some(out) = &out {
+                for (pipeline, rows) in stages.stage.pipelines.iter().zip(&out.tables) {
+                    for (table, rows) in pipeline.tables().zip(rows) {
+                        tables.push((table.clone(), rows.clone()));
+                    }
+                }
+                references = out.references.clone();
+            }
+            let derived = match stages.derived.process(&tables, &references).await {
                 Ok(d) => d,
                 Err(e) => {
                     let reason = format!("ingest stopped: window or rule failed: {e}");
@@ -529,80 +598,36 @@ impl Ingest {
             buffer.windows.push(derived.windows);
             buffer.transitions.extend(derived.transitions);
         }
-        buffer.stage.push(out);
+        buffer.usable.push(usable);
+        buffer.quarantine.push(decoded.quarantine);
+        buffer.stage.extend(out);
         buffer.processed = buffer.messages.len();
         true
     }
 
     /// Hands the buffer to the committer, which commits it to every table and then acks while
-    /// ingest goes on. Returns false if ingest must stop (a previous commit failed, or decoding
-    /// or deduplication failed); nothing of an uncommitted batch is acked then, so the messages
-    /// come back after a restart.
+    /// ingest goes on. Returns false if ingest must stop (a previous commit failed, or
+    /// processing failed); nothing of an uncommitted batch is acked then, so the messages come
+    /// back after a restart.
     async fn flush(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
         if buffer.messages.is_empty() {
             return true;
         }
-        let started = buffer.first_at.unwrap_or_else(Instant::now);
-        let raw = raw_batch(&buffer.messages);
-        let version = buffer
-            .messages
-            .iter()
-            .map(|m| m.stream_seq)
-            .max()
-            .expect("non-empty");
-        // Declared pipelines take the messages on their subjects; the built-in decoder the rest.
         if !self.process(buffer, stages).await {
             return false;
         }
+        let started = buffer.first_at.unwrap_or_else(Instant::now);
+        let raw = raw_batch(&buffer.messages);
+        let version = raw_version(&buffer.messages);
         let stage = merge_stage(std::mem::take(&mut buffer.stage));
-        let builtin_raw = match &stage {
-            None => raw.clone(),
-            Some(_) => {
-                let subjects = raw
-                    .column_by_name("subject")
-                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
-                    .expect("raw schema")
-                    .clone();
-                let claimed = stages.stage.claimed(&subjects);
-                let unclaimed: arrow::array::BooleanArray =
-                    claimed.iter().map(|c| Some(!c)).collect();
-                arrow::compute::filter_record_batch(&raw, &unclaimed).expect("same length")
-            }
-        };
-        let decoded = match decode_envelope(&builtin_raw) {
-            Ok(d) => d,
-            Err(e) => {
-                // A bug in decoding must not lose data: keep the raw rows and stop here.
-                tracing::error!(error = %e, "decoding failed; committing raw only and stopping");
-                let (committer, ok) = self.commits.idle().await;
-                if ok {
-                    committer.commit_one(RAW, &raw, version).await;
-                }
-                self.cancel.cancel();
-                return false;
-            }
-        };
-        let mut quarantine = decoded.quarantine.clone();
-        if let Some(stage) = &stage {
-            let mut parts = vec![decoded.quarantine.clone()];
-            parts.extend(stage.quarantine.iter().cloned());
-            quarantine = arrow::compute::concat_batches(&decoded.quarantine.schema(), &parts)
-                .expect("quarantine batches share a schema");
-        }
-        let before = self.dedup.stats();
-        let usable = match self.dedup.filter(&decoded.usable) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::error!(error = %e, "deduplication failed; stopping");
-                self.cancel.cancel();
-                return false;
-            }
-        };
-        let after = self.dedup.stats();
+        let mut quarantine = std::mem::take(&mut buffer.quarantine);
+        quarantine.extend(stage.iter().flat_map(|s| s.quarantine.iter().cloned()));
+        let quarantine = concat(&quarantine);
+        let usable = concat(&buffer.usable);
         let effects = Effects {
             pipelines: stage.iter().flat_map(|s| s.counts.clone()).collect(),
-            duplicates_dropped: after.dropped - before.dropped,
-            dedup_forgotten: after.forgotten - before.forgotten,
+            duplicates_dropped: buffer.duplicates_dropped,
+            dedup_forgotten: buffer.dedup_forgotten,
             dedup_keys: self.dedup.len() as i64,
             quarantined: quarantine.num_rows() as u64,
         };

@@ -250,11 +250,7 @@ async fn a_scripted_scenario_gives_exactly_the_expected_alerts_and_final_rows() 
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    wait_for("the stream", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }
-    })
-    .await;
+    stream_ready(&js).await;
     publish(&js, &schedule()).await;
     check_outcome(&engine, &js).await;
     engine.terminate().await;
@@ -269,11 +265,7 @@ async fn alerts_stay_exactly_once_when_the_engine_is_killed_after_publishing() {
     let log = dir.join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    wait_for("the stream", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }
-    })
-    .await;
+    stream_ready(&js).await;
     let readings = schedule();
     let (first, rest) = readings.split_at(readings.len() / 2);
     publish(&js, first).await;
@@ -358,6 +350,7 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
         .status();
     assert_eq!(status, 200);
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    stream_ready(&js).await;
     let reading = |d: &str, seq: i64, secs: i64| {
         (
             d.to_string(),
@@ -412,6 +405,15 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
     engine.terminate().await;
 }
 
+/// Waits until the engine has created the telemetry stream (ingest does, after HTTP is up).
+async fn stream_ready(js: &jetstream::Context) {
+    wait_for("the stream", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }
+    })
+    .await;
+}
+
 /// The value of a counter on `/metrics`.
 async fn counter(api: &fleetlake_tests::Api, name: &str) -> u64 {
     let (_, metrics) = api.get("/metrics").await;
@@ -434,6 +436,7 @@ async fn a_new_window_table_is_backfilled_from_its_input_not_from_the_stream() {
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    stream_ready(&js).await;
     let reading = |seq: i64, secs: i64| {
         (
             "t-a".to_string(),
@@ -480,5 +483,74 @@ async fn a_new_window_table_is_backfilled_from_its_input_not_from_the_stream() {
         .await;
     assert_eq!(rows["rows"], json!([[0, 2], [1, 2], [2, 1]]), "{rows}");
     assert_eq!(counter(api, "fleetlake_messages_pulled_total").await, 1);
+    engine.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_and_rules_over_the_built_in_decoders_table_see_each_reading_once() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pipelines");
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(
+        p.join("telemetry.sql"),
+        "CREATE WINDOW TABLE final.tel_minute
+         WITH (window = 'tumbling', size = '1m', watermark = '0', allowed_lateness = '0s')
+         AS SELECT window_start, window_end, device_id, count(*) AS readings, max(temperature) AS temp_max
+         FROM usable.telemetry GROUP BY window_start, window_end, device_id;
+
+         CREATE RULE tel_hot WITH (key = 'device_id')
+         AS SELECT device_id, ts, temperature, temperature > 40 AS firing FROM usable.telemetry;",
+    )
+    .unwrap();
+    let env = env(&nats, &dir.path().join("lake"), &p);
+    let log = dir.path().join("engine.log");
+    let engine = EngineProcess::start(&env, &log).await;
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    stream_ready(&js).await;
+    // The default envelope on any subject no pipeline claims; (d1, 2) is sent twice (a device
+    // replay), and one message does not decode.
+    let readings = [
+        ("d1", 1, 0, 20.0),
+        ("d1", 2, 30, 50.0),
+        ("d1", 2, 30, 50.0),
+        ("d2", 1, 40, 21.0),
+        ("d1", 3, 70, 22.0),
+    ];
+    for (device, seq, secs, t) in readings {
+        let payload = json!({"device_id": device, "seq": seq, "ts": time(secs), "temperature": t});
+        js.publish(
+            format!("telemetry.env.{device}"),
+            payload.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    js.publish("telemetry.env.d3", "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let api = &engine.api;
+    api.wait_acked(6).await;
+    let got: Vec<(String, String)> = alerts(&js).await.into_iter().map(|a| (a.0, a.1)).collect();
+    assert_eq!(
+        got,
+        [
+            ("alerts.tel_hot.d1".to_string(), "firing".to_string()),
+            ("alerts.tel_hot.d1".to_string(), "resolved".to_string())
+        ]
+    );
+    let (_, rows) = api
+        .query("SELECT device_id, readings, temp_max FROM final.tel_minute ORDER BY device_id")
+        .await;
+    assert_eq!(
+        rows["rows"],
+        json!([["d1", 2, 50.0], ["d2", 1, 21.0]]),
+        "minute 0 without the replay: {rows}"
+    );
+    assert_eq!(api.scalar("SELECT count(*) FROM raw.quarantine").await, 1);
     engine.terminate().await;
 }

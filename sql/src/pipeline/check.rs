@@ -197,7 +197,12 @@ async fn check_derived(
 ) {
     let declared: Vec<ReferenceDef> = references.values().cloned().collect();
     let refs = declared_references(&declared);
-    let mut tables: BTreeMap<TableId, SchemaRef> = BTreeMap::new();
+    // The built-in decoder's table (the default envelope), then the pipelines' tables.
+    let mut tables: BTreeMap<TableId, SchemaRef> = fleetlake_zones::schema::builtin_tables()
+        .into_iter()
+        .filter(|(id, _, _)| *id == TableId::usable_telemetry())
+        .map(|(id, schema, _)| (id, schema))
+        .collect();
     for r in reports.iter() {
         for (def, planned) in r.pipeline.iter().flat_map(|p| &p.tables) {
             tables.insert(def.table.clone(), super::run::storage_schema(planned));
@@ -212,22 +217,23 @@ async fn check_derived(
     };
     for (at, windows, _) in &derived {
         for w in windows {
-            let input =
-                match crate::window::input_table(&w.query) {
-                    Some(t) if t.zone == Zone::Usable && tables.contains_key(&t) => t,
-                    other => {
-                        reports[*at].errors.push(PipelineError::new(
+            let input = match crate::window::input_table(&w.query) {
+                Some(t) if t.zone == Zone::Usable && tables.contains_key(&t) => t,
+                other => {
+                    reports[*at].errors.push(PipelineError::new(
                         w.pos,
                         format!(
-                            "{}: a window table reads FROM a pipeline's usable table ({}), not {}",
+                            "{}: a window table reads FROM a usable table ({}), not {}",
                             w.table,
                             known(&tables),
-                            other.map(|t| t.to_string()).unwrap_or_else(|| "this".into())
+                            other
+                                .map(|t| t.to_string())
+                                .unwrap_or_else(|| "this".into())
                         ),
                     ));
-                        continue;
-                    }
-                };
+                    continue;
+                }
+            };
             let input_schema = tables[&input].clone();
             match crate::window::plan_window(w, &input, &input_schema, &refs).await {
                 Ok(planned) => {
