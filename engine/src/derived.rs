@@ -115,8 +115,8 @@ pub struct DerivedStage {
 const BACKFILL_CHUNK: i64 = 200_000;
 
 /// Fills a new window table from what its input table already holds (rather than from the
-/// stream, which may have dropped it): every committed input row up to `upto`, in stream order
-/// and in steps, then one commit of the windows that closed, recorded as progress `upto`.
+/// stream, which may have dropped it): [`derive_window`] up to `upto`, then one commit of the
+/// windows that closed, recorded as progress `upto`.
 async fn backfill(
     lake: &Lake,
     op: &mut WindowOperator,
@@ -126,29 +126,45 @@ async fn backfill(
 ) -> Result<(), OpenError> {
     let table = op.def.table.clone();
     tracing::info!(%table, input = %op.input, upto, "backfilling a new window table from its input");
+    let closed = derive_window(lake, op, upto, references, |done, rows| {
+        tracing::info!(%table, stream_seq = done, of = upto, rows, "backfilling");
+    })
+    .await?;
+    writer
+        .commit(&closed, "stream_seq", upto)
+        .await
+        .map_err(|e| OpenError::Storage(format!("committing the backfill of {table}: {e}")))?;
+    tracing::info!(%table, windows = closed.num_rows(), open = op.open_groups(), "backfilled");
+    Ok(())
+}
+
+/// Runs a window over every committed row of its input up to stream sequence `upto`, in stream
+/// order and in steps (`progress(stream_seq, rows)` after each): the rows of the windows that
+/// closed. `op` then holds the windows still open.
+pub(crate) async fn derive_window(
+    lake: &Lake,
+    op: &mut WindowOperator,
+    upto: i64,
+    references: &[(TableId, Arc<dyn TableProvider>)],
+    mut progress: impl FnMut(i64, usize),
+) -> Result<RecordBatch, OpenError> {
+    let table = op.def.table.clone();
     let mut closed = Vec::new();
-    let (mut from, mut rows, mut late) = (0, 0, 0);
+    let (mut from, mut rows) = (op.position(), 0);
     while from < upto {
         let to = from.saturating_add(BACKFILL_CHUNK).min(upto);
         for batch in committed_rows(lake, &op.input, from, to).await? {
             rows += batch.num_rows();
             let out = op.process(&batch, references).await.map_err(|e| {
-                OpenError::Invalid(format!("backfilling {table} from {}: {e}", op.input))
+                OpenError::Invalid(format!("deriving {table} from {}: {e}", op.input))
             })?;
-            late += out.late;
             closed.push(out.rows);
         }
         from = to;
-        tracing::info!(%table, stream_seq = to, of = upto, rows, "backfilling");
+        progress(to, rows);
     }
-    let closed = arrow::compute::concat_batches(&op.schema, &closed)
-        .map_err(|e| OpenError::Invalid(format!("backfilling {table}: {e}")))?;
-    writer
-        .commit(&closed, "stream_seq", upto)
-        .await
-        .map_err(|e| OpenError::Storage(format!("committing the backfill of {table}: {e}")))?;
-    tracing::info!(%table, rows, windows = closed.num_rows(), late, open = op.open_groups(), "backfilled");
-    Ok(())
+    arrow::compute::concat_batches(&op.schema, &closed)
+        .map_err(|e| OpenError::Invalid(format!("deriving {table}: {e}")))
 }
 
 /// Why the derived stage could not open.
@@ -159,6 +175,14 @@ pub enum OpenError {
     /// A window or rule cannot run over what is committed (e.g. its input's columns changed
     /// type): retrying cannot help.
     Invalid(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Storage(e) | OpenError::Invalid(e) => f.write_str(e),
+        }
+    }
 }
 
 impl From<String> for OpenError {
@@ -173,7 +197,8 @@ async fn open_alerts(lake: &Lake, app_id: &str) -> Result<TableWriter, String> {
         .map_err(|e| e.to_string())
 }
 
-fn window_kind(app_id: &str) -> String {
+/// Side-file kind of the window snapshots of one consumer.
+pub(crate) fn window_kind(app_id: &str) -> String {
     format!("window-{app_id}")
 }
 

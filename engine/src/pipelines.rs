@@ -234,24 +234,7 @@ impl PipelineStage {
             if current == Some(version) {
                 continue;
             }
-            let provider: Arc<dyn TableProvider> = match version {
-                None => Arc::new(
-                    MemTable::try_new(def.schema(), vec![vec![]]).map_err(|e| e.to_string())?,
-                ),
-                Some(_) => {
-                    let rows = QueryEngine::new(self.lake.clone())
-                        .query(&format!("SELECT * FROM {}", def.table))
-                        .await
-                        .map_err(|e| format!("reading {}: {e}", def.table))?;
-                    let schema = def.schema();
-                    let batches = rows
-                        .batches
-                        .iter()
-                        .map(|b| conform(b, &schema, &def.table))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Arc::new(MemTable::try_new(schema, vec![batches]).map_err(|e| e.to_string())?)
-                }
-            };
+            let provider = load_reference(&self.lake, def, version.is_some()).await?;
             tracing::info!(table = %def.table, ?version, "reference table loaded");
             self.references
                 .insert(def.table.clone(), (version, provider));
@@ -303,6 +286,29 @@ impl PipelineStage {
         }
         Ok(Ok(out))
     }
+}
+
+/// A reference table as an in-memory table of its declared columns ([`conform`]); empty when it
+/// does not `exist` yet.
+pub async fn load_reference(
+    lake: &Lake,
+    def: &ReferenceDef,
+    exists: bool,
+) -> Result<Arc<dyn TableProvider>, String> {
+    let schema = def.schema();
+    let mut batches = Vec::new();
+    if exists {
+        let rows = QueryEngine::new(lake.clone())
+            .query(&format!("SELECT * FROM {}", def.table))
+            .await
+            .map_err(|e| format!("reading {}: {e}", def.table))?;
+        for b in &rows.batches {
+            batches.push(conform(b, &schema, &def.table)?);
+        }
+    }
+    Ok(Arc::new(
+        MemTable::try_new(schema, vec![batches]).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Rows of a reference table as its `CREATE REFERENCE TABLE` declares them: the declared columns,

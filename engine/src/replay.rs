@@ -7,6 +7,10 @@
 //! readers see the old rows or the new, never half a replay. Rows that would be quarantined now
 //! are counted, not written (the raw zone's quarantine is append-only). A `FAIL` expectation
 //! aborts the replay with nothing written.
+//!
+//! Then each window table over the replayed tables is derived again from all of its input's
+//! rows, with its current definition, and replaced in one commit. Replay with the engine
+//! stopped: a running engine keeps the open windows it had.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -16,14 +20,15 @@ use arrow::array::{Array, RecordBatch};
 use arrow::compute::cast;
 use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::catalog::TableProvider;
-use datafusion::datasource::MemTable;
 use fleetlake_sql::QueryEngine;
-use fleetlake_sql::pipeline::{PipelineRunner, check_files, pipeline_files};
+use fleetlake_sql::pipeline::{CheckedWindow, PipelineRunner, check_files, pipeline_files};
+use fleetlake_sql::window::WindowOperator;
 use fleetlake_zones::{Lake, TableId};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::pipelines::raw_rows;
+use crate::derived::{derive_window, window_kind};
+use crate::pipelines::{load_reference, raw_rows};
 
 /// Messages read from the raw zone per step.
 const CHUNK: i64 = 20_000;
@@ -39,6 +44,8 @@ pub struct ReplayReport {
     pub tables: BTreeMap<String, u64>,
     /// Rows the pipeline quarantines now (not written again).
     pub quarantined: u64,
+    /// Rows written per window table over the pipeline's tables (derived again).
+    pub windows: BTreeMap<String, u64>,
 }
 
 /// `2025-11-23` or an RFC 3339 time.
@@ -135,30 +142,22 @@ pub async fn run(
             .map(|t| (t.def.table.to_string(), 0))
             .collect(),
         quarantined: 0,
+        windows: BTreeMap::new(),
     };
     let (Some(lo), Some(hi)) = (lo, hi) else {
         return Ok(report);
     };
     report.sequences = Some((lo, hi));
 
-    // Reference tables as they are now.
+    // Reference tables as they are now (as the running engine reads them: as declared).
     let mut references: Vec<(TableId, Arc<dyn TableProvider>)> = Vec::new();
     for r in runner.references() {
-        let provider: Arc<dyn TableProvider> = if lake
+        let exists = lake
             .describe(&r.table)
             .await
             .map_err(|e| e.to_string())?
-            .is_some()
-        {
-            let rows = query
-                .query(&format!("SELECT * FROM {}", r.table))
-                .await
-                .map_err(|e| e.to_string())?;
-            Arc::new(MemTable::try_new(rows.schema, vec![rows.batches]).map_err(|e| e.to_string())?)
-        } else {
-            Arc::new(MemTable::try_new(r.schema(), vec![vec![]]).map_err(|e| e.to_string())?)
-        };
-        references.push((r.table.clone(), provider));
+            .is_some();
+        references.push((r.table.clone(), load_reference(&lake, r, exists).await?));
     }
 
     // Replays of readings received before the range are dropped as they were the first time: the
@@ -196,16 +195,11 @@ pub async fn run(
         }
         if progress {
             let done = (end - lo + 1) as f64 / (hi - lo + 1) as f64;
-            let width = 30;
-            let filled = (done * width as f64).round() as usize;
-            eprint!(
-                "\r  [{}{}] {:>3.0}%  sequences {lo}..={end} of {hi}, {} messages of {pipeline}",
-                "#".repeat(filled),
-                " ".repeat(width - filled),
-                done * 100.0,
+            let what = format!(
+                "sequences {lo}..={end} of {hi}, {} messages of {pipeline}",
                 report.messages
             );
-            let _ = std::io::stderr().flush();
+            bar(done, &what);
         }
         start = end + 1;
     }
@@ -218,5 +212,75 @@ pub async fn run(
             .await
             .map_err(|e| e.to_string())?;
     }
+    // The window tables over the replayed tables, derived again from them.
+    let windows = reports
+        .iter()
+        .flat_map(|r| &r.windows)
+        .filter(|w| runner.tables.iter().any(|t| t.def.table == w.input));
+    for w in windows {
+        if let Some(rows) = rederive(config, &lake, w, &references, progress).await? {
+            report.windows.insert(w.def.table.to_string(), rows);
+        }
+    }
     Ok(report)
+}
+
+/// Derives a window table again from all of its input's rows up to what the table holds, with
+/// its current definition: the table's rows are replaced in one commit and its open windows'
+/// snapshot with the state derived. `None` when the engine has not written the table yet (it is
+/// backfilled when the engine starts).
+async fn rederive(
+    config: &Config,
+    lake: &Lake,
+    w: &CheckedWindow,
+    references: &[(TableId, Arc<dyn TableProvider>)],
+    progress: bool,
+) -> Result<Option<u64>, String> {
+    let app_id = config.consumer();
+    let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
+        .await
+        .map_err(|e| format!("planning {}: {e}", w.def.table))?;
+    let mut writer = lake
+        .writer(w.def.table.clone(), op.schema.clone(), Vec::new(), app_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(upto) = writer.committed() else {
+        return Ok(None);
+    };
+    let table = w.def.table.to_string();
+    let closed = derive_window(lake, &mut op, upto, references, |done, rows| {
+        if progress {
+            bar(
+                done as f64 / upto.max(1) as f64,
+                &format!("{rows} rows of {} into {table}", w.input),
+            );
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    if progress {
+        eprintln!();
+    }
+    writer
+        .replace_all(&closed, upto)
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = op.encode().map_err(|e| e.to_string())?;
+    writer
+        .store_snapshot(&window_kind(app_id), upto, state)
+        .await;
+    Ok(Some(closed.num_rows() as u64))
+}
+
+/// A progress bar on stderr, redrawn in place.
+fn bar(done: f64, what: &str) {
+    let width = 30;
+    let filled = ((done * width as f64).round() as usize).min(width);
+    eprint!(
+        "\r  [{}{}] {:>3.0}%  {what}",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        done * 100.0,
+    );
+    let _ = std::io::stderr().flush();
 }

@@ -159,6 +159,7 @@ impl RuleRunner {
     }
 
     fn apply(&mut self, out: &RecordBatch) -> Result<Vec<Transition>> {
+        let out = &crate::window::in_stream_order(out, RULE_SEQ)?;
         let column = |name: &str| {
             out.column_by_name(name)
                 .ok_or_else(|| internal(format!("rule {} returns no {name}", self.def.name)))

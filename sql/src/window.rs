@@ -382,6 +382,7 @@ impl WindowOperator {
         rows: &RecordBatch,
         references: &[(TableId, Arc<dyn TableProvider>)],
     ) -> Result<WindowOutput> {
+        let rows = &in_stream_order(rows, PROGRESS_COLUMN)?;
         let seqs = rows
             .column_by_name(PROGRESS_COLUMN)
             .ok_or_else(|| internal(format!("{} rows lack {PROGRESS_COLUMN}", self.input)))?
@@ -732,5 +733,50 @@ impl WindowOperator {
         self.compacted_rows = state.iter().map(|b| b.num_rows()).sum();
         self.state = state;
         Ok(())
+    }
+}
+
+/// `rows` in stream order: stably sorted by the integer column `column`. A query with a join may
+/// return rows in another order than it got them, and windows and rules decide lateness, order
+/// and what was seen already row by row in stream order.
+pub(crate) fn in_stream_order(rows: &RecordBatch, column: &str) -> Result<RecordBatch> {
+    let seqs = rows
+        .column_by_name(column)
+        .ok_or_else(|| internal(format!("rows lack {column}")))?
+        .as_primitive::<Int64Type>();
+    let values = seqs.values();
+    if values.windows(2).all(|w| w[0] <= w[1]) {
+        return Ok(rows.clone());
+    }
+    let mut order: Vec<u32> = (0..rows.num_rows() as u32).collect();
+    order.sort_by_key(|i| values[*i as usize]);
+    take_record_batch(rows, &UInt32Array::from(order)).map_err(internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_put_in_stream_order_stably() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("stream_seq", DataType::Int64, false),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let batch = |seqs: Vec<i64>, ns: Vec<i64>| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(seqs)),
+                    Arc::new(Int64Array::from(ns)),
+                ],
+            )
+            .unwrap()
+        };
+        // As a hash join may return them: the two rows of message 2 keep their order.
+        let shuffled = batch(vec![3, 2, 1, 2], vec![30, 20, 10, 21]);
+        let sorted = in_stream_order(&shuffled, "stream_seq").unwrap();
+        assert_eq!(sorted, batch(vec![1, 2, 2, 3], vec![10, 20, 21, 30]));
+        assert_eq!(in_stream_order(&sorted, "stream_seq").unwrap(), sorted);
     }
 }

@@ -413,6 +413,15 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     for f in ["cold_chain.sql", "reference.sql"] {
         std::fs::copy(shipped_pipelines().join(f), pipelines.join(f)).unwrap();
     }
+    // A window table over the pipeline's table: replay derives it again.
+    std::fs::write(
+        pipelines.join("minutes.sql"),
+        "CREATE WINDOW TABLE final.cc_minute
+         WITH (window = 'tumbling', size = '1m', watermark = '0', allowed_lateness = '0s')
+         AS SELECT window_start, window_end, device_id, count(*) AS readings, max(temperature_c) AS temp_max
+         FROM usable.cold_chain GROUP BY window_start, window_end, device_id;",
+    )
+    .unwrap();
     let config = config(&nats, &dir.path().join("lake"), &pipelines);
     let engine = Engine::start(config.clone(), Vec::new(), true)
         .await
@@ -465,6 +474,8 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     };
     let all = "SELECT * EXCLUDE (event_date) FROM usable.cold_chain ORDER BY stream_seq";
     let before = snapshot(all).await;
+    let minutes = "SELECT * FROM final.cc_minute ORDER BY window_start, device_id";
+    let minutes_before = snapshot(minutes).await;
     let id = fleetlake_zones::TableId::parse("usable.cold_chain").unwrap();
     let version_before = lake.describe(&id).await.unwrap().unwrap().version;
 
@@ -476,10 +487,24 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     assert_eq!(replayed.tables["usable.cold_chain"], report.distinct);
     assert_eq!(replayed.quarantined, report.malformed);
     assert_eq!(snapshot(all).await, before);
+    assert_eq!(snapshot(minutes).await, minutes_before);
     assert_eq!(
         lake.describe(&id).await.unwrap().unwrap().version,
         version_before + 1
     );
+
+    let scalar = |sql: &'static str| {
+        let query = query.clone();
+        async move {
+            let r = query.query(sql).await.unwrap();
+            let c =
+                arrow::compute::cast(r.batches[0].column(0), &arrow::datatypes::DataType::Int64)
+                    .unwrap();
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).value(0)
+        }
+    };
+    let unrounded = "SELECT count(*) FROM final.cc_minute WHERE temp_max <> round(temp_max, 1)";
+    assert!(scalar(unrounded).await > 0, "{minutes_before}");
 
     // A new rule: temperatures are rounded to one decimal, and a Fahrenheit column appears.
     let text = std::fs::read_to_string(pipelines.join("cold_chain.sql")).unwrap();
@@ -497,16 +522,7 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
             .await
             .unwrap();
     assert_eq!(replayed.tables["usable.cold_chain"], report.distinct);
-    let scalar = |sql: &'static str| {
-        let query = query.clone();
-        async move {
-            let r = query.query(sql).await.unwrap();
-            let c =
-                arrow::compute::cast(r.batches[0].column(0), &arrow::datatypes::DataType::Int64)
-                    .unwrap();
-            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c).value(0)
-        }
-    };
+    let window_rows = replayed.windows["final.cc_minute"];
     assert_eq!(
         scalar("SELECT count(*) FROM usable.cold_chain").await,
         report.distinct as i64
@@ -522,6 +538,13 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
         .await,
         0
     );
+    // The window table was derived again from the changed rows: as many windows, rounded maxima.
+    assert!(window_rows > 0);
+    assert_eq!(
+        scalar("SELECT count(*) FROM final.cc_minute").await,
+        window_rows as i64
+    );
+    assert_eq!(scalar(unrounded).await, 0);
     let unknown = fleetlake::replay::run(&config, lake, "cold_chian", None, None, false)
         .await
         .unwrap_err();

@@ -461,6 +461,38 @@ impl TableWriter {
         }
     }
 
+    /// Replaces the whole table (rows and schema) with `batch` in one commit that records
+    /// `version` as the writer's progress: for re-deriving a table from its input. Readers see the
+    /// old rows or the new, never a mix.
+    pub async fn replace_all(&mut self, batch: &RecordBatch, version: i64) -> Result<()> {
+        if self.stale {
+            self.refresh().await?;
+        }
+        let properties = CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.app_id, version))
+            .with_max_retries(COMMIT_RETRIES);
+        let result = self
+            .table
+            .clone()
+            .write(vec![batch.clone()])
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+            .with_partition_columns(self.partitions.clone())
+            .with_commit_properties(properties)
+            .await;
+        match result {
+            Ok(table) => {
+                self.table = table;
+                self.committed = Some(version);
+                Ok(())
+            }
+            Err(source) => {
+                self.stale = true;
+                Err(self.delta("replacing", source))
+            }
+        }
+    }
+
     /// The lake this writer belongs to.
     pub fn lake(&self) -> &Lake {
         &self.lake
