@@ -108,7 +108,8 @@ fn expected_minutes() -> Vec<(String, i64, i64, f64)> {
     out
 }
 
-async fn alerts(js: &jetstream::Context) -> Vec<(String, String, String, Value)> {
+/// Every alert on the ALERTS stream, in order: (subject, state, event time, message).
+pub(crate) async fn alerts(js: &jetstream::Context) -> Vec<(String, String, String, Value)> {
     let Ok(stream) = js.get_stream("ALERTS").await else {
         return Vec::new();
     };
@@ -132,7 +133,8 @@ async fn alerts(js: &jetstream::Context) -> Vec<(String, String, String, Value)>
     out
 }
 
-fn env(nats: &Nats, lake: &Path, pipelines: &Path) -> Vec<(String, String)> {
+/// The engine's environment: this NATS, lake and pipelines folder, commits every 300 ms.
+pub(crate) fn env(nats: &Nats, lake: &Path, pipelines: &Path) -> Vec<(String, String)> {
     [
         ("FLEETLAKE_NATS_URL", nats.url().to_string()),
         ("FLEETLAKE_LAKE_LOCATION", lake.display().to_string()),
@@ -144,7 +146,8 @@ fn env(nats: &Nats, lake: &Path, pipelines: &Path) -> Vec<(String, String)> {
     .collect()
 }
 
-async fn publish(js: &jetstream::Context, readings: &[(String, i64, Value)]) {
+/// Publishes readings on `telemetry.coldchain.<device>`, each stored before the next.
+pub(crate) async fn publish(js: &jetstream::Context, readings: &[(String, i64, Value)]) {
     for (device, _, payload) in readings {
         js.publish(
             format!("telemetry.coldchain.{device}"),
@@ -307,27 +310,15 @@ AS SELECT t.device_id, t.ts, t.temperature_c, l.max_c, t.temperature_c > l.max_c
 FROM usable.trailers t JOIN reference.limits l ON t.device_id = l.device_id;
 ";
 
-/// (device, window start minute, max_c, readings) in final.limit_minute.
-async fn limit_minutes(api: &fleetlake_tests::Api) -> Vec<(String, i64, f64, i64)> {
+/// (device, window start minute, max_c, readings) in final.limit_minute, in order.
+async fn limit_minutes(api: &fleetlake_tests::Api) -> Value {
     let (_, rows) = api
         .query(
             "SELECT device_id, CAST(extract(minute FROM window_start) AS BIGINT), max_c, readings \
              FROM final.limit_minute ORDER BY window_start, device_id",
         )
         .await;
-    rows["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r[0].as_str().unwrap().to_string(),
-                r[1].as_i64().unwrap(),
-                r[2].as_f64().unwrap(),
-                r[3].as_i64().unwrap(),
-            )
-        })
-        .collect()
+    rows["rows"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,10 +369,7 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
     );
     assert_eq!(
         limit_minutes(&engine.api).await,
-        [
-            ("t-a".to_string(), 0, 5.0, 1),
-            ("t-b".to_string(), 0, 50.0, 1)
-        ]
+        json!([["t-a", 0, 5.0, 1], ["t-b", 0, 50.0, 1]])
     );
 
     // Killed and restarted: the open minute is rebuilt from usable rows joined with the
@@ -391,11 +379,10 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
     publish(&js, &[reading("t-a", 3, 140)]).await;
     engine.api.wait_acked(1).await;
     assert_eq!(
-        limit_minutes(&engine.api).await[2..],
-        [
-            ("t-a".to_string(), 1, 5.0, 1),
-            ("t-b".to_string(), 1, 50.0, 1)
-        ]
+        limit_minutes(&engine.api).await.as_array().unwrap()[2..],
+        json!([["t-a", 1, 5.0, 1], ["t-b", 1, 50.0, 1]])
+            .as_array()
+            .unwrap()[..]
     );
     assert_eq!(
         alerts(&js).await.len(),
@@ -406,7 +393,7 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
 }
 
 /// Waits until the engine has created the telemetry stream (ingest does, after HTTP is up).
-async fn stream_ready(js: &jetstream::Context) {
+pub(crate) async fn stream_ready(js: &jetstream::Context) {
     wait_for("the stream", Duration::from_secs(30), || {
         let js = js.clone();
         async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }

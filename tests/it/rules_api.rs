@@ -3,12 +3,11 @@
 //! fires by its new condition only, a deleted rule falls silent; every change is a file under
 //! `pipelines.dir` and a row of `final.rule_audit`, and survives a restart.
 
-use std::path::Path;
 use std::time::Duration;
 
+use crate::alerts::env;
 use async_nats::jetstream;
 use fleetlake_tests::{Api, EngineProcess, Nats, wait_for};
-use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -36,53 +35,37 @@ fn rule(threshold: i64) -> String {
     )
 }
 
-fn env(nats: &Nats, lake: &Path, pipelines: &Path) -> Vec<(String, String)> {
-    [
-        ("FLEETLAKE_NATS_URL", nats.url().to_string()),
-        ("FLEETLAKE_LAKE_LOCATION", lake.display().to_string()),
-        ("FLEETLAKE_PIPELINES_DIR", pipelines.display().to_string()),
-        ("FLEETLAKE_INGEST_COMMIT_INTERVAL_MS", "200".to_string()),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.clone()))
-    .collect()
-}
-
 /// The subjects of the alerts on the ALERTS stream, in order.
 async fn alert_subjects(js: &jetstream::Context) -> Vec<String> {
-    let Ok(stream) = js.get_stream("ALERTS").await else {
-        return Vec::new();
-    };
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+    crate::alerts::alerts(js)
         .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut out = Vec::new();
-    while let Ok(Some(Ok(m))) =
-        tokio::time::timeout(Duration::from_millis(300), messages.next()).await
-    {
-        out.push(m.subject.to_string());
-    }
-    out
+        .into_iter()
+        .map(|a| a.0)
+        .collect()
+}
+
+/// Waits until `subject` has an alert on the ALERTS stream.
+async fn wait_alert(js: &jetstream::Context, subject: &str) {
+    wait_for(subject, Duration::from_secs(30), || async {
+        alert_subjects(js)
+            .await
+            .iter()
+            .any(|s| s == subject)
+            .then_some(())
+    })
+    .await
 }
 
 /// Publishes one reading per device, at increasing times.
 async fn publish(js: &jetstream::Context, readings: &[(&str, f64)], seq: &mut i64) {
+    let mut out = Vec::new();
     for (device, t) in readings {
         *seq += 1;
-        let payload = json!({
-            "device_id": device, "seq": *seq, "ts": format!("2026-01-01T00:00:{:02}Z", *seq), "temp_c": t,
-        });
-        js.publish(
-            format!("telemetry.coldchain.{device}"),
-            payload.to_string().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        let ts = format!("2026-01-01T00:00:{:02}Z", *seq);
+        let payload = json!({"device_id": device, "seq": *seq, "ts": ts, "temp_c": t});
+        out.push((device.to_string(), *seq, payload));
     }
+    crate::alerts::publish(js, &out).await;
 }
 
 async fn put(api: &Api, name: &str, author: Option<&str>, sql: &str) -> (u16, Value) {
@@ -102,11 +85,7 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     let engine = EngineProcess::start(&env, &log).await;
     let api = engine.api.clone();
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    wait_for("the stream", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }
-    })
-    .await;
+    crate::alerts::stream_ready(&js).await;
     let mut seq = 0;
     let file = pipelines.join("rules/hot.sql");
 
@@ -147,16 +126,7 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     let v1 = created["version"].as_str().unwrap().to_string();
     assert_eq!(std::fs::read_to_string(&file).unwrap(), rule(8));
     publish(&js, &[("t1", 10.0)], &mut seq).await;
-    wait_for("the alert of t1", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move {
-            alert_subjects(&js)
-                .await
-                .contains(&"alerts.hot.t1".to_string())
-                .then_some(())
-        }
-    })
-    .await;
+    wait_alert(&js, "alerts.hot.t1").await;
     let (status, same) = put(&api, "hot", Some("alice"), &rule(8)).await;
     assert_eq!((status, &same["changed"]), (200, &json!(false)), "{same}");
 
@@ -168,16 +138,7 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     let v2 = changed["version"].as_str().unwrap().to_string();
     assert_ne!(v1, v2);
     publish(&js, &[("t2", 15.0), ("t3", 25.0)], &mut seq).await;
-    wait_for("the alert of t3", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move {
-            alert_subjects(&js)
-                .await
-                .contains(&"alerts.hot.t3".to_string())
-                .then_some(())
-        }
-    })
-    .await;
+    wait_alert(&js, "alerts.hot.t3").await;
 
     // Deleted: silent from then on.
     let (status, deleted) = api
@@ -255,15 +216,6 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
         .await;
     assert_eq!(status, 409, "{body}");
     publish(&js, &[("t5", 60.0)], &mut seq).await;
-    wait_for("the alert of t5", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move {
-            alert_subjects(&js)
-                .await
-                .contains(&"alerts.hot.t5".to_string())
-                .then_some(())
-        }
-    })
-    .await;
+    wait_alert(&js, "alerts.hot.t5").await;
     engine.terminate().await;
 }

@@ -434,51 +434,34 @@ impl TableWriter {
             None => batch.clone(),
         };
         let rows = batch.num_rows();
-        let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new(&self.app_id, version))
-            .with_max_retries(COMMIT_RETRIES);
+        // A pipeline that starts returning a new column adds it (nullable) to its table.
+        self.write(batch, false, version, "committing to").await?;
+        let version = self.table.version().unwrap_or_default();
+        Ok(CommitOutcome::Committed { version, rows })
+    }
+
+    /// One commit of `batch` that records `version` as this writer's progress: appended (new
+    /// columns merged in), or replacing the table's rows and schema.
+    async fn write(
+        &mut self,
+        batch: RecordBatch,
+        overwrite: bool,
+        version: i64,
+        action: &'static str,
+    ) -> Result<()> {
+        use deltalake::operations::write::SchemaMode;
+        let (save, schema) = match overwrite {
+            true => (SaveMode::Overwrite, SchemaMode::Overwrite),
+            false => (SaveMode::Append, SchemaMode::Merge),
+        };
         let result = self
             .table
             .clone()
             .write(vec![batch])
-            .with_save_mode(SaveMode::Append)
-            // A pipeline that starts returning a new column adds it (nullable) to its table.
-            .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
+            .with_save_mode(save)
+            .with_schema_mode(schema)
             .with_partition_columns(self.partitions.clone())
-            .with_commit_properties(properties)
-            .await;
-        match result {
-            Ok(table) => {
-                self.table = table;
-                self.committed = Some(version);
-                let version = self.table.version().unwrap_or_default();
-                Ok(CommitOutcome::Committed { version, rows })
-            }
-            Err(source) => {
-                self.stale = true;
-                Err(self.delta("committing to", source))
-            }
-        }
-    }
-
-    /// Replaces the whole table (rows and schema) with `batch` in one commit that records
-    /// `version` as the writer's progress: for re-deriving a table from its input. Readers see the
-    /// old rows or the new, never a mix.
-    pub async fn replace_all(&mut self, batch: &RecordBatch, version: i64) -> Result<()> {
-        if self.stale {
-            self.refresh().await?;
-        }
-        let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new(&self.app_id, version))
-            .with_max_retries(COMMIT_RETRIES);
-        let result = self
-            .table
-            .clone()
-            .write(vec![batch.clone()])
-            .with_save_mode(SaveMode::Overwrite)
-            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
-            .with_partition_columns(self.partitions.clone())
-            .with_commit_properties(properties)
+            .with_commit_properties(self.progress(version))
             .await;
         match result {
             Ok(table) => {
@@ -488,9 +471,26 @@ impl TableWriter {
             }
             Err(source) => {
                 self.stale = true;
-                Err(self.delta("replacing", source))
+                Err(self.delta(action, source))
             }
         }
+    }
+
+    /// Commit properties that record `version` as this writer's progress (Delta `txn`).
+    fn progress(&self, version: i64) -> CommitProperties {
+        CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.app_id, version))
+            .with_max_retries(COMMIT_RETRIES)
+    }
+
+    /// Replaces the whole table (rows and schema) with `batch` in one commit that records
+    /// `version` as the writer's progress: for re-deriving a table from its input. Readers see the
+    /// old rows or the new, never a mix.
+    pub async fn replace_all(&mut self, batch: &RecordBatch, version: i64) -> Result<()> {
+        if self.stale {
+            self.refresh().await?;
+        }
+        self.write(batch.clone(), true, version, "replacing").await
     }
 
     /// The lake this writer belongs to.
