@@ -67,6 +67,13 @@ pub async fn run(
     eprintln!(
         "  cargo run -q -- query \"SELECT fw, hw, count(*) FROM usable.telemetry GROUP BY fw, hw ORDER BY 1, 2\""
     );
+    eprintln!(
+        "  curl -s http://{addr}/v1/query -d '{{\"sql\": \"SELECT window_start, device_id, readings, temperature_max FROM final.device_minute ORDER BY window_start DESC LIMIT 5\"}}'"
+    );
+    eprintln!(
+        "  curl -s http://{addr}/v1/query -d '{{\"sql\": \"SELECT rule, key, state, event_time FROM final.alerts ORDER BY event_time DESC LIMIT 5\"}}'"
+    );
+    eprintln!("  curl -s http://{addr}/v1/rules");
     eprintln!("  curl -s http://{addr}/metrics | grep ^fleetlake_");
     eprintln!("Press Ctrl-C to stop.");
     eprintln!();
@@ -97,10 +104,12 @@ pub async fn run(
             _ = ticker.tick() => {
                 let raw = metrics.rows_committed("raw.telemetry");
                 eprintln!(
-                    "  pulled {:>9}  raw {:>9}  usable {:>9}  quarantined {:>6}  lag {:>7}  storage {}",
+                    "  pulled {:>9}  raw {:>9}  usable {:>9}  final {:>7}  alerts {:>5}  quarantined {:>6}  lag {:>7}  storage {}",
                     metrics.messages_pulled.load(Ordering::Relaxed),
                     raw,
                     metrics.rows_committed_in_zone("usable"),
+                    metrics.rows_committed_in_zone("final"),
+                    metrics.alerts_published.load(Ordering::Relaxed),
                     metrics.quarantined.load(Ordering::Relaxed),
                     metrics.consumer_lag.load(Ordering::Relaxed),
                     if metrics.storage_up.load(Ordering::Relaxed) == 1 { "up" } else { "DOWN" },
