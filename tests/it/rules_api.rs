@@ -1,7 +1,8 @@
 //! Rules changed at runtime over `/v1/rules`, on a real NATS server and the real binary: a bad
 //! rule is refused with where and why, a created rule fires on the next readings, a changed rule
 //! fires by its new condition only, a deleted rule falls silent; every change is a file under
-//! `pipelines.dir` and a row of `final.rule_audit`, and survives a restart.
+//! `pipelines.dir` and a row of `final.rule_audit`, and survives a restart. A rule created at
+//! runtime keeps its state (a firing key) across SIGKILL.
 
 use std::time::Duration;
 
@@ -217,5 +218,55 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     assert_eq!(status, 409, "{body}");
     publish(&js, &[("t5", 60.0)], &mut seq).await;
     wait_alert(&js, "alerts.hot.t5").await;
+    engine.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_created_at_runtime_keeps_its_state_across_sigkill() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(&pipelines).unwrap();
+    std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();
+    let env = env(&nats, &dir.path().join("lake"), &pipelines);
+    let log = dir.path().join("engine.log");
+    let engine = EngineProcess::start(&env, &log).await;
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    crate::alerts::stream_ready(&js).await;
+    let mut seq = 0;
+    let (status, body) = put(&engine.api, "hot", Some("alice"), &rule(8)).await;
+    assert_eq!((status, &body["applied"]), (201, &json!(true)), "{body}");
+    publish(&js, &[("t1", 10.0)], &mut seq).await;
+    wait_alert(&js, "alerts.hot.t1").await;
+    // Killed right after the alert: the batch may not be committed yet.
+    engine.kill().await;
+    let engine = EngineProcess::start(&env, &log).await;
+    // t1 is still firing after the restart, so cooling down resolves it; t2 fires.
+    publish(&js, &[("t1", 4.0), ("t2", 12.0)], &mut seq).await;
+    // All three transitions committed (so everything they came from was processed).
+    engine
+        .api
+        .wait_scalar(
+            "SELECT count(*) FROM final.alerts",
+            3,
+            Duration::from_secs(60),
+        )
+        .await;
+    let got: Vec<(String, String)> = crate::alerts::alerts(&js)
+        .await
+        .into_iter()
+        .map(|a| (a.0, a.1))
+        .collect();
+    let expected = [
+        ("alerts.hot.t1", "firing"),
+        ("alerts.hot.t1", "resolved"),
+        ("alerts.hot.t2", "firing"),
+    ]
+    .map(|(s, st)| (s.to_string(), st.to_string()));
+    assert_eq!(got, expected);
+    assert_eq!(
+        engine.api.scalar("SELECT count(*) FROM final.alerts").await,
+        3
+    );
     engine.terminate().await;
 }
