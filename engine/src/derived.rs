@@ -379,6 +379,14 @@ impl DerivedStage {
         Ok((snapshot, writer))
     }
 
+    /// Each rule's name and how many of its keys are firing.
+    pub fn firing(&self) -> Vec<(String, usize)> {
+        self.rules
+            .iter()
+            .map(|r| (r.def.name.clone(), r.firing()))
+            .collect()
+    }
+
     /// Removes a rule; false if there is none of that name. final.alerts stays open.
     pub fn remove_rule(&mut self, name: &str) -> bool {
         let before = self.rules.len();

@@ -263,10 +263,23 @@ fn author(headers: &HeaderMap) -> Result<String, Refused> {
 }
 
 async fn list_rules(State(state): State<AppState>) -> Response {
-    match rules_of(&state) {
-        Ok(rules) => axum::Json(rules.list().await).into_response(),
-        Err(r) => refused(r),
+    let rules = match rules_of(&state) {
+        Ok(rules) => rules,
+        Err(r) => return refused(r),
+    };
+    let mut list = rules.list().await;
+    for rule in list["rules"].as_array_mut().into_iter().flatten() {
+        with_counters(&state, rule);
     }
+    axum::Json(list).into_response()
+}
+
+/// Adds what the rule did since the start (`/metrics`' per-rule counters) to its description.
+fn with_counters(state: &AppState, rule: &mut serde_json::Value) {
+    let name = rule["name"].as_str().unwrap_or_default().to_string();
+    let c = state.metrics.rules().remove(&name).unwrap_or_default();
+    rule["firing_keys"] = json!(c.firing_keys);
+    rule["alerts_since_start"] = json!({"firing": c.fired, "resolved": c.resolved});
 }
 
 async fn get_rule(State(state): State<AppState>, Path(name): Path<String>) -> Response {
@@ -275,7 +288,10 @@ async fn get_rule(State(state): State<AppState>, Path(name): Path<String>) -> Re
         Err(r) => return refused(r),
     };
     match rules.get(&name).await {
-        Ok(body) => axum::Json(body).into_response(),
+        Ok(mut body) => {
+            with_counters(&state, &mut body);
+            axum::Json(body).into_response()
+        }
         Err(r) => refused(r),
     }
 }

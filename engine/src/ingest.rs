@@ -140,6 +140,7 @@ pub async fn run(
         }
     };
     metrics.storage_up.store(1, Ordering::Relaxed);
+    metrics.record_rules(&[], &stages.derived.firing());
     stages.changes = Some(changes);
     let mut ingest = Ingest {
         config,
@@ -462,6 +463,7 @@ impl Ingest {
                 committer.store(vec![snapshot]).await;
             }
         }
+        self.metrics.record_rules(&[], &stages.derived.firing());
         Ok(())
     }
 
@@ -595,6 +597,8 @@ impl Ingest {
             self.metrics
                 .alerts_published
                 .fetch_add(derived.transitions.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .record_rules(&derived.transitions, &stages.derived.firing());
             buffer.windows.push(derived.windows);
             buffer.transitions.extend(derived.transitions);
         }

@@ -96,6 +96,16 @@ pub struct ExpectationCounter {
     pub violations: u64,
 }
 
+/// What one rule did since the start, and how many keys fire now.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RuleCounters {
+    /// Keys whose alert is firing now.
+    pub firing_keys: u64,
+    /// Transitions published, by state.
+    pub fired: u64,
+    pub resolved: u64,
+}
+
 /// Everything `/metrics` reports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -126,6 +136,7 @@ pub struct Metrics {
     /// 1 once a permanent error (one retrying cannot fix) stopped ingest.
     pub ingest_stopped: AtomicI64,
     pipelines: Mutex<std::collections::BTreeMap<String, PipelineCounters>>,
+    rules: Mutex<std::collections::BTreeMap<String, RuleCounters>>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
     last_errors: Mutex<Vec<(&'static str, String, chrono::DateTime<chrono::Utc>)>>,
 }
@@ -152,6 +163,7 @@ impl Default for Metrics {
             pipeline_failed: AtomicI64::new(0),
             ingest_stopped: AtomicI64::new(0),
             pipelines: Mutex::new(std::collections::BTreeMap::new()),
+            rules: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 }
@@ -212,6 +224,34 @@ impl Metrics {
                 });
             e.violations += c.violations;
         }
+    }
+
+    /// Counts published transitions per rule and state, and sets the keys firing now of the
+    /// rules that run (`firing`: rule → keys); rules that no longer run fire nothing.
+    pub fn record_rules(
+        &self,
+        transitions: &[fleetlake_sql::rules::Transition],
+        firing: &[(String, usize)],
+    ) {
+        let mut rules = self.rules.lock().expect("metrics lock");
+        for r in rules.values_mut() {
+            r.firing_keys = 0;
+        }
+        for (rule, keys) in firing {
+            rules.entry(rule.clone()).or_default().firing_keys = *keys as u64;
+        }
+        for t in transitions {
+            let r = rules.entry(t.rule.clone()).or_default();
+            match t.state.as_str() {
+                fleetlake_sql::rules::FIRING => r.fired += 1,
+                _ => r.resolved += 1,
+            }
+        }
+    }
+
+    /// Counters of every rule that has run.
+    pub fn rules(&self) -> std::collections::BTreeMap<String, RuleCounters> {
+        self.rules.lock().expect("metrics lock").clone()
     }
 
     /// Counters of every pipeline that has run.
@@ -330,6 +370,30 @@ impl Metrics {
         );
         self.batch_latency
             .render(&mut out, "fleetlake_batch_seconds", "");
+        let rules = self.rules();
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_rule_alerts_total Alert transitions each rule published, by state.\n# TYPE fleetlake_rule_alerts_total counter"
+        );
+        for (name, r) in &rules {
+            for (state, v) in [("firing", r.fired), ("resolved", r.resolved)] {
+                let _ = writeln!(
+                    out,
+                    "fleetlake_rule_alerts_total{{rule=\"{name}\",state=\"{state}\"}} {v}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_rule_keys_firing Keys whose alert is firing now, per rule.\n# TYPE fleetlake_rule_keys_firing gauge"
+        );
+        for (name, r) in &rules {
+            let _ = writeln!(
+                out,
+                "fleetlake_rule_keys_firing{{rule=\"{name}\"}} {}",
+                r.firing_keys
+            );
+        }
         let pipelines = self.pipelines();
         let _ = writeln!(
             out,

@@ -128,6 +128,17 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     assert_eq!(std::fs::read_to_string(&file).unwrap(), rule(8));
     publish(&js, &[("t1", 10.0)], &mut seq).await;
     wait_alert(&js, "alerts.hot.t1").await;
+    // What the rule does now: one key firing, one alert since the start.
+    wait_for("hot firing for t1", Duration::from_secs(30), || async {
+        let (_, got) = api.send(Method::GET, "/v1/rules/hot", None, "").await;
+        (got["firing_keys"] == 1 && got["alerts_since_start"]["firing"] == 1).then_some(())
+    })
+    .await;
+    let (_, metrics) = api.get("/metrics").await;
+    assert!(
+        metrics.contains("fleetlake_rule_keys_firing{rule=\"hot\"} 1"),
+        "{metrics}"
+    );
     let (status, same) = put(&api, "hot", Some("alice"), &rule(8)).await;
     assert_eq!((status, &same["changed"]), (200, &json!(false)), "{same}");
 
