@@ -284,14 +284,13 @@ impl DerivedStage {
                 tracing::warn!(table = %w.def.table, error = %e, "ignoring a window snapshot; rebuilding");
             }
             let from = op.position();
-            for batch in committed_rows(lake, &w.input, from, committed).await? {
-                op.process(&batch, references).await.map_err(|e| {
-                    OpenError::Invalid(format!(
-                        "rebuilding {} from the rows of {}: {e}",
-                        w.def.table, w.input
-                    ))
-                })?;
-            }
+            // The windows this closes again are in the table already.
+            derive_window(lake, &mut op, committed, references, |done, rows| {
+                if committed - from > BACKFILL_CHUNK {
+                    tracing::info!(table = %w.def.table, stream_seq = done, of = committed, rows, "rebuilding window state");
+                }
+            })
+            .await?;
             tracing::info!(table = %w.def.table, from, committed, open = op.open_groups(), "window state rebuilt");
             stage.windows.push(op);
             writers.push(writer);

@@ -691,6 +691,7 @@ impl WindowOperator {
         let mut meta = HashMap::new();
         meta.insert("position".to_string(), self.position.to_string());
         meta.insert("late_total".to_string(), self.late_total.to_string());
+        meta.insert("definition".to_string(), definition(&self.def));
         if let Some(m) = self.max_event_time {
             meta.insert("max_event_time".to_string(), m.to_string());
         }
@@ -713,6 +714,13 @@ impl WindowOperator {
             .map_err(internal)?;
         let meta = reader.schema().metadata().clone();
         let number = |k: &str| meta.get(k).and_then(|v| v.parse::<i64>().ok());
+        if let Some(d) = meta.get("definition")
+            && *d != definition(&self.def)
+        {
+            return Err(internal(
+                "the window's definition changed since the snapshot was taken",
+            ));
+        }
         let mut state = Vec::new();
         for b in reader {
             let b = b.map_err(internal)?;
@@ -734,6 +742,16 @@ impl WindowOperator {
         self.state = state;
         Ok(())
     }
+}
+
+/// A hash of what decides a window's state: a snapshot taken under another definition (another
+/// size, watermark or query) is not restored.
+fn definition(def: &WindowDef) -> String {
+    let text = format!(
+        "{:?}|{}|{}|{}|{}",
+        def.kind, def.watermark, def.allowed_lateness, def.event_time, def.query
+    );
+    format!("{:016x}", crate::rules::stable_hash(&[&text]))
 }
 
 /// `rows` in stream order: stably sorted by the integer column `column`. A query with a join may

@@ -220,3 +220,30 @@ async fn window_specs() {
         assert_eq!(whole, all_closed, "{name}: all rows in one batch");
     }
 }
+
+/// A snapshot taken under one definition is not restored under another (here: another size),
+/// even where the state's columns would fit; the engine then rebuilds from the input's rows.
+#[tokio::test]
+async fn a_snapshot_of_another_definition_is_refused() {
+    let statement = |size: &str| Spec {
+        statement: format!(
+            "CREATE WINDOW TABLE final.w WITH (window = 'tumbling', size = '{size}')
+             AS SELECT window_start, window_end, device_id, count(*) AS n
+             FROM usable.readings GROUP BY window_start, window_end, device_id"
+        ),
+        steps: Vec::new(),
+    };
+    let mut minute = operator(&statement("1m")).await;
+    minute
+        .process(&batch(&["1 a 2026-01-01T00:00:05 1.0".to_string()]), &[])
+        .await
+        .unwrap();
+    let bytes = minute.encode().unwrap();
+    operator(&statement("1m")).await.restore(&bytes).unwrap();
+    let err = operator(&statement("5m"))
+        .await
+        .restore(&bytes)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("definition changed"), "{err}");
+}
