@@ -262,14 +262,21 @@ impl Rules {
             sql: Some(sql),
             previous_sql: previous.as_ref().and_then(|p| p.sql.as_deref()),
         };
-        self.record(&mut state, audit).await?;
-        write_atomically(&path, sql).map_err(|e| {
+        // The text is written beside the file first, so the step after the audit row is a
+        // rename: the audit never records a change whose file could not be written.
+        let write_failed = |e: std::io::Error| {
             refused(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "write_failed",
-                format!("writing {}: {e}", path.display()),
+                format!("writing {}: {e}; nothing was changed", path.display()),
             )
-        })?;
+        };
+        let staged = stage(&path, sql).map_err(write_failed)?;
+        if let Err(refusal) = self.record(&mut state, audit).await {
+            let _ = std::fs::remove_file(&staged);
+            return Err(refusal);
+        }
+        std::fs::rename(&staged, &path).map_err(write_failed)?;
         let entry = RuleEntry {
             rule: rule.clone(),
             file: path,
@@ -479,8 +486,9 @@ fn declared_elsewhere(dir: &Path, name: &str, file: &Path) -> Refused {
     )
 }
 
-/// Writes a file so that a reader sees the old or the new text, never a part.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to a hidden file beside `path` (not a `.sql` file, so not loaded) and returns
+/// it: renaming it onto `path` then replaces the file at once, never leaving a part of it.
+fn stage(path: &Path, text: &str) -> std::io::Result<PathBuf> {
     let dir = path.parent().expect("a file in a folder");
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -488,7 +496,7 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
         path.file_name().expect("a file").to_string_lossy()
     ));
     std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    Ok(tmp)
 }
 
 struct AuditRow<'a> {
