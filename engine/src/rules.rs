@@ -425,18 +425,28 @@ impl Rules {
     /// Hands a change to ingest and waits until it is swapped in (or says why it is not yet).
     async fn apply(&self, update: RuleUpdate) -> Result<(), String> {
         let (done, applied) = oneshot::channel();
-        self.changes
-            .send(RuleChange { update, done })
+        let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
+        let waited = APPLY_TIMEOUT.as_secs();
+        match tokio::time::timeout_at(deadline, self.changes.send(RuleChange { update, done }))
             .await
-            .map_err(|_| {
-                "ingest is not running; the change applies at the next start".to_string()
-            })?;
-        match tokio::time::timeout(APPLY_TIMEOUT, applied).await {
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err("ingest is not running; the change applies at the next start".into());
+            }
+            Err(_) => {
+                return Err(format!(
+                    "ingest has not taken earlier changes for {waited} s (NATS or storage down?); \
+                     this one applies at the next start"
+                ));
+            }
+        }
+        match tokio::time::timeout_at(deadline, applied).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("ingest stopped; the change applies at the next start".into()),
             Err(_) => Err(format!(
-                "ingest did not take the change within {} s (it applies once ingest resumes)",
-                APPLY_TIMEOUT.as_secs()
+                "ingest did not take the change within {waited} s (NATS or storage down?); it \
+                 applies when ingest resumes"
             )),
         }
     }
@@ -479,8 +489,9 @@ fn declared_elsewhere(dir: &Path, name: &str, file: &Path) -> Refused {
         StatusCode::CONFLICT,
         "declared_in_file",
         format!(
-            "rule {name} is declared in {} among other statements; change it there and restart, \
-             or move it to rules/{name}.sql to manage it over HTTP",
+            "rule {name} is declared in {}, not in rules/{name}.sql on its own: change it there \
+             and restart, or move it to rules/{name}.sql (one CREATE RULE {name} per file) to \
+             manage it over HTTP",
             shown.display()
         ),
     )
