@@ -111,6 +111,28 @@ pub struct DerivedStage {
     nats_url: String,
 }
 
+/// Publishes each transition and waits until JetStream has stored them all.
+async fn send(js: &jetstream::Context, transitions: &[Transition]) -> Result<(), String> {
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut acks = Vec::new();
+    for t in transitions {
+        let subject = format!("alerts.{}.{}", t.rule, subject_token(&t.key));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, t.alert_id.as_str());
+        let payload = serde_json::to_vec(&alert_json(t, now)).expect("serializable");
+        let ack = js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| format!("publishing an alert: {e}"))?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await
+            .map_err(|e| format!("storing an alert in JetStream: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Stream sequences read from the input table per step of a backfill.
 const BACKFILL_CHUNK: i64 = 200_000;
 
@@ -483,24 +505,12 @@ impl DerivedStage {
             self.js = Some(js);
         }
         let js = self.js.as_ref().expect("connected");
-        let now = chrono::Utc::now().timestamp_micros();
-        let mut acks = Vec::new();
-        for t in transitions {
-            let subject = format!("alerts.{}.{}", t.rule, subject_token(&t.key));
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, t.alert_id.as_str());
-            let payload = serde_json::to_vec(&alert_json(t, now)).expect("serializable");
-            let ack = js
-                .publish_with_headers(subject, headers, payload.into())
-                .await
-                .map_err(|e| format!("publishing an alert: {e}"))?;
-            acks.push(ack);
+        let sent = send(js, transitions).await;
+        if sent.is_err() {
+            // Connect and create the stream again on the retry (it may have been deleted).
+            self.js = None;
         }
-        for ack in acks {
-            ack.await
-                .map_err(|e| format!("storing an alert in JetStream: {e}"))?;
-        }
-        Ok(())
+        sent
     }
 
     /// `final.alerts` rows for transitions.

@@ -281,3 +281,26 @@ async fn a_rule_created_at_runtime_keeps_its_state_across_sigkill() {
     );
     engine.terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_stream_is_created_again_when_deleted_while_running() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(pipelines.join("rules")).unwrap();
+    std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();
+    std::fs::write(pipelines.join("rules/hot.sql"), rule(8)).unwrap();
+    let env = env(&nats, &dir.path().join("lake"), &pipelines);
+    let engine = EngineProcess::start(&env, &dir.path().join("engine.log")).await;
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    crate::alerts::stream_ready(&js).await;
+    let mut seq = 0;
+    publish(&js, &[("t1", 10.0)], &mut seq).await;
+    wait_alert(&js, "alerts.hot.t1").await;
+    // An operator deletes the stream: the next alert re-creates it instead of failing forever.
+    js.delete_stream("ALERTS").await.unwrap();
+    publish(&js, &[("t2", 10.0)], &mut seq).await;
+    wait_alert(&js, "alerts.hot.t2").await;
+    assert_eq!(alert_subjects(&js).await, ["alerts.hot.t2"]);
+    engine.terminate().await;
+}
