@@ -23,6 +23,7 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type, SchemaRef, TimeUnit};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::catalog::TableProvider;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::sql::sqlparser::ast::{Expr, Ident, SelectItem, SetExpr};
 use fleetlake_zones::TableId;
 use serde::{Deserialize, Serialize};
@@ -109,6 +110,12 @@ struct Snapshot {
     keys: BTreeMap<String, KeyState>,
 }
 
+/// A query's plan and the reference tables it was planned with.
+type Planned = (
+    Vec<(TableId, Arc<dyn TableProvider>)>,
+    Arc<dyn ExecutionPlan>,
+);
+
 /// A rule, its per-key state and its position in the stream.
 pub struct RuleRunner {
     pub def: RuleDef,
@@ -120,6 +127,8 @@ pub struct RuleRunner {
     position: i64,
     /// Rows skipped because they were older than their key's newest row.
     pub out_of_order: u64,
+    /// The query planned once over no rows, with the reference tables it was planned with.
+    planned: Option<Planned>,
 }
 
 impl RuleRunner {
@@ -132,6 +141,7 @@ impl RuleRunner {
             keys: BTreeMap::new(),
             position: 0,
             out_of_order: 0,
+            planned: None,
         }
     }
 
@@ -154,7 +164,51 @@ impl RuleRunner {
         rows: &RecordBatch,
         references: &[(TableId, Arc<dyn TableProvider>)],
     ) -> Result<Vec<Transition>> {
-        let out = run_query(&self.def, &self.input, &self.input_schema, rows, references).await?;
+        let rows = if rows.schema() == self.input_schema {
+            rows.clone()
+        } else {
+            crate::pipeline::run::conform(&self.input_schema, std::slice::from_ref(rows))?
+        };
+        let planned = match &self.planned {
+            Some((refs, plan)) if crate::window::same_tables(refs, references) => plan.clone(),
+            // Planned once, and again when a reference table changed; each micro-batch's rows
+            // then take the place of the input's empty scan, without planning the SQL again.
+            _ => {
+                let (_, plan) = plan_over(
+                    &*rule_query(&self.def)?,
+                    &self.input,
+                    &self.input_schema,
+                    Vec::new(),
+                    references,
+                )
+                .await
+                .map_err(Error::Execution)?;
+                self.planned = Some((references.to_vec(), plan.clone()));
+                plan
+            }
+        };
+        let out = match crate::window::with_rows(&planned, &self.input_schema, rows.clone())? {
+            Some(plan) => {
+                let schema = plan.schema();
+                let batches = datafusion::physical_plan::collect(
+                    plan,
+                    datafusion::prelude::SessionContext::new().task_ctx(),
+                )
+                .await
+                .map_err(Error::Execution)?;
+                arrow::compute::concat_batches(&schema, &batches).map_err(internal)?
+            }
+            None => {
+                run_query(
+                    &self.def,
+                    &self.input,
+                    &self.input_schema,
+                    &rows,
+                    references,
+                )
+                .await?
+            }
+        };
         self.apply(&out)
     }
 
@@ -568,6 +622,58 @@ mod tests {
         );
         assert_eq!(out[0].values["temperature_c"], serde_json::json!(10.0));
         assert_eq!(r.firing(), 1);
+    }
+
+    /// A rule joining a reference table, fed one micro-batch at a time: each batch is joined
+    /// with the reference rows, not with an earlier batch (the plan is reused across batches).
+    #[tokio::test]
+    async fn a_rule_joining_a_reference_table_sees_each_batch_once() {
+        let file = parse_file(
+            "CREATE RULE over WITH (key = 'device_id')
+             AS SELECT r.device_id, r.ts, r.temperature_c, l.max_c, r.temperature_c > l.max_c AS firing
+             FROM usable.readings r JOIN reference.limits l ON r.device_id = l.device_id",
+        )
+        .unwrap();
+        let def = &file.rules[0];
+        let input = TableId::parse("usable.readings").unwrap();
+        let limits_schema = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, true),
+            Field::new("max_c", DataType::Float64, true),
+        ]));
+        let limits = RecordBatch::try_new(
+            limits_schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b"])),
+                Arc::new(Float64Array::from(vec![5.0, 50.0])),
+            ],
+        )
+        .unwrap();
+        let refs: Vec<(TableId, Arc<dyn TableProvider>)> = vec![(
+            TableId::parse("reference.limits").unwrap(),
+            Arc::new(
+                datafusion::datasource::MemTable::try_new(limits_schema, vec![vec![limits]])
+                    .unwrap(),
+            ),
+        )];
+        check_rule(def, &input, &schema(), &refs).await.unwrap();
+        let mut r = RuleRunner::new(def, input, schema());
+        let mut got = Vec::new();
+        for batch in [
+            rows(&[(1, "a", 0, 10.0)]),
+            rows(&[(2, "b", 0, 10.0)]),
+            rows(&[(3, "a", 1, 1.0), (4, "b", 1, 60.0)]),
+        ] {
+            got.extend(r.process(&batch, &refs).await.unwrap());
+        }
+        assert_eq!(
+            states(&got),
+            vec![
+                ("a".into(), "firing".into(), 0),
+                ("a".into(), "resolved".into(), 1),
+                ("b".into(), "firing".into(), 1),
+            ]
+        );
+        assert_eq!(got[2].values["max_c"], serde_json::json!(50.0));
     }
 
     #[tokio::test]

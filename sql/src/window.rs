@@ -35,6 +35,7 @@ use datafusion::common::TableReference;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
@@ -81,6 +82,12 @@ pub(crate) fn zone_session(
 ) -> datafusion::error::Result<SessionContext> {
     let mut config = SessionConfig::new().with_target_partitions(1);
     config.options_mut().sql_parser.collect_spans = true;
+    // Window and rule plans are run again with other rows (see `with_rows`): no filters that a
+    // run derives from its data and pushes into the plan.
+    config
+        .options_mut()
+        .optimizer
+        .enable_dynamic_filter_pushdown = false;
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_default_features()
@@ -284,6 +291,10 @@ pub struct WindowOperator {
     template: Arc<dyn ExecutionPlan>,
     agg: Aggregation,
     partial_schema: SchemaRef,
+    /// What the aggregation reads (the query below it), planned once over no rows with the
+    /// reference tables of `planned_refs`; each micro-batch runs it with its rows put in.
+    partial_input: Arc<dyn ExecutionPlan>,
+    planned_refs: Vec<(TableId, Arc<dyn TableProvider>)>,
     /// Partial aggregate state of the open windows (group columns, then accumulator state).
     state: Vec<RecordBatch>,
     compacted_rows: usize,
@@ -314,6 +325,7 @@ impl WindowOperator {
             .exec(AggregateMode::Partial, agg.input.clone())
             .map_err(exec)?
             .schema();
+        let partial_input = agg.input.clone();
         Ok(Self {
             def: def.clone(),
             input,
@@ -322,6 +334,8 @@ impl WindowOperator {
             template,
             agg,
             partial_schema,
+            partial_input,
+            planned_refs: references.to_vec(),
             state: Vec::new(),
             compacted_rows: 0,
             max_event_time: None,
@@ -465,27 +479,48 @@ impl WindowOperator {
         Ok(WindowOutput { rows, late })
     }
 
-    /// Runs the query's aggregation over some rows in Partial mode: their partial state.
+    /// Runs the query's aggregation over some rows in Partial mode: their partial state. The
+    /// plan is made once (again when a reference table changed): each micro-batch's rows take
+    /// the place of the input's empty scan in it, which saves planning the SQL every time.
     async fn partial(
-        &self,
+        &mut self,
         exploded: RecordBatch,
         references: &[(TableId, Arc<dyn TableProvider>)],
     ) -> Result<RecordBatch> {
-        let (ctx, plan) = plan_over(
-            &self.def.query,
-            &self.input,
-            &self.exploded,
-            vec![exploded],
-            references,
-        )
-        .await
-        .map_err(exec)?;
-        let agg =
-            aggregation(&plan).ok_or_else(|| internal("the window query lost its aggregate"))?;
-        let partial = Arc::new(
-            agg.exec(AggregateMode::Partial, agg.input.clone())
-                .map_err(exec)?,
-        );
+        if !same_tables(&self.planned_refs, references) {
+            let (_, plan) = plan_over(
+                &self.def.query,
+                &self.input,
+                &self.exploded,
+                Vec::new(),
+                references,
+            )
+            .await
+            .map_err(exec)?;
+            let agg = aggregation(&plan)
+                .ok_or_else(|| internal("the window query lost its aggregate"))?;
+            self.partial_input = agg.input;
+            self.planned_refs = references.to_vec();
+        }
+        let (input, ctx) = match with_rows(&self.partial_input, &self.exploded, exploded.clone())? {
+            Some(input) => (input, SessionContext::new()),
+            // Not found (a plan shape this does not know): plan the SQL over the rows.
+            None => {
+                let (ctx, plan) = plan_over(
+                    &self.def.query,
+                    &self.input,
+                    &self.exploded,
+                    vec![exploded],
+                    references,
+                )
+                .await
+                .map_err(exec)?;
+                let agg = aggregation(&plan)
+                    .ok_or_else(|| internal("the window query lost its aggregate"))?;
+                (agg.input, ctx)
+            }
+        };
+        let partial = Arc::new(self.agg.exec(AggregateMode::Partial, input).map_err(exec)?);
         let batches = collect(partial, ctx.task_ctx()).await.map_err(exec)?;
         self.conform_state(&batches)
     }
@@ -742,6 +777,59 @@ impl WindowOperator {
         self.state = state;
         Ok(())
     }
+}
+
+/// Whether two lists name the same tables with the same providers (a reference table that got
+/// a new Delta version has a new provider).
+pub(crate) fn same_tables(
+    a: &[(TableId, Arc<dyn TableProvider>)],
+    b: &[(TableId, Arc<dyn TableProvider>)],
+) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((x, px), (y, py))| x == y && Arc::ptr_eq(px, py))
+}
+
+/// `plan` with the scans of the (empty) input table — in-memory scans of `schema` — reading
+/// `rows` instead, and every node's run state reset (a hash join keeps its build side across
+/// runs otherwise, even when made anew with other children). `None` if the plan has no such
+/// scan.
+pub(crate) fn with_rows(
+    plan: &Arc<dyn ExecutionPlan>,
+    schema: &SchemaRef,
+    rows: RecordBatch,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let mut found = 0;
+    let plan = plan
+        .clone()
+        .transform_up(|node| {
+            let memory = node.downcast_ref::<DataSourceExec>().and_then(|d| {
+                d.data_source()
+                    .downcast_ref::<MemorySourceConfig>()
+                    .filter(|m| m.original_schema().fields() == schema.fields())
+            });
+            match memory {
+                Some(m) => {
+                    found += 1;
+                    let scan = MemorySourceConfig::try_new_exec(
+                        &[vec![rows.clone()]],
+                        schema.clone(),
+                        m.projection().clone(),
+                    )?;
+                    Ok(Transformed::yes(scan as Arc<dyn ExecutionPlan>))
+                }
+                None => Ok(Transformed::no(node)),
+            }
+        })
+        .map_err(exec)?
+        .data;
+    if found == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        datafusion::physical_plan::execution_plan::reset_plan_states(plan).map_err(exec)?,
+    ))
 }
 
 /// A hash of what decides a window's state: a snapshot taken under another definition (another

@@ -247,3 +247,65 @@ async fn a_snapshot_of_another_definition_is_refused() {
         .to_string();
     assert!(err.contains("definition changed"), "{err}");
 }
+
+/// A window joining a reference table, fed one micro-batch at a time: each reading is counted
+/// once (the plan is made once and run again with each batch's rows).
+#[tokio::test]
+async fn a_window_joining_a_reference_table_counts_each_reading_once() {
+    let file = parse_file(
+        "CREATE WINDOW TABLE final.w WITH (window = 'tumbling', size = '1m')
+         AS SELECT window_start, window_end, s.site, count(*) AS n, sum(x.v) AS total
+         FROM usable.readings x JOIN reference.sites s ON x.device_id = s.device_id
+         GROUP BY window_start, window_end, s.site",
+    )
+    .unwrap();
+    let sites_schema = Arc::new(Schema::new(vec![
+        Field::new("device_id", DataType::Utf8, true),
+        Field::new("site", DataType::Utf8, true),
+    ]));
+    let sites = RecordBatch::try_new(
+        sites_schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec!["a", "b", "c"])),
+            Arc::new(StringArray::from(vec!["north", "north", "south"])),
+        ],
+    )
+    .unwrap();
+    let refs: Vec<(TableId, Arc<dyn datafusion::catalog::TableProvider>)> = vec![(
+        TableId::parse("reference.sites").unwrap(),
+        Arc::new(
+            datafusion::datasource::MemTable::try_new(sites_schema, vec![vec![sites]]).unwrap(),
+        ),
+    )];
+    let mut op = WindowOperator::new(
+        &file.windows[0],
+        TableId::parse("usable.readings").unwrap(),
+        &input_schema(),
+        &refs,
+    )
+    .await
+    .unwrap();
+    let mut closed = Vec::new();
+    for rows in [
+        vec!["1 a 2026-01-01T00:00:05 1.0"],
+        vec!["2 c 2026-01-01T00:00:10 10.0"],
+        vec![
+            "3 b 2026-01-01T00:00:20 100.0",
+            "4 a 2026-01-01T00:00:30 1000.0",
+        ],
+        vec!["5 a 2026-01-01T00:01:05 0.0"],
+    ] {
+        let rows: Vec<String> = rows.into_iter().map(String::from).collect();
+        closed.extend(render(
+            &op.process(&batch(&rows), &refs).await.unwrap().rows,
+        ));
+    }
+    closed.sort();
+    assert_eq!(
+        closed,
+        [
+            "2026-01-01T00:00:00Z 2026-01-01T00:01:00Z north 3 1101.0 5",
+            "2026-01-01T00:00:00Z 2026-01-01T00:01:00Z south 1 10.0 5",
+        ]
+    );
+}
