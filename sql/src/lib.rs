@@ -16,6 +16,7 @@
 //! - [`pipeline`]: the pipeline language (parsing and checking pipeline files);
 //! - [`rules`]: continuous rules (for / hysteresis / cool-down) that turn rows into alert transitions;
 //! - [`window`]: event-time windows (tumbling, hopping, session) on DataFusion's aggregates;
+//! - [`prepared`]: plans made once and run per micro-batch (pipelines, windows, rules);
 //! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
 //! - [`error`]: the crate's error type, split into the user's fault and storage's.
 //!
@@ -25,6 +26,7 @@ pub mod decode;
 pub mod dedup;
 pub mod error;
 pub mod pipeline;
+pub mod prepared;
 pub mod query;
 pub mod rules;
 pub mod window;

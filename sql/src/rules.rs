@@ -170,7 +170,7 @@ impl RuleRunner {
             crate::pipeline::run::conform(&self.input_schema, std::slice::from_ref(rows))?
         };
         let planned = match &self.planned {
-            Some((refs, plan)) if crate::window::same_tables(refs, references) => plan.clone(),
+            Some((refs, plan)) if crate::prepared::same_tables(refs, references) => plan.clone(),
             // Planned once, and again when a reference table changed; each micro-batch's rows
             // then take the place of the input's empty scan, without planning the SQL again.
             _ => {
@@ -187,28 +187,15 @@ impl RuleRunner {
                 plan
             }
         };
-        let out = match crate::window::with_rows(&planned, &self.input_schema, rows.clone())? {
-            Some(plan) => {
-                let schema = plan.schema();
-                let batches = datafusion::physical_plan::collect(
-                    plan,
-                    datafusion::prelude::SessionContext::new().task_ctx(),
-                )
-                .await
-                .map_err(Error::Execution)?;
-                arrow::compute::concat_batches(&schema, &batches).map_err(internal)?
-            }
-            None => {
-                run_query(
-                    &self.def,
-                    &self.input,
-                    &self.input_schema,
-                    &rows,
-                    references,
-                )
-                .await?
-            }
-        };
+        let plan = crate::prepared::with_rows(&planned, &self.input_schema, rows)?;
+        let schema = plan.schema();
+        let batches = datafusion::physical_plan::collect(
+            plan,
+            datafusion::prelude::SessionContext::new().task_ctx(),
+        )
+        .await
+        .map_err(Error::Execution)?;
+        let out = arrow::compute::concat_batches(&schema, &batches).map_err(internal)?;
         self.apply(&out)
     }
 

@@ -35,7 +35,6 @@ use datafusion::common::TableReference;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
@@ -47,6 +46,7 @@ use fleetlake_zones::{TableId, Zone};
 
 use crate::pipeline::run::{PROGRESS_COLUMN, conform, storage_schema};
 use crate::pipeline::{WindowDef, WindowKind};
+use crate::prepared::{same_tables, with_rows};
 use crate::{Error, Result};
 
 /// The columns a window query groups by.
@@ -502,26 +502,11 @@ impl WindowOperator {
             self.partial_input = agg.input;
             self.planned_refs = references.to_vec();
         }
-        let (input, ctx) = match with_rows(&self.partial_input, &self.exploded, exploded.clone())? {
-            Some(input) => (input, SessionContext::new()),
-            // Not found (a plan shape this does not know): plan the SQL over the rows.
-            None => {
-                let (ctx, plan) = plan_over(
-                    &self.def.query,
-                    &self.input,
-                    &self.exploded,
-                    vec![exploded],
-                    references,
-                )
-                .await
-                .map_err(exec)?;
-                let agg = aggregation(&plan)
-                    .ok_or_else(|| internal("the window query lost its aggregate"))?;
-                (agg.input, ctx)
-            }
-        };
+        let input = with_rows(&self.partial_input, &self.exploded, exploded)?;
         let partial = Arc::new(self.agg.exec(AggregateMode::Partial, input).map_err(exec)?);
-        let batches = collect(partial, ctx.task_ctx()).await.map_err(exec)?;
+        let batches = collect(partial, SessionContext::new().task_ctx())
+            .await
+            .map_err(exec)?;
         self.conform_state(&batches)
     }
 
@@ -777,59 +762,6 @@ impl WindowOperator {
         self.state = state;
         Ok(())
     }
-}
-
-/// Whether two lists name the same tables with the same providers (a reference table that got
-/// a new Delta version has a new provider).
-pub(crate) fn same_tables(
-    a: &[(TableId, Arc<dyn TableProvider>)],
-    b: &[(TableId, Arc<dyn TableProvider>)],
-) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|((x, px), (y, py))| x == y && Arc::ptr_eq(px, py))
-}
-
-/// `plan` with the scans of the (empty) input table — in-memory scans of `schema` — reading
-/// `rows` instead, and every node's run state reset (a hash join keeps its build side across
-/// runs otherwise, even when made anew with other children). `None` if the plan has no such
-/// scan.
-pub(crate) fn with_rows(
-    plan: &Arc<dyn ExecutionPlan>,
-    schema: &SchemaRef,
-    rows: RecordBatch,
-) -> Result<Option<Arc<dyn ExecutionPlan>>> {
-    let mut found = 0;
-    let plan = plan
-        .clone()
-        .transform_up(|node| {
-            let memory = node.downcast_ref::<DataSourceExec>().and_then(|d| {
-                d.data_source()
-                    .downcast_ref::<MemorySourceConfig>()
-                    .filter(|m| m.original_schema().fields() == schema.fields())
-            });
-            match memory {
-                Some(m) => {
-                    found += 1;
-                    let scan = MemorySourceConfig::try_new_exec(
-                        &[vec![rows.clone()]],
-                        schema.clone(),
-                        m.projection().clone(),
-                    )?;
-                    Ok(Transformed::yes(scan as Arc<dyn ExecutionPlan>))
-                }
-                None => Ok(Transformed::no(node)),
-            }
-        })
-        .map_err(exec)?
-        .data;
-    if found == 0 {
-        return Ok(None);
-    }
-    Ok(Some(
-        datafusion::physical_plan::execution_plan::reset_plan_states(plan).map_err(exec)?,
-    ))
 }
 
 /// A hash of what decides a window's state: a snapshot taken under another definition (another

@@ -233,7 +233,8 @@ async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
         }
     };
     publish(json!({"device_id":"a","seq":1,"v":1.0})).await;
-    raw_rows(&api, 1).await;
+    // Acked: every table has it (raw commits first, usable.strict after it).
+    api.wait_acked(1).await;
     publish(json!({"device_id":"a","seq":2,"v":-1.0})).await;
     wait_for(
         "/healthz to report the failed pipeline",

@@ -25,6 +25,7 @@ use datafusion::common::tree_node::TreeNode;
 use datafusion::datasource::MemTable;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 use datafusion::sql::sqlparser::ast::{
@@ -35,6 +36,7 @@ use fleetlake_zones::TableId;
 use super::{Action, CheckedPipeline, DedupSpec, PipelineError, ReferenceDef, SourceDef, TableDef};
 use crate::decode::{JsonRows, decode_json, quarantine_rows};
 use crate::dedup::{DedupKey, DedupState};
+use crate::prepared::{same_tables, with_rows};
 use crate::{Error, Result};
 
 /// The hidden source column that carries each message's stream sequence.
@@ -154,7 +156,7 @@ pub(crate) fn session(
     references: &[(TableId, Arc<dyn TableProvider>)],
     collect_spans: bool,
 ) -> datafusion::error::Result<SessionContext> {
-    let mut config = SessionConfig::new().with_target_partitions(1);
+    let mut config = no_dynamic_filters();
     config.options_mut().sql_parser.collect_spans = collect_spans;
     let state = SessionStateBuilder::new()
         .with_config(config)
@@ -292,6 +294,23 @@ pub struct PipelineRunner {
     decode_schema: SchemaRef,
     pub tables: Vec<PreparedTable>,
     references: Vec<ReferenceDef>,
+    /// The tables' queries and expectations, planned once per set of reference tables.
+    plans: Arc<std::sync::Mutex<Option<Plans>>>,
+}
+
+/// The physical plans of a pipeline, made over empty inputs (see [`crate::prepared`]).
+struct Plans {
+    references: Vec<(TableId, Arc<dyn TableProvider>)>,
+    /// Per table: its query over the source.
+    tables: Vec<Arc<dyn ExecutionPlan>>,
+    /// Per table, per expectation: `SELECT (condition) AS ok` over the table's rows.
+    expectations: Vec<Vec<Arc<dyn ExecutionPlan>>>,
+}
+
+impl std::fmt::Debug for Plans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Plans")
+    }
 }
 
 impl PipelineRunner {
@@ -312,6 +331,7 @@ impl PipelineRunner {
             decode_schema,
             tables,
             references: pipeline.references.clone(),
+            plans: Arc::default(),
         })
     }
 
@@ -450,24 +470,14 @@ impl PipelineRunner {
             .map(|i| (seqs.value(i), i as u32))
             .collect();
 
-        let ctx =
-            session(&self.source, source_rows, references, false).map_err(Error::Execution)?;
+        let plans = self.plans(references).await?;
+        let task = SessionContext::new().task_ctx();
         let mut outputs = Vec::new();
         let mut counts = Vec::new();
         let mut quarantined: HashMap<u32, Vec<String>> = HashMap::new();
-        for table in &self.tables {
-            let statement =
-                Statement::Statement(Box::new(SqlStatement::Query(table.query.clone())));
-            let state = ctx.state();
-            let plan = state
-                .statement_to_plan(statement)
-                .await
-                .map_err(Error::Execution)?;
-            let batches = ctx
-                .execute_logical_plan(plan)
-                .await
-                .map_err(Error::Execution)?
-                .collect()
+        for (t, table) in self.tables.iter().enumerate() {
+            let plan = with_rows(&plans.tables[t], &source_rows.schema(), source_rows.clone())?;
+            let batches = collect(plan, task.clone())
                 .await
                 .map_err(Error::Execution)?;
             let out = conform(&table.schema, &batches)?;
@@ -479,8 +489,8 @@ impl PipelineRunner {
                 .expect("lineage column")
                 .as_primitive::<arrow::datatypes::Int64Type>()
                 .clone();
-            for e in &table.def.expectations {
-                let ok = evaluate(&out, &e.condition).await?;
+            for (e, check) in table.def.expectations.iter().zip(&plans.expectations[t]) {
+                let ok = evaluate(check, &out).await?;
                 let violated: Vec<usize> = (0..n)
                     .filter(|i| !(ok.is_valid(*i) && ok.value(*i)))
                     .collect();
@@ -575,27 +585,101 @@ pub(crate) fn conform(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Rec
 }
 
 /// Evaluates a condition over a batch: one boolean per row (null = not met).
-async fn evaluate(batch: &RecordBatch, condition: &Expr) -> Result<BooleanArray> {
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
-    ctx.register_table(
-        "__rows",
-        Arc::new(
-            MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])
-                .map_err(Error::Execution)?,
-        ),
-    )
-    .map_err(Error::Execution)?;
-    let sql = format!("SELECT ({condition}) AS ok FROM __rows");
-    let result = ctx
-        .sql(&sql)
-        .await
-        .map_err(Error::Execution)?
-        .collect()
+/// Runs an expectation's plan over a table's rows: whether each row meets it.
+async fn evaluate(check: &Arc<dyn ExecutionPlan>, rows: &RecordBatch) -> Result<BooleanArray> {
+    let plan = with_rows(check, &rows.schema(), rows.clone())?;
+    let result = collect(plan, SessionContext::new().task_ctx())
         .await
         .map_err(Error::Execution)?;
     let schema = Arc::new(Schema::new(vec![Field::new("ok", DataType::Boolean, true)]));
     let all = concat_batches(&schema, &result).map_err(internal)?;
     Ok(all.column(0).as_boolean().clone())
+}
+
+/// Plans a query in `ctx` down to a physical plan.
+async fn physical(ctx: &SessionContext, query: Statement) -> Result<Arc<dyn ExecutionPlan>> {
+    let state = ctx.state();
+    let logical = state
+        .statement_to_plan(query)
+        .await
+        .map_err(Error::Execution)?;
+    state
+        .create_physical_plan(&logical)
+        .await
+        .map_err(Error::Execution)
+}
+
+impl PipelineRunner {
+    /// The pipeline's plans for these reference tables: made on the first batch, and again when
+    /// a reference table changed.
+    async fn plans(&self, references: &[(TableId, Arc<dyn TableProvider>)]) -> Result<PlansRef> {
+        if let Some(p) = self.plans.lock().expect("plans lock").as_ref()
+            && same_tables(&p.references, references)
+        {
+            return Ok(PlansRef {
+                tables: p.tables.clone(),
+                expectations: p.expectations.clone(),
+            });
+        }
+        let (_, visible) = source_schemas(&self.source);
+        let empty = RecordBatch::new_empty(visible);
+        let ctx = session(&self.source, empty, references, false).map_err(Error::Execution)?;
+        let (mut tables, mut expectations) = (Vec::new(), Vec::new());
+        for table in &self.tables {
+            let query = Statement::Statement(Box::new(SqlStatement::Query(table.query.clone())));
+            tables.push(physical(&ctx, query).await?);
+            let rows = SessionContext::new_with_config(no_dynamic_filters());
+            rows.register_table(
+                "__rows",
+                Arc::new(
+                    MemTable::try_new(table.schema.clone(), vec![vec![]])
+                        .map_err(Error::Execution)?,
+                ),
+            )
+            .map_err(Error::Execution)?;
+            let mut checks = Vec::new();
+            for e in &table.def.expectations {
+                let sql = format!("SELECT ({}) AS ok FROM __rows", e.condition);
+                let check = rows
+                    .sql(&sql)
+                    .await
+                    .map_err(Error::Execution)?
+                    .create_physical_plan()
+                    .await
+                    .map_err(Error::Execution)?;
+                checks.push(check);
+            }
+            expectations.push(checks);
+        }
+        let plans = Plans {
+            references: references.to_vec(),
+            tables,
+            expectations,
+        };
+        let out = PlansRef {
+            tables: plans.tables.clone(),
+            expectations: plans.expectations.clone(),
+        };
+        *self.plans.lock().expect("plans lock") = Some(plans);
+        Ok(out)
+    }
+}
+
+/// The plans of one run (shared with the cache).
+struct PlansRef {
+    tables: Vec<Arc<dyn ExecutionPlan>>,
+    expectations: Vec<Vec<Arc<dyn ExecutionPlan>>>,
+}
+
+/// One partition, and no filters derived from one run's data pushed into the plan (plans are
+/// run again with other rows).
+fn no_dynamic_filters() -> SessionConfig {
+    let mut config = SessionConfig::new().with_target_partitions(1);
+    config
+        .options_mut()
+        .optimizer
+        .enable_dynamic_filter_pushdown = false;
+    config
 }
 
 #[cfg(test)]
