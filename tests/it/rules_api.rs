@@ -69,6 +69,42 @@ async fn publish(js: &jetstream::Context, readings: &[(&str, f64)], seq: &mut i6
     crate::alerts::publish(js, &out).await;
 }
 
+/// A running engine over the trailers pipeline (plus `rules`, as files under `rules/`), and
+/// what a test needs to restart it.
+struct Setup {
+    _nats: Nats,
+    _dir: tempfile::TempDir,
+    pipelines: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    log: std::path::PathBuf,
+    js: jetstream::Context,
+}
+
+async fn start(rules: &[(&str, String)]) -> (Setup, EngineProcess) {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pipelines = dir.path().join("pipelines");
+    std::fs::create_dir_all(pipelines.join("rules")).unwrap();
+    std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();
+    for (name, text) in rules {
+        std::fs::write(pipelines.join(format!("rules/{name}.sql")), text).unwrap();
+    }
+    let env = env(&nats, &dir.path().join("lake"), &pipelines);
+    let log = dir.path().join("engine.log");
+    let engine = EngineProcess::start(&env, &log).await;
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    crate::alerts::stream_ready(&js).await;
+    let setup = Setup {
+        _nats: nats,
+        _dir: dir,
+        pipelines,
+        env,
+        log,
+        js,
+    };
+    (setup, engine)
+}
+
 async fn put(api: &Api, name: &str, author: Option<&str>, sql: &str) -> (u16, Value) {
     api.send(Method::PUT, &format!("/v1/rules/{name}"), author, sql)
         .await
@@ -76,17 +112,15 @@ async fn put(api: &Api, name: &str, author: Option<&str>, sql: &str) -> (u16, Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() {
-    let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pipelines = dir.path().join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();
-    let env = env(&nats, &dir.path().join("lake"), &pipelines);
-    let log = dir.path().join("engine.log");
-    let engine = EngineProcess::start(&env, &log).await;
+    let (setup, engine) = start(&[]).await;
+    let Setup {
+        pipelines,
+        env,
+        log,
+        js,
+        ..
+    } = &setup;
     let api = engine.api.clone();
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    crate::alerts::stream_ready(&js).await;
     let mut seq = 0;
     let file = pipelines.join("rules/hot.sql");
 
@@ -126,8 +160,8 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     assert_eq!(created["managed"], true);
     let v1 = created["version"].as_str().unwrap().to_string();
     assert_eq!(std::fs::read_to_string(&file).unwrap(), rule(8));
-    publish(&js, &[("t1", 10.0)], &mut seq).await;
-    wait_alert(&js, "alerts.hot.t1").await;
+    publish(js, &[("t1", 10.0)], &mut seq).await;
+    wait_alert(js, "alerts.hot.t1").await;
     // What the rule does now: one key firing, one alert since the start.
     wait_for("hot firing for t1", Duration::from_secs(30), || async {
         let (_, got) = api.send(Method::GET, "/v1/rules/hot", None, "").await;
@@ -149,8 +183,8 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     assert_eq!(changed["applied"], true);
     let v2 = changed["version"].as_str().unwrap().to_string();
     assert_ne!(v1, v2);
-    publish(&js, &[("t2", 15.0), ("t3", 25.0)], &mut seq).await;
-    wait_alert(&js, "alerts.hot.t3").await;
+    publish(js, &[("t2", 15.0), ("t3", 25.0)], &mut seq).await;
+    wait_alert(js, "alerts.hot.t3").await;
 
     // Deleted: silent from then on.
     let (status, deleted) = api
@@ -159,10 +193,10 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     assert_eq!(status, 200, "{deleted}");
     assert_eq!(deleted["applied"], true);
     assert!(!file.exists());
-    publish(&js, &[("t4", 30.0)], &mut seq).await;
+    publish(js, &[("t4", 30.0)], &mut seq).await;
     api.wait_acked(seq as u64).await;
     assert_eq!(
-        alert_subjects(&js).await,
+        alert_subjects(js).await,
         vec!["alerts.hot.t1", "alerts.hot.t3"]
     );
     let (status, _) = api.send(Method::GET, "/v1/rules/hot", None, "").await;
@@ -199,7 +233,7 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     assert_eq!(status, 201);
     engine.terminate().await;
     std::fs::write(pipelines.join("other.sql"), OTHER).unwrap();
-    let engine = EngineProcess::start(&env, &log).await;
+    let engine = EngineProcess::start(env, log).await;
     let api = engine.api.clone();
     let (status, got) = api.send(Method::GET, "/v1/rules/hot", None, "").await;
     assert_eq!(status, 200, "{got}");
@@ -227,33 +261,25 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
         .send(Method::DELETE, "/v1/rules/in_file", Some("alice"), "")
         .await;
     assert_eq!(status, 409, "{body}");
-    publish(&js, &[("t5", 60.0)], &mut seq).await;
-    wait_alert(&js, "alerts.hot.t5").await;
+    publish(js, &[("t5", 60.0)], &mut seq).await;
+    wait_alert(js, "alerts.hot.t5").await;
     engine.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_created_at_runtime_keeps_its_state_across_sigkill() {
-    let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pipelines = dir.path().join("pipelines");
-    std::fs::create_dir_all(&pipelines).unwrap();
-    std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();
-    let env = env(&nats, &dir.path().join("lake"), &pipelines);
-    let log = dir.path().join("engine.log");
-    let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    crate::alerts::stream_ready(&js).await;
+    let (setup, engine) = start(&[]).await;
+    let Setup { env, log, js, .. } = &setup;
     let mut seq = 0;
     let (status, body) = put(&engine.api, "hot", Some("alice"), &rule(8)).await;
     assert_eq!((status, &body["applied"]), (201, &json!(true)), "{body}");
-    publish(&js, &[("t1", 10.0)], &mut seq).await;
-    wait_alert(&js, "alerts.hot.t1").await;
+    publish(js, &[("t1", 10.0)], &mut seq).await;
+    wait_alert(js, "alerts.hot.t1").await;
     // Killed right after the alert: the batch may not be committed yet.
     engine.kill().await;
-    let engine = EngineProcess::start(&env, &log).await;
+    let engine = EngineProcess::start(env, log).await;
     // t1 is still firing after the restart, so cooling down resolves it; t2 fires.
-    publish(&js, &[("t1", 4.0), ("t2", 12.0)], &mut seq).await;
+    publish(js, &[("t1", 4.0), ("t2", 12.0)], &mut seq).await;
     // All three transitions committed (so everything they came from was processed).
     engine
         .api
@@ -263,7 +289,7 @@ async fn a_rule_created_at_runtime_keeps_its_state_across_sigkill() {
             Duration::from_secs(60),
         )
         .await;
-    let got: Vec<(String, String)> = crate::alerts::alerts(&js)
+    let got: Vec<(String, String)> = crate::alerts::alerts(js)
         .await
         .into_iter()
         .map(|a| (a.0, a.1))
@@ -284,23 +310,15 @@ async fn a_rule_created_at_runtime_keeps_its_state_across_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_alerts_stream_is_created_again_when_deleted_while_running() {
-    let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let pipelines = dir.path().join("pipelines");
-    std::fs::create_dir_all(pipelines.join("rules")).unwrap();
-    std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();
-    std::fs::write(pipelines.join("rules/hot.sql"), rule(8)).unwrap();
-    let env = env(&nats, &dir.path().join("lake"), &pipelines);
-    let engine = EngineProcess::start(&env, &dir.path().join("engine.log")).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    crate::alerts::stream_ready(&js).await;
+    let (setup, engine) = start(&[("hot", rule(8))]).await;
+    let js = &setup.js;
     let mut seq = 0;
-    publish(&js, &[("t1", 10.0)], &mut seq).await;
-    wait_alert(&js, "alerts.hot.t1").await;
+    publish(js, &[("t1", 10.0)], &mut seq).await;
+    wait_alert(js, "alerts.hot.t1").await;
     // An operator deletes the stream: the next alert re-creates it instead of failing forever.
     js.delete_stream("ALERTS").await.unwrap();
-    publish(&js, &[("t2", 10.0)], &mut seq).await;
-    wait_alert(&js, "alerts.hot.t2").await;
-    assert_eq!(alert_subjects(&js).await, ["alerts.hot.t2"]);
+    publish(js, &[("t2", 10.0)], &mut seq).await;
+    wait_alert(js, "alerts.hot.t2").await;
+    assert_eq!(alert_subjects(js).await, ["alerts.hot.t2"]);
     engine.terminate().await;
 }
