@@ -268,16 +268,20 @@ async fn list_rules(State(state): State<AppState>) -> Response {
         Err(r) => return refused(r),
     };
     let mut list = rules.list().await;
+    let counters = state.metrics.rules();
     for rule in list["rules"].as_array_mut().into_iter().flatten() {
-        with_counters(&state, rule);
+        with_counters(&counters, rule);
     }
     axum::Json(list).into_response()
 }
 
 /// Adds what the rule did since the start (`/metrics`' per-rule counters) to its description.
-fn with_counters(state: &AppState, rule: &mut serde_json::Value) {
-    let name = rule["name"].as_str().unwrap_or_default().to_string();
-    let c = state.metrics.rules().remove(&name).unwrap_or_default();
+fn with_counters(
+    counters: &std::collections::BTreeMap<String, crate::metrics::RuleCounters>,
+    rule: &mut serde_json::Value,
+) {
+    let name = rule["name"].as_str().unwrap_or_default();
+    let c = counters.get(name).cloned().unwrap_or_default();
     rule["firing_keys"] = json!(c.firing_keys);
     rule["alerts_since_start"] = json!({"firing": c.fired, "resolved": c.resolved});
 }
@@ -289,7 +293,7 @@ async fn get_rule(State(state): State<AppState>, Path(name): Path<String>) -> Re
     };
     match rules.get(&name).await {
         Ok(mut body) => {
-            with_counters(&state, &mut body);
+            with_counters(&state.metrics.rules(), &mut body);
             axum::Json(body).into_response()
         }
         Err(r) => refused(r),

@@ -597,8 +597,11 @@ impl Ingest {
             self.metrics
                 .alerts_published
                 .fetch_add(derived.transitions.len() as u64, Ordering::Relaxed);
-            self.metrics
-                .record_rules(&derived.transitions, &stages.derived.firing());
+            // Keys start and stop firing only with transitions: count them only then.
+            if !derived.transitions.is_empty() {
+                self.metrics
+                    .record_rules(&derived.transitions, &stages.derived.firing());
+            }
             buffer.windows.push(derived.windows);
             buffer.transitions.extend(derived.transitions);
         }

@@ -66,14 +66,10 @@ async fn end_to_end(lake_location: &str, env: Vec<(String, String)>) {
     )
     .await;
     // The three tables are committed one after the other: wait for the last.
-    wait_for(
-        "usable.telemetry to catch up",
+    api.wait_scalar(
+        &count("usable.telemetry"),
+        report.distinct as i64,
         Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            let sql = count("usable.telemetry");
-            async move { (api.scalar(&sql).await == report.distinct as i64).then_some(()) }
-        },
     )
     .await;
 

@@ -295,13 +295,12 @@ async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
     )
     .await;
     raw_rows(&api, 6_000).await;
-    wait_for("every reading in a usable table", Duration::from_secs(60), || {
-        let api = api.clone();
-        async move {
-            let sql = "SELECT (SELECT count(*) FROM usable.telemetry) + (SELECT count(*) FROM usable.cold_chain) + (SELECT count(*) FROM usable.device_health)";
-            (api.scalar(sql).await == report.distinct as i64).then_some(())
-        }
-    })
+    // Every reading in a usable table.
+    api.wait_scalar(
+        "SELECT (SELECT count(*) FROM usable.telemetry) + (SELECT count(*) FROM usable.cold_chain) + (SELECT count(*) FROM usable.device_health)",
+        report.distinct as i64,
+        Duration::from_secs(60),
+    )
     .await;
     for table in [
         "usable.telemetry",
@@ -362,10 +361,11 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
     let api = Api::new(engine.addr);
     publish(json!({"device_id":"a","seq":1,"v":1.0,"w":10})).await;
     raw_rows(&api, 1).await;
-    wait_for("the first row", Duration::from_secs(30), || {
-        let api = api.clone();
-        async move { (api.scalar("SELECT count(*) FROM usable.evo").await == 1).then_some(()) }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.evo",
+        1,
+        Duration::from_secs(30),
+    )
     .await;
     engine.shutdown().await;
 
@@ -380,10 +380,11 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
     let api = Api::new(engine.addr);
     publish(json!({"device_id":"a","seq":2,"v":2.0,"w":20})).await;
     raw_rows(&api, 2).await;
-    wait_for("the second row", Duration::from_secs(30), || {
-        let api = api.clone();
-        async move { (api.scalar("SELECT count(*) FROM usable.evo").await == 2).then_some(()) }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.evo",
+        2,
+        Duration::from_secs(30),
+    )
     .await;
     let (status, body) = api
         .query("SELECT seq, v, w FROM usable.evo ORDER BY seq")
@@ -452,13 +453,11 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     )
     .await;
     raw_rows(&api, 3_000).await;
-    wait_for("the cold chain table", Duration::from_secs(60), || {
-        let api = api.clone();
-        async move {
-            (api.scalar("SELECT count(*) FROM usable.cold_chain").await == report.distinct as i64)
-                .then_some(())
-        }
-    })
+    api.wait_scalar(
+        "SELECT count(*) FROM usable.cold_chain",
+        report.distinct as i64,
+        Duration::from_secs(60),
+    )
     .await;
     engine.shutdown().await;
 
@@ -576,15 +575,10 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
         }
     };
     let rows = |api: Api, n: i64| async move {
-        wait_for(
-            &format!("{n} cold chain rows"),
+        api.wait_scalar(
+            "SELECT count(*) FROM usable.cold_chain",
+            n,
             Duration::from_secs(30),
-            || {
-                let api = api.clone();
-                async move {
-                    (api.scalar("SELECT count(*) FROM usable.cold_chain").await == n).then_some(())
-                }
-            },
         )
         .await
     };

@@ -208,29 +208,29 @@ async fn check_derived(
             tables.insert(def.table.clone(), super::run::storage_schema(planned));
         }
     }
-    let known = |tables: &BTreeMap<TableId, SchemaRef>| {
-        tables
-            .keys()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    // "<what> reads FROM a … table (the tables there are), not <what it read>".
+    let wrong_input =
+        |pos: Pos, what: String, other: Option<TableId>, tables: &BTreeMap<TableId, SchemaRef>| {
+            let known: Vec<String> = tables.keys().map(|t| t.to_string()).collect();
+            let other = other.map(|t| t.to_string());
+            PipelineError::new(
+                pos,
+                format!(
+                    "{what} ({}), not {}",
+                    known.join(", "),
+                    other.as_deref().unwrap_or("this")
+                ),
+            )
+        };
     for (at, windows, _) in &derived {
         for w in windows {
             let input = match crate::window::input_table(&w.query) {
                 Some(t) if t.zone == Zone::Usable && tables.contains_key(&t) => t,
                 other => {
-                    reports[*at].errors.push(PipelineError::new(
-                        w.pos,
-                        format!(
-                            "{}: a window table reads FROM a usable table ({}), not {}",
-                            w.table,
-                            known(&tables),
-                            other
-                                .map(|t| t.to_string())
-                                .unwrap_or_else(|| "this".into())
-                        ),
-                    ));
+                    let what = format!("{}: a window table reads FROM a usable table", w.table);
+                    reports[*at]
+                        .errors
+                        .push(wrong_input(w.pos, what, other, &tables));
                     continue;
                 }
             };
@@ -282,17 +282,13 @@ async fn check_derived(
             let input = match crate::window::input_table(&r.query) {
                 Some(t) if tables.contains_key(&t) => t,
                 other => {
-                    reports[*at].errors.push(PipelineError::new(
-                        r.pos,
-                        format!(
-                            "rule {}: a rule reads FROM a usable or window table ({}), not {}",
-                            r.name,
-                            known(&tables),
-                            other
-                                .map(|t| t.to_string())
-                                .unwrap_or_else(|| "this".into())
-                        ),
-                    ));
+                    let what = format!(
+                        "rule {}: a rule reads FROM a usable or window table",
+                        r.name
+                    );
+                    reports[*at]
+                        .errors
+                        .push(wrong_input(r.pos, what, other, &tables));
                     continue;
                 }
             };
