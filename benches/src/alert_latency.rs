@@ -186,7 +186,7 @@ async fn main() {
         .metrics
         .messages_acked
         .load(std::sync::atomic::Ordering::Relaxed);
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
     let result = serde_json::json!({
         "benchmark": "alert_latency",
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },

@@ -157,7 +157,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
     if let Some(s3) = s3.as_mut() {
         s3.stop().await;
     }

@@ -37,9 +37,14 @@ impl Backoff {
     pub(crate) fn new() -> Self {
         Self(BACKOFF_START)
     }
-    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+    /// The next pause (and doubles the one after, up to the maximum).
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.0;
         self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d
+    }
+    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let d = self.next_delay();
         tokio::select! {
             _ = cancel.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
@@ -90,6 +95,8 @@ pub struct Committer {
     writers: Vec<TableWriter>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    /// How long commits are retried once ingest is cancelled (shutdown).
+    grace: Duration,
 }
 
 impl Committer {
@@ -97,11 +104,13 @@ impl Committer {
         writers: Vec<TableWriter>,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
+        grace: Duration,
     ) -> Self {
         Self {
             writers,
             metrics,
             cancel,
+            grace,
         }
     }
 
@@ -126,7 +135,16 @@ impl Committer {
     pub async fn run(&mut self, job: Job) -> bool {
         debug_assert_eq!(job.rows.len(), self.writers.len());
         for (writer, rows) in self.writers.iter_mut().zip(&job.rows) {
-            if !commit(&self.metrics, &self.cancel, writer, rows, job.version).await {
+            if !commit(
+                &self.metrics,
+                &self.cancel,
+                self.grace,
+                writer,
+                rows,
+                job.version,
+            )
+            .await
+            {
                 return false;
             }
         }
@@ -167,6 +185,7 @@ impl Committer {
         commit(
             &self.metrics,
             &self.cancel,
+            self.grace,
             &mut self.writers[i],
             rows,
             version,
@@ -194,18 +213,21 @@ impl Committer {
     }
 }
 
-/// Commits one table, retrying with backoff until it succeeds or the engine is cancelled.
+/// Commits one table, retrying with backoff until it succeeds, or, once ingest is cancelled
+/// (shutdown), for at most `grace`; then the stop is recorded (`/healthz`, a non-zero exit) with
+/// what was not committed.
 async fn commit(
     metrics: &Metrics,
     cancel: &CancellationToken,
+    grace: Duration,
     writer: &mut TableWriter,
     batch: &RecordBatch,
     version: i64,
 ) -> bool {
     let table = metrics.table(&writer.id().to_string());
     let mut backoff = Backoff::new();
-    // Once cancelled, keep trying for a short while to finish the in-flight batch.
-    let mut attempts_after_cancel = 0;
+    // Set when a failure is first seen after cancellation: the end of the grace period.
+    let mut deadline: Option<Instant> = None;
     loop {
         let started = Instant::now();
         match writer.commit(batch, "stream_seq", version).await {
@@ -221,22 +243,27 @@ async fn commit(
             Err(e) if !e.is_transient() => {
                 // Retrying cannot help (e.g. a pipeline changed a column's type): stop ingest
                 // and say why; nothing of the batch is acked.
-                let reason = format!("ingest stopped: {e}");
-                tracing::error!(%reason);
                 metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
-                metrics.set_last_error("ingest", &reason);
-                metrics.ingest_stopped.store(1, Ordering::Relaxed);
+                metrics.stop_ingest(&format!("ingest stopped: {e}"));
                 cancel.cancel();
                 return false;
             }
             Err(e) => {
                 storage_failed(metrics, &e.to_string());
                 if cancel.is_cancelled() {
-                    attempts_after_cancel += 1;
-                    if attempts_after_cancel > 3 {
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + grace);
+                    let now = Instant::now();
+                    if now >= deadline {
+                        metrics.stop_ingest(&format!(
+                            "shutdown: {} rows up to stream sequence {version} were not committed to {} within ingest.shutdown_grace_s ({} s): {e}; they are not acknowledged and come back at the next start",
+                            batch.num_rows(),
+                            writer.id(),
+                            grace.as_secs()
+                        ));
                         return false;
                     }
-                    tokio::time::sleep(BACKOFF_START).await;
+                    let pause = backoff.next_delay().min(deadline - now);
+                    tokio::time::sleep(pause).await;
                 } else {
                     // Returns early when cancelled; later attempts then count as above.
                     backoff.wait(cancel).await;
@@ -265,7 +292,11 @@ impl Commits {
         let Some(handle) = self.busy.take() else {
             return true;
         };
-        let (committer, ok) = handle.await.expect("the commit task panicked");
+        let (committer, ok) = match handle.await {
+            Ok(done) => done,
+            // The supervisor in `serve` reports the panic with its own message.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         self.idle = Some(committer);
         ok
     }

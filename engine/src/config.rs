@@ -76,6 +76,11 @@ pub const KEYS: &[Key] = &[
         help: "commit at least this often while messages arrive",
     },
     Key {
+        name: "ingest.shutdown_grace_s",
+        default: "30",
+        help: "on SIGTERM, how long failing commits of in-flight messages are retried before serve gives up and exits non-zero (they are redelivered at the next start)",
+    },
+    Key {
         name: "ingest.ack_wait_s",
         default: "300",
         help: "JetStream ack wait: longer than any commit, so an in-flight batch is never redelivered",
@@ -256,6 +261,7 @@ impl Config {
             | "ingest.commit_rows"
             | "ingest.commit_interval_ms"
             | "ingest.ack_wait_s"
+            | "ingest.shutdown_grace_s"
             | "alerts.duplicate_window_s" => match value.parse::<u64>() {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(bad("a positive integer")),
@@ -337,6 +343,10 @@ impl Config {
     }
     pub fn commit_interval(&self) -> Duration {
         Duration::from_millis(self.number("ingest.commit_interval_ms"))
+    }
+    /// How long a shutdown keeps retrying the commits of in-flight messages.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.number("ingest.shutdown_grace_s"))
     }
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.number("ingest.ack_wait_s"))

@@ -133,10 +133,11 @@ pub async fn run(
     if let Some(p) = publisher {
         let _ = p.await;
     }
-    engine.shutdown().await;
+    let stopped = engine.shutdown().await;
     if let Some(mut server) = child {
         server.stop().await;
     }
+    stopped.map_err(|reason| format!("stopped with work unfinished: {reason}"))?;
     eprintln!("· stopped");
     Ok(())
 }

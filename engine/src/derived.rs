@@ -77,16 +77,46 @@ pub fn alert_json(t: &Transition, emitted_us: i64) -> serde_json::Value {
     })
 }
 
-/// A NATS subject token for a key: NATS separators and wildcards become `_`.
+/// The longest subject token fleetlake makes from a rule name or a key, in bytes. nats-server
+/// closes the connection of a client whose protocol line passes 4 KB (`maximum control line
+/// exceeded`), so a subject built from a device's key must be bounded.
+pub const MAX_SUBJECT_TOKEN: usize = 128;
+
+/// A NATS subject token for a rule name or key: separators, wildcards, whitespace and control
+/// characters become `_`; a token longer than [`MAX_SUBJECT_TOKEN`] bytes is cut (at a character
+/// boundary) and ends in `~` and 16 hex digits of a hash of the whole key, so distinct keys keep
+/// distinct subjects. The full key is in the alert's body.
 pub fn subject_token(key: &str) -> String {
     let t: String = key
         .chars()
         .map(|c| match c {
-            '.' | '*' | '>' | ' ' | '\t' | '\r' | '\n' => '_',
+            '.' | '*' | '>' => '_',
+            c if c.is_whitespace() || c.is_control() => '_',
             c => c,
         })
         .collect();
-    if t.is_empty() { "_".into() } else { t }
+    if t.is_empty() {
+        return "_".into();
+    }
+    if t.len() <= MAX_SUBJECT_TOKEN {
+        return t;
+    }
+    let hash = fleetlake_sql::rules::stable_hash(&[key]);
+    let room = MAX_SUBJECT_TOKEN - 17;
+    let mut prefix = String::with_capacity(MAX_SUBJECT_TOKEN);
+    for c in t.chars() {
+        if prefix.len() + c.len_utf8() > room {
+            break;
+        }
+        prefix.push(c);
+    }
+    format!("{prefix}~{hash:016x}")
+}
+
+/// The subject an alert transition is published on: `alerts.<rule>.<key>`, each token bounded
+/// (see [`subject_token`]).
+pub fn alert_subject(rule: &str, key: &str) -> String {
+    format!("alerts.{}.{}", subject_token(rule), subject_token(key))
 }
 
 /// What the derived stage made of one micro-batch.
@@ -114,12 +144,25 @@ pub struct DerivedStage {
 /// Publishes each transition and waits until JetStream has stored them all.
 async fn send(js: &jetstream::Context, transitions: &[Transition]) -> Result<(), String> {
     let now = chrono::Utc::now().timestamp_micros();
+    let max_payload = js.client().server_info().max_payload;
     let mut acks = Vec::new();
     for t in transitions {
-        let subject = format!("alerts.{}.{}", t.rule, subject_token(&t.key));
+        let subject = alert_subject(&t.rule, &t.key);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, t.alert_id.as_str());
-        let payload = serde_json::to_vec(&alert_json(t, now)).expect("serializable");
+        let mut alert = alert_json(t, now);
+        let mut payload = serde_json::to_vec(&alert).expect("serializable");
+        if max_payload > 0 && payload.len() + 256 > max_payload {
+            // Retrying cannot make it fit: the values are left out (they are in final.alerts),
+            // and the key is cut if it alone is too long.
+            alert["values"] = serde_json::json!({"omitted": "the alert was larger than the NATS server's max_payload; see final.alerts"});
+            alert["values_omitted"] = serde_json::Value::Bool(true);
+            if t.key.len() + 1024 > max_payload {
+                alert["key"] = serde_json::Value::String(subject_token(&t.key));
+            }
+            payload = serde_json::to_vec(&alert).expect("serializable");
+            tracing::warn!(rule = %t.rule, alert_id = %t.alert_id, max_payload, "alert too large for NATS: published without its values");
+        }
         let ack = js
             .publish_with_headers(subject, headers, payload.into())
             .await

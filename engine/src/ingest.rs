@@ -33,7 +33,7 @@ use crate::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage
 use crate::config::Config;
 use crate::derived::{DerivedStage, OpenError};
 use crate::metrics::Metrics;
-use crate::pipelines::{Declared, PipelineStage, StageOutput};
+use crate::pipelines::{Declared, PipelineStage, StageError, StageOutput};
 use crate::rules::{RuleChange, RuleUpdate};
 use crate::source::Source;
 
@@ -87,7 +87,12 @@ async fn open(
     )
     .await?;
     writers.extend(derived_writers);
-    let committer = Committer::new(writers, metrics.clone(), cancel.clone());
+    let committer = Committer::new(
+        writers,
+        metrics.clone(),
+        cancel.clone(),
+        config.shutdown_grace(),
+    );
     let stages = Stages {
         stage,
         derived,
@@ -114,10 +119,7 @@ pub async fn run(
         match open(&lake, &config, &declared, &metrics, &cancel).await {
             Ok(w) => break w,
             Err(OpenError::Invalid(e)) => {
-                let reason = format!("ingest stopped: {e}");
-                tracing::error!(%reason);
-                metrics.set_last_error("ingest", &reason);
-                metrics.ingest_stopped.store(1, Ordering::Relaxed);
+                metrics.stop_ingest(&format!("ingest stopped: {e}"));
                 return;
             }
             Err(OpenError::Storage(e)) => {
@@ -158,6 +160,14 @@ pub async fn run(
         let start = ingest.commits.idle().await.0.resume_at();
         let mut source = match Source::open(&ingest.config, start).await {
             Ok(source) => source,
+            Err(crate::source::OpenError::Mismatch(e)) => {
+                // Consuming would silently skip the new stream's first messages: say so and
+                // wait for an operator (`serve` exits non-zero).
+                ingest.metrics.set_last_error("source", &e.to_string());
+                ingest.metrics.source_up.store(0, Ordering::Relaxed);
+                ingest.metrics.stop_ingest(&format!("ingest stopped: {e}"));
+                return;
+            }
             Err(e) => {
                 ingest.source_failed(&e.to_string());
                 if !backoff.wait(&ingest.cancel).await {
@@ -171,6 +181,9 @@ pub async fn run(
         backoff = Backoff::new();
         match ingest.pump(&mut source, &mut stages).await {
             Pumped::Stopped => return,
+            Pumped::Reopen(reason) => {
+                tracing::warn!(%reason, "reopening the consumer at the lake's position");
+            }
             Pumped::SourceLost(reason) => {
                 ingest.source_failed(&reason);
                 if !backoff.wait(&ingest.cancel).await {
@@ -195,6 +208,8 @@ async fn next_change(changes: &mut Option<mpsc::Receiver<RuleChange>>) -> Option
 enum Pumped {
     Stopped,
     SourceLost(String),
+    /// Everything taken is committed; the consumer must be recreated at the lake's position.
+    Reopen(String),
 }
 
 struct Ingest {
@@ -343,7 +358,9 @@ impl Ingest {
     async fn pump_until(&mut self, source: &mut Source, stages: &mut Stages) -> Pumped {
         let mut buffer = Buffer::default();
         // Redeliveries (ack wait expired during a long outage) are at or below this.
-        let mut highest_seen = source.start.saturating_sub(1);
+        let mut highest_seen = source.first.saturating_sub(1);
+        // The highest sequence taken when the server was last seen to have delivered more.
+        let mut undelivered_at: Option<u64> = None;
         let interval = self.config.commit_interval();
         loop {
             let wait = match buffer.first_at {
@@ -380,6 +397,38 @@ impl Ingest {
                     if !self.flush(&mut buffer, stages).await {
                         return Pumped::Stopped;
                     }
+                    // Idle: did the server deliver messages the client library never handed
+                    // over (it drops a delivery it cannot parse, and what came with it)?
+                    let Ok(delivered) = source.delivered().await else {
+                        continue;
+                    };
+                    if delivered <= highest_seen {
+                        undelivered_at = None;
+                        continue;
+                    }
+                    // Seen twice, a commit interval apart: not merely still in flight.
+                    if undelivered_at != Some(highest_seen) {
+                        undelivered_at = Some(highest_seen);
+                        continue;
+                    }
+                    let from = highest_seen + 1;
+                    if let Err(e) = self
+                        .fetch_before(source, delivered + 1, &mut buffer, &mut highest_seen)
+                        .await
+                    {
+                        if !self.flush(&mut buffer, stages).await {
+                            return Pumped::Stopped;
+                        }
+                        return Pumped::SourceLost(e);
+                    }
+                    if !self.flush(&mut buffer, stages).await {
+                        return Pumped::Stopped;
+                    }
+                    // They are committed with nothing to acknowledge them by: the consumer is
+                    // recreated after the lake's position.
+                    return Pumped::Reopen(format!(
+                        "stream sequences {from}..={delivered} were delivered but not handed over by the NATS client; read them by sequence"
+                    ));
                 }
                 Ok(None) => {
                     self.flush(&mut buffer, stages).await;
@@ -392,6 +441,15 @@ impl Ingest {
                     return Pumped::SourceLost(e.to_string());
                 }
                 Ok(Some(Ok(message))) => {
+                    if let Err(e) = self
+                        .fill_gap(source, &message, &mut buffer, &mut highest_seen)
+                        .await
+                    {
+                        if !self.flush(&mut buffer, stages).await {
+                            return Pumped::Stopped;
+                        }
+                        return Pumped::SourceLost(e);
+                    }
                     if !self.take(message, &mut buffer, &mut highest_seen) {
                         continue;
                     }
@@ -399,6 +457,15 @@ impl Ingest {
                     while buffer.messages.len() < self.config.commit_rows() {
                         match tokio::time::timeout(Duration::ZERO, source.next()).await {
                             Ok(Some(Ok(message))) => {
+                                if let Err(e) = self
+                                    .fill_gap(source, &message, &mut buffer, &mut highest_seen)
+                                    .await
+                                {
+                                    if !self.flush(&mut buffer, stages).await {
+                                        return Pumped::Stopped;
+                                    }
+                                    return Pumped::SourceLost(e);
+                                }
                                 self.take(message, &mut buffer, &mut highest_seen);
                             }
                             Ok(Some(Err(e))) => {
@@ -464,6 +531,65 @@ impl Ingest {
             }
         }
         self.metrics.record_rules(&[], &stages.derived.firing());
+        Ok(())
+    }
+
+    /// Keeps what ingest takes contiguous: when `message` is ahead of the next stream sequence
+    /// expected, the messages in between were not delivered (async-nats drops a delivery whose
+    /// subject or headers it cannot parse, without an error), so each is read directly by its
+    /// sequence and taken as received; one the stream no longer holds (deleted) is skipped. An
+    /// error reading one is returned: nothing at or past it may be acknowledged.
+    async fn fill_gap(
+        &self,
+        source: &Source,
+        message: &jetstream::Message,
+        buffer: &mut Buffer,
+        highest_seen: &mut u64,
+    ) -> Result<(), String> {
+        let Ok(info) = message.info() else {
+            return Ok(());
+        };
+        self.fetch_before(source, info.stream_sequence, buffer, highest_seen)
+            .await
+    }
+
+    /// Reads the messages after `highest_seen` and before stream sequence `next` directly (see
+    /// [`Ingest::fill_gap`]).
+    async fn fetch_before(
+        &self,
+        source: &Source,
+        next: u64,
+        buffer: &mut Buffer,
+        highest_seen: &mut u64,
+    ) -> Result<(), String> {
+        while *highest_seen + 1 < next {
+            let seq = *highest_seen + 1;
+            match source.fetch(seq).await.map_err(|e| {
+                format!("stream sequence {seq} was not delivered and could not be read: {e}")
+            })? {
+                Some(fetched) => {
+                    tracing::warn!(
+                        seq,
+                        subject = %fetched.subject.escape_debug(),
+                        "the NATS client did not deliver this message; read it by its stream sequence"
+                    );
+                    self.metrics.messages_pulled.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .messages_refetched
+                        .fetch_add(1, Ordering::Relaxed);
+                    buffer.messages.push(RawMessage {
+                        payload: fetched.payload,
+                        subject: fetched.subject,
+                        stream_seq: seq as i64,
+                        msg_id: fetched.msg_id,
+                        received_at_us: chrono::Utc::now().timestamp_micros(),
+                    });
+                    buffer.first_at.get_or_insert_with(Instant::now);
+                }
+                None => tracing::debug!(seq, "no message at this stream sequence (deleted)"),
+            }
+            *highest_seen = seq;
+        }
         Ok(())
     }
 
@@ -539,7 +665,9 @@ impl Ingest {
             Ok(d) => d,
             Err(e) => {
                 // A bug in decoding must not lose data: keep the raw rows and stop here.
-                tracing::error!(error = %e, "decoding failed; committing raw only and stopping");
+                self.metrics.stop_ingest(&format!(
+                    "ingest stopped: decoding failed (a bug; the raw rows are kept): {e}"
+                ));
                 let raw = raw_batch(&buffer.messages);
                 let version = raw_version(&buffer.messages);
                 let (committer, ok) = self.commits.idle().await;
@@ -554,7 +682,8 @@ impl Ingest {
         let usable = match self.dedup.filter(&decoded.usable) {
             Ok(u) => u,
             Err(e) => {
-                tracing::error!(error = %e, "deduplication failed; stopping");
+                self.metrics
+                    .stop_ingest(&format!("ingest stopped: deduplication failed: {e}"));
                 self.cancel.cancel();
                 return false;
             }
@@ -576,10 +705,8 @@ impl Ingest {
             let derived = match stages.derived.process(&tables, &references).await {
                 Ok(d) => d,
                 Err(e) => {
-                    let reason = format!("ingest stopped: window or rule failed: {e}");
-                    tracing::error!(%reason);
-                    self.metrics.set_last_error("ingest", &reason);
-                    self.metrics.ingest_stopped.store(1, Ordering::Relaxed);
+                    self.metrics
+                        .stop_ingest(&format!("ingest stopped: window or rule failed: {e}"));
                     self.cancel.cancel();
                     return false;
                 }
@@ -686,11 +813,16 @@ impl Ingest {
                     self.cancel.cancel();
                     return None;
                 }
-                Err(e) => {
+                Err(StageError::Storage(e)) => {
                     storage_failed(&self.metrics, &e);
                     if !backoff.wait(&self.cancel).await {
                         return None;
                     }
+                }
+                Err(StageError::Failed(e)) => {
+                    self.metrics.stop_ingest(&format!("ingest stopped: {e}"));
+                    self.cancel.cancel();
+                    return None;
                 }
             }
         }

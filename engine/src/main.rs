@@ -233,8 +233,21 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     Config::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Stack of each runtime thread. DataFusion plans and evaluates expressions recursively; queries
+/// are also bounded before planning (`fleetlake_sql::query::check_size`), and this leaves room
+/// for what stays under those bounds in a debug build.
+const THREAD_STACK_BYTES: usize = 16 * 1024 * 1024;
+
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(THREAD_STACK_BYTES)
+        .build()
+        .expect("starting the async runtime");
+    runtime.block_on(async_main())
+}
+
+async fn async_main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLEETLAKE_LOG").unwrap_or_else(|_| {
@@ -288,10 +301,25 @@ async fn run(cli: Cli) -> Result<(), String> {
             let engine = Engine::start(config, env, true)
                 .await
                 .map_err(|e| e.to_string())?;
-            shutdown_signal().await;
-            eprintln!("stopping: committing what is in flight…");
-            engine.shutdown().await;
-            Ok(())
+            let failed = tokio::select! {
+                _ = shutdown_signal() => None,
+                reason = engine.ingest_failed() => Some(reason),
+            };
+            match failed {
+                None => {
+                    eprintln!("stopping: committing what is in flight…");
+                    engine
+                        .shutdown()
+                        .await
+                        .map_err(|reason| format!("stopped with work unfinished: {reason}"))
+                }
+                Some(reason) => {
+                    // Exiting non-zero lets a supervisor restart the engine; what was not
+                    // acknowledged is redelivered then.
+                    let _ = engine.shutdown().await;
+                    Err(format!("ingest stopped: {reason}"))
+                }
+            }
         }
         Command::Simulate(args) => {
             let sim = args.to_config(false)?;

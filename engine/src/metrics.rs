@@ -124,6 +124,8 @@ pub struct Metrics {
     pub dedup_keys: AtomicI64,
     pub batch_latency: Histogram,
     pub consumer_lag: AtomicI64,
+    /// Messages the NATS client did not deliver, read directly by their stream sequence.
+    pub messages_refetched: AtomicU64,
     pub storage_errors: AtomicU64,
     pub source_errors: AtomicU64,
     /// 1 while the last commit attempt succeeded.
@@ -154,6 +156,7 @@ impl Default for Metrics {
             dedup_keys: AtomicI64::new(0),
             batch_latency: Histogram::new(),
             consumer_lag: AtomicI64::new(0),
+            messages_refetched: AtomicU64::new(0),
             storage_errors: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
             storage_up: AtomicI64::new(1),
@@ -190,6 +193,33 @@ impl Metrics {
         let mut errors = self.last_errors.lock().expect("metrics lock");
         errors.retain(|(c, _, _)| *c != component);
         errors.push((component, reason.to_string(), chrono::Utc::now()));
+    }
+
+    /// Records that ingest has stopped for `reason` (a panic, an error retrying cannot fix, or
+    /// in-flight messages that could not be committed before shutdown): `/healthz` answers 503
+    /// naming it, and `fleetlake serve` exits non-zero.
+    pub fn stop_ingest(&self, reason: &str) {
+        tracing::error!(%reason, "ingest stopped");
+        self.set_last_error("ingest", reason);
+        self.ingest_stopped.store(1, Ordering::Relaxed);
+    }
+
+    /// Why ingest is not running, when it stopped on its own (see [`Metrics::stop_ingest`]) or a
+    /// `FAIL` expectation stopped the pipelines.
+    pub fn stopped_reason(&self) -> Option<String> {
+        for (flag, component) in [
+            (&self.ingest_stopped, "ingest"),
+            (&self.pipeline_failed, "pipeline"),
+        ] {
+            if flag.load(Ordering::Relaxed) != 0 {
+                let reason = self
+                    .last_error(component)
+                    .map(|(r, _)| r)
+                    .unwrap_or_else(|| format!("{component} stopped"));
+                return Some(reason);
+            }
+        }
+        None
     }
 
     /// The last error of a component and when it happened.
@@ -339,6 +369,12 @@ impl Metrics {
             "Messages in the stream not yet delivered to fleetlake's consumer.",
             "gauge",
             self.consumer_lag.load(Ordering::Relaxed).to_string(),
+        );
+        counter(
+            "fleetlake_messages_refetched_total",
+            "Messages the NATS client did not deliver (a subject or header it cannot parse), read directly by their stream sequence.",
+            "counter",
+            load(&self.messages_refetched),
         );
         counter(
             "fleetlake_storage_errors_total",

@@ -66,6 +66,20 @@ impl StageOutput {
     }
 }
 
+/// Why the pipeline stage could not process a batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StageError {
+    /// The reference tables could not be read (an outside system): nothing has changed, the
+    /// batch may be retried.
+    #[error("reading the reference tables: {0}")]
+    Storage(String),
+    /// A pipeline failed in a way retrying cannot fix (row-level errors are quarantined, not
+    /// reported here); pipelines' state may have advanced, so the batch must not be retried in
+    /// this process: ingest stops, and a restart rebuilds the state from the lake.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// What `serve` runs: the pipelines, and the window tables and rules over their tables.
 #[derive(Default, Clone)]
 pub struct Declared {
@@ -251,8 +265,13 @@ impl PipelineStage {
     pub async fn process(
         &mut self,
         raw: &RecordBatch,
-    ) -> Result<Result<StageOutput, PipelineFailure>, String> {
-        let references = self.refresh_references().await?;
+    ) -> Result<Result<StageOutput, PipelineFailure>, StageError> {
+        // Reading the reference tables is the only step that may fail for an outside reason,
+        // and it comes before any pipeline's state (dedup) is touched: retrying it is safe.
+        let references = self
+            .refresh_references()
+            .await
+            .map_err(StageError::Storage)?;
         let mut out = StageOutput {
             tables: Vec::new(),
             quarantine: Vec::new(),
@@ -260,12 +279,15 @@ impl PipelineStage {
             references: references.clone(),
         };
         for p in &mut self.pipelines {
-            let rows = p.runner.claimed_rows(raw).map_err(|e| e.to_string())?;
+            let failed = |e: fleetlake_sql::Error| {
+                StageError::Failed(format!("pipeline {}: {e}", p.runner.name))
+            };
+            let rows = p.runner.claimed_rows(raw).map_err(failed)?;
             let result = p
                 .runner
                 .run(&rows, &out.references, p.dedup.as_mut())
                 .await
-                .map_err(|e| format!("pipeline {}: {e}", p.runner.name))?;
+                .map_err(failed)?;
             let output = match result {
                 Ok(o) => o,
                 Err(failure) => return Ok(Err(failure)),

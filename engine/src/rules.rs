@@ -200,6 +200,14 @@ impl Rules {
         check_name(name)?;
         let path = self.managed_path(name);
         let shown = path.strip_prefix(&self.dir).unwrap_or(&path).to_path_buf();
+        // Too deep to plan safely: refused before parsing (as `/v1/query` does).
+        fleetlake_sql::query::check_size(sql).map_err(|e| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_rule",
+                format!("{}: {e}", shown.display()),
+            )
+        })?;
         let file = parse_file(sql).map_err(|e| {
             refused(
                 StatusCode::BAD_REQUEST,

@@ -26,6 +26,8 @@ pub struct Engine {
     ingest_stop: CancellationToken,
     http_stop: CancellationToken,
     ingest: JoinSet<()>,
+    /// Cancelled once the ingest task has ended, for whatever reason.
+    ingest_ended: CancellationToken,
     http: JoinSet<()>,
 }
 
@@ -132,14 +134,21 @@ impl Engine {
             }
         });
         let mut tasks = JoinSet::new();
+        let ingest_ended = CancellationToken::new();
         if ingest {
-            tasks.spawn(crate::ingest::run(
+            let run = tokio::spawn(crate::ingest::run(
                 config,
                 lake.clone(),
                 declared,
                 rule_changes,
                 metrics.clone(),
                 ingest_stop.clone(),
+            ));
+            tasks.spawn(supervise(
+                run,
+                metrics.clone(),
+                ingest_stop.clone(),
+                ingest_ended.clone(),
             ));
         }
         tracing::info!(%addr, lake = %lake.root(), "fleetlake is serving");
@@ -150,16 +159,40 @@ impl Engine {
             ingest_stop,
             http_stop,
             ingest: tasks,
+            ingest_ended,
             http,
         })
     }
 
-    /// Stops in order: ingest (commits and acks what is in flight), then HTTP.
-    pub async fn shutdown(mut self) {
+    /// Resolves with the reason once ingest has stopped on its own (a panic, an error that
+    /// retrying cannot fix, a `FAIL` expectation, a stream that is not the lake's); never while
+    /// it runs. `fleetlake serve` then shuts down and exits non-zero, so a supervisor restarts it.
+    pub async fn ingest_failed(&self) -> String {
+        loop {
+            self.ingest_ended.cancelled().await;
+            if let Some(reason) = self.metrics.stopped_reason() {
+                return reason;
+            }
+            if !self.ingest_stop.is_cancelled() {
+                return "ingest ended".into();
+            }
+            // Ended because shutdown was asked for: not a failure.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Stops in order: ingest (commits and acks what is in flight, retrying failed commits for
+    /// `ingest.shutdown_grace_s`), then HTTP. An error says what ingest could not finish (the
+    /// messages it did not acknowledge come back at the next start); `serve` exits non-zero.
+    pub async fn shutdown(mut self) -> Result<(), String> {
         self.ingest_stop.cancel();
         while self.ingest.join_next().await.is_some() {}
         self.http_stop.cancel();
         while self.http.join_next().await.is_some() {}
+        match self.metrics.stopped_reason() {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
     }
 }
 
@@ -212,6 +245,41 @@ async fn load_pipelines(config: &Config) -> Result<(Declared, Vec<PathBuf>), Sta
     Ok((declared, rule_files))
 }
 
+/// Waits for the ingest task and records how it ended: a panic in ingest (or in the commit task
+/// it awaits) is recorded as ingest stopping with the panic's message, so `/healthz` says so and
+/// `serve` exits non-zero; so is an ingest that ends without being asked to. `ended` is cancelled
+/// once it has ended, whatever the reason.
+async fn supervise(
+    run: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    ended: CancellationToken,
+) {
+    match run.await {
+        Ok(()) if !stop.is_cancelled() && metrics.stopped_reason().is_none() => {
+            metrics.stop_ingest("ingest ended without being asked to stop");
+        }
+        Ok(()) => {}
+        Err(e) => {
+            let reason = match e.try_into_panic() {
+                Ok(panic) => format!("ingest panicked: {}", panic_message(&panic)),
+                Err(e) => format!("ingest task failed: {e}"),
+            };
+            metrics.stop_ingest(&reason);
+        }
+    }
+    ended.cancel();
+}
+
+/// The text of a panic's payload (`&str` or `String`, as `panic!` makes them).
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -227,5 +295,40 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn supervised(
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Arc<Metrics> {
+        let metrics = Arc::new(Metrics::default());
+        let (stop, ended) = (CancellationToken::new(), CancellationToken::new());
+        supervise(tokio::spawn(task), metrics.clone(), stop, ended.clone()).await;
+        assert!(ended.is_cancelled());
+        metrics
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_ingest_is_reported_with_its_message() {
+        let metrics = supervised(async { panic!("attempt to add with overflow") }).await;
+        assert_eq!(
+            metrics.stopped_reason().as_deref(),
+            Some("ingest panicked: attempt to add with overflow")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ingest_that_ends_unasked_is_reported() {
+        let metrics = supervised(async {}).await;
+        assert!(
+            metrics
+                .stopped_reason()
+                .unwrap()
+                .contains("without being asked")
+        );
     }
 }

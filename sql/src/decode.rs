@@ -14,9 +14,10 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, Date32Array, RecordBatch, StringArray, UInt32Array,
+    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Date32Array, RecordBatch, StringArray,
+    UInt32Array,
 };
-use arrow::compute::{cast, concat_batches, take, take_record_batch};
+use arrow::compute::{cast, concat_batches, filter_record_batch, take, take_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::json::ReaderBuilder;
 use fleetlake_zones::schema::{RAW_QUARANTINE, RAW_TELEMETRY, USABLE_TELEMETRY};
@@ -106,15 +107,189 @@ pub fn decode_json(raw: &RecordBatch, schema: &SchemaRef) -> Result<JsonRows> {
         }
     }
     let mut parts: Vec<(Vec<u32>, RecordBatch)> = Vec::new();
-    decode_isolating(schema, payloads, &candidates, &mut parts, &mut rejected);
+    decode_isolating(
+        schema,
+        payloads,
+        &candidates,
+        &mut parts,
+        &mut rejected,
+        false,
+    );
     let decoded_batches: Vec<RecordBatch> = parts.iter().map(|(_, b)| b.clone()).collect();
     let decoded = concat_batches(schema, &decoded_batches).map_err(internal)?;
     let rows: Vec<u32> = parts.into_iter().flat_map(|(idx, _)| idx).collect();
+    let problems = check_types(schema, payloads, &decoded, &rows)?;
+    if problems.iter().all(Option::is_none) {
+        return Ok(JsonRows {
+            decoded,
+            rows,
+            rejected,
+        });
+    }
+    let keep: BooleanArray = problems.iter().map(|p| Some(p.is_none())).collect();
+    let decoded = filter_record_batch(&decoded, &keep).map_err(internal)?;
+    let mut kept = Vec::with_capacity(decoded.num_rows());
+    for (row, problem) in rows.into_iter().zip(problems) {
+        match problem {
+            None => kept.push(row),
+            Some(reason) => rejected.push((row, reason)),
+        }
+    }
     Ok(JsonRows {
         decoded,
-        rows,
+        rows: kept,
         rejected,
     })
+}
+
+/// Whether arrow-json may have changed a value of this type while decoding it: it truncates a
+/// fractional JSON number into an integer, a date (days) or a timestamp (epoch milliseconds).
+fn coercible(data_type: &DataType) -> bool {
+    data_type.is_integer() || matches!(data_type, DataType::Date32 | DataType::Timestamp(..))
+}
+
+/// The declared type decides: per decoded row, the reason it must be quarantined because a value
+/// is not of its column's type. arrow-json truncates `2.5` into the integer 2 (and into day 2, or
+/// 2 ms): the columns where that can happen are decoded a second time as their JSON text, and a
+/// number whose text is not exactly the decoded integer is refused. Floating-point columns refuse
+/// a number beyond their range (which would read as infinity).
+fn check_types(
+    schema: &SchemaRef,
+    payloads: &BinaryArray,
+    decoded: &RecordBatch,
+    rows: &[u32],
+) -> Result<Vec<Option<String>>> {
+    let n = decoded.num_rows();
+    let mut problems: Vec<Option<String>> = vec![None; n];
+    for (c, field) in schema.fields().iter().enumerate() {
+        let column = decoded.column(c);
+        let mut note = |i: usize, text: &str| {
+            problems[i].get_or_insert_with(|| {
+                format!(
+                    "{} is {text}, expected {}",
+                    field.name(),
+                    expected_type(field.data_type())
+                )
+            });
+        };
+        match field.data_type() {
+            DataType::Float64 => {
+                let values = column.as_primitive::<arrow::datatypes::Float64Type>();
+                for (i, v) in values.iter().enumerate() {
+                    if v.is_some_and(|v| !v.is_finite()) {
+                        note(i, "a number beyond the range of DOUBLE");
+                    }
+                }
+            }
+            DataType::Float32 => {
+                let values = column.as_primitive::<arrow::datatypes::Float32Type>();
+                for (i, v) in values.iter().enumerate() {
+                    if v.is_some_and(|v| !v.is_finite()) {
+                        note(i, "a number beyond the range of FLOAT");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let strict: Vec<usize> = (0..schema.fields().len())
+        .filter(|c| coercible(schema.field(*c).data_type()))
+        .collect();
+    if strict.is_empty() || n == 0 {
+        return Ok(problems);
+    }
+    // The same payloads, with those columns read as their JSON text.
+    let texts = Arc::new(Schema::new(
+        strict
+            .iter()
+            .map(|c| Field::new(schema.field(*c).name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let mut parts: Vec<(Vec<u32>, RecordBatch)> = Vec::new();
+    let mut failed: Vec<(u32, String)> = Vec::new();
+    decode_isolating(&texts, payloads, rows, &mut parts, &mut failed, true);
+    let text_rows: Vec<u32> = parts
+        .iter()
+        .flat_map(|(idx, _)| idx.iter().copied())
+        .collect();
+    let text_batch = concat_batches(
+        &texts,
+        &parts.into_iter().map(|(_, b)| b).collect::<Vec<_>>(),
+    )
+    .map_err(internal)?;
+    let failed: std::collections::HashMap<u32, String> = failed.into_iter().collect();
+    // The decoded values as i64 (integers, days, epoch milliseconds).
+    let values: Vec<ArrayRef> = strict
+        .iter()
+        .map(|c| {
+            let column = decoded.column(*c);
+            match column.data_type() {
+                DataType::Date32 => cast(&cast(column, &DataType::Int32)?, &DataType::Int64),
+                _ => cast(column, &DataType::Int64),
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map_err(internal)?;
+    let mut at = 0;
+    for (i, row) in rows.iter().enumerate() {
+        if let Some(reason) = failed.get(row) {
+            problems[i].get_or_insert_with(|| reason.clone());
+            continue;
+        }
+        debug_assert_eq!(text_rows.get(at), Some(row));
+        for (t, c) in strict.iter().enumerate() {
+            let field = schema.field(*c);
+            let values = values[t].as_primitive::<arrow::datatypes::Int64Type>();
+            let texts = text_batch.column(t).as_string::<i32>();
+            if values.is_null(i) || texts.is_null(at) {
+                continue;
+            }
+            let value = values.value(i);
+            let text = texts.value(at);
+            if !integer_text_is(text, value, field.data_type().is_integer()) {
+                problems[i].get_or_insert_with(|| {
+                    format!(
+                        "{} is {text}, expected {}",
+                        field.name(),
+                        expected_type(field.data_type())
+                    )
+                });
+            }
+        }
+        at += 1;
+    }
+    Ok(problems)
+}
+
+/// True when `text` (a JSON value's text) is exactly the integer `value`: an integer literal, or
+/// a number that is an exact integer below 2^53 (`2.0`, `1e3`). A date or time given as a string
+/// (`"2026-05-01"`; `integer_only` false) is the parser's business and passes.
+fn integer_text_is(text: &str, value: i64, integer_only: bool) -> bool {
+    if let Ok(n) = text.parse::<i64>() {
+        return n == value;
+    }
+    match text.parse::<f64>() {
+        Ok(f) => {
+            f.is_finite()
+                && f.fract() == 0.0
+                && f.abs() < 9_007_199_254_740_992.0
+                && f as i64 == value
+        }
+        Err(_) => !integer_only,
+    }
+}
+
+/// How a type is named in a reason.
+fn expected_type(data_type: &DataType) -> String {
+    match data_type {
+        DataType::Int64 => "an integer (BIGINT, -9223372036854775808..9223372036854775807)".into(),
+        DataType::Int32 => "an integer (INT, -2147483648..2147483647)".into(),
+        DataType::Date32 => "a date (\"YYYY-MM-DD\" or whole days since 1970-01-01)".into(),
+        DataType::Timestamp(..) => "a time (RFC 3339 string or whole epoch milliseconds)".into(),
+        DataType::Float64 => "a number (DOUBLE)".into(),
+        DataType::Float32 => "a number (FLOAT)".into(),
+        other => format!("a value of type {other}"),
+    }
 }
 
 /// `raw.quarantine` rows: the given raw rows with their reasons.
@@ -168,11 +343,12 @@ fn decode_isolating(
     rows: &[u32],
     parts: &mut Vec<(Vec<u32>, RecordBatch)>,
     rejected: &mut Vec<(u32, String)>,
+    as_text: bool,
 ) {
     if rows.is_empty() {
         return;
     }
-    match decode_rows(schema, payloads, rows) {
+    match decode_rows(schema, payloads, rows, as_text) {
         Ok(batch) => parts.push((rows.to_vec(), batch)),
         Err(Failure { reason, .. }) if rows.len() == 1 => {
             rejected.push((rows[0], format!("payload does not decode: {reason}")))
@@ -181,27 +357,30 @@ fn decode_isolating(
             at: Some(at),
             reason,
         }) => {
-            decode_isolating(schema, payloads, &rows[..at], parts, rejected);
+            decode_isolating(schema, payloads, &rows[..at], parts, rejected, as_text);
             rejected.push((rows[at], format!("payload does not decode: {reason}")));
-            decode_isolating(schema, payloads, &rows[at + 1..], parts, rejected);
+            decode_isolating(schema, payloads, &rows[at + 1..], parts, rejected, as_text);
         }
         Err(Failure { at: None, .. }) => {
             let mid = rows.len() / 2;
-            decode_isolating(schema, payloads, &rows[..mid], parts, rejected);
-            decode_isolating(schema, payloads, &rows[mid..], parts, rejected);
+            decode_isolating(schema, payloads, &rows[..mid], parts, rejected, as_text);
+            decode_isolating(schema, payloads, &rows[mid..], parts, rejected, as_text);
         }
     }
 }
 
 /// One arrow-json pass over the given payloads. Each payload must contribute exactly one
-/// complete object, so a truncated message can never merge with the next one.
+/// complete object, so a truncated message can never merge with the next one. `as_text` reads
+/// numbers and booleans into string columns as their JSON text.
 fn decode_rows(
     schema: &SchemaRef,
     payloads: &BinaryArray,
     rows: &[u32],
+    as_text: bool,
 ) -> Result<RecordBatch, Failure> {
     let mut decoder = ReaderBuilder::new(schema.clone())
         .with_batch_size(rows.len() + 1)
+        .with_coerce_primitive(as_text)
         .build_decoder()
         .map_err(|e| Failure {
             at: None,
@@ -560,5 +739,96 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn usable_seqs(d: &Decoded) -> Vec<i64> {
+        d.usable
+            .column_by_name("seq")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .values()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_number_that_is_not_of_the_declared_type_is_quarantined_never_truncated() {
+        let d = decode_envelope(&raw(&[
+            br#"{"device_id":"d1","seq":2,"ts":1777593600000,"temperature":2.0}"#,
+            br#"{"device_id":"d1","seq":2.5,"ts":1777593601000,"temperature":2.5}"#,
+            br#"{"device_id":"d1","seq":3.9,"ts":1777593602000,"temperature":3.9}"#,
+            br#"{"device_id":"d1","seq":3,"ts":1777593603000,"temperature":3.0}"#,
+            br#"{"device_id":"d1","seq":4.0,"ts":1777593604000}"#,
+            br#"{"device_id":"d1","seq":"5","ts":1777593605000}"#,
+            br#"{"device_id":"d1","seq":9223372036854775807,"ts":1777593606000}"#,
+            br#"{"device_id":"d1","seq":9223372036854775808,"ts":1777593607000}"#,
+            br#"{"device_id":"d1","seq":1e30,"ts":1777593608000}"#,
+            br#"{"device_id":"d1","seq":6,"ts":1777593609000.5}"#,
+            br#"{"device_id":"d1","seq":7,"ts":1777593610000,"temperature":1e400}"#,
+            br#"{"device_id":"d1","seq":true,"ts":1777593611000}"#,
+        ]))
+        .unwrap();
+        assert_eq!(usable_seqs(&d), vec![2, 3, 4, 5, i64::MAX]);
+        let reasons = reasons(&d);
+        let reason = |seq: i64| {
+            reasons
+                .iter()
+                .find(|(s, _)| *s == seq)
+                .map(|(_, r)| r.clone())
+                .unwrap_or_else(|| panic!("stream seq {seq} not quarantined: {reasons:?}"))
+        };
+        assert!(
+            reason(2).contains("seq is 2.5, expected an integer"),
+            "{}",
+            reason(2)
+        );
+        assert!(reason(3).contains("seq is 3.9"), "{}", reason(3));
+        assert!(reason(8).contains("seq"), "{}", reason(8));
+        assert!(reason(9).contains("seq"), "{}", reason(9));
+        assert!(
+            reason(10).contains("ts is 1777593609000.5"),
+            "{}",
+            reason(10)
+        );
+        assert!(reason(11).contains("temperature"), "{}", reason(11));
+        assert!(reason(12).contains("seq"), "{}", reason(12));
+        assert_eq!(reasons.len(), 7, "{reasons:?}");
+        // The genuine seq 3 keeps its own values.
+        let t = d
+            .usable
+            .column_by_name("temperature")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        assert_eq!(t.value(1), 3.0);
+    }
+
+    #[test]
+    fn every_integer_like_column_type_refuses_fractions() {
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("i", DataType::Int32, true),
+            Field::new("d", DataType::Date32, true),
+            Field::new(
+                "t",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("f", DataType::Float32, true),
+        ]));
+        let json = decode_json(
+            &raw(&[
+                br#"{"i":1,"d":"2026-05-01","t":"2026-05-01T10:00:00Z","f":1.5}"#,
+                br#"{"i":1.5}"#,
+                br#"{"i":3000000000}"#,
+                br#"{"d":20000.5}"#,
+                br#"{"d":20000}"#,
+                br#"{"t":1.5}"#,
+                br#"{"f":1e39}"#,
+            ]),
+            &schema,
+        )
+        .unwrap();
+        assert_eq!(json.rows, vec![0, 4]);
+        let mut rejected: Vec<u32> = json.rejected.iter().map(|(r, _)| *r).collect();
+        rejected.sort_unstable();
+        assert_eq!(rejected, vec![1, 2, 3, 5, 6], "{:?}", json.rejected);
     }
 }

@@ -68,7 +68,8 @@ impl Seen {
     fn insert(&mut self, seq: i64, max_gaps: usize) -> (bool, u64) {
         // Fast path: the next reading of a device that counts up.
         if let Seen::One(a, b) = self {
-            if seq == *b + 1 {
+            // Checked: a device may send i64::MAX (there is no next reading then).
+            if b.checked_add(1) == Some(seq) {
                 *b = seq;
                 return (true, 0);
             }
@@ -85,8 +86,8 @@ impl Seen {
             *self = Self::from_vec(v);
             return (false, 0);
         }
-        let joins_left = pos > 0 && v[pos - 1].1 + 1 == seq;
-        let joins_right = pos < v.len() && v[pos].0 - 1 == seq;
+        let joins_left = pos > 0 && v[pos - 1].1.checked_add(1) == Some(seq);
+        let joins_right = pos < v.len() && v[pos].0.checked_sub(1) == Some(seq);
         match (joins_left, joins_right) {
             (true, true) => {
                 v[pos - 1].1 = v[pos].1;
@@ -309,7 +310,7 @@ impl DedupState {
         while self
             .buckets
             .front()
-            .is_some_and(|(m, _)| *m <= newest - self.window_minutes)
+            .is_some_and(|(m, _)| *m <= newest.saturating_sub(self.window_minutes))
         {
             self.buckets.pop_front();
         }
@@ -475,7 +476,7 @@ mod tests {
                 )),
                 Arc::new(
                     TimestampMicrosecondArray::from_iter_values(
-                        rows.iter().map(|r| r.1 * 60_000_000),
+                        rows.iter().map(|r| r.1.wrapping_mul(60_000_000)),
                     )
                     .with_timezone("UTC"),
                 ),
@@ -565,5 +566,23 @@ mod tests {
         assert_eq!(kept(&mut s, &[("z", 12), ("a", 1)]), vec![12, 1]);
         let back = DedupState::decode(&s.encode(), 0, 10).unwrap();
         assert_eq!(back.len(), s.len());
+    }
+
+    #[test]
+    fn sequence_numbers_at_the_edges_of_the_integer_range_do_not_overflow() {
+        let mut state = DedupState::new(DedupKey::DeviceSeq, DEFAULT_MAX_GAPS, 60);
+        assert_eq!(
+            kept(&mut state, &[("m", i64::MAX), ("m", 1)]),
+            vec![i64::MAX, 1]
+        );
+        assert_eq!(
+            kept(&mut state, &[("m", i64::MAX), ("m", 2), ("m", 1)]),
+            vec![2]
+        );
+        assert_eq!(
+            kept(&mut state, &[("n", i64::MIN), ("n", i64::MIN + 1)]),
+            vec![i64::MIN, i64::MIN + 1]
+        );
+        assert_eq!(kept(&mut state, &[("n", i64::MIN)]), Vec::<i64>::new());
     }
 }

@@ -14,6 +14,9 @@ pub enum Error {
     /// The statement would change something; the query endpoint only reads.
     #[error("only read-only queries are allowed (SELECT, WITH, EXPLAIN, SHOW, DESCRIBE): {0}")]
     ReadOnly(String),
+    /// The statement is too large or too deep to plan safely (see [`crate::query::check_size`]).
+    #[error("query too large: {0}")]
+    TooLarge(String),
     /// Executing the plan failed.
     #[error("query failed: {0}")]
     Execution(#[source] DataFusionError),
@@ -39,12 +42,21 @@ pub enum ErrorKind {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Parse(_) | Error::Plan(_) | Error::ReadOnly(_) => ErrorKind::User,
+            Error::Parse(_) | Error::Plan(_) | Error::ReadOnly(_) | Error::TooLarge(_) => {
+                ErrorKind::User
+            }
             Error::Execution(e) => classify(e),
             Error::Lake(e) if e.is_transient() => ErrorKind::Unavailable,
             Error::Lake(_) => ErrorKind::User,
             Error::Internal(_) => ErrorKind::Internal,
         }
+    }
+
+    /// True for an error that running the same plan over the same rows raises again, caused by
+    /// the data (a cast or computation that fails for some value): the rows' fault, to be
+    /// isolated and quarantined, never retried and never called a storage failure.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, Error::Execution(e) if classify(e) == ErrorKind::User)
     }
 
     /// A stable machine-readable code for API answers.
@@ -53,6 +65,7 @@ impl Error {
             Error::Parse(_) => "sql_syntax",
             Error::Plan(_) => "sql_plan",
             Error::ReadOnly(_) => "read_only",
+            Error::TooLarge(_) => "query_too_large",
             Error::Execution(_) if self.kind() == ErrorKind::Unavailable => "storage_unavailable",
             Error::Execution(_) => "execution",
             Error::Lake(_) if self.kind() == ErrorKind::Unavailable => "storage_unavailable",

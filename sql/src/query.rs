@@ -64,8 +64,10 @@ impl QueryEngine {
         ctx
     }
 
-    /// Runs one read-only statement. DDL, DML, `COPY` and statements such as `SET` are refused.
+    /// Runs one read-only statement. DDL, DML, `COPY` and statements such as `SET` are refused,
+    /// and so is a statement beyond [`check_size`]'s limits.
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
+        check_size(sql)?;
         let ctx = Self::context();
         let state = ctx.state();
         let statement = state
@@ -157,6 +159,80 @@ fn strip(e: DataFusionError) -> String {
         .to_string()
 }
 
+/// The most tokens one statement may hold.
+pub const MAX_QUERY_TOKENS: usize = 100_000;
+/// The most binary operators (`AND`, `OR`, comparisons, arithmetic) one statement may hold. The
+/// planner and optimizer walk expression trees recursively, and `a = 1 OR a = 2 OR …` is a tree
+/// as deep as it is long: a few thousand levels overflow a thread's stack and abort the process.
+/// Long lists of values belong in `IN (…)`, which is flat.
+pub const MAX_QUERY_OPERATORS: usize = 500;
+
+/// The deepest nesting of parentheses (subqueries, expressions) one statement may hold.
+pub const MAX_QUERY_NESTING: usize = 40;
+
+/// Refuses, before parsing, a statement too large or too deep to plan safely: more than
+/// [`MAX_QUERY_TOKENS`] tokens, [`MAX_QUERY_OPERATORS`] binary operators or
+/// [`MAX_QUERY_NESTING`] levels of parentheses. The error is the user's (HTTP 400,
+/// `query_too_large`).
+pub fn check_size(sql: &str) -> Result<()> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| Error::Parse(e.to_string()))?;
+    if tokens.len() > MAX_QUERY_TOKENS {
+        return Err(Error::TooLarge(format!(
+            "the statement holds {} tokens, at most {MAX_QUERY_TOKENS} are allowed",
+            tokens.len()
+        )));
+    }
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
+    for t in &tokens {
+        match t {
+            Token::LParen => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            Token::RParen => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_QUERY_NESTING {
+        return Err(Error::TooLarge(format!(
+            "parentheses are nested {deepest} levels deep, at most {MAX_QUERY_NESTING} are allowed"
+        )));
+    }
+    let operators = tokens
+        .iter()
+        .filter(|t| match t {
+            Token::Word(w) => matches!(w.keyword, Keyword::AND | Keyword::OR),
+            Token::Eq
+            | Token::DoubleEq
+            | Token::Neq
+            | Token::Lt
+            | Token::Gt
+            | Token::LtEq
+            | Token::GtEq
+            | Token::Plus
+            | Token::Minus
+            | Token::Mul
+            | Token::Div
+            | Token::Mod
+            | Token::StringConcat => true,
+            _ => false,
+        })
+        .count();
+    if operators > MAX_QUERY_OPERATORS {
+        return Err(Error::TooLarge(format!(
+            "the statement holds {operators} operators (AND, OR, comparisons, arithmetic), at most {MAX_QUERY_OPERATORS} are allowed: \
+             a long chain such as a = 1 OR a = 2 OR … is too deep to plan; write a IN (1, 2, …) instead"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +306,25 @@ mod tests {
             assert_eq!(err.kind(), crate::ErrorKind::User, "{sql}: {err}");
         }
         assert!(!std::path::Path::new("/tmp/fleetlake-copy.csv").exists());
+    }
+
+    #[test]
+    fn statements_too_deep_or_too_large_to_plan_are_refused_before_parsing() {
+        let ids: Vec<String> = (0..2000).map(|i| format!("'x{i}'")).collect();
+        let in_list = format!("SELECT 1 WHERE d IN ({})", ids.join(", "));
+        assert!(check_size(&in_list).is_ok());
+        let chain: Vec<String> = ids.iter().map(|i| format!("d = {i}")).collect();
+        let or_chain = format!("SELECT 1 WHERE {}", chain.join(" OR "));
+        let err = check_size(&or_chain).unwrap_err();
+        assert_eq!(err.code(), "query_too_large");
+        assert!(err.to_string().contains("IN ("), "{err}");
+        let nested = format!("SELECT {}1{}", "(".repeat(41), ")".repeat(41));
+        assert!(
+            check_size(&nested)
+                .unwrap_err()
+                .to_string()
+                .contains("nested 41 levels")
+        );
+        assert!(check_size(&format!("SELECT {}1{}", "(".repeat(40), ")".repeat(40))).is_ok());
     }
 }

@@ -280,8 +280,10 @@ impl RuleRunner {
                         Phase::Pending { since } => since,
                         _ => t,
                     };
-                    let cooled = state.last_fired.is_none_or(|f| t - f >= cool_down);
-                    if t - since >= for_duration && cooled {
+                    let cooled = state
+                        .last_fired
+                        .is_none_or(|f| t.saturating_sub(f) >= cool_down);
+                    if t.saturating_sub(since) >= for_duration && cooled {
                         state.phase = Phase::Firing;
                         state.last_fired = Some(t);
                         Some("firing")

@@ -351,7 +351,8 @@ impl WindowOperator {
 
     /// The watermark: the newest event time seen less the allowed out-of-orderness (µs).
     pub fn watermark(&self) -> Option<i64> {
-        self.max_event_time.map(|t| t - self.def.watermark)
+        self.max_event_time
+            .map(|t| t.saturating_sub(self.def.watermark))
     }
 
     /// Open (group, window) pairs held as partial state.
@@ -361,29 +362,35 @@ impl WindowOperator {
 
     /// The windows a row with event time `ts` belongs to, unless late: `(start, end)`.
     fn windows_of(&self, ts: i64, watermark: i64, out: &mut Vec<(i64, i64)>) {
-        let open = |end: i64| end + self.def.allowed_lateness > watermark;
+        // Event times come from devices: arithmetic on them saturates, never overflows.
+        let open = |end: i64| end.saturating_add(self.def.allowed_lateness) > watermark;
         match self.def.kind {
             WindowKind::Tumbling { size } => {
-                let start = ts.div_euclid(size) * size;
-                if open(start + size) {
-                    out.push((start, start + size));
+                let start = ts.div_euclid(size).saturating_mul(size);
+                let end = start.saturating_add(size);
+                if open(end) {
+                    out.push((start, end));
                 }
             }
             WindowKind::Hopping { size, slide } => {
-                let last = ts.div_euclid(slide) * slide;
-                let mut start = last - size + slide;
+                let last = ts.div_euclid(slide).saturating_mul(slide);
+                let mut start = last.saturating_sub(size).saturating_add(slide);
                 while start <= last {
-                    if open(start + size) {
-                        out.push((start, start + size));
+                    let end = start.saturating_add(size);
+                    if open(end) {
+                        out.push((start, end));
                     }
-                    start += slide;
+                    match start.checked_add(slide) {
+                        Some(next) => start = next,
+                        None => break,
+                    }
                 }
             }
             WindowKind::Session { gap } => {
                 // A reading is late when its event time is behind the watermark by more than
                 // the allowed lateness (it could otherwise reopen a session already closed).
-                if ts + self.def.allowed_lateness >= watermark {
-                    out.push((ts, ts + gap));
+                if ts.saturating_add(self.def.allowed_lateness) >= watermark {
+                    out.push((ts, ts.saturating_add(gap)));
                 }
             }
         }
@@ -428,7 +435,10 @@ impl WindowOperator {
             }
             let ts = times.value(i);
             self.max_event_time = Some(self.max_event_time.map_or(ts, |m| m.max(ts)));
-            let watermark = self.max_event_time.expect("set") - self.def.watermark;
+            let watermark = self
+                .max_event_time
+                .expect("set")
+                .saturating_sub(self.def.watermark);
             marks.push((watermark, seq));
             windows.clear();
             self.windows_of(ts, watermark, &mut windows);
@@ -634,7 +644,7 @@ impl WindowOperator {
         let lateness = self.def.allowed_lateness;
         let closing: BooleanArray = ends
             .iter()
-            .map(|e| Some(e.is_some_and(|e| e + lateness <= watermark)))
+            .map(|e| Some(e.is_some_and(|e| e.saturating_add(lateness) <= watermark)))
             .collect();
         if closing.true_count() == 0 {
             return Ok(empty());
@@ -684,7 +694,7 @@ impl WindowOperator {
             let seq: Int64Array = ends
                 .iter()
                 .map(|e| {
-                    let threshold = e.unwrap_or(i64::MIN) + lateness;
+                    let threshold = e.unwrap_or(i64::MIN).saturating_add(lateness);
                     let at = marks.partition_point(|(w, _)| *w < threshold);
                     Some(marks.get(at).map(|m| m.1).unwrap_or(last))
                 })

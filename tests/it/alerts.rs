@@ -248,7 +248,7 @@ fn pipelines(dir: &Path) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scripted_scenario_gives_exactly_the_expected_alerts_and_final_rows() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let env = env(&nats, &dir.path().join("lake"), &pipelines(dir.path()));
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
@@ -262,7 +262,7 @@ async fn a_scripted_scenario_gives_exactly_the_expected_alerts_and_final_rows() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_stay_exactly_once_when_the_engine_is_killed_after_publishing() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let dir = dir.path();
     let env = env(&nats, &dir.join("lake"), &pipelines(dir));
     let log = dir.join("engine.log");
@@ -324,7 +324,7 @@ async fn limit_minutes(api: &fleetlake_tests::Api) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let p = dir.path().join("pipelines");
     std::fs::create_dir_all(&p).unwrap();
     std::fs::write(p.join("limits.sql"), WITH_LIMITS).unwrap();
@@ -414,7 +414,7 @@ async fn counter(api: &fleetlake_tests::Api, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_window_table_is_backfilled_from_its_input_not_from_the_stream() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let p = dir.path().join("pipelines");
     std::fs::create_dir_all(&p).unwrap();
     let (pipeline, _) = PIPELINE.split_once("CREATE WINDOW TABLE").unwrap();
@@ -476,7 +476,7 @@ async fn a_new_window_table_is_backfilled_from_its_input_not_from_the_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_and_rules_over_the_built_in_decoders_table_see_each_reading_once() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let p = dir.path().join("pipelines");
     std::fs::create_dir_all(&p).unwrap();
     std::fs::write(

@@ -77,7 +77,7 @@ async fn concurrent_writers_on_s3_lose_no_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_on_a_local_folder_lose_no_commit() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     two_writers(LakeConfig {
         location: dir.path().display().to_string(),
         ..Default::default()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fleetlake::simulate::{self, Report, SimConfig};
 use fleetlake_sql::QueryEngine;
-use fleetlake_tests::{EngineProcess, Nats, Seaweed, wait_for};
+use fleetlake_tests::{EngineProcess, Nats, Seaweed, wait_for, wait_stream_acked};
 use fleetlake_zones::{Lake, LakeConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +51,7 @@ async fn count(engine: &QueryEngine, sql: &str) -> i64 {
 
 async fn crash_run(disruption: Disruption, seed: u64) {
     let mut nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let mut s3 = match disruption {
         Disruption::StorageOutage => Some(Seaweed::start().await),
         _ => None,
@@ -159,17 +159,10 @@ async fn crash_run(disruption: Disruption, seed: u64) {
     let engine = EngineProcess::start(&env, &log).await;
     let lake = Lake::open(&lake_config).unwrap();
     let query = QueryEngine::new(lake);
-    wait_for(
-        "raw.telemetry to hold every message",
-        Duration::from_secs(180),
-        || {
-            let query = query.clone();
-            async move {
-                (count(&query, "SELECT count(*) FROM raw.telemetry").await >= 24_000).then_some(())
-            }
-        },
-    )
-    .await;
+    // Acked means every table has committed (raw commits first: waiting for raw alone raced
+    // with quarantine's and usable's commits, and SIGTERM could land before this engine had
+    // consumed anything).
+    wait_stream_acked(nats.url(), Duration::from_secs(180)).await;
     let status = engine.terminate().await;
     assert!(status.success(), "fleetlake exited with {status}");
 
@@ -264,4 +257,74 @@ async fn object_storage_outage_mid_run_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_mid_run_loses_and_doubles_nothing() {
     crash_run(Disruption::NatsRestart, 13).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_cannot_commit_exits_non_zero_and_loses_nothing() {
+    let nats = Nats::start().await;
+    let dir = fleetlake_tests::TestDir::new();
+    let mut s3 = Seaweed::start().await;
+    let location = format!("s3://{}/grace", s3.bucket);
+    let mut env = s3.env();
+    env.extend(
+        [
+            ("FLEETLAKE_NATS_URL", nats.url().to_string()),
+            ("FLEETLAKE_LAKE_LOCATION", location.clone()),
+            // Nothing commits before the shutdown does.
+            ("FLEETLAKE_INGEST_COMMIT_INTERVAL_MS", "600000".into()),
+            ("FLEETLAKE_INGEST_SHUTDOWN_GRACE_S", "2".into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    let log = dir.path().join("engine.log");
+    let engine = EngineProcess::start(&env, &log).await;
+    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    wait_for("the stream", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }
+    })
+    .await;
+    for seq in 1..=10 {
+        let payload =
+            format!(r#"{{"device_id":"g","seq":{seq},"ts":1777593600000,"temperature":4}}"#);
+        js.publish("telemetry.t1.g", payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_for("10 messages pulled", Duration::from_secs(60), || {
+        let api = engine.api.clone();
+        async move {
+            (fleetlake_tests::metric(&api, "fleetlake_messages_pulled_total").await >= 10)
+                .then_some(())
+        }
+    })
+    .await;
+    s3.stop().await;
+    let status = engine.terminate().await;
+    assert!(
+        !status.success(),
+        "exited {status} with 10 messages uncommitted"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("were not committed"),
+        "{}",
+        fleetlake_tests::tail(&log)
+    );
+
+    // Nothing was acknowledged: the next engine commits every message.
+    s3.start_again().await;
+    let engine = EngineProcess::start(&env, &log).await;
+    wait_stream_acked(nats.url(), Duration::from_secs(120)).await;
+    assert_eq!(
+        engine
+            .api
+            .scalar("SELECT count(*) FROM usable.telemetry")
+            .await,
+        10
+    );
+    assert!(engine.terminate().await.success());
+    s3.stop().await;
 }

@@ -24,7 +24,7 @@ async fn usable_rows(api: &Api, n: i64) {
 
 async fn restart_drops_replays(snapshot_on_stop: bool) {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let lake = dir.path().join("lake").display().to_string();
     let config =
         fleetlake_tests::test_config(nats.url(), &lake, &[("dedup.snapshot_interval_s", "3600")]);
@@ -54,11 +54,11 @@ async fn restart_drops_replays(snapshot_on_stop: bool) {
     usable_rows(&api, 3).await;
     assert_eq!(api.scalar("SELECT count(*) FROM raw.telemetry").await, 4);
     if snapshot_on_stop {
-        engine.shutdown().await;
+        engine.shutdown().await.expect("a clean shutdown");
     } else {
         // Without a snapshot the state is rebuilt from usable.telemetry: remove the one the
         // graceful stop wrote.
-        engine.shutdown().await;
+        engine.shutdown().await.expect("a clean shutdown");
         let snapshots = dir.path().join("lake/usable/telemetry/_fleetlake");
         std::fs::remove_dir_all(&snapshots).expect("the graceful stop wrote a snapshot");
     }
@@ -87,7 +87,7 @@ async fn restart_drops_replays(snapshot_on_stop: bool) {
         metrics.contains("fleetlake_duplicates_dropped_total 2\n"),
         "{metrics}"
     );
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,12 +196,12 @@ async fn end_to_end(lake_location: &str, env: Vec<(String, String)>) {
     let (status, health) = api.get("/healthz").await;
     assert_eq!(status, 200, "{health}");
 
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_folder_lake_holds_every_message_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     end_to_end(&dir.path().join("lake").display().to_string(), Vec::new()).await;
 }
 
@@ -216,7 +216,7 @@ async fn s3_lake_on_seaweedfs_holds_every_message_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_api_answers_in_every_format_and_refuses_writes() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let config = engine_config(&nats, &dir.path().join("lake").display().to_string());
     let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
     fleetlake_tests::simulate(
@@ -304,5 +304,5 @@ async fn query_api_answers_in_every_format_and_refuses_writes() {
     assert_eq!(r.status().as_u16(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "bad_request");
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }

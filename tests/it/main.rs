@@ -6,6 +6,8 @@ mod concurrency;
 mod crash;
 mod dedup;
 mod end_to_end;
+mod field_inputs;
+mod mutations;
 mod pipelines;
 mod reference;
 mod rules_api;

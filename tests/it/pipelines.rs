@@ -66,7 +66,7 @@ async fn raw_rows(api: &Api, n: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
     let engine = Engine::start(config.clone(), Vec::new(), true)
         .await
@@ -206,13 +206,13 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
         json!([[1, "acme", "berlin"], [10, "globex", "hamburg"]]),
         "{body}"
     );
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let pipelines = one_pipeline(
         dir.path(),
         "strict.sql",
@@ -250,13 +250,17 @@ async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
     .await;
     assert_eq!(api.scalar("SELECT count(*) FROM raw.telemetry").await, 1);
     assert_eq!(api.scalar("SELECT count(*) FROM usable.strict").await, 1);
-    engine.shutdown().await;
+    let stopped = engine
+        .shutdown()
+        .await
+        .expect_err("a stopped pipeline is reported");
+    assert!(stopped.contains("v_positive"), "{stopped}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_pipelines_that_do_not_check() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let pipelines = one_pipeline(
         dir.path(),
         "typo.sql",
@@ -276,7 +280,7 @@ async fn serve_refuses_pipelines_that_do_not_check() {
 async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
     use fleetlake::simulate::{Profile, SimConfig};
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
     let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
     let report = fleetlake_tests::simulate(
@@ -329,13 +333,13 @@ async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
             .await,
         0
     );
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let v1 = "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.evo.>');\n\
               CREATE STREAMING TABLE usable.evo AS SELECT device_id, seq, v FROM r;\n";
     let pipelines = one_pipeline(dir.path(), "evo.sql", v1);
@@ -367,7 +371,7 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
         Duration::from_secs(30),
     )
     .await;
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 
     // The pipeline starts reading `w`.
     let v2 = v1
@@ -402,14 +406,14 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
         )
         .await;
     assert_eq!(raw["rows"][0][0], 1, "{raw}");
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     use fleetlake::simulate::{Profile, SimConfig};
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let pipelines = dir.path().join("pipelines");
     std::fs::create_dir_all(&pipelines).unwrap();
     for f in ["cold_chain.sql", "reference.sql"] {
@@ -459,7 +463,7 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
         Duration::from_secs(60),
     )
     .await;
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 
     let lake = fleetlake_zones::Lake::open(&config.lake(Vec::new())).unwrap();
     let query = fleetlake_sql::QueryEngine::new(lake.clone());
@@ -554,7 +558,7 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_replays_are_dropped_also_after_restarts() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
     let js = fleetlake::source::connect(nats.url()).await.unwrap();
     fleetlake::source::ensure_stream(&js, &config)
@@ -591,7 +595,7 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
     publish(2).await; // a replay within the run
     raw_rows(&api, 3).await;
     rows(api.clone(), 2).await;
-    engine.shutdown().await; // snapshots the state
+    engine.shutdown().await.expect("a clean shutdown"); // snapshots the state
 
     let engine = Engine::start(config.clone(), Vec::new(), true)
         .await
@@ -601,7 +605,7 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
     publish(3).await;
     raw_rows(&api, 5).await;
     rows(api.clone(), 3).await;
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 
     // Without snapshots the state is rebuilt from the raw zone.
     let side = dir.path().join("lake/usable/cold_chain/_fleetlake");
@@ -630,13 +634,13 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
         .unwrap()
         .clone();
     assert_eq!(cold["rows"]["deduplicated"], 1, "{cold}");
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_whose_type_changes_stops_ingest_instead_of_retrying_forever() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let v1 = "CREATE SOURCE r (device_id VARCHAR NOT NULL, seq BIGINT NOT NULL, v DOUBLE) WITH (subject = 'telemetry.typ.>');\n\
               CREATE STREAMING TABLE usable.typ AS SELECT device_id, seq, v FROM r;\n";
     let pipelines = one_pipeline(dir.path(), "typ.sql", v1);
@@ -654,7 +658,7 @@ async fn a_column_whose_type_changes_stops_ingest_instead_of_retrying_forever() 
         Duration::from_secs(30),
     )
     .await;
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 
     std::fs::write(
         pipelines.join("typ.sql"),
@@ -688,5 +692,9 @@ async fn a_column_whose_type_changes_stops_ingest_instead_of_retrying_forever() 
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!(errors <= 1, "a permanent error was retried {errors} times");
-    engine.shutdown().await;
+    let stopped = engine
+        .shutdown()
+        .await
+        .expect_err("stopped ingest is reported");
+    assert!(stopped.contains("usable.typ"), "{stopped}");
 }

@@ -20,7 +20,7 @@ async fn put(api: &Api, table: &str, content_type: &str, body: &str) -> (u16, se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_uploads_replace_the_table_and_join_with_usable() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let lake = dir.path().join("lake").display().to_string();
     let config = fleetlake_tests::test_config(nats.url(), &lake, &[]);
     let (engine, api, js) = fleetlake_tests::start_engine(&config).await;
@@ -75,5 +75,5 @@ async fn reference_uploads_replace_the_table_and_join_with_usable() {
     assert_eq!(status, 400, "{body}");
     let (_, tables) = api.get("/v1/tables").await;
     assert!(tables.contains("\"reference.devices\""), "{tables}");
-    engine.shutdown().await;
+    engine.shutdown().await.expect("a clean shutdown");
 }

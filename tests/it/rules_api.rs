@@ -73,7 +73,7 @@ async fn publish(js: &jetstream::Context, readings: &[(&str, f64)], seq: &mut i6
 /// what a test needs to restart it.
 struct Setup {
     _nats: Nats,
-    _dir: tempfile::TempDir,
+    _dir: fleetlake_tests::TestDir,
     pipelines: std::path::PathBuf,
     env: Vec<(String, String)>,
     log: std::path::PathBuf,
@@ -82,7 +82,7 @@ struct Setup {
 
 async fn start(rules: &[(&str, String)]) -> (Setup, EngineProcess) {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = fleetlake_tests::TestDir::new();
     let pipelines = dir.path().join("pipelines");
     std::fs::create_dir_all(pipelines.join("rules")).unwrap();
     std::fs::write(pipelines.join("trailers.sql"), PIPELINE).unwrap();

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
-use arrow::compute::{cast, concat_batches, filter_record_batch};
+use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemorySchemaProvider, TableProvider};
 use datafusion::common::TableReference;
@@ -249,6 +249,14 @@ pub struct ExpectationCount {
     pub violations: u64,
 }
 
+/// What running the tables' queries over a batch made: each table's rows, the expectations'
+/// counts, and the quarantine reasons per raw row.
+type TablesRun = (
+    Vec<TableOutput>,
+    Vec<ExpectationCount>,
+    HashMap<u32, Vec<String>>,
+);
+
 /// Rows for one table.
 #[derive(Debug, Clone)]
 pub struct TableOutput {
@@ -471,6 +479,48 @@ impl PipelineRunner {
             .collect();
 
         let plans = self.plans(references).await?;
+        // A query or expectation that fails for some rows (a cast that overflows, say) fails
+        // the whole run: the failing rows are isolated by halving and quarantined with the
+        // error, and the rest run again.
+        let tables = match self.run_tables(&plans, &source_rows, &row_of_seq).await {
+            Err(e) if e.is_data_error() => {
+                let (good, bad) = self.isolate(&plans, &source_rows, &row_of_seq).await?;
+                for (seq, reason) in bad {
+                    if let Some(row) = row_of_seq.get(&seq) {
+                        rejected.push((*row, format!("pipeline {}: {reason}", self.name)));
+                    }
+                }
+                self.run_tables(&plans, &good, &row_of_seq).await?
+            }
+            other => other?,
+        };
+        let (outputs, counts, quarantined) = match tables {
+            Ok(t) => t,
+            Err(failure) => return Ok(Err(failure)),
+        };
+        for (row, reasons) in quarantined {
+            rejected.push((row, reasons.join("; ")));
+        }
+        rejected.sort_by_key(|(i, _)| *i);
+        rejected.dedup_by_key(|(i, _)| *i);
+        let quarantine = quarantine_rows(raw, &rejected)?;
+        Ok(Ok(PipelineOutput {
+            deduplicated,
+            rows_in: raw.num_rows() as u64 + deduplicated,
+            tables: outputs,
+            quarantine,
+            expectations: counts,
+        }))
+    }
+    /// Runs every table's query and expectations over the source rows: each table's rows, the
+    /// expectations' counts and the quarantine reasons per raw row; or the `FAIL` expectation
+    /// that stopped the batch.
+    async fn run_tables(
+        &self,
+        plans: &PlansRef,
+        source_rows: &RecordBatch,
+        row_of_seq: &HashMap<i64, u32>,
+    ) -> Result<Result<TablesRun, PipelineFailure>> {
         let task = SessionContext::new().task_ctx();
         let mut outputs = Vec::new();
         let mut counts = Vec::new();
@@ -545,19 +595,45 @@ impl PipelineRunner {
                 warned,
             });
         }
-        for (row, reasons) in quarantined {
-            rejected.push((row, reasons.join("; ")));
+        Ok(Ok((outputs, counts, quarantined)))
+    }
+
+    /// Splits `rows` until every row whose run fails with a data error stands alone: the rows
+    /// that run, and the stream sequence and error of each that does not.
+    async fn isolate(
+        &self,
+        plans: &PlansRef,
+        rows: &RecordBatch,
+        row_of_seq: &HashMap<i64, u32>,
+    ) -> Result<(RecordBatch, Vec<(i64, String)>)> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        let mut pending = vec![rows.clone()];
+        while let Some(part) = pending.pop() {
+            if part.num_rows() == 0 {
+                continue;
+            }
+            match self.run_tables(plans, &part, row_of_seq).await {
+                Ok(_) => good.push(part),
+                Err(e) if e.is_data_error() && part.num_rows() == 1 => {
+                    let seq = part
+                        .column_by_name(LINEAGE_COLUMN)
+                        .expect("lineage column")
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(0);
+                    bad.push((seq, e.to_string()));
+                }
+                Err(e) if e.is_data_error() => {
+                    let mid = part.num_rows() / 2;
+                    // Later rows first on the stack, so rows keep their order in `good`.
+                    pending.push(part.slice(mid, part.num_rows() - mid));
+                    pending.push(part.slice(0, mid));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        rejected.sort_by_key(|(i, _)| *i);
-        rejected.dedup_by_key(|(i, _)| *i);
-        let quarantine = quarantine_rows(raw, &rejected)?;
-        Ok(Ok(PipelineOutput {
-            deduplicated,
-            rows_in: raw.num_rows() as u64 + deduplicated,
-            tables: outputs,
-            quarantine,
-            expectations: counts,
-        }))
+        let good = concat_batches(&rows.schema(), &good).map_err(internal)?;
+        Ok((good, bad))
     }
 }
 
@@ -576,7 +652,21 @@ pub(crate) fn conform(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Rec
                 let c = b
                     .column_by_name(f.name())
                     .ok_or_else(|| Error::Internal(format!("query output lacks {}", f.name())))?;
-                cast(c, f.data_type()).map_err(internal)
+                // Strict: a value the storage type cannot hold is an error for its row (and
+                // quarantined), never a silent NULL.
+                let strict = arrow::compute::CastOptions {
+                    safe: false,
+                    ..Default::default()
+                };
+                arrow::compute::cast_with_options(c, f.data_type(), &strict).map_err(|e| {
+                    Error::Execution(datafusion::error::DataFusionError::Context(
+                        format!("storing column {}", f.name()),
+                        Box::new(datafusion::error::DataFusionError::ArrowError(
+                            Box::new(e),
+                            None,
+                        )),
+                    ))
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         out.push(RecordBatch::try_new(schema.clone(), columns).map_err(internal)?);
