@@ -89,6 +89,8 @@ pub struct AppState {
     pub pipelines: Arc<Vec<serde_json::Value>>,
     /// The rules, changeable at runtime (`None` when this process does not ingest).
     pub rules: Option<Arc<crate::rules::Rules>>,
+    /// The reference tables the pipelines declare: uploads are held to their types.
+    pub references: Arc<Vec<fleetlake_sql::pipeline::ReferenceDef>>,
 }
 
 /// The API's routes.
@@ -193,6 +195,16 @@ async fn put_reference(
         Ok(rows) => rows,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_rows", &message),
     };
+    let id = format!("reference.{table}");
+    if let Some(def) = state.references.iter().find(|d| d.table.to_string() == id)
+        && let Err(message) = crate::reference::check_declared(&rows, &def.schema())
+    {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_rows",
+            &format!("{id} is declared in the pipelines: {message}"),
+        );
+    }
     match state.lake.replace_reference(table, rows).await {
         Ok(info) => axum::Json(table_json(&info)).into_response(),
         Err(e) => sql_error(&e),

@@ -2,13 +2,14 @@
 //! a JSON array of objects, or NDJSON) into an Arrow batch that replaces `reference.{table}`.
 //!
 //! Column types are inferred from the rows (integers, floats, booleans, strings); a value that
-//! does not fit the inferred type is an error naming the problem.
+//! does not fit the inferred type is an error naming the problem. For a table a pipeline declares
+//! (`CREATE REFERENCE TABLE`), [`check_declared`] then holds every value to the declared type.
 
 use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::Schema;
+use arrow::datatypes::{Schema, SchemaRef};
 
 /// The largest body accepted: reference tables are small, slowly changing context.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
@@ -48,6 +49,80 @@ pub fn parse_rows(content_type: Option<&str>, body: &[u8]) -> Result<RecordBatch
         }
     }
     Ok(batch)
+}
+
+/// Checks an upload against the table's `CREATE REFERENCE TABLE` declaration: every value of a
+/// declared column must be of the declared type as it is (`abc` is not a `DOUBLE`, `2.5` is not
+/// a `BIGINT`: nothing is truncated or read as NULL), and a `NOT NULL` column must be present and
+/// hold no NULL. Columns the declaration does not name are kept as uploaded. The error names the
+/// column, the row (1-based, the header not counted) and the value.
+pub fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), String> {
+    use arrow::array::{Array, AsArray};
+    use arrow::compute::{CastOptions, cast_with_options};
+    use arrow::datatypes::DataType;
+    for field in declared.fields() {
+        let Some(column) = rows.column_by_name(field.name()) else {
+            if field.is_nullable() {
+                continue;
+            }
+            return Err(format!(
+                "column {} is declared NOT NULL ({}) but the upload lacks it",
+                field.name(),
+                field.data_type()
+            ));
+        };
+        let lenient = CastOptions {
+            safe: true,
+            ..Default::default()
+        };
+        let cast = cast_with_options(column, field.data_type(), &lenient).map_err(|e| {
+            format!(
+                "column {} holds {} values, which cannot be read as the declared {}: {e}",
+                field.name(),
+                column.data_type(),
+                field.data_type()
+            )
+        })?;
+        let text = arrow::compute::cast(column, &DataType::Utf8).ok();
+        let value = |row: usize| {
+            text.as_ref()
+                .map(|t| t.as_string::<i32>().value(row).to_string())
+                .unwrap_or_default()
+        };
+        // A float read into an integer column would be truncated by the cast: refuse fractions.
+        let fractional = |row: usize| {
+            field.data_type().is_integer()
+                && column.data_type().is_floating()
+                && column.is_valid(row)
+                && arrow::compute::cast(&column.slice(row, 1), &DataType::Float64)
+                    .ok()
+                    .is_some_and(|f| {
+                        f.as_primitive::<arrow::datatypes::Float64Type>()
+                            .value(0)
+                            .fract()
+                            != 0.0
+                    })
+        };
+        for row in 0..rows.num_rows() {
+            if column.is_valid(row) && (cast.is_null(row) || fractional(row)) {
+                return Err(format!(
+                    "column {}, row {}: {:?} is not a {} (the declared type)",
+                    field.name(),
+                    row + 1,
+                    value(row),
+                    field.data_type()
+                ));
+            }
+            if column.is_null(row) && !field.is_nullable() {
+                return Err(format!(
+                    "column {}, row {}: NULL in a NOT NULL column",
+                    field.name(),
+                    row + 1
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_csv(body: &[u8]) -> Result<RecordBatch, String> {
@@ -192,5 +267,31 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn an_upload_is_held_to_the_declared_types() {
+        use arrow::datatypes::{DataType, Field};
+        let declared: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("max_c", DataType::Float64, true),
+            Field::new("slots", DataType::Int64, true),
+        ]));
+        let check = |csv: &str| {
+            check_declared(
+                &parse_rows(Some("text/csv"), csv.as_bytes()).unwrap(),
+                &declared,
+            )
+        };
+        assert_eq!(
+            check("device_id,max_c,slots,extra\nd1,5,2,x\nd2,7.5,,y\n"),
+            Ok(())
+        );
+        let err = check("device_id,max_c\nd1,5\nd2,warm\n").unwrap_err();
+        assert!(err.contains("column max_c, row 2: \"warm\""), "{err}");
+        let err = check("device_id,slots\nd1,2\nd2,2.5\n").unwrap_err();
+        assert!(err.contains("column slots, row 2: \"2.5\""), "{err}");
+        let err = check("max_c\n5\n").unwrap_err();
+        assert!(err.contains("device_id is declared NOT NULL"), "{err}");
     }
 }

@@ -114,7 +114,14 @@ impl Engine {
             }
             _ => None,
         };
+        let mut references: Vec<fleetlake_sql::pipeline::ReferenceDef> = Vec::new();
+        for def in runners.iter().flat_map(|r| r.references()) {
+            if !references.iter().any(|d| d.table == def.table) {
+                references.push(def.clone());
+            }
+        }
         let state = AppState {
+            references: Arc::new(references),
             lake: Arc::new(QueryEngine::new(lake.clone())),
             metrics: metrics.clone(),
             ingesting: ingest,
