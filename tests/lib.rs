@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use fleetlake::nats_server::{NatsServer, find_binary};
+use fleetlake::tools::nats_server::{NatsServer, find_binary};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
@@ -89,10 +89,10 @@ pub async fn start_engine(
         .await
         .expect("engine starts");
     let api = Api::new(engine.addr);
-    let js = fleetlake::source::connect(config.nats_url())
+    let js = fleetlake::ingest::source::connect(config.nats_url())
         .await
         .expect("NATS");
-    fleetlake::source::ensure_stream(&js, config)
+    fleetlake::ingest::source::ensure_stream(&js, config)
         .await
         .expect("stream");
     (engine, api, js)
@@ -101,9 +101,9 @@ pub async fn start_engine(
 /// Publishes a simulated fleet and returns what was sent.
 pub async fn simulate(
     js: &async_nats::jetstream::Context,
-    config: fleetlake::simulate::SimConfig,
-) -> fleetlake::simulate::Report {
-    fleetlake::simulate::publish(
+    config: fleetlake::tools::simulate::SimConfig,
+) -> fleetlake::tools::simulate::Report {
+    fleetlake::tools::simulate::publish(
         js,
         config,
         tokio_util::sync::CancellationToken::new(),
@@ -150,7 +150,9 @@ pub async fn wait_stream_acked(nats_url: &str, limit: Duration) {
 
 /// [`wait_stream_acked`] for the consumer `consumer` (`nats.consumer`).
 pub async fn wait_stream_acked_by(nats_url: &str, consumer: &str, limit: Duration) {
-    let js = fleetlake::source::connect(nats_url).await.expect("NATS");
+    let js = fleetlake::ingest::source::connect(nats_url)
+        .await
+        .expect("NATS");
     wait_for("every message of TELEMETRY to be acked", limit, || {
         let js = js.clone();
         async move {

@@ -32,40 +32,22 @@ CREATE RULE hot WITH (severity = 'critical', key = 'device_id')
 AS SELECT device_id, ts, sent_us, temp_c > 100 AS firing FROM usable.latency;
 ";
 
+/// Publish-to-alert latency at a fixed offered load, in one JSON line.
+#[derive(clap::Parser)]
+#[command(name = "alert_latency", about)]
 struct Args {
+    /// Offered load, messages per second.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     rate: u64,
+    /// How long to publish, in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
     devices: u64,
+    /// Every Nth reading is hot (fires the rule); at least 2.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..))]
     hot_every: u64,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        rate: 20_000,
-        seconds: 30,
-        devices: 1_000,
-        hot_every: 100,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value: u64 = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .filter(|v| *v > 0)
-            .ok_or_else(|| format!("{flag} expects a positive integer"))?;
-        match flag.as_str() {
-            "--rate" => args.rate = value,
-            "--seconds" => args.seconds = value,
-            "--devices" => args.devices = value,
-            "--hot-every" => args.hot_every = value.max(2),
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?}; expected --rate N, --seconds N, --devices N, --hot-every N"
-                ));
-            }
-        }
-    }
-    Ok(args)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -78,13 +60,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pipelines = dir.path().join("pipelines");
@@ -134,7 +110,9 @@ async fn main() {
     };
 
     // Wait for the engine to create the stream before publishing.
-    let js = fleetlake::source::connect(nats.url()).await.expect("NATS");
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .expect("NATS");
     while js.get_stream("TELEMETRY").await.is_err() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

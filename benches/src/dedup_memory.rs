@@ -25,21 +25,20 @@ fn resident_bytes() -> u64 {
     pages * 4096
 }
 
+/// Resident memory of the dedup state per device.
+#[derive(clap::Parser)]
+#[command(name = "dedup_memory", about)]
+struct Args {
+    /// Devices in the fleet.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    devices: u64,
+    /// Readings per device.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..))]
+    readings: i64,
+}
+
 fn main() {
-    let mut devices: u64 = 1_000_000;
-    let mut readings: i64 = 20;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().and_then(|v| v.parse::<u64>().ok());
-        match (flag.as_str(), value) {
-            ("--devices", Some(v)) => devices = v,
-            ("--readings", Some(v)) => readings = v as i64,
-            _ => {
-                eprintln!("usage: dedup_memory [--devices N] [--readings N]");
-                std::process::exit(2);
-            }
-        }
-    }
+    let Args { devices, readings } = <Args as clap::Parser>::parse();
     let schema = Arc::new(Schema::new(vec![
         Field::new("device_id", DataType::Utf8, false),
         Field::new("seq", DataType::Int64, false),

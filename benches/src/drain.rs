@@ -22,67 +22,42 @@ use std::time::{Duration, Instant};
 
 use fleetlake::config::Config;
 use fleetlake::serve::Engine;
-use fleetlake::simulate::{self, Profile, SimConfig};
+use fleetlake::tools::simulate::{self, Profile, SimConfig};
 use fleetlake_tests::{Nats, Seaweed};
 use tokio_util::sync::CancellationToken;
 
+/// Drain rate of a pre-filled stream, in one JSON line.
+#[derive(clap::Parser)]
+#[command(name = "drain", about)]
 struct Args {
+    /// Messages to publish before the engine starts.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     messages: u64,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
     devices: u64,
+    /// The lake on SeaweedFS S3 (started by the benchmark) instead of a local folder.
+    #[arg(long)]
     s3: bool,
+    /// `ingest.commit_rows`.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     commit_rows: u64,
+    /// What the fleet sends: envelope, coldchain, health or mixed.
+    #[arg(long, default_value = "envelope", value_parser = parse_profile)]
     profile: Profile,
-    /// Leave out the window tables and rules (pipelines/final.sql, rules.sql).
+    /// Leave out the window tables and rules (pipelines/final.sql, rules/).
+    #[arg(long)]
     without_final: bool,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        messages: 200_000,
-        devices: 1_000,
-        s3: false,
-        commit_rows: 50_000,
-        profile: Profile::Envelope,
-        without_final: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut number = |name: &str| -> Result<u64, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("{name} expects a positive integer"))
-        };
-        match flag.as_str() {
-            "--messages" => args.messages = number("--messages")?,
-            "--devices" => args.devices = number("--devices")?,
-            "--commit-rows" => args.commit_rows = number("--commit-rows")?,
-            "--s3" => args.s3 = true,
-            "--without-final" => args.without_final = true,
-            "--profile" => {
-                let name = it.next().unwrap_or_default();
-                args.profile = Profile::parse(&name).ok_or_else(|| {
-                    format!("--profile {name:?}: expected envelope, coldchain, health or mixed")
-                })?;
-            }
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?}; expected --messages N, --devices N, --commit-rows N, --s3, --profile NAME, --without-final"
-                ));
-            }
-        }
-    }
-    Ok(args)
+fn parse_profile(name: &str) -> Result<Profile, String> {
+    Profile::parse(name)
+        .ok_or_else(|| format!("{name:?}: expected envelope, coldchain, health or mixed"))
 }
 
 #[tokio::main]
 async fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut s3 = if args.s3 {
@@ -120,8 +95,10 @@ async fn main() {
     let config = Config::load(None, Vec::new(), &flags).expect("configuration");
 
     eprintln!("filling the stream with {} messages…", args.messages);
-    let js = fleetlake::source::connect(nats.url()).await.expect("NATS");
-    fleetlake::source::ensure_stream(&js, &config)
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .expect("NATS");
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .expect("stream");
     let report = simulate::publish(

@@ -1,41 +1,41 @@
 //! # fleetlake — the engine
 //!
-//! The `fleetlake` binary and its runtime: configuration, the NATS source, micro-batching and
-//! idempotent commits, the HTTP API, the simulator and the demo.
+//! The `fleetlake` binary and its runtime: configuration, the ingest stage (NATS source,
+//! micro-batches, pipelines, windows and rules, idempotent commits), the HTTP API, and the tools
+//! around them (simulator, demo, local NATS). The SQL layer is `fleetlake_sql`, the lake
+//! `fleetlake_zones`; see `ARCHITECTURE.md` at the repository's root for the whole picture.
 //!
 //! ```text
-//!  NATS JetStream ──► source (durable pull consumer, recreated at the lake's position)
-//!                        │
+//!  NATS JetStream ──► ingest::source (durable pull consumer, recreated at the lake's position;
+//!                        │            a message the client drops is read by its sequence)
 //!                        ▼
 //!                     ingest (micro-batches) ──► raw.telemetry
-//!                        │   ├─ pipelines (declared, by subject) ─► usable.<table> ─┐
-//!                        │   │    └─ derived: windows ─► final.<table>, rules ─► alerts.<rule>.<key> (NATS), final.alerts
-//!                        │   └─ built-in decode ─► dedup ─► usable.telemetry ───────┼─► raw.quarantine
-//!                        └── commit (in the background, one flush at a time) ─► ack after every table is durable
-//!  HTTP (axum) ──► http ──► Lakehouse trait ──► fleetlake_sql::QueryEngine ──► zones
+//!                        │   ├─ ingest::pipelines (declared, by subject) ─► usable.<table> ─┐
+//!                        │   │    └─ ingest::derived: windows ─► final.<table>,            │
+//!                        │   │                        rules ─► alerts.<rule>.<key> (NATS) │
+//!                        │   └─ built-in decode ─► dedup ─► usable.telemetry ──────────────┼─► raw.quarantine
+//!                        └── ingest::commit (in the background, one flush at a time) ─► ack after every table is durable
+//!  HTTP (axum) ──► api ──► Lakehouse trait ──► fleetlake_sql::QueryEngine ──► zones
+//!       └── api::rules ──► RuleChange ──► ingest (between micro-batches)
+//!  serve: wires them, supervises ingest (a panic or a stop is /healthz 503 and a non-zero exit)
 //! ```
 //!
-//! Layout: [`config`] (layered settings), [`source`] (JetStream), [`ingest`] (the micro-batch
-//! loop), [`commit`] (the tables' writers, committing a flush while ingest goes on),
-//! [`pipelines`] (the declared pipelines' stage), [`derived`] (windows, rules and alerts),
-//! [`rules`] (changing rules at runtime over `/v1/rules`), [`replay`] (rebuilding a
-//! pipeline's tables from the raw zone), [`http`], [`format`](mod@format) and [`reference`](mod@reference) (the API),
-//! [`metrics`], [`serve`] (wiring and shutdown), [`simulate`] (the seeded fleet),
-//! [`nats_server`] and [`demo`] (everything in one command). Start reading at [`ingest`].
+//! ## Layout
+//!
+//! | module | owns | may call |
+//! |---|---|---|
+//! | [`config`] | layered settings (defaults, TOML, environment, flags) | – |
+//! | [`metrics`] | counters, gauges and health facts | – |
+//! | [`ingest`] | the stage from JetStream to the lake: [`ingest::source`], the micro-batch loop, [`ingest::pipelines`], [`ingest::derived`], [`ingest::commit`], [`ingest::replay`] | config, metrics |
+//! | [`api`] | the HTTP routes, [`api::format`], [`api::reference`], [`api::rules`] | metrics, the rule-change message of ingest |
+//! | [`serve`] | wiring, supervision and ordered shutdown | ingest, api, config, metrics |
+//! | [`tools`] | [`tools::simulate`], [`tools::nats_server`], [`tools::demo`] | serve, ingest::source |
+//!
+//! Start reading at [`ingest`].
 
-pub mod commit;
+pub mod api;
 pub mod config;
-pub mod demo;
-pub mod derived;
-pub mod format;
-pub mod http;
 pub mod ingest;
 pub mod metrics;
-pub mod nats_server;
-pub mod pipelines;
-pub mod reference;
-pub mod replay;
-pub mod rules;
 pub mod serve;
-pub mod simulate;
-pub mod source;
+pub mod tools;

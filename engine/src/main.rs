@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleetlake::api::format::{self, Format};
 use fleetlake::config::Config;
-use fleetlake::demo::{self, DemoOptions};
-use fleetlake::format::{self, Format};
 use fleetlake::serve::{Engine, shutdown_signal};
-use fleetlake::simulate::{self, Profile, SimConfig};
+use fleetlake::tools::demo::{self, DemoOptions};
+use fleetlake::tools::simulate::{self, Profile, SimConfig};
 use fleetlake_sql::QueryEngine;
 use fleetlake_zones::Lake;
 use tokio_util::sync::CancellationToken;
@@ -283,14 +283,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Replay { pipeline, from, to } => {
             let from = from
                 .as_deref()
-                .map(fleetlake::replay::parse_time)
+                .map(fleetlake::ingest::replay::parse_time)
                 .transpose()?;
             let to = to
                 .as_deref()
-                .map(fleetlake::replay::parse_time)
+                .map(fleetlake::ingest::replay::parse_time)
                 .transpose()?;
             let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
-            let report = fleetlake::replay::run(&config, lake, pipeline, from, to, true).await?;
+            let report =
+                fleetlake::ingest::replay::run(&config, lake, pipeline, from, to, true).await?;
             println!(
                 "{}",
                 serde_json::to_string(&report).expect("report serializes")
@@ -324,10 +325,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Simulate(args) => {
             let sim = args.to_config(false)?;
             sim.validate()?;
-            let js = fleetlake::source::connect(config.nats_url())
+            let js = fleetlake::ingest::source::connect(config.nats_url())
                 .await
                 .map_err(|e| e.to_string())?;
-            fleetlake::source::ensure_stream(&js, &config)
+            fleetlake::ingest::source::ensure_stream(&js, &config)
                 .await
                 .map_err(|e| e.to_string())?;
             let cancel = CancellationToken::new();

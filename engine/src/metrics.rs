@@ -8,6 +8,19 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// What one pipeline did with one batch, counted once the batch is committed.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineCounts {
+    pub name: String,
+    pub rows_in: u64,
+    pub deduplicated: u64,
+    pub rows_out: u64,
+    pub quarantined: u64,
+    pub dropped: u64,
+    pub warned: u64,
+    pub expectations: Vec<fleetlake_sql::pipeline::run::ExpectationCount>,
+}
+
 /// A latency histogram with fixed buckets (seconds).
 #[derive(Debug)]
 pub struct Histogram {
@@ -232,7 +245,7 @@ impl Metrics {
     }
 
     /// Adds one batch's counts for a pipeline (after its commits).
-    pub fn record_pipeline(&self, counts: &crate::pipelines::PipelineCounts) {
+    pub fn record_pipeline(&self, counts: &PipelineCounts) {
         let mut pipelines = self.pipelines.lock().expect("metrics lock");
         let p = pipelines.entry(counts.name.clone()).or_default();
         p.rows_in += counts.rows_in;

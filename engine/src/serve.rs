@@ -11,11 +11,11 @@ use fleetlake_zones::Lake;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::rules::{RuleEntry, Rules};
+use crate::api::{AppState, router};
 use crate::config::Config;
-use crate::http::{AppState, router};
+use crate::ingest::pipelines::Declared;
 use crate::metrics::Metrics;
-use crate::pipelines::Declared;
-use crate::rules::{RuleEntry, Rules};
 
 /// A running engine.
 pub struct Engine {

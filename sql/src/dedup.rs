@@ -294,7 +294,8 @@ impl DedupState {
     }
 
     fn insert_id(&mut self, id: &str, minute: i64) -> bool {
-        let hash = stable_hash(id);
+        // Stable: the hashes are stored in snapshots that outlive the process.
+        let hash = crate::hash::fnv1a(id.as_bytes());
         if self.buckets.iter().any(|(_, s)| s.contains(&hash)) {
             return false;
         }
@@ -414,13 +415,6 @@ fn seen_vec(seen: &Seen) -> Vec<(i64, i64)> {
         Seen::One(a, b) => vec![(*a, *b)],
         Seen::Many(v) => v.clone(),
     }
-}
-
-/// A hash that is the same in every process (snapshots outlive them): FNV-1a, 64 bit.
-fn stable_hash(s: &str) -> u64 {
-    s.as_bytes().iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01B3)
-    })
 }
 
 struct Reader<'a> {

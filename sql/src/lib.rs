@@ -18,6 +18,7 @@
 //! - [`window`]: event-time windows (tumbling, hopping, session) on DataFusion's aggregates;
 //! - [`prepared`]: plans made once and run per micro-batch (pipelines, windows, rules);
 //! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
+//! - [`hash`]: stable hashes for what outlives the process (alert ids, versions, snapshots);
 //! - [`error`]: the crate's error type, split into the user's fault and storage's.
 //!
 //! Start reading at [`decode::decode_envelope`] for ingest and [`QueryEngine::query`] for queries.
@@ -25,6 +26,7 @@
 pub mod decode;
 pub mod dedup;
 pub mod error;
+pub mod hash;
 pub mod pipeline;
 pub mod prepared;
 pub mod query;

@@ -44,18 +44,6 @@ fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
 }
 
-/// FNV-1a: a stable 64-bit hash (alert ids and rule versions must not change between builds).
-pub fn stable_hash(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.bytes().chain([0u8]) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
-}
-
 /// The version of a rule: a hash of its definition (the query as normalized SQL, so where it is
 /// written and its spacing do not matter), so a change is a new version.
 pub fn rule_version(def: &RuleDef) -> String {
@@ -63,7 +51,7 @@ pub fn rule_version(def: &RuleDef) -> String {
         "{}|{}|{:?}|{}|{}|{}|{}",
         def.name, def.severity, def.key, def.for_duration, def.cool_down, def.event_time, def.query
     );
-    format!("{:016x}", stable_hash(&[&text]))
+    format!("{:016x}", crate::hash::stable_hash(&[&text]))
 }
 
 /// A firing or resolved alert for one key.
@@ -305,7 +293,7 @@ impl RuleRunner {
             let alert_id = format!(
                 "{}-{:016x}",
                 self.def.name,
-                stable_hash(&[&self.version, &key, new_state, &t.to_string()])
+                crate::hash::stable_hash(&[&self.version, &key, new_state, &t.to_string()])
             );
             transitions.push(Transition {
                 alert_id,

@@ -781,7 +781,7 @@ fn definition(def: &WindowDef) -> String {
         "{:?}|{}|{}|{}|{}",
         def.kind, def.watermark, def.allowed_lateness, def.event_time, def.query
     );
-    format!("{:016x}", crate::rules::stable_hash(&[&text]))
+    format!("{:016x}", crate::hash::stable_hash(&[&text]))
 }
 
 /// `rows` in stream order: stably sorted by the integer column `column`. A query with a join may

@@ -252,7 +252,9 @@ async fn a_scripted_scenario_gives_exactly_the_expected_alerts_and_final_rows() 
     let env = env(&nats, &dir.path().join("lake"), &pipelines(dir.path()));
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     stream_ready(&js).await;
     publish(&js, &schedule()).await;
     check_outcome(&engine, &js).await;
@@ -267,7 +269,9 @@ async fn alerts_stay_exactly_once_when_the_engine_is_killed_after_publishing() {
     let env = env(&nats, &dir.join("lake"), &pipelines(dir));
     let log = dir.join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     stream_ready(&js).await;
     let readings = schedule();
     let (first, rest) = readings.split_at(readings.len() / 2);
@@ -340,7 +344,9 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
         .unwrap()
         .status();
     assert_eq!(status, 200);
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     stream_ready(&js).await;
     let reading = |d: &str, seq: i64, secs: i64| {
         (
@@ -422,7 +428,9 @@ async fn a_new_window_table_is_backfilled_from_its_input_not_from_the_stream() {
     let env = env(&nats, &dir.path().join("lake"), &p);
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     stream_ready(&js).await;
     let reading = |seq: i64, secs: i64| {
         (
@@ -493,7 +501,9 @@ async fn windows_and_rules_over_the_built_in_decoders_table_see_each_reading_onc
     let env = env(&nats, &dir.path().join("lake"), &p);
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     stream_ready(&js).await;
     // The default envelope on any subject no pipeline claims; (d1, 2) is sent twice (a device
     // replay), and one message does not decode.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use fleetlake::simulate::{self, Report, SimConfig};
+use fleetlake::tools::simulate::{self, Report, SimConfig};
 use fleetlake_sql::QueryEngine;
 use fleetlake_tests::{EngineProcess, Nats, Seaweed, wait_for, wait_stream_acked};
 use fleetlake_zones::{Lake, LakeConfig};
@@ -80,14 +80,16 @@ async fn crash_run(disruption: Disruption, seed: u64) {
         log.display()
     );
 
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     let config = fleetlake::config::Config::load(
         None,
         vec![("FLEETLAKE_NATS_URL".to_string(), nats.url().to_string())],
         &[],
     )
     .unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
     let publisher = tokio::spawn(async move {
@@ -229,7 +231,7 @@ async fn crash_run(disruption: Disruption, seed: u64) {
         .filter(|l| {
             l.contains("dedup")
                 || l.contains("fleetlake::ingest: NATS")
-                || l.contains("fleetlake::source")
+                || l.contains("fleetlake::ingest::source")
         })
         .take(20)
     {
@@ -278,7 +280,9 @@ async fn a_shutdown_that_cannot_commit_exits_non_zero_and_loses_nothing() {
     );
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     wait_for("the stream", Duration::from_secs(30), || {
         let js = js.clone();
         async move { js.get_stream("TELEMETRY").await.ok().map(|_| ()) }

@@ -28,8 +28,10 @@ async fn restart_drops_replays(snapshot_on_stop: bool) {
     let lake = dir.path().join("lake").display().to_string();
     let config =
         fleetlake_tests::test_config(nats.url(), &lake, &[("dedup.snapshot_interval_s", "3600")]);
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
     let publish = |device: &'static str, seq: u64| {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use fleetlake::config::Config;
 use fleetlake::serve::Engine;
-use fleetlake::simulate::{self, SimConfig};
+use fleetlake::tools::simulate::{self, SimConfig};
 use fleetlake_tests::{Api, Nats, Seaweed, polars_frame, python, wait_for};
 use fleetlake_zones::Lake;
 use tokio_util::sync::CancellationToken;
@@ -26,8 +26,10 @@ async fn end_to_end(lake_location: &str, env: Vec<(String, String)>) {
         .expect("engine starts");
     let api = Api::new(engine.addr);
 
-    let js = fleetlake::source::connect(nats.url()).await.expect("NATS");
-    fleetlake::source::ensure_stream(&js, &config)
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .expect("NATS");
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .expect("stream");
     let report = simulate::publish(

@@ -310,7 +310,9 @@ async fn a_message_the_client_library_cannot_parse_is_read_by_its_sequence() {
     let env = crate::alerts::env(&nats, &dir.path().join("lake"), &pipelines);
     let engine = EngineProcess::start(&env, &dir.path().join("engine.log")).await;
     let api = engine.api.clone();
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     crate::alerts::stream_ready(&js).await;
     let odd = "telemetry.t1.trailer\u{a0}042";
     let reading = |seq: i64| format!(r#"{{"device_id":"trailer 042","seq":{seq},"ts":{T}}}"#);
@@ -350,7 +352,7 @@ async fn a_recreated_stream_is_reported_and_taken_only_when_an_operator_says_so(
     }
     wait_stream_acked(nats.url(), Duration::from_secs(60)).await;
     js.delete_stream("TELEMETRY").await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
     for seq in 6..=8 {
@@ -397,7 +399,9 @@ async fn no_query_takes_the_engine_down() {
     .map(|(k, v)| (k.to_string(), v))
     .to_vec();
     let engine = EngineProcess::start(&env, &dir.path().join("engine.log")).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     crate::alerts::stream_ready(&js).await;
     publish(
         &js,

@@ -74,8 +74,10 @@ async fn cold_chain_pipeline_normalizes_enriches_and_applies_expectations() {
     let api = Api::new(engine.addr);
     put_devices(&api, "device_id,tenant,site,model,hw_rev\ntrailer-1,acme,berlin,T-200,rev-B\ntrailer-2,acme,paris,T-300,rev-C\n").await;
 
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
     let ts = "2025-11-23T10:00:00Z";
@@ -278,7 +280,7 @@ async fn serve_refuses_pipelines_that_do_not_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_simulated_fleet_lands_in_every_pipeline_exactly_once() {
-    use fleetlake::simulate::{Profile, SimConfig};
+    use fleetlake::tools::simulate::{Profile, SimConfig};
     let nats = Nats::start().await;
     let dir = fleetlake_tests::TestDir::new();
     let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
@@ -344,8 +346,10 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
               CREATE STREAMING TABLE usable.evo AS SELECT device_id, seq, v FROM r;\n";
     let pipelines = one_pipeline(dir.path(), "evo.sql", v1);
     let config = config(&nats, &dir.path().join("lake"), &pipelines);
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
     let publish = |payload: serde_json::Value| {
@@ -411,7 +415,7 @@ async fn a_pipeline_that_starts_reading_a_new_field_adds_a_nullable_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
-    use fleetlake::simulate::{Profile, SimConfig};
+    use fleetlake::tools::simulate::{Profile, SimConfig};
     let nats = Nats::start().await;
     let dir = fleetlake_tests::TestDir::new();
     let pipelines = dir.path().join("pipelines");
@@ -438,8 +442,10 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
         "device_id,tenant,site,model,hw_rev\ndev-000001,acme,berlin,T-200,rev-B\n",
     )
     .await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
     let report = fleetlake_tests::simulate(
@@ -484,9 +490,10 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     let version_before = lake.describe(&id).await.unwrap().unwrap().version;
 
     // Unchanged definition: the same rows, in one new version.
-    let replayed = fleetlake::replay::run(&config, lake.clone(), "cold_chain", None, None, false)
-        .await
-        .unwrap();
+    let replayed =
+        fleetlake::ingest::replay::run(&config, lake.clone(), "cold_chain", None, None, false)
+            .await
+            .unwrap();
     assert_eq!(replayed.messages, 3_000);
     assert_eq!(replayed.tables["usable.cold_chain"], report.distinct);
     assert_eq!(replayed.quarantined, report.malformed);
@@ -520,9 +527,10 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
     assert_ne!(changed, text);
     std::fs::write(pipelines.join("cold_chain.sql"), changed).unwrap();
     let day =
-        fleetlake::replay::parse_time(&chrono::Utc::now().format("%Y-%m-%d").to_string()).unwrap();
+        fleetlake::ingest::replay::parse_time(&chrono::Utc::now().format("%Y-%m-%d").to_string())
+            .unwrap();
     let replayed =
-        fleetlake::replay::run(&config, lake.clone(), "cold_chain", Some(day), None, false)
+        fleetlake::ingest::replay::run(&config, lake.clone(), "cold_chain", Some(day), None, false)
             .await
             .unwrap();
     assert_eq!(replayed.tables["usable.cold_chain"], report.distinct);
@@ -549,7 +557,7 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
         window_rows as i64
     );
     assert_eq!(scalar(unrounded).await, 0);
-    let unknown = fleetlake::replay::run(&config, lake, "cold_chian", None, None, false)
+    let unknown = fleetlake::ingest::replay::run(&config, lake, "cold_chian", None, None, false)
         .await
         .unwrap_err();
     assert!(unknown.contains("there are: cold_chain"), "{unknown}");
@@ -560,8 +568,10 @@ async fn pipeline_replays_are_dropped_also_after_restarts() {
     let nats = Nats::start().await;
     let dir = fleetlake_tests::TestDir::new();
     let config = config(&nats, &dir.path().join("lake"), &shipped_pipelines());
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
-    fleetlake::source::ensure_stream(&js, &config)
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
+    fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
     let reading = |seq: u64| {

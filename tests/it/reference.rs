@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleetlake::simulate::SimConfig;
+use fleetlake::tools::simulate::SimConfig;
 use fleetlake_tests::{Api, Nats};
 
 async fn put(api: &Api, table: &str, content_type: &str, body: &str) -> (u16, serde_json::Value) {

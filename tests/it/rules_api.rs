@@ -92,7 +92,9 @@ async fn start(rules: &[(&str, String)]) -> (Setup, EngineProcess) {
     let env = env(&nats, &dir.path().join("lake"), &pipelines);
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     crate::alerts::stream_ready(&js).await;
     let setup = Setup {
         _nats: nats,

@@ -13,10 +13,23 @@
 //! Guarantees: a message is acknowledged only after every table that needs it has committed; each
 //! commit records `txn(consumer, last stream sequence)`, and a restarted engine starts the
 //! consumer after the lowest recorded sequence and skips rows a table already holds. A flush is
-//! committed on its own task ([`crate::commit`]) while the loop goes on fetching and running
+//! committed on its own task ([`crate::ingest::commit`]) while the loop goes on fetching and running
 //! rules, so alerts do not wait for the lake; the next flush waits for it (one in flight). A
 //! failing commit is retried with backoff (pulling stops at the next flush, JetStream keeps the
 //! backlog); a lost consumer is reopened from the lake's position.
+
+//!
+//! Layout: [`source`] (the JetStream consumer, reading a message by its sequence), this module
+//! (the micro-batch loop), [`pipelines`] (the declared pipelines' stage), [`derived`] (windows,
+//! rules and alerts), [`commit`] (the tables' writers, committing a flush in the background),
+//! [`replay`] (re-running a pipeline over the raw zone, offline). May call [`crate::metrics`],
+//! [`crate::config`], `fleetlake_sql` and `fleetlake_zones`; never the API.
+
+pub mod commit;
+pub mod derived;
+pub mod pipelines;
+pub mod replay;
+pub mod source;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,13 +42,13 @@ use fleetlake_zones::{Lake, TableId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage_failed};
 use crate::config::Config;
-use crate::derived::{DerivedStage, OpenError};
+use crate::ingest::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage_failed};
+use crate::ingest::derived::{DerivedStage, OpenError};
+use crate::ingest::derived::{RuleChange, RuleUpdate};
+use crate::ingest::pipelines::{Declared, PipelineStage, StageError, StageOutput};
+use crate::ingest::source::Source;
 use crate::metrics::Metrics;
-use crate::pipelines::{Declared, PipelineStage, StageError, StageOutput};
-use crate::rules::{RuleChange, RuleUpdate};
-use crate::source::Source;
 
 /// What ingest runs over each micro-batch; the tables' writers are the committer's.
 struct Stages {
@@ -160,7 +173,7 @@ pub async fn run(
         let start = ingest.commits.idle().await.0.resume_at();
         let mut source = match Source::open(&ingest.config, start).await {
             Ok(source) => source,
-            Err(crate::source::OpenError::Mismatch(e)) => {
+            Err(crate::ingest::source::OpenError::Mismatch(e)) => {
                 // Consuming would silently skip the new stream's first messages: say so and
                 // wait for an operator (`serve` exits non-zero).
                 ingest.metrics.set_last_error("source", &e.to_string());

@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::nats_server::NatsServer;
 use crate::serve::{Engine, shutdown_signal};
-use crate::simulate::{self, SimConfig};
+use crate::tools::nats_server::NatsServer;
+use crate::tools::simulate::{self, SimConfig};
 
 /// Demo options.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let url = config.nats_url().to_string();
     let mut child: Option<NatsServer> = None;
-    if crate::source::connect(&url).await.is_err() {
+    if crate::ingest::source::connect(&url).await.is_err() {
         let port = url
             .rsplit(':')
             .next()
@@ -78,10 +78,10 @@ pub async fn run(
     eprintln!("Press Ctrl-C to stop.");
     eprintln!();
 
-    let js = crate::source::connect(config.nats_url())
+    let js = crate::ingest::source::connect(config.nats_url())
         .await
         .map_err(|e| e.to_string())?;
-    crate::source::ensure_stream(&js, &config)
+    crate::ingest::source::ensure_stream(&js, &config)
         .await
         .map_err(|e| e.to_string())?;
     let stop = CancellationToken::new();

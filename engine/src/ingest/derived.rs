@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Exactly once: every window table and final.alerts commit with the ingest's txn like any
-//! table (their writers are the committer's, [`crate::commit`]). Window and rule state is snapshotted beside its table (`_fleetlake/`) and, on start,
+//! table (their writers are the committer's, [`crate::ingest::commit`]). Window and rule state is snapshotted beside its table (`_fleetlake/`) and, on start,
 //! restored from the newest snapshot at or below the table's committed position, then brought
 //! up to it by replaying the committed rows of the input table. Re-processed messages then give
 //! the same transitions with the same ids, which JetStream drops within
@@ -30,8 +30,10 @@ use fleetlake_sql::window::WindowOperator;
 use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::{Lake, TableId, Zone};
 
-use crate::commit::Snapshot;
+use tokio::sync::oneshot;
+
 use crate::config::Config;
+use crate::ingest::commit::Snapshot;
 
 /// `final.alerts`: every alert transition.
 pub fn alerts_table() -> TableId {
@@ -101,7 +103,7 @@ pub fn subject_token(key: &str) -> String {
     if t.len() <= MAX_SUBJECT_TOKEN {
         return t;
     }
-    let hash = fleetlake_sql::rules::stable_hash(&[key]);
+    let hash = fleetlake_sql::hash::stable_hash(&[key]);
     let room = MAX_SUBJECT_TOKEN - 17;
     let mut prefix = String::with_capacity(MAX_SUBJECT_TOKEN);
     for c in t.chars() {
@@ -117,6 +119,20 @@ pub fn subject_token(key: &str) -> String {
 /// (see [`subject_token`]).
 pub fn alert_subject(rule: &str, key: &str) -> String {
     format!("alerts.{}.{}", subject_token(rule), subject_token(key))
+}
+
+/// What ingest is asked to do with its rules (sent by the rules API, `/v1/rules`, and applied
+/// between micro-batches).
+pub enum RuleUpdate {
+    /// Add the rule, or replace the one of the same name.
+    Upsert(CheckedRule),
+    Remove(String),
+}
+
+/// A rule change for ingest, and where to say whether it was applied.
+pub struct RuleChange {
+    pub update: RuleUpdate,
+    pub done: oneshot::Sender<Result<(), String>>,
 }
 
 /// What the derived stage made of one micro-batch.
@@ -533,7 +549,7 @@ impl DerivedStage {
             return Ok(());
         }
         if self.js.is_none() {
-            let js = crate::source::connect(&self.nats_url)
+            let js = crate::ingest::source::connect(&self.nats_url)
                 .await
                 .map_err(|e| e.to_string())?;
             js.get_or_create_stream(jetstream::stream::Config {

@@ -28,18 +28,7 @@ use fleetlake_zones::{Lake, TableId, Zone};
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-/// What ingest is asked to do with its rules.
-pub enum RuleUpdate {
-    /// Add the rule, or replace the one of the same name.
-    Upsert(CheckedRule),
-    Remove(String),
-}
-
-/// A rule change for ingest, and where to say whether it was applied.
-pub struct RuleChange {
-    pub update: RuleUpdate,
-    pub done: oneshot::Sender<Result<(), String>>,
-}
+use crate::ingest::derived::{RuleChange, RuleUpdate};
 
 /// `final.rule_audit`: every change made over `/v1/rules`.
 pub fn audit_table() -> TableId {

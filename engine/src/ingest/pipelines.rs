@@ -1,6 +1,6 @@
 //! The pipeline stage of ingest: routes each message to the declared pipelines whose subject
 //! filter matches it and runs them. The writers of their tables are opened here and handed to
-//! the committer ([`crate::commit`]).
+//! the committer ([`crate::ingest::commit`]).
 //!
 //! Reference tables are read from the lake and kept as in-memory tables; each batch checks their
 //! Delta version and reloads one that changed, so an upload (`PUT /v1/reference/…`) or any new
@@ -12,14 +12,14 @@ use std::sync::Arc;
 use arrow::array::{Array, RecordBatch};
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
-use fleetlake_sql::pipeline::run::ExpectationCount;
 use fleetlake_sql::pipeline::{PipelineFailure, PipelineRunner, ReferenceDef};
 use fleetlake_sql::{DedupState, QueryEngine};
 use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::schema::as_raw_batch;
 use fleetlake_zones::{Lake, TableId};
 
-use crate::commit::Snapshot;
+use crate::ingest::commit::Snapshot;
+use crate::metrics::PipelineCounts;
 
 /// One pipeline; the writers of its tables are the committer's.
 pub struct Pipeline {
@@ -86,19 +86,6 @@ pub struct Declared {
     pub runners: Vec<PipelineRunner>,
     pub windows: Vec<fleetlake_sql::pipeline::CheckedWindow>,
     pub rules: Vec<fleetlake_sql::pipeline::CheckedRule>,
-}
-
-/// What one pipeline did with one batch.
-#[derive(Debug, Clone, Default)]
-pub struct PipelineCounts {
-    pub name: String,
-    pub rows_in: u64,
-    pub deduplicated: u64,
-    pub rows_out: u64,
-    pub quarantined: u64,
-    pub dropped: u64,
-    pub warned: u64,
-    pub expectations: Vec<ExpectationCount>,
 }
 
 /// All declared pipelines, their writers and the reference tables they read.

@@ -1,7 +1,18 @@
-//! The HTTP API (axum): SQL over the zones, table listing, health and metrics.
+//! The HTTP API (axum): SQL over the zones, table listing, reference uploads, rules, health and
+//! metrics.
 //!
 //! The handlers depend on the [`Lakehouse`] trait, not on the engine, so they can be served over
-//! any implementation; the binary wires in [`fleetlake_sql::QueryEngine`].
+//! any implementation; the binary wires in [`fleetlake_sql::QueryEngine`]. Beside the routes:
+//! [`format`] (answers as JSON, CSV, NDJSON or Arrow), [`reference`] (parsing uploads and holding
+//! them to declared types) and [`rules`] (changing rules at runtime; the change itself reaches
+//! ingest as an [`crate::ingest::derived::RuleChange`]).
+//!
+//! May call: [`crate::metrics`], [`crate::ingest::derived`] (the rule-change message),
+//! `fleetlake_sql`, `fleetlake_zones`. Nothing in ingest calls into it.
+
+pub mod format;
+pub mod reference;
+pub mod rules;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,14 +26,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 
-use crate::rules::{Refused, Rules};
+use crate::api::rules::{Refused, Rules};
 use fleetlake_sql::{ErrorKind, QueryEngine, QueryResult};
 use fleetlake_zones::schema::builtin_tables;
 use fleetlake_zones::{TableId, TableInfo, Zone};
 use futures::future::BoxFuture;
 use serde_json::json;
 
-use crate::format::Format;
+use crate::api::format::Format;
 use crate::metrics::Metrics;
 
 /// What the HTTP layer needs from the lake.
@@ -88,7 +99,7 @@ pub struct AppState {
     /// The declared pipelines: name, source subject, tables and expectations.
     pub pipelines: Arc<Vec<serde_json::Value>>,
     /// The rules, changeable at runtime (`None` when this process does not ingest).
-    pub rules: Option<Arc<crate::rules::Rules>>,
+    pub rules: Option<Arc<crate::api::rules::Rules>>,
     /// The reference tables the pipelines declare: uploads are held to their types.
     pub references: Arc<Vec<fleetlake_sql::pipeline::ReferenceDef>>,
 }
@@ -102,14 +113,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/reference/{table}",
             put(put_reference).layer(axum::extract::DefaultBodyLimit::max(
-                crate::reference::MAX_BODY_BYTES,
+                crate::api::reference::MAX_BODY_BYTES,
             )),
         )
         .route("/v1/rules", get(list_rules))
         .route(
             "/v1/rules/{name}",
             get(get_rule).put(put_rule).delete(delete_rule).layer(
-                axum::extract::DefaultBodyLimit::max(crate::rules::MAX_RULE_BYTES),
+                axum::extract::DefaultBodyLimit::max(crate::api::rules::MAX_RULE_BYTES),
             ),
         )
         .route("/healthz", get(healthz))
@@ -191,13 +202,13 @@ async fn put_reference(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let rows = match crate::reference::parse_rows(content_type, &body) {
+    let rows = match crate::api::reference::parse_rows(content_type, &body) {
         Ok(rows) => rows,
         Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_rows", &message),
     };
     let id = format!("reference.{table}");
     if let Some(def) = state.references.iter().find(|d| d.table.to_string() == id)
-        && let Err(message) = crate::reference::check_declared(&rows, &def.schema())
+        && let Err(message) = crate::api::reference::check_declared(&rows, &def.schema())
     {
         return error_response(
             StatusCode::BAD_REQUEST,

@@ -27,8 +27,8 @@ use fleetlake_zones::{Lake, TableId};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::derived::{derive_window, window_kind};
-use crate::pipelines::{load_reference, raw_rows};
+use crate::ingest::derived::{derive_window, window_kind};
+use crate::ingest::pipelines::{load_reference, raw_rows};
 
 /// Messages read from the raw zone per step.
 const CHUNK: i64 = 20_000;
