@@ -139,6 +139,8 @@ pub struct Metrics {
     pub consumer_lag: AtomicI64,
     /// Messages the NATS client did not deliver, read directly by their stream sequence.
     pub messages_refetched: AtomicU64,
+    /// Stream sequences skipped because the stream no longer held them when read.
+    pub messages_missing: AtomicU64,
     pub storage_errors: AtomicU64,
     pub source_errors: AtomicU64,
     /// 1 while the last commit attempt succeeded.
@@ -170,6 +172,7 @@ impl Default for Metrics {
             batch_latency: Histogram::new(),
             consumer_lag: AtomicI64::new(0),
             messages_refetched: AtomicU64::new(0),
+            messages_missing: AtomicU64::new(0),
             storage_errors: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
             storage_up: AtomicI64::new(1),
@@ -388,6 +391,12 @@ impl Metrics {
             "Messages the NATS client did not deliver (a subject or header it cannot parse), read directly by their stream sequence.",
             "counter",
             load(&self.messages_refetched),
+        );
+        counter(
+            "fleetlake_messages_missing_total",
+            "Stream sequences no longer in the stream when fleetlake read them (deleted, purged, or removed by the stream's limits).",
+            "counter",
+            load(&self.messages_missing),
         );
         counter(
             "fleetlake_storage_errors_total",

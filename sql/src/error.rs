@@ -56,7 +56,7 @@ impl Error {
     /// the data (a cast or computation that fails for some value): the rows' fault, to be
     /// isolated and quarantined, never retried and never called a storage failure.
     pub fn is_data_error(&self) -> bool {
-        matches!(self, Error::Execution(e) if classify(e) == ErrorKind::User)
+        matches!(self, Error::Execution(e) if caused_by_values(e))
     }
 
     /// A stable machine-readable code for API answers.
@@ -84,6 +84,31 @@ fn classify(e: &DataFusionError) -> ErrorKind {
         // Errors raised inside table providers (Delta log, object store) are outside systems.
         DataFusionError::External(_) => ErrorKind::Unavailable,
         _ => ErrorKind::User,
+    }
+}
+
+/// Whether an execution error comes from the values computed on (a cast, an overflow, a
+/// division by zero, a value a function refuses), as opposed to the plan, the schema, resources
+/// or a bug: Arrow's compute errors, and DataFusion's own execution errors (which its functions
+/// raise for bad arguments).
+fn caused_by_values(e: &DataFusionError) -> bool {
+    use arrow::error::ArrowError;
+    match e {
+        DataFusionError::ArrowError(a, _) => matches!(
+            a.as_ref(),
+            ArrowError::CastError(_)
+                | ArrowError::ComputeError(_)
+                | ArrowError::ArithmeticOverflow(_)
+                | ArrowError::DivideByZero
+                | ArrowError::ParseError(_)
+                | ArrowError::InvalidArgumentError(_)
+        ),
+        DataFusionError::Execution(_) => true,
+        DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
+            caused_by_values(inner)
+        }
+        DataFusionError::Shared(inner) => caused_by_values(inner),
+        _ => false,
     }
 }
 

@@ -161,7 +161,8 @@ fn strip(e: DataFusionError) -> String {
 
 /// The most tokens one statement may hold.
 pub const MAX_QUERY_TOKENS: usize = 100_000;
-/// The most binary operators (`AND`, `OR`, comparisons, arithmetic) one statement may hold. The
+/// The most operators (`AND`, `OR`, `NOT`, comparisons, arithmetic, bitwise, casts, `LIKE`,
+/// `IS`, `CASE … WHEN`) one statement may hold. The
 /// planner and optimizer walk expression trees recursively, and `a = 1 OR a = 2 OR …` is a tree
 /// as deep as it is long: a few thousand levels overflow a thread's stack and abort the process.
 /// Long lists of values belong in `IN (…)`, which is flat.
@@ -204,29 +205,61 @@ pub fn check_size(sql: &str) -> Result<()> {
             "parentheses are nested {deepest} levels deep, at most {MAX_QUERY_NESTING} are allowed"
         )));
     }
+    // Everything that joins or wraps an expression counts: binary and unary operators, casts,
+    // `LIKE`/`IS`/`BETWEEN`, `CASE … WHEN`; names, literals, commas and parentheses do not.
     let operators = tokens
         .iter()
         .filter(|t| match t {
-            Token::Word(w) => matches!(w.keyword, Keyword::AND | Keyword::OR),
-            Token::Eq
-            | Token::DoubleEq
-            | Token::Neq
-            | Token::Lt
-            | Token::Gt
-            | Token::LtEq
-            | Token::GtEq
-            | Token::Plus
-            | Token::Minus
-            | Token::Mul
-            | Token::Div
-            | Token::Mod
-            | Token::StringConcat => true,
-            _ => false,
+            Token::Word(w) => matches!(
+                w.keyword,
+                Keyword::AND
+                    | Keyword::OR
+                    | Keyword::XOR
+                    | Keyword::NOT
+                    | Keyword::LIKE
+                    | Keyword::ILIKE
+                    | Keyword::SIMILAR
+                    | Keyword::REGEXP
+                    | Keyword::RLIKE
+                    | Keyword::IS
+                    | Keyword::BETWEEN
+                    | Keyword::CASE
+                    | Keyword::WHEN
+                    | Keyword::COLLATE
+                    | Keyword::AT
+            ),
+            Token::Number(..)
+            | Token::Comma
+            | Token::Whitespace(_)
+            | Token::LParen
+            | Token::RParen
+            | Token::Period
+            | Token::SemiColon
+            | Token::EOF
+            | Token::Placeholder(_)
+            | Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::TripleSingleQuotedString(_)
+            | Token::TripleDoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::SingleQuotedByteStringLiteral(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::TripleSingleQuotedByteStringLiteral(_)
+            | Token::TripleDoubleQuotedByteStringLiteral(_)
+            | Token::SingleQuotedRawStringLiteral(_)
+            | Token::DoubleQuotedRawStringLiteral(_)
+            | Token::TripleSingleQuotedRawStringLiteral(_)
+            | Token::TripleDoubleQuotedRawStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::HexStringLiteral(_) => false,
+            _ => true,
         })
         .count();
     if operators > MAX_QUERY_OPERATORS {
         return Err(Error::TooLarge(format!(
-            "the statement holds {operators} operators (AND, OR, comparisons, arithmetic), at most {MAX_QUERY_OPERATORS} are allowed: \
+            "the statement holds {operators} operators (AND, OR, NOT, comparisons, arithmetic, casts, LIKE, IS, CASE), at most {MAX_QUERY_OPERATORS} are allowed: \
              a long chain such as a = 1 OR a = 2 OR … is too deep to plan; write a IN (1, 2, …) instead"
         )));
     }
@@ -326,5 +359,20 @@ mod tests {
                 .contains("nested 41 levels")
         );
         assert!(check_size(&format!("SELECT {}1{}", "(".repeat(40), ")".repeat(40))).is_ok());
+        for op in [
+            "&1",
+            "|1",
+            "^1",
+            "<<1",
+            "::INT",
+            " LIKE 'a'",
+            " IS NULL",
+            " || 'a'",
+        ] {
+            let chain = format!("SELECT 1{}", op.repeat(600));
+            assert!(check_size(&chain).is_err(), "{op}");
+        }
+        let nots = format!("SELECT {}true", "NOT ".repeat(600));
+        assert!(check_size(&nots).is_err());
     }
 }

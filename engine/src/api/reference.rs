@@ -103,8 +103,18 @@ pub fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), St
                             != 0.0
                     })
         };
+        // A float beyond the type's range reads as infinity: refuse it as devices' values are.
+        let infinite = |row: usize| {
+            field.data_type().is_floating()
+                && arrow::compute::cast(&cast.slice(row, 1), &DataType::Float64)
+                    .ok()
+                    .is_some_and(|f| {
+                        let v = f.as_primitive::<arrow::datatypes::Float64Type>();
+                        v.is_valid(0) && !v.value(0).is_finite()
+                    })
+        };
         for row in 0..rows.num_rows() {
-            if column.is_valid(row) && (cast.is_null(row) || fractional(row)) {
+            if column.is_valid(row) && (cast.is_null(row) || fractional(row) || infinite(row)) {
                 return Err(format!(
                     "column {}, row {}: {:?} is not a {} (the declared type)",
                     field.name(),
@@ -291,6 +301,8 @@ mod tests {
         assert!(err.contains("column max_c, row 2: \"warm\""), "{err}");
         let err = check("device_id,slots\nd1,2\nd2,2.5\n").unwrap_err();
         assert!(err.contains("column slots, row 2: \"2.5\""), "{err}");
+        let err = check("device_id,max_c\nd1,1e400\n").unwrap_err();
+        assert!(err.contains("column max_c, row 1"), "{err}");
         let err = check("max_c\n5\n").unwrap_err();
         assert!(err.contains("device_id is declared NOT NULL"), "{err}");
     }

@@ -97,6 +97,9 @@ pub struct Committer {
     cancel: CancellationToken,
     /// How long commits are retried once ingest is cancelled (shutdown).
     grace: Duration,
+    /// The end of the grace period, set at the first commit attempt after cancellation: one
+    /// deadline for every table and job of the shutdown.
+    deadline: Option<Instant>,
 }
 
 impl Committer {
@@ -111,6 +114,7 @@ impl Committer {
             metrics,
             cancel,
             grace,
+            deadline: None,
         }
     }
 
@@ -122,6 +126,16 @@ impl Committer {
             .min()
             .unwrap_or(0) as u64
             + 1
+    }
+
+    /// The highest stream sequence any table has committed (0 for none).
+    pub fn highest_committed(&self) -> u64 {
+        self.writers
+            .iter()
+            .filter_map(|w| w.committed())
+            .max()
+            .unwrap_or(0)
+            .max(0) as u64
     }
 
     /// The `i`th writer in commit order.
@@ -138,7 +152,7 @@ impl Committer {
             if !commit(
                 &self.metrics,
                 &self.cancel,
-                self.grace,
+                (self.grace, &mut self.deadline),
                 writer,
                 rows,
                 job.version,
@@ -185,7 +199,7 @@ impl Committer {
         commit(
             &self.metrics,
             &self.cancel,
-            self.grace,
+            (self.grace, &mut self.deadline),
             &mut self.writers[i],
             rows,
             version,
@@ -214,23 +228,48 @@ impl Committer {
 }
 
 /// Commits one table, retrying with backoff until it succeeds, or, once ingest is cancelled
-/// (shutdown), for at most `grace`; then the stop is recorded (`/healthz`, a non-zero exit) with
-/// what was not committed.
+/// (shutdown), until the grace period ends: `grace` is its length and `deadline` its end, set at
+/// the first attempt after cancellation and shared by every table and job (an attempt still
+/// running at the deadline is cut). Then the stop is recorded (`/healthz`, a non-zero exit) with what was
+/// not committed.
 async fn commit(
     metrics: &Metrics,
     cancel: &CancellationToken,
-    grace: Duration,
+    (grace, deadline): (Duration, &mut Option<Instant>),
     writer: &mut TableWriter,
     batch: &RecordBatch,
     version: i64,
 ) -> bool {
     let table = metrics.table(&writer.id().to_string());
     let mut backoff = Backoff::new();
-    // Set when a failure is first seen after cancellation: the end of the grace period.
-    let mut deadline: Option<Instant> = None;
+    let unfinished = |writer: &TableWriter, reason: &str| {
+        format!(
+            "shutdown: {} rows up to stream sequence {version} were not committed to {} within ingest.shutdown_grace_s ({} s): {reason}; they are not acknowledged and come back at the next start",
+            batch.num_rows(),
+            writer.id(),
+            grace.as_secs()
+        )
+    };
     loop {
         let started = Instant::now();
-        match writer.commit(batch, "stream_seq", version).await {
+        if cancel.is_cancelled() {
+            deadline.get_or_insert(started + grace);
+        }
+        let attempt = writer.commit(batch, "stream_seq", version);
+        let result = match *deadline {
+            Some(end) => {
+                match tokio::time::timeout(end.saturating_duration_since(started), attempt).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        metrics
+                            .stop_ingest(&unfinished(writer, "the commit did not finish in time"));
+                        return false;
+                    }
+                }
+            }
+            None => attempt.await,
+        };
+        match result {
             Ok(outcome) => {
                 metrics.storage_up.store(1, Ordering::Relaxed);
                 if let CommitOutcome::Committed { rows, .. } = outcome {
@@ -251,19 +290,13 @@ async fn commit(
             Err(e) => {
                 storage_failed(metrics, &e.to_string());
                 if cancel.is_cancelled() {
-                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + grace);
+                    let end = *deadline.get_or_insert(started + grace);
                     let now = Instant::now();
-                    if now >= deadline {
-                        metrics.stop_ingest(&format!(
-                            "shutdown: {} rows up to stream sequence {version} were not committed to {} within ingest.shutdown_grace_s ({} s): {e}; they are not acknowledged and come back at the next start",
-                            batch.num_rows(),
-                            writer.id(),
-                            grace.as_secs()
-                        ));
+                    if now >= end {
+                        metrics.stop_ingest(&unfinished(writer, &e.to_string()));
                         return false;
                     }
-                    let pause = backoff.next_delay().min(deadline - now);
-                    tokio::time::sleep(pause).await;
+                    tokio::time::sleep(backoff.next_delay().min(end - now)).await;
                 } else {
                     // Returns early when cancelled; later attempts then count as above.
                     backoff.wait(cancel).await;

@@ -173,10 +173,14 @@ async fn send(js: &jetstream::Context, transitions: &[Transition]) -> Result<(),
             // and the key is cut if it alone is too long.
             alert["values"] = serde_json::json!({"omitted": "the alert was larger than the NATS server's max_payload; see final.alerts"});
             alert["values_omitted"] = serde_json::Value::Bool(true);
-            if t.key.len() + 1024 > max_payload {
-                alert["key"] = serde_json::Value::String(subject_token(&t.key));
-            }
             payload = serde_json::to_vec(&alert).expect("serializable");
+            if payload.len() + 256 > max_payload {
+                // The key alone is too long (JSON escaping can make it longer still): its
+                // bounded token stands in for it.
+                alert["key"] = serde_json::Value::String(subject_token(&t.key));
+                alert["key_shortened"] = serde_json::Value::Bool(true);
+                payload = serde_json::to_vec(&alert).expect("serializable");
+            }
             tracing::warn!(rule = %t.rule, alert_id = %t.alert_id, max_payload, "alert too large for NATS: published without its values");
         }
         let ack = js

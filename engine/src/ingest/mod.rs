@@ -170,8 +170,9 @@ pub async fn run(
         if ingest.cancel.is_cancelled() {
             return;
         }
-        let start = ingest.commits.idle().await.0.resume_at();
-        let mut source = match Source::open(&ingest.config, start).await {
+        let (committer, _) = ingest.commits.idle().await;
+        let (start, committed) = (committer.resume_at(), committer.highest_committed());
+        let mut source = match Source::open(&ingest.config, start, committed).await {
             Ok(source) => source,
             Err(crate::ingest::source::OpenError::Mismatch(e)) => {
                 // Consuming would silently skip the new stream's first messages: say so and
@@ -547,6 +548,20 @@ impl Ingest {
         Ok(())
     }
 
+    /// Records that the engine stops (cancelled) with messages taken but not committed, because
+    /// `reason` kept failing: they are not acknowledged and come back at the next start, and
+    /// `serve` exits non-zero saying so.
+    fn unfinished(&self, buffer: &Buffer, reason: &str) {
+        if buffer.messages.is_empty() {
+            return;
+        }
+        let first = buffer.messages.first().map_or(0, |m| m.stream_seq);
+        let last = buffer.messages.last().map_or(0, |m| m.stream_seq);
+        self.metrics.stop_ingest(&format!(
+            "shutdown: stream sequences {first}..={last} were not committed ({reason}); they are not acknowledged and come back at the next start"
+        ));
+    }
+
     /// Keeps what ingest takes contiguous: when `message` is ahead of the next stream sequence
     /// expected, the messages in between were not delivered (async-nats drops a delivery whose
     /// subject or headers it cannot parse, without an error), so each is read directly by its
@@ -567,7 +582,9 @@ impl Ingest {
     }
 
     /// Reads the messages after `highest_seen` and before stream sequence `next` directly (see
-    /// [`Ingest::fill_gap`]).
+    /// [`Ingest::fill_gap`]). Sequences the stream no longer holds (deleted, purged, removed by
+    /// its limits before they were read) are skipped in one request each run, logged and
+    /// counted, never taken for delivered-and-lost.
     async fn fetch_before(
         &self,
         source: &Source,
@@ -576,32 +593,49 @@ impl Ingest {
         highest_seen: &mut u64,
     ) -> Result<(), String> {
         while *highest_seen + 1 < next {
-            let seq = *highest_seen + 1;
-            match source.fetch(seq).await.map_err(|e| {
-                format!("stream sequence {seq} was not delivered and could not be read: {e}")
-            })? {
-                Some(fetched) => {
-                    tracing::warn!(
-                        seq,
-                        subject = %fetched.subject.escape_debug(),
-                        "the NATS client did not deliver this message; read it by its stream sequence"
-                    );
-                    self.metrics.messages_pulled.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .messages_refetched
-                        .fetch_add(1, Ordering::Relaxed);
-                    buffer.messages.push(RawMessage {
-                        payload: fetched.payload,
-                        subject: fetched.subject,
-                        stream_seq: seq as i64,
-                        msg_id: fetched.msg_id,
-                        received_at_us: chrono::Utc::now().timestamp_micros(),
-                    });
-                    buffer.first_at.get_or_insert_with(Instant::now);
-                }
-                None => tracing::debug!(seq, "no message at this stream sequence (deleted)"),
+            if self.cancel.is_cancelled() {
+                return Err("ingest is stopping".into());
             }
-            *highest_seen = seq;
+            let seq = *highest_seen + 1;
+            let found = source.fetch(seq).await.map_err(|e| {
+                format!("stream sequence {seq} was not delivered and could not be read: {e}")
+            })?;
+            let (at, fetched) = match found {
+                Some((at, fetched)) if at < next => (at, Some(fetched)),
+                _ => (next, None),
+            };
+            if at > seq {
+                tracing::warn!(
+                    from = seq,
+                    to = at - 1,
+                    "these stream sequences are no longer in the stream (deleted, purged or removed by its limits before fleetlake read them)"
+                );
+                self.metrics
+                    .messages_missing
+                    .fetch_add(at - seq, Ordering::Relaxed);
+            }
+            let Some(fetched) = fetched else {
+                *highest_seen = next - 1;
+                break;
+            };
+            tracing::warn!(
+                seq = at,
+                subject = %fetched.subject.escape_debug(),
+                "the NATS client did not deliver this message; read it by its stream sequence"
+            );
+            self.metrics.messages_pulled.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .messages_refetched
+                .fetch_add(1, Ordering::Relaxed);
+            buffer.messages.push(RawMessage {
+                payload: fetched.payload,
+                subject: fetched.subject,
+                stream_seq: at as i64,
+                msg_id: fetched.msg_id,
+                received_at_us: chrono::Utc::now().timestamp_micros(),
+            });
+            buffer.first_at.get_or_insert_with(Instant::now);
+            *highest_seen = at;
         }
         Ok(())
     }
@@ -655,7 +689,7 @@ impl Ingest {
         let out = if stages.stage.is_empty() {
             None
         } else {
-            let Some(out) = self.run_pipelines(&raw, stages).await else {
+            let Some(out) = self.run_pipelines(&raw, buffer, stages).await else {
                 return false;
             };
             Some(out)
@@ -731,6 +765,7 @@ impl Ingest {
             while let Err(e) = stages.derived.publish(&derived.transitions).await {
                 self.source_failed(&e);
                 if !backoff.wait(&self.cancel).await {
+                    self.unfinished(buffer, &format!("alerts could not be published: {e}"));
                     return false;
                 }
             }
@@ -812,6 +847,7 @@ impl Ingest {
     async fn run_pipelines(
         &self,
         raw: &arrow::array::RecordBatch,
+        buffer: &Buffer,
         stages: &mut Stages,
     ) -> Option<StageOutput> {
         let mut backoff = Backoff::new();
@@ -829,6 +865,7 @@ impl Ingest {
                 Err(StageError::Storage(e)) => {
                     storage_failed(&self.metrics, &e);
                     if !backoff.wait(&self.cancel).await {
+                        self.unfinished(buffer, &e);
                         return None;
                     }
                 }

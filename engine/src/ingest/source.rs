@@ -64,10 +64,11 @@ pub struct Source {
     /// The first stream sequence it can deliver: `start`, or the stream's first message when
     /// its retention has removed the messages before.
     pub first: u64,
-    /// The stream, for reading a message by its sequence.
-    stream: stream::Stream,
     /// The consumer, for what the server says it delivered.
     consumer: consumer::PullConsumer,
+    /// For JetStream API requests answered here rather than by async-nats.
+    client: async_nats::Client,
+    stream_name: String,
 }
 
 /// Why the source will not open: the stream is not the one the lake's positions refer to.
@@ -107,11 +108,12 @@ impl Source {
     /// (Re)creates the durable pull consumer at `start` (a stream sequence, 1-based) and opens
     /// its message stream.
     ///
-    /// Refuses ([`OpenError::Mismatch`]) a stream that ends before `start - 1`: the lake has
-    /// committed messages this stream never held, so it is not the stream the lake's positions
+    /// `committed` is the highest stream sequence any table has committed. Refuses
+    /// ([`OpenError::Mismatch`]) a stream that ends before it: the lake has committed messages
+    /// this stream never held, so it is not the stream the lake's positions
     /// refer to (it was deleted and created again). Messages the stream no longer holds (its
     /// retention removed them before they were consumed) are logged as lost.
-    pub async fn open(config: &Config, start: u64) -> Result<Self, OpenError> {
+    pub async fn open(config: &Config, start: u64, committed: u64) -> Result<Self, OpenError> {
         let started = std::time::Instant::now();
         let js = connect(config.nats_url()).await?;
         let mut stream = ensure_stream(&js, config).await?;
@@ -121,7 +123,6 @@ impl Source {
             .map_err(|e| err("reading the stream's state")(&e))?
             .state
             .clone();
-        let committed = start.saturating_sub(1);
         if committed > state.last_sequence {
             return Err(StreamMismatch {
                 stream: config.stream().to_string(),
@@ -130,11 +131,8 @@ impl Source {
             }
             .into());
         }
-        let first = if state.messages > 0 {
-            start.max(state.first_sequence)
-        } else {
-            start
-        };
+        // Empty after a purge, the stream's first sequence is the next it will store.
+        let first = start.max(state.first_sequence);
         if first > start {
             tracing::error!(
                 from = start,
@@ -179,9 +177,18 @@ impl Source {
             messages,
             start,
             first,
-            stream,
             consumer,
+            client: js.client(),
+            stream_name: config.stream().to_string(),
         })
+    }
+
+    /// The next message, or an error when the consumer is lost.
+    pub async fn next(&mut self) -> Option<Result<jetstream::Message, SourceError>> {
+        self.messages
+            .next()
+            .await
+            .map(|r| r.map_err(|e| err("receiving")(&e)))
     }
 
     /// The highest stream sequence the server has delivered to this consumer (whether or not
@@ -194,30 +201,97 @@ impl Source {
             .map_err(|e| err("reading the consumer's state")(&e))
     }
 
-    /// Reads the message at stream sequence `seq` directly (not through the consumer): for a
-    /// message the client library did not deliver (it drops one whose subject or headers it
-    /// cannot parse). `None` when the stream holds no message there (deleted).
-    pub async fn fetch(&self, seq: u64) -> Result<Option<Fetched>, SourceError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        match self.stream.get_raw_message(seq).await {
-            Ok(m) => Ok(Some(Fetched {
-                subject: m.subject.to_string(),
-                payload: m.payload.to_vec(),
-                msg_id: m
-                    .headers
-                    .get(async_nats::header::NATS_MESSAGE_ID)
-                    .map(|v| v.as_str().to_string()),
-            })),
-            Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(None),
-            Err(e) => Err(err("reading a message by its sequence")(&e)),
+    /// Reads the first message at or after stream sequence `seq` directly (not through the
+    /// consumer): for messages the client library did not deliver (async-nats drops a delivery
+    /// whose subject or headers it cannot parse). The request is JetStream's `STREAM.MSG.GET`
+    /// with `next_by_subj: ">"`, and its JSON answer is decoded here, leniently, because
+    /// async-nats's own `get_raw_message` refuses the same headers. Returns the message's
+    /// sequence and contents, or `None` when the stream holds nothing at or after `seq`; a
+    /// sequence below the one returned is no longer in the stream (deleted, purged or removed by
+    /// its limits).
+    pub async fn fetch(&self, seq: u64) -> Result<Option<(u64, Fetched)>, SourceError> {
+        use base64::Engine as _;
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            message: Option<Stored>,
+            error: Option<serde_json::Value>,
         }
-    }
-
-    /// The next message, or an error when the consumer is lost.
-    pub async fn next(&mut self) -> Option<Result<jetstream::Message, SourceError>> {
-        self.messages
-            .next()
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            subject: String,
+            seq: u64,
+            #[serde(default)]
+            data: String,
+            #[serde(default)]
+            hdrs: Option<String>,
+        }
+        let request = serde_json::json!({"seq": seq, "next_by_subj": ">"}).to_string();
+        let reply = self
+            .client
+            .request(
+                format!("$JS.API.STREAM.MSG.GET.{}", self.stream_name),
+                request.into(),
+            )
             .await
-            .map(|r| r.map_err(|e| err("receiving")(&e)))
+            .map_err(|e| err("reading a message by its sequence")(&e))?;
+        let answer: Answer = serde_json::from_slice(&reply.payload)
+            .map_err(|e| err("reading a message by its sequence")(&e))?;
+        let Some(stored) = answer.message else {
+            let code = answer
+                .error
+                .as_ref()
+                .and_then(|e| e["code"].as_u64())
+                .unwrap_or(0);
+            if code == 404 {
+                return Ok(None);
+            }
+            return Err(SourceError {
+                action: "reading a message by its sequence",
+                reason: answer.error.map(|e| e.to_string()).unwrap_or_default(),
+            });
+        };
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let payload = b64
+            .decode(stored.data.as_bytes())
+            .map_err(|e| err("decoding a message read by its sequence")(&e))?;
+        let headers = stored
+            .hdrs
+            .as_deref()
+            .and_then(|h| b64.decode(h.as_bytes()).ok())
+            .unwrap_or_default();
+        Ok(Some((
+            stored.seq,
+            Fetched {
+                subject: stored.subject,
+                payload,
+                msg_id: message_id(&headers),
+            },
+        )))
+    }
+}
+
+/// The `Nats-Msg-Id` of a header block (`NATS/1.0` line, then `Name: value` lines), read
+/// leniently: names compared without case, the value trimmed as async-nats trims it, bytes that
+/// are not UTF-8 replaced. Any other header may be malformed.
+fn message_id(block: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(block);
+    text.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("Nats-Msg-Id")
+            .then(|| value.trim().to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_id_is_found_among_malformed_headers() {
+        let block = "NATS/1.0\r\nGer\u{e4}t: 1\r\nnats-msg-id:  a-1 \r\n\r\n".as_bytes();
+        assert_eq!(message_id(block).as_deref(), Some("a-1"));
+        assert_eq!(message_id(b"NATS/1.0\r\nX: y\r\n\r\n"), None);
+        assert_eq!(message_id(b"\xff\xfe"), None);
     }
 }
