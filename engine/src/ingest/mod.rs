@@ -430,10 +430,7 @@ impl Ingest {
                         .fetch_before(source, delivered + 1, &mut buffer, &mut highest_seen)
                         .await
                     {
-                        if !self.flush(&mut buffer, stages).await {
-                            return Pumped::Stopped;
-                        }
-                        return Pumped::SourceLost(e);
+                        return self.lose_source(&mut buffer, stages, e).await;
                     }
                     if !self.flush(&mut buffer, stages).await {
                         return Pumped::Stopped;
@@ -449,44 +446,35 @@ impl Ingest {
                     return Pumped::SourceLost("the message stream ended".into());
                 }
                 Ok(Some(Err(e))) => {
-                    if !self.flush(&mut buffer, stages).await {
-                        return Pumped::Stopped;
-                    }
-                    return Pumped::SourceLost(e.to_string());
+                    return self.lose_source(&mut buffer, stages, e.to_string()).await;
                 }
                 Ok(Some(Ok(message))) => {
-                    if let Err(e) = self
-                        .fill_gap(source, &message, &mut buffer, &mut highest_seen)
+                    match self
+                        .take_contiguous(source, message, &mut buffer, &mut highest_seen)
                         .await
                     {
-                        if !self.flush(&mut buffer, stages).await {
-                            return Pumped::Stopped;
-                        }
-                        return Pumped::SourceLost(e);
-                    }
-                    if !self.take(message, &mut buffer, &mut highest_seen) {
-                        continue;
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => return self.lose_source(&mut buffer, stages, e).await,
                     }
                     // The rest of what was fetched, without waiting: one micro-batch.
                     while buffer.messages.len() < self.config.commit_rows() {
                         match tokio::time::timeout(Duration::ZERO, source.next()).await {
                             Ok(Some(Ok(message))) => {
-                                if let Err(e) = self
-                                    .fill_gap(source, &message, &mut buffer, &mut highest_seen)
-                                    .await
-                                {
-                                    if !self.flush(&mut buffer, stages).await {
-                                        return Pumped::Stopped;
-                                    }
-                                    return Pumped::SourceLost(e);
+                                let taken = self
+                                    .take_contiguous(
+                                        source,
+                                        message,
+                                        &mut buffer,
+                                        &mut highest_seen,
+                                    )
+                                    .await;
+                                if let Err(e) = taken {
+                                    return self.lose_source(&mut buffer, stages, e).await;
                                 }
-                                self.take(message, &mut buffer, &mut highest_seen);
                             }
                             Ok(Some(Err(e))) => {
-                                if !self.flush(&mut buffer, stages).await {
-                                    return Pumped::Stopped;
-                                }
-                                return Pumped::SourceLost(e.to_string());
+                                return self.lose_source(&mut buffer, stages, e.to_string()).await;
                             }
                             Ok(None) | Err(_) => break,
                         }
@@ -560,6 +548,33 @@ impl Ingest {
         self.metrics.stop_ingest(&format!(
             "shutdown: stream sequences {first}..={last} were not committed ({reason}); they are not acknowledged and come back at the next start"
         ));
+    }
+
+    /// Takes `message` after the messages the client did not deliver before it (see
+    /// [`Ingest::fill_gap`]): false for a redelivery of one already taken.
+    async fn take_contiguous(
+        &mut self,
+        source: &Source,
+        message: jetstream::Message,
+        buffer: &mut Buffer,
+        highest_seen: &mut u64,
+    ) -> Result<bool, String> {
+        self.fill_gap(source, &message, buffer, highest_seen)
+            .await?;
+        Ok(self.take(message, buffer, highest_seen))
+    }
+
+    /// The consumer failed (`reason`): commits what was taken, then reopens it.
+    async fn lose_source(
+        &mut self,
+        buffer: &mut Buffer,
+        stages: &mut Stages,
+        reason: String,
+    ) -> Pumped {
+        if !self.flush(buffer, stages).await {
+            return Pumped::Stopped;
+        }
+        Pumped::SourceLost(reason)
     }
 
     /// Keeps what ingest takes contiguous: when `message` is ahead of the next stream sequence
