@@ -138,6 +138,11 @@ impl Committer {
             .max(0) as u64
     }
 
+    /// Every writer, in commit order.
+    pub fn writers(&self) -> Vec<&TableWriter> {
+        self.writers.iter().collect()
+    }
+
     /// The `i`th writer in commit order.
     pub fn writer(&self, i: usize) -> &TableWriter {
         &self.writers[i]

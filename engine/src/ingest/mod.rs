@@ -106,6 +106,12 @@ async fn open(
         cancel.clone(),
         config.shutdown_grace(),
     );
+    // Dedup state as of where the consumer resumes (every table's position), not as of the
+    // usable tables': messages after it come again for the tables that are behind (a crash
+    // between two tables' commits) and must be judged as they were the first time.
+    stage
+        .load_dedup(&committer.writers(), committer.resume_at() as i64 - 1)
+        .await?;
     let stages = Stages {
         stage,
         derived,
@@ -278,6 +284,8 @@ async fn load_dedup(
     committer: &Committer,
 ) -> Result<DedupState, String> {
     let usable = committer.writer(USABLE);
+    // As of where the consumer resumes (see `open`), not as of usable.telemetry's position.
+    let committed = committer.resume_at() as i64 - 1;
     let (key, gaps, window) = (
         config.dedup_key(),
         config.dedup_max_gaps(),
@@ -287,7 +295,6 @@ async fn load_dedup(
     if key == DedupKey::None {
         return Ok(state);
     }
-    let committed = usable.committed().unwrap_or(0);
     let kind = snapshot_kind(config.consumer());
     let snapshot = usable
         .latest_side_file(&kind, committed)
@@ -307,7 +314,7 @@ async fn load_dedup(
     if committed > since {
         // In the order they were first seen, so devices' sequences arrive mostly in order.
         let sql = format!(
-            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} ORDER BY stream_seq"
+            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} AND stream_seq <= {committed} ORDER BY stream_seq"
         );
         let rows = QueryEngine::new(lake.clone())
             .query(&sql)

@@ -101,26 +101,24 @@ fn snapshot_kind(app_id: &str, pipeline: &str) -> String {
     format!("dedup-{app_id}-{pipeline}")
 }
 
-/// A pipeline's dedup state as of its committed position: the newest snapshot at or below it,
-/// then the raw messages of the pipeline committed after that snapshot, decoded again.
+/// A pipeline's dedup state as of stream sequence `upto` (the position every table has
+/// committed: the consumer resumes after it, and the messages after it must be judged again as
+/// they were the first time, for the tables that are behind): the newest snapshot at or below
+/// it, then the raw messages of the pipeline up to `upto` after that snapshot, decoded again.
 async fn load_dedup(
     lake: &Lake,
     app_id: &str,
     p: &mut Pipeline,
-    writers: &[TableWriter],
+    first: &TableWriter,
+    upto: i64,
 ) -> Result<(), String> {
-    let (Some(state), Some(first)) = (p.dedup.as_mut(), writers.first()) else {
+    let Some(state) = p.dedup.as_mut() else {
         return Ok(());
     };
-    let committed = writers
-        .iter()
-        .map(|w| w.committed().unwrap_or(0))
-        .min()
-        .unwrap_or(0);
     let kind = snapshot_kind(app_id, &p.runner.name);
     let mut since = 0;
     let snapshot = first
-        .latest_side_file(&kind, committed)
+        .latest_side_file(&kind, upto)
         .await
         .map_err(|e| e.to_string())?;
     if let Some((v, bytes)) = snapshot {
@@ -134,12 +132,12 @@ async fn load_dedup(
             }
         }
     }
-    if committed > since {
+    if upto > since {
         let query = QueryEngine::new(lake.clone());
-        for raw in raw_rows(&query, &p.runner, since + 1, committed).await? {
+        for raw in raw_rows(&query, &p.runner, since + 1, upto).await? {
             p.runner.observe(&raw, state).map_err(|e| e.to_string())?;
         }
-        tracing::info!(pipeline = %p.runner.name, since, "pipeline dedup state rebuilt from raw.telemetry");
+        tracing::info!(pipeline = %p.runner.name, since, upto, "pipeline dedup state rebuilt from raw.telemetry");
     }
     Ok(())
 }
@@ -173,12 +171,10 @@ impl PipelineStage {
                     declared.push(r.clone());
                 }
             }
-            let mut pipeline = Pipeline {
+            pipelines.push(Pipeline {
                 runner: runner.clone(),
                 dedup: runner.new_dedup_state(max_gaps),
-            };
-            load_dedup(lake, app_id, &mut pipeline, &writers).await?;
-            pipelines.push(pipeline);
+            });
             all_writers.extend(writers);
         }
         let stage = Self {
@@ -189,6 +185,21 @@ impl PipelineStage {
             app_id: app_id.to_string(),
         };
         Ok((stage, all_writers))
+    }
+
+    /// Loads each pipeline's dedup state as of `upto`, the position every table has committed
+    /// (see [`load_dedup`]); `writers` are the committer's, which hold the snapshots.
+    pub async fn load_dedup(&mut self, writers: &[&TableWriter], upto: i64) -> Result<(), String> {
+        for p in &mut self.pipelines {
+            let Some(first) = p.runner.tables.first().map(|t| &t.def.table) else {
+                continue;
+            };
+            let Some(writer) = writers.iter().find(|w| w.id() == first) else {
+                continue;
+            };
+            load_dedup(&self.lake, &self.app_id, p, writer, upto).await?;
+        }
+        Ok(())
     }
 
     /// Each pipeline's dedup state, to store beside its first table once committed.
