@@ -307,7 +307,9 @@ async fn a_table_behind_the_others_is_filled_again_after_a_restart() {
     let env = env(&nats, &dir.join("lake"), &pipelines(dir));
     let log = dir.join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let js = fleetlake::ingest::source::connect(nats.url()).await.unwrap();
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
     stream_ready(&js).await;
     publish(&js, &schedule()).await;
     check_outcome(&engine, &js).await;
