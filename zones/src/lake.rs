@@ -177,6 +177,11 @@ impl Lake {
             .write(vec![RecordBatch::new_empty(schema.clone())])
             .with_save_mode(SaveMode::Append)
             .with_partition_columns(partitions.iter().map(|p| p.to_string()))
+            .with_configuration([(
+                "delta.checkpointInterval",
+                Some(crate::maintain::DEFAULT_CHECKPOINT_INTERVAL.to_string()),
+            )])
+            .with_commit_properties(no_log_cleanup())
             .await;
         match created {
             Ok(table) => Ok(table),
@@ -237,7 +242,10 @@ impl Lake {
         predicate: Option<String>,
     ) -> Result<TableInfo> {
         use deltalake::operations::write::SchemaMode;
-        let write = table.write(batches).with_save_mode(SaveMode::Overwrite);
+        let write = table
+            .write(batches)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_commit_properties(no_log_cleanup());
         let write = match predicate {
             Some(p) => write
                 .with_replace_where(p)
@@ -337,6 +345,14 @@ impl Lake {
     }
 }
 
+/// Commit properties of every write: a checkpoint every `delta.checkpointInterval` commits (as
+/// delta-rs does by default), but no log cleanup on commit. Cleaning the log lists the whole
+/// `_delta_log` folder, which grows by one entry per commit; maintenance does it once per run
+/// (see [`crate::maintain`]).
+fn no_log_cleanup() -> CommitProperties {
+    CommitProperties::default().with_cleanup_expired_logs(Some(false))
+}
+
 fn create_dir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(|source| Error::Io {
         path: path.display().to_string(),
@@ -400,11 +416,18 @@ impl TableWriter {
     }
 
     /// Re-reads the log: after a failed commit whose outcome is unknown, or to see other writers.
+    /// When the entries after the version this writer last read are gone (maintenance cleaned
+    /// the log of a table this writer had not touched for longer than the log retention), the
+    /// table is opened again from its newest checkpoint.
     pub async fn refresh(&mut self) -> Result<()> {
-        self.table
-            .update_state()
-            .await
-            .map_err(|source| self.delta("refreshing", source))?;
+        if let Err(source) = self.table.update_state().await {
+            tracing::info!(table = %self.id, error = %source, "reading the log from its newest checkpoint");
+            self.table = self
+                .lake
+                .load(&self.id)
+                .await?
+                .ok_or_else(|| Error::UnknownTable(self.id.to_string()))?;
+        }
         self.committed = self.read_committed().await?;
         self.stale = false;
         Ok(())
@@ -421,6 +444,25 @@ impl TableWriter {
         if self.stale {
             self.refresh().await?;
         }
+        match self.commit_once(batch, progress_column, version).await {
+            // The log this writer read was cleaned: read it again and try once more (the
+            // progress check skips what a commit whose outcome is unknown did write).
+            Err(Error::Delta { source, .. })
+                if matches!(*source, deltalake::DeltaTableError::InvalidVersion(_)) =>
+            {
+                self.refresh().await?;
+                self.commit_once(batch, progress_column, version).await
+            }
+            other => other,
+        }
+    }
+
+    async fn commit_once(
+        &mut self,
+        batch: &RecordBatch,
+        progress_column: &str,
+        version: i64,
+    ) -> Result<CommitOutcome> {
         if self.committed.is_some_and(|c| c >= version) {
             return Ok(CommitOutcome::AlreadyCommitted);
         }
@@ -478,7 +520,7 @@ impl TableWriter {
 
     /// Commit properties that record `version` as this writer's progress (Delta `txn`).
     fn progress(&self, version: i64) -> CommitProperties {
-        CommitProperties::default()
+        no_log_cleanup()
             .with_application_transaction(Transaction::new(&self.app_id, version))
             .with_max_retries(COMMIT_RETRIES)
     }
@@ -621,13 +663,18 @@ fn rows_after(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::schema::{RAW_TELEMETRY, TableId};
     use arrow::array::{BinaryArray, Date32Array, StringArray, TimestampMicrosecondArray};
     use std::sync::Arc;
 
     fn raw_batch(seqs: &[i64]) -> RecordBatch {
+        raw_batch_on(seqs, 19_000)
+    }
+
+    /// `raw.telemetry` rows with these stream sequences, received on `day` (days since 1970).
+    pub(crate) fn raw_batch_on(seqs: &[i64], day: i32) -> RecordBatch {
         let n = seqs.len();
         RecordBatch::try_new(
             RAW_TELEMETRY.clone(),
@@ -642,7 +689,7 @@ mod tests {
                     TimestampMicrosecondArray::from(vec![1_700_000_000_000_000; n])
                         .with_timezone("UTC"),
                 ),
-                Arc::new(Date32Array::from(vec![19_000; n])),
+                Arc::new(Date32Array::from(vec![day; n])),
             ],
         )
         .unwrap()

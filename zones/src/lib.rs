@@ -15,12 +15,15 @@
 //! - [`lake`]: [`Lake`], opening the object store, creating, describing and replacing tables, and
 //!   [`lake::TableWriter`], the idempotent commit and the side files (dedup snapshots) kept beside
 //!   a table;
+//! - [`maintain`]: keeping tables fast while the stream writes them — retention, compaction,
+//!   checkpoints, log cleanup and vacuum;
 //! - [`error`]: the crate's one error type, which says whose fault a failure is.
 //!
 //! Start reading at [`lake::TableWriter::commit`].
 
 pub mod error;
 pub mod lake;
+pub mod maintain;
 pub mod schema;
 
 pub use error::{Error, Result};
