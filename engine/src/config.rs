@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use fleetlake_sql::DedupKey;
 use fleetlake_zones::LakeConfig;
+use fleetlake_zones::maintain::Policy;
 
 /// One configuration key: `section.name`, its default and what it means.
 pub struct Key {
@@ -119,6 +120,81 @@ pub const KEYS: &[Key] = &[
         name: "pipelines.dir",
         default: "pipelines",
         help: "folder of pipeline files (*.sql) to run; serve refuses to start if one does not check; empty = none",
+    },
+    Key {
+        name: "maintenance.enabled",
+        default: "true",
+        help: "serve runs table maintenance (retention, compaction, checkpoints, log cleanup, vacuum) on a schedule",
+    },
+    Key {
+        name: "maintenance.interval_s",
+        default: "300",
+        help: "seconds between maintenance runs in serve (the first one this long after the start)",
+    },
+    Key {
+        name: "maintenance.target_file_mb",
+        default: "128",
+        help: "size of the Parquet files compaction writes, MiB; files this large are left alone",
+    },
+    Key {
+        name: "maintenance.min_small_files",
+        default: "16",
+        help: "a partition still being written is compacted once it holds this many files smaller than the target",
+    },
+    Key {
+        name: "maintenance.quiet_minutes",
+        default: "15",
+        help: "a partition with no file younger than this is quiet: usable tables' quiet partitions are Z-ordered by device_id and ts once",
+    },
+    Key {
+        name: "maintenance.max_partitions",
+        default: "8",
+        help: "at most this many partitions rewritten per table per run (the ones with the most small files first)",
+    },
+    Key {
+        name: "maintenance.checkpoint_interval",
+        default: "100",
+        help: "a Delta checkpoint at least every this many commits (also set as delta.checkpointInterval on new tables)",
+    },
+    Key {
+        name: "maintenance.log_retention_hours",
+        default: "168",
+        help: "Delta log entries older than this (and older than a checkpoint) are deleted; time travel reaches back this far",
+    },
+    Key {
+        name: "maintenance.vacuum_retention_hours",
+        default: "168",
+        help: "data files no longer referenced are deleted once older than this; serve refuses less than 1 (files being written could go)",
+    },
+    Key {
+        name: "maintenance.lease_bucket",
+        default: "fleetlake_maintenance",
+        help: "NATS key-value bucket holding the maintenance lease: one instance on a lake maintains it at a time",
+    },
+    Key {
+        name: "maintenance.lease_ttl_s",
+        default: "900",
+        help: "a lease not renewed for this long (its holder died) can be taken by another instance",
+    },
+    Key {
+        name: "retention.raw_days",
+        default: "0",
+        help: "days of raw-zone partitions kept (by ingest_date); 0 keeps everything",
+    },
+    Key {
+        name: "retention.usable_days",
+        default: "0",
+        help: "days of usable-zone partitions kept (by event_date or the first DATE partition column); 0 keeps everything",
+    },
+    Key {
+        name: "retention.final_days",
+        default: "0",
+        help: "days of final-zone partitions kept (tables partitioned by a DATE column); 0 keeps everything",
+    },
+    Key {
+        name: "retention.tables",
+        default: "",
+        help: "per-table days overriding the zone's, comma-separated: raw.quarantine=365,usable.cold_chain=90",
     },
     Key {
         name: "http.listen",
@@ -262,11 +338,33 @@ impl Config {
             | "ingest.commit_interval_ms"
             | "ingest.ack_wait_s"
             | "ingest.shutdown_grace_s"
-            | "alerts.duplicate_window_s" => match value.parse::<u64>() {
+            | "alerts.duplicate_window_s"
+            | "maintenance.interval_s"
+            | "maintenance.target_file_mb"
+            | "maintenance.max_partitions"
+            | "maintenance.checkpoint_interval"
+            | "maintenance.lease_ttl_s" => match value.parse::<u64>() {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(bad("a positive integer")),
             },
-            "lake.allow_http" => value
+            "maintenance.min_small_files" => match value.parse::<u64>() {
+                Ok(n) if n >= 2 => Ok(()),
+                _ => Err(bad("an integer of at least 2")),
+            },
+            "maintenance.quiet_minutes"
+            | "maintenance.log_retention_hours"
+            | "maintenance.vacuum_retention_hours"
+            | "retention.raw_days"
+            | "retention.usable_days"
+            | "retention.final_days" => value
+                .parse::<u64>()
+                .map(|_| ())
+                .map_err(|_| bad("a whole number (0 or more)")),
+            "retention.tables" => self
+                .table_retention()
+                .map(|_| ())
+                .map_err(|_| bad("zone.table=days, comma-separated (raw.quarantine=365)")),
+            "lake.allow_http" | "maintenance.enabled" => value
                 .parse::<bool>()
                 .map(|_| ())
                 .map_err(|_| bad("true or false")),
@@ -281,7 +379,7 @@ impl Config {
                     Err(bad("a NATS URL such as nats://127.0.0.1:4222"))
                 }
             }
-            "nats.stream" | "nats.consumer" | "alerts.stream" => {
+            "nats.stream" | "nats.consumer" | "alerts.stream" | "maintenance.lease_bucket" => {
                 let ok = !value.is_empty()
                     && value
                         .chars()
@@ -375,6 +473,75 @@ impl Config {
         let dir = self.get("pipelines.dir");
         (!dir.is_empty()).then(|| (std::path::PathBuf::from(dir), dir != "pipelines"))
     }
+    /// Whether `serve` maintains the tables on a schedule.
+    pub fn maintenance_enabled(&self) -> bool {
+        self.get("maintenance.enabled").parse().expect("validated")
+    }
+    pub fn maintenance_interval(&self) -> Duration {
+        Duration::from_secs(self.number("maintenance.interval_s"))
+    }
+    pub fn maintenance_lease_bucket(&self) -> &str {
+        self.get("maintenance.lease_bucket")
+    }
+    pub fn maintenance_lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.number("maintenance.lease_ttl_s"))
+    }
+    /// How long unreferenced data files are kept before vacuum deletes them.
+    pub fn vacuum_retention(&self) -> Duration {
+        Duration::from_secs(self.number("maintenance.vacuum_retention_hours") * 3600)
+    }
+
+    /// The maintenance policy of one table: the `maintenance.*` limits, the zone's or the table's
+    /// retention, and Z-ordering by `device_id` and `ts` for the usable zone's tables.
+    pub fn maintenance_policy(&self, table: &fleetlake_zones::TableId) -> Policy {
+        use fleetlake_zones::Zone;
+        let zone_days = match table.zone {
+            Zone::Raw => self.number("retention.raw_days"),
+            Zone::Usable => self.number("retention.usable_days"),
+            Zone::Final => self.number("retention.final_days"),
+            Zone::Reference => 0,
+        };
+        let days = self
+            .table_retention()
+            .expect("validated")
+            .get(&table.to_string())
+            .copied()
+            .unwrap_or(zone_days);
+        Policy {
+            target_file_size: self.number("maintenance.target_file_mb") * 1024 * 1024,
+            min_small_files: self.number("maintenance.min_small_files"),
+            quiet_for: Duration::from_secs(self.number("maintenance.quiet_minutes") * 60),
+            max_partitions: self.number("maintenance.max_partitions") as usize,
+            cluster_by: match table.zone {
+                Zone::Usable => vec!["device_id".to_string(), "ts".to_string()],
+                _ => Vec::new(),
+            },
+            checkpoint_interval: self.number("maintenance.checkpoint_interval"),
+            log_retention: Duration::from_secs(
+                self.number("maintenance.log_retention_hours") * 3600,
+            ),
+            vacuum_retention: Some(self.vacuum_retention()),
+            retention_days: (days > 0).then(|| u32::try_from(days).unwrap_or(u32::MAX)),
+            dry_run: false,
+        }
+    }
+
+    /// `retention.tables`: table name → days.
+    fn table_retention(&self) -> Result<HashMap<String, u64>, String> {
+        let mut out = HashMap::new();
+        for item in self.get("retention.tables").split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let (table, days) = item.split_once('=').ok_or_else(|| item.to_string())?;
+            let table = fleetlake_zones::TableId::parse(table.trim()).map_err(|e| e.to_string())?;
+            let days: u64 = days.trim().parse().map_err(|_| item.to_string())?;
+            out.insert(table.to_string(), days);
+        }
+        Ok(out)
+    }
+
     pub fn listen(&self) -> std::net::SocketAddr {
         self.get("http.listen").parse().expect("validated")
     }

@@ -17,6 +17,7 @@
 //!                        └── ingest::commit (in the background, one flush at a time) ─► ack after every table is durable
 //!  HTTP (axum) ──► api ──► Lakehouse trait ──► fleetlake_sql::QueryEngine ──► zones
 //!       └── api::rules ──► RuleChange ──► ingest (between micro-batches)
+//!  maintenance (a second writer, under a lease in NATS KV) ──► zones: retention, compaction, checkpoints, vacuum
 //!  serve: wires them, supervises ingest (a panic or a stop is /healthz 503 and a non-zero exit)
 //! ```
 //!
@@ -26,9 +27,11 @@
 //! |---|---|---|
 //! | [`config`] | layered settings (defaults, TOML, environment, flags) | – |
 //! | [`metrics`] | counters, gauges and health facts | – |
+//! | [`progress`] | the progress bar of long commands | – |
 //! | [`ingest`] | the stage from JetStream to the lake: [`ingest::source`], the micro-batch loop, [`ingest::pipelines`], [`ingest::derived`], [`ingest::commit`], [`ingest::replay`] | config, metrics |
 //! | [`api`] | the HTTP routes, [`api::format`], [`api::reference`], [`api::rules`] | metrics, the rule-change message of ingest |
-//! | [`serve`] | wiring, supervision and ordered shutdown | ingest, api, config, metrics |
+//! | [`maintenance`] | which tables are maintained, with which policy, under which lease (the steps are `fleetlake_zones::maintain`'s) | config, metrics, ingest::source (to reach NATS) |
+//! | [`serve`] | wiring, supervision and ordered shutdown | ingest, api, maintenance, config, metrics |
 //! | [`tools`] | [`tools::simulate`], [`tools::nats_server`], [`tools::demo`] | serve, ingest::source |
 //!
 //! Start reading at [`ingest`].
@@ -36,6 +39,8 @@
 pub mod api;
 pub mod config;
 pub mod ingest;
+pub mod maintenance;
 pub mod metrics;
+pub mod progress;
 pub mod serve;
 pub mod tools;

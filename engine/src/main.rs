@@ -75,6 +75,19 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Maintain the lake's tables now: retention, compaction, checkpoints, log cleanup, vacuum.
+    /// Prints what it did (or, with --dry-run, would do) as JSON.
+    Maintain {
+        /// Plan and report without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only these tables (zone.table; repeatable). Default: every table of the lake.
+        #[arg(long = "table", value_name = "ZONE.TABLE")]
+        tables: Vec<String>,
+        /// Do not take the maintenance lease in NATS: only when no engine runs on this lake.
+        #[arg(long)]
+        without_lease: bool,
+    },
     /// Show every configuration key with its value and default.
     Config,
 }
@@ -298,6 +311,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Maintain {
+            dry_run,
+            tables,
+            without_lease,
+        } => maintain(&config, env, *dry_run, tables, *without_lease).await,
         Command::Serve => {
             let engine = Engine::start(config, env, true)
                 .await
@@ -394,5 +412,75 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("{}", out.trim_end());
             Ok(())
         }
+    }
+}
+
+/// `fleetlake maintain`: every table (or the ones named) once, with a progress bar, under the
+/// lease unless told otherwise; the JSON summary on stdout. Fails when a table failed.
+async fn maintain(
+    config: &Config,
+    env: Vec<(String, String)>,
+    dry_run: bool,
+    tables: &[String],
+    without_lease: bool,
+) -> Result<(), String> {
+    use fleetlake::maintenance;
+    let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
+    let ids = if tables.is_empty() {
+        maintenance::tables(&lake)
+            .await
+            .map_err(|e| e.to_string())?
+    } else {
+        tables
+            .iter()
+            .map(|t| fleetlake_zones::TableId::parse(t).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let mut lease = if without_lease || dry_run {
+        None
+    } else {
+        let js = fleetlake::ingest::source::connect(config.nats_url())
+            .await
+            .map_err(|e| {
+                format!("{e}: the maintenance lease lives in NATS (use --without-lease only when no engine runs on this lake)")
+            })?;
+        Some(
+            maintenance::Lease::acquire(
+                &js,
+                config.maintenance_lease_bucket(),
+                config.maintenance_lease_ttl(),
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        )
+    };
+    let n = ids.len();
+    let summary = maintenance::run(
+        &lake,
+        config,
+        &ids,
+        dry_run,
+        None,
+        lease.as_mut(),
+        |i, id| {
+            fleetlake::progress::bar(i as f64 / n.max(1) as f64, &format!("{id} ({}/{n})", i + 1))
+        },
+        &CancellationToken::new(),
+    )
+    .await;
+    fleetlake::progress::bar(1.0, &format!("{n} tables"));
+    eprintln!();
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).expect("summary serializes")
+    );
+    match summary.failed {
+        0 => Ok(()),
+        n => Err(format!(
+            "maintenance failed for {n} table(s); see \"error\" above"
+        )),
     }
 }

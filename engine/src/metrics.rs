@@ -119,6 +119,28 @@ pub struct RuleCounters {
     pub resolved: u64,
 }
 
+/// A table's shape after maintenance last looked at it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableShape {
+    pub files: u64,
+    pub bytes: u64,
+    pub version: u64,
+    /// When maintenance finished with it, seconds since the epoch.
+    pub maintained_at: i64,
+}
+
+/// What table maintenance did since the start.
+#[derive(Debug, Clone, Default)]
+struct MaintenanceCounters {
+    runs: u64,
+    skipped: u64,
+    failures: u64,
+    files_rewritten: u64,
+    files_vacuumed: u64,
+    log_files_removed: u64,
+    tables: std::collections::BTreeMap<String, TableShape>,
+}
+
 /// Everything `/metrics` reports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -154,6 +176,7 @@ pub struct Metrics {
     pub ingest_stopped: AtomicI64,
     pipelines: Mutex<std::collections::BTreeMap<String, PipelineCounters>>,
     rules: Mutex<std::collections::BTreeMap<String, RuleCounters>>,
+    maintenance: Mutex<MaintenanceCounters>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
     last_errors: Mutex<Vec<(&'static str, String, chrono::DateTime<chrono::Utc>)>>,
 }
@@ -183,11 +206,45 @@ impl Default for Metrics {
             ingest_stopped: AtomicI64::new(0),
             pipelines: Mutex::new(std::collections::BTreeMap::new()),
             rules: Mutex::new(std::collections::BTreeMap::new()),
+            maintenance: Mutex::new(MaintenanceCounters::default()),
         }
     }
 }
 
 impl Metrics {
+    /// Records what maintenance did to one table: its shape after, the files it rewrote
+    /// (removed by compaction), vacuumed and the log entries it deleted.
+    pub fn table_maintained(
+        &self,
+        table: &str,
+        shape: TableShape,
+        files_rewritten: u64,
+        files_vacuumed: u64,
+        log_files_removed: u64,
+    ) {
+        let mut m = self.maintenance.lock().expect("metrics lock");
+        m.files_rewritten += files_rewritten;
+        m.files_vacuumed += files_vacuumed;
+        m.log_files_removed += log_files_removed;
+        m.tables.insert(table.to_string(), shape);
+    }
+
+    /// A table whose maintenance failed (it is tried again at the next run).
+    pub fn maintenance_failed(&self) {
+        self.maintenance.lock().expect("metrics lock").failures += 1;
+    }
+
+    /// A maintenance run that finished (possibly with failed tables).
+    pub fn maintenance_done(&self) {
+        self.maintenance.lock().expect("metrics lock").runs += 1;
+    }
+
+    /// A scheduled run that did not happen: another instance held the lease, or NATS or the
+    /// lake could not be reached.
+    pub fn maintenance_skipped(&self) {
+        self.maintenance.lock().expect("metrics lock").skipped += 1;
+    }
+
     /// The statistics of one table, created on first use.
     pub fn table(&self, table: &str) -> std::sync::Arc<TableMetrics> {
         let mut tables = self.tables.lock().expect("metrics lock");
@@ -483,6 +540,71 @@ impl Metrics {
                     "fleetlake_expectation_violations_total{{pipeline=\"{name}\",table=\"{}\",expectation=\"{}\",action=\"{}\"}} {}",
                     e.table, e.expectation, e.action, e.violations
                 );
+            }
+        }
+        let maintenance = self.maintenance.lock().expect("metrics lock").clone();
+        for (name, help, v) in [
+            (
+                "fleetlake_maintenance_runs_total",
+                "Table maintenance runs finished by this instance.",
+                maintenance.runs,
+            ),
+            (
+                "fleetlake_maintenance_skipped_total",
+                "Scheduled maintenance runs skipped (another instance held the lease, or NATS or the lake was unreachable).",
+                maintenance.skipped,
+            ),
+            (
+                "fleetlake_maintenance_failures_total",
+                "Tables whose maintenance failed (tried again at the next run).",
+                maintenance.failures,
+            ),
+            (
+                "fleetlake_maintenance_files_rewritten_total",
+                "Small files compaction replaced.",
+                maintenance.files_rewritten,
+            ),
+            (
+                "fleetlake_maintenance_files_vacuumed_total",
+                "Unreferenced data files vacuum deleted.",
+                maintenance.files_vacuumed,
+            ),
+            (
+                "fleetlake_maintenance_log_files_removed_total",
+                "Expired Delta log entries deleted.",
+                maintenance.log_files_removed,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        for (name, help, get) in [
+            (
+                "fleetlake_table_files",
+                "Live data files per table, as maintenance last saw them.",
+                (|t: &TableShape| t.files as i64) as fn(&TableShape) -> i64,
+            ),
+            (
+                "fleetlake_table_bytes",
+                "Bytes of live data files per table, as maintenance last saw them.",
+                |t: &TableShape| t.bytes as i64,
+            ),
+            (
+                "fleetlake_table_version",
+                "Delta version per table, as maintenance last saw it.",
+                |t: &TableShape| t.version as i64,
+            ),
+            (
+                "fleetlake_table_maintained_timestamp_seconds",
+                "When maintenance last finished with each table (Unix time).",
+                |t: &TableShape| t.maintained_at,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (table, shape) in &maintenance.tables {
+                let _ = writeln!(out, "{name}{{table=\"{table}\"}} {}", get(shape));
             }
         }
         let tables = self.tables.lock().expect("metrics lock").clone();

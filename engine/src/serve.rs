@@ -36,6 +36,8 @@ pub struct Engine {
 pub enum StartError {
     #[error(transparent)]
     Lake(#[from] fleetlake_zones::Error),
+    #[error("{0}")]
+    Config(String),
     #[error("pipelines do not check:\n{0}")]
     Pipelines(String),
     #[error("listening on {addr}: {source}")]
@@ -53,6 +55,15 @@ impl Engine {
         env: Vec<(String, String)>,
         ingest: bool,
     ) -> Result<Self, StartError> {
+        if ingest
+            && config.maintenance_enabled()
+            && config.vacuum_retention() < std::time::Duration::from_secs(3600)
+        {
+            return Err(StartError::Config(format!(
+                "maintenance.vacuum_retention_hours is {}: serve needs at least 1, or vacuum could delete the files of a commit still being written (run `fleetlake maintain` with the engine stopped for less)",
+                config.vacuum_retention().as_secs() / 3600
+            )));
+        }
         let lake = Lake::open(&config.lake(env))?;
         let (declared, rule_files) = if ingest {
             load_pipelines(&config).await?
@@ -144,7 +155,7 @@ impl Engine {
         let ingest_ended = CancellationToken::new();
         if ingest {
             let run = tokio::spawn(crate::ingest::run(
-                config,
+                config.clone(),
                 lake.clone(),
                 declared,
                 rule_changes,
@@ -156,6 +167,14 @@ impl Engine {
                 metrics.clone(),
                 ingest_stop.clone(),
                 ingest_ended.clone(),
+            ));
+        }
+        if ingest && config.maintenance_enabled() {
+            tasks.spawn(crate::maintenance::schedule(
+                lake.clone(),
+                config.clone(),
+                metrics.clone(),
+                ingest_stop.clone(),
             ));
         }
         tracing::info!(%addr, lake = %lake.root(), "fleetlake is serving");

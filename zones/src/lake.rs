@@ -45,6 +45,10 @@ pub struct TableInfo {
     pub rows: u64,
     pub files: u64,
     pub size_bytes: u64,
+    /// The version of the newest Delta checkpoint, if any.
+    pub last_checkpoint: Option<u64>,
+    /// When table maintenance last finished a run on it (RFC 3339), if ever.
+    pub maintained_at: Option<String>,
 }
 
 /// The result of [`TableWriter::commit`].
@@ -311,12 +315,19 @@ impl Lake {
             files += 1;
             size_bytes += file.size().max(0) as u64;
         }
+        let last_checkpoint = crate::maintain::last_checkpoint(&table, id).await?;
+        let maintained_at = crate::maintain::state_of(&table, id)
+            .await?
+            .and_then(|s| s.last)
+            .map(|r| r.started_at);
         Ok(Some(TableInfo {
             table: id.clone(),
             version: snapshot.version(),
             rows,
             files,
             size_bytes,
+            last_checkpoint,
+            maintained_at,
         }))
     }
 

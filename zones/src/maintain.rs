@@ -333,7 +333,12 @@ pub async fn state(lake: &Lake, id: &TableId) -> Result<Option<State>> {
     let Some(table) = lake.load(id).await? else {
         return Ok(None);
     };
-    get_json(&table, id, STATE_FILE).await
+    state_of(&table, id).await
+}
+
+/// [`state`] of a table already open.
+pub async fn state_of(table: &DeltaTable, id: &TableId) -> Result<Option<State>> {
+    get_json(table, id, STATE_FILE).await
 }
 
 /// Where retention left a table: partitions before `kept_from` were deleted. `None` when
@@ -405,8 +410,10 @@ fn date_partition(table: &DeltaTable) -> Result<Option<String>> {
 /// beside it. A step that loses a race with another writer is skipped with a note and tried
 /// again at the next run; storage errors are returned.
 ///
+/// Retention asked of a table without a `DATE` partition column is skipped with a note.
+///
 /// Errors: [`Error::UnknownTable`] when no table exists at `id`; [`Error::Delta`] when storage
-/// fails or retention is asked of a table without a `DATE` partition column.
+/// fails.
 pub async fn maintain(lake: &Lake, id: &TableId, policy: &Policy) -> Result<Report> {
     let started = std::time::Instant::now();
     let now: DateTime<Utc> = Utc::now();
@@ -415,6 +422,16 @@ pub async fn maintain(lake: &Lake, id: &TableId, policy: &Policy) -> Result<Repo
         .await?
         .ok_or_else(|| Error::UnknownTable(id.to_string()))?;
     let before = totals(&table)?;
+    // Cluster columns the table does not have are left out (a pipeline table without `ts`).
+    let policy = &{
+        let snapshot = table.snapshot().map_err(|e| delta("reading", &table, e))?;
+        let schema = snapshot.schema();
+        let mut policy = policy.clone();
+        policy
+            .cluster_by
+            .retain(|c| schema.field(c.as_str()).is_some());
+        policy
+    };
     let mut state: State = get_json(&table, id, STATE_FILE).await?.unwrap_or_default();
     let mut report = Report {
         table: id.to_string(),
@@ -600,13 +617,10 @@ async fn expire(
     report: &mut Report,
 ) -> Result<DeltaTable> {
     let Some(column) = date_partition(&table)? else {
-        return Err(Error::Delta {
-            action: "applying retention to",
-            table: id.to_string(),
-            source: Box::new(deltalake::DeltaTableError::Generic(format!(
-                "retention deletes whole partitions of a DATE partition column, and {id} has none"
-            ))),
-        });
+        report.notes.push(format!(
+            "retention of {days} days not applied: it deletes whole partitions of a DATE partition column, and {id} has none"
+        ));
+        return Ok(table);
     };
     let kept_from = now.date_naive() - chrono::Days::new(u64::from(days));
     let kept = kept_from.format("%Y-%m-%d").to_string();

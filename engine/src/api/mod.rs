@@ -190,6 +190,8 @@ fn table_json(t: &TableInfo) -> serde_json::Value {
         "rows": t.rows,
         "files": t.files,
         "size_bytes": t.size_bytes,
+        "last_checkpoint": t.last_checkpoint,
+        "maintained_at": t.maintained_at,
     })
 }
 

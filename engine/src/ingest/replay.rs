@@ -13,7 +13,6 @@
 //! stopped: a running engine keeps the open windows it had.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
@@ -29,6 +28,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::ingest::derived::{derive_window, window_kind};
 use crate::ingest::pipelines::{load_reference, raw_rows};
+use crate::progress::bar;
 
 /// Messages read from the raw zone per step.
 const CHUNK: i64 = 20_000;
@@ -46,6 +46,42 @@ pub struct ReplayReport {
     pub quarantined: u64,
     /// Rows written per window table over the pipeline's tables (derived again).
     pub windows: BTreeMap<String, u64>,
+    /// Retention deleted the raw messages received before this date: they were not replayed.
+    pub raw_kept_from: Option<NaiveDate>,
+}
+
+/// Refuses a range that starts (or lies wholly) before what retention kept of `raw.telemetry`;
+/// returns the first date kept, if retention ever deleted anything.
+async fn check_retention(
+    lake: &Lake,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<Option<NaiveDate>, String> {
+    let raw = TableId::raw_telemetry();
+    let Some(horizon) = fleetlake_zones::maintain::retention_horizon(lake, &raw)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let kept = horizon
+        .kept_from
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc();
+    let expired = |t: DateTime<Utc>| t < kept;
+    if from.is_some_and(expired) || to.is_some_and(|t| t <= kept) {
+        let asked = match (from, to) {
+            (Some(f), _) => format!("from {}", f.to_rfc3339()),
+            (None, Some(t)) => format!("until {}", t.to_rfc3339()),
+            (None, None) => unreachable!("a bound was checked"),
+        };
+        return Err(format!(
+            "cannot replay {asked}: retention ({} days by {}) deleted the raw messages received before {}; replay --from {} or later, or raise retention.raw_days before the data expires",
+            horizon.days, horizon.column, horizon.kept_from, horizon.kept_from
+        ));
+    }
+    Ok(Some(horizon.kept_from))
 }
 
 /// `2025-11-23` or an RFC 3339 time.
@@ -105,6 +141,7 @@ pub async fn run(
             )
         })?;
     let runner = PipelineRunner::new(checked).map_err(|e| e.to_string())?;
+    let raw_kept_from = check_retention(&lake, from, to).await?;
     let query = QueryEngine::new(lake.clone());
 
     let mut filter = Vec::new();
@@ -143,6 +180,7 @@ pub async fn run(
             .collect(),
         quarantined: 0,
         windows: BTreeMap::new(),
+        raw_kept_from,
     };
     let (Some(lo), Some(hi)) = (lo, hi) else {
         return Ok(report);
@@ -270,17 +308,4 @@ async fn rederive(
         .store_snapshot(&window_kind(app_id), upto, state)
         .await;
     Ok(Some(closed.num_rows() as u64))
-}
-
-/// A progress bar on stderr, redrawn in place.
-fn bar(done: f64, what: &str) {
-    let width = 30;
-    let filled = ((done * width as f64).round() as usize).min(width);
-    eprint!(
-        "\r  [{}{}] {:>3.0}%  {what}",
-        "#".repeat(filled),
-        " ".repeat(width - filled),
-        done * 100.0,
-    );
-    let _ = std::io::stderr().flush();
 }

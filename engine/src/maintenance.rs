@@ -1,0 +1,314 @@
+//! Table maintenance for the whole lake: which tables, with which policy, by which instance.
+//!
+//! The steps on one table (retention, compaction, checkpoints, log cleanup, vacuum) are
+//! [`fleetlake_zones::maintain`]'s; this module runs them over every table of the lake, one table
+//! at a time (so that ingest keeps its cores), under a lease in a NATS key-value bucket so that
+//! only one fleetlake instance on a lake maintains it at a time, from `serve` on a schedule
+//! ([`schedule`]) and from `fleetlake maintain` ([`run`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use fleetlake_zones::maintain::{self, Report};
+use fleetlake_zones::{Lake, TableId, Zone};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, TableShape};
+
+/// The key of the lease in the bucket.
+const LEASE_KEY: &str = "lease";
+
+/// The maintenance lease: held by one instance at a time, renewed after each table, gone when
+/// its holder stops renewing it for the bucket's `max_age` (`maintenance.lease_ttl_s`).
+pub struct Lease {
+    store: jetstream::kv::Store,
+    revision: u64,
+    holder: String,
+}
+
+/// Why the lease could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("another instance holds the maintenance lease ({0})")]
+    Held(String),
+    #[error("the maintenance lease in bucket {bucket}: {reason}")]
+    Nats { bucket: String, reason: String },
+}
+
+impl Lease {
+    /// Takes the lease in `bucket` (created with `max_age = ttl` if absent).
+    pub async fn acquire(
+        js: &jetstream::Context,
+        bucket: &str,
+        ttl: Duration,
+    ) -> Result<Self, LeaseError> {
+        let nats = |reason: String| LeaseError::Nats {
+            bucket: bucket.to_string(),
+            reason,
+        };
+        let store = match js.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: bucket.to_string(),
+                    description: "fleetlake: which instance maintains the lake".into(),
+                    history: 1,
+                    max_age: ttl,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| nats(e.to_string()))?,
+        };
+        let holder = format!(
+            "{}:{} since {}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+            std::process::id(),
+            chrono::Utc::now().to_rfc3339()
+        );
+        match store.create(LEASE_KEY, holder.clone().into()).await {
+            Ok(revision) => Ok(Self {
+                store,
+                revision,
+                holder,
+            }),
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                let current = store
+                    .get(LEASE_KEY)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_else(|| "unknown holder".into());
+                Err(LeaseError::Held(current))
+            }
+            Err(e) => Err(nats(e.to_string())),
+        }
+    }
+
+    /// Renews the lease; an error means it was lost (it expired and another instance took it).
+    pub async fn renew(&mut self) -> Result<(), LeaseError> {
+        match self
+            .store
+            .update(LEASE_KEY, self.holder.clone().into(), self.revision)
+            .await
+        {
+            Ok(revision) => {
+                self.revision = revision;
+                Ok(())
+            }
+            Err(e) => Err(LeaseError::Nats {
+                bucket: self.store.name.clone(),
+                reason: format!("lost: {e}"),
+            }),
+        }
+    }
+
+    /// Gives the lease up so that another instance need not wait for it to expire.
+    pub async fn release(self) {
+        if let Err(e) = self
+            .store
+            .delete_expect_revision(LEASE_KEY, Some(self.revision))
+            .await
+        {
+            tracing::warn!(error = %e, "releasing the maintenance lease failed; it expires on its own");
+        }
+    }
+}
+
+/// Every table of the lake, the built-in ones first.
+pub async fn tables(lake: &Lake) -> Result<Vec<TableId>, fleetlake_zones::Error> {
+    let mut ids: Vec<TableId> = fleetlake_zones::schema::builtin_tables()
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    for zone in Zone::ALL {
+        for id in lake.tables(zone).await? {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// One table's outcome in a run.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Outcome {
+    Done(Box<Report>),
+    Failed { table: String, error: String },
+}
+
+/// What `fleetlake maintain` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub dry_run: bool,
+    pub tables: Vec<Outcome>,
+    pub files_before: u64,
+    pub files_after: u64,
+    pub files_vacuumed: u64,
+    pub log_files_removed: u64,
+    pub partitions_rewritten: u64,
+    pub partitions_expired: u64,
+    pub failed: u64,
+}
+
+/// Maintains `ids` one after the other with each table's policy from `config`; `progress` is
+/// called before each table with its index. A table that fails is reported (and counted in
+/// `metrics`) and the others are still maintained. With a lease, it is renewed after each table
+/// and the run stops if it was lost.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    lake: &Lake,
+    config: &Config,
+    ids: &[TableId],
+    dry_run: bool,
+    metrics: Option<&Metrics>,
+    mut lease: Option<&mut Lease>,
+    mut progress: impl FnMut(usize, &TableId),
+    cancel: &CancellationToken,
+) -> Summary {
+    let mut summary = Summary {
+        dry_run,
+        tables: Vec::new(),
+        files_before: 0,
+        files_after: 0,
+        files_vacuumed: 0,
+        log_files_removed: 0,
+        partitions_rewritten: 0,
+        partitions_expired: 0,
+        failed: 0,
+    };
+    for (i, id) in ids.iter().enumerate() {
+        if cancel.is_cancelled() {
+            break;
+        }
+        progress(i, id);
+        let mut policy = config.maintenance_policy(id);
+        policy.dry_run = dry_run;
+        match maintain::maintain(lake, id, &policy).await {
+            Ok(report) => {
+                if let Some(m) = metrics {
+                    let shape = TableShape {
+                        files: report.files_after,
+                        bytes: report.bytes_after,
+                        version: report.version_after,
+                        maintained_at: chrono::Utc::now().timestamp(),
+                    };
+                    let rewritten = report.rewrites.iter().map(|r| r.files_removed).sum();
+                    m.table_maintained(
+                        &report.table,
+                        shape,
+                        rewritten,
+                        report.files_vacuumed,
+                        report.log_files_removed,
+                    );
+                }
+                summary.files_before += report.files_before;
+                summary.files_after += report.files_after;
+                summary.files_vacuumed += report.files_vacuumed;
+                summary.log_files_removed += report.log_files_removed;
+                summary.partitions_rewritten += report.rewrites.len() as u64;
+                summary.partitions_expired += report.expired_partitions.len() as u64;
+                summary.tables.push(Outcome::Done(Box::new(report)));
+            }
+            // A table that disappeared between listing and maintaining is not a failure.
+            Err(fleetlake_zones::Error::UnknownTable(_)) => {}
+            Err(e) => {
+                tracing::warn!(table = %id, error = %e, "maintenance failed");
+                if let Some(m) = metrics {
+                    m.maintenance_failed();
+                }
+                summary.failed += 1;
+                summary.tables.push(Outcome::Failed {
+                    table: id.to_string(),
+                    error: e.to_string(),
+                });
+            }
+        }
+        if let Some(lease) = lease.as_deref_mut()
+            && let Err(e) = lease.renew().await
+        {
+            tracing::warn!(error = %e, "maintenance stopped");
+            break;
+        }
+    }
+    summary
+}
+
+/// `serve`'s maintenance loop: every `maintenance.interval_s`, takes the lease, maintains every
+/// table and records the outcome in `metrics`; a run is skipped when another instance holds the
+/// lease or NATS cannot be reached. Ends when `cancel` is cancelled (between tables).
+pub async fn schedule(
+    lake: Lake,
+    config: Config,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let interval = config.maintenance_interval();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let js = match crate::ingest::source::connect(config.nats_url()).await {
+            Ok(js) => js,
+            Err(e) => {
+                tracing::warn!(error = %e, "maintenance skipped: NATS unreachable for its lease");
+                metrics.maintenance_skipped();
+                continue;
+            }
+        };
+        let mut lease = match Lease::acquire(
+            &js,
+            config.maintenance_lease_bucket(),
+            config.maintenance_lease_ttl(),
+        )
+        .await
+        {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::info!(reason = %e, "maintenance skipped");
+                metrics.maintenance_skipped();
+                continue;
+            }
+        };
+        let ids = match tables(&lake).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "maintenance skipped: listing the tables failed");
+                metrics.maintenance_skipped();
+                lease.release().await;
+                continue;
+            }
+        };
+        // Stopping in the middle of a step is safe (each step is one Delta commit; files of an
+        // unfinished rewrite are vacuumed later), so shutdown does not wait for a long rewrite.
+        let summary = tokio::select! {
+            summary = run(
+                &lake,
+                &config,
+                &ids,
+                false,
+                Some(&metrics),
+                Some(&mut lease),
+                |_, _| {},
+                &cancel,
+            ) => Some(summary),
+            _ = cancel.cancelled() => None,
+        };
+        lease.release().await;
+        let Some(summary) = summary else { return };
+        tracing::info!(
+            files_before = summary.files_before,
+            files_after = summary.files_after,
+            vacuumed = summary.files_vacuumed,
+            failed = summary.failed,
+            "maintenance run done"
+        );
+        metrics.maintenance_done();
+    }
+}
