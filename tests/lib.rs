@@ -615,6 +615,38 @@ pub fn python() -> PathBuf {
         .expect(".venv/bin/python3 not found: run scripts/setup.sh")
 }
 
+/// Opens `tables` of the lake at `lake_root` with deltalake for Python and DuckDB
+/// (`python/read_tables.py`); `env` carries the `AWS_*` options. Returns, per table,
+/// `deltalake_rows`, `duckdb_rows`, `version` and `columns`.
+pub fn read_with_python(lake_root: &str, tables: &[&str], env: &[(String, String)]) -> Value {
+    let out = std::process::Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/read_tables.py"
+        ))
+        .arg(lake_root)
+        .args(tables)
+        .envs(env.iter().cloned())
+        .output()
+        .expect("running python");
+    assert!(
+        out.status.success(),
+        "read_tables.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from read_tables.py")
+}
+
+/// Runs the `fleetlake` command line with `args` and `env` and returns its output.
+pub fn fleetlake_cli(args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    std::process::Command::new(fleetlake_bin())
+        .args(args)
+        .envs(env.iter().cloned())
+        .env("FLEETLAKE_LOG", "warn")
+        .output()
+        .expect("running fleetlake")
+}
+
 /// The `fleetlake` binary next to the test executable (`scripts/test.sh` builds it first), or
 /// `FLEETLAKE_BIN`.
 pub fn fleetlake_bin() -> PathBuf {

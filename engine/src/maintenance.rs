@@ -241,7 +241,7 @@ pub async fn run(
 
 /// `serve`'s maintenance loop: every `maintenance.interval_s`, takes the lease, maintains every
 /// table and records the outcome in `metrics`; a run is skipped when another instance holds the
-/// lease or NATS cannot be reached. Ends when `cancel` is cancelled (between tables).
+/// lease or NATS cannot be reached. Ends when `cancel` is cancelled, after the table in hand.
 pub async fn schedule(
     lake: Lake,
     config: Config,
@@ -285,23 +285,21 @@ pub async fn schedule(
                 continue;
             }
         };
-        // Stopping in the middle of a step is safe (each step is one Delta commit; files of an
-        // unfinished rewrite are vacuumed later), so shutdown does not wait for a long rewrite.
-        let summary = tokio::select! {
-            summary = run(
-                &lake,
-                &config,
-                &ids,
-                false,
-                Some(&metrics),
-                Some(&mut lease),
-                |_, _| {},
-                &cancel,
-            ) => Some(summary),
-            _ = cancel.cancelled() => None,
-        };
+        // On shutdown the table in hand is finished (stopping in the middle of a step would be
+        // safe for the lake, but delta-rs's blocking tasks panic when the runtime goes away
+        // under them); the run stops before the next one.
+        let summary = run(
+            &lake,
+            &config,
+            &ids,
+            false,
+            Some(&metrics),
+            Some(&mut lease),
+            |_, _| {},
+            &cancel,
+        )
+        .await;
         lease.release().await;
-        let Some(summary) = summary else { return };
         tracing::info!(
             files_before = summary.files_before,
             files_after = summary.files_after,

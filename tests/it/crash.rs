@@ -2,6 +2,9 @@
 //! SIGKILL at (seeded) random moments while the simulator publishes 5% device replays, and
 //! restarted each time; object storage is stopped for seconds, or NATS restarted, mid-run.
 //! Afterwards every table holds each message exactly once and usable each reading exactly once.
+//! With maintenance on, the engines also compact, checkpoint and clean the log of every table
+//! every second while they ingest and are killed; a last `fleetlake maintain` then vacuums, and
+//! the rows, each writer's `txn` progress and what other readers see are checked again.
 
 use std::time::Duration;
 
@@ -17,7 +20,23 @@ enum Disruption {
     None,
     StorageOutage,
     NatsRestart,
+    /// Table maintenance every second (a second writer), on a local folder or on SeaweedFS.
+    Maintenance {
+        s3: bool,
+    },
 }
+
+/// Maintenance that finds work every second: every partition is quiet at once, two small files
+/// are enough, the log is cleaned as soon as a checkpoint exists, and a killed engine's lease
+/// expires in 3 s.
+const BUSY_MAINTENANCE: [(&str, &str); 6] = [
+    ("FLEETLAKE_MAINTENANCE_INTERVAL_S", "1"),
+    ("FLEETLAKE_MAINTENANCE_QUIET_MINUTES", "0"),
+    ("FLEETLAKE_MAINTENANCE_MIN_SMALL_FILES", "2"),
+    ("FLEETLAKE_MAINTENANCE_CHECKPOINT_INTERVAL", "5"),
+    ("FLEETLAKE_MAINTENANCE_LOG_RETENTION_HOURS", "0"),
+    ("FLEETLAKE_MAINTENANCE_LEASE_TTL_S", "3"),
+];
 
 const KILLS: usize = 6;
 
@@ -53,7 +72,9 @@ async fn crash_run(disruption: Disruption, seed: u64) {
     let mut nats = Nats::start().await;
     let dir = fleetlake_tests::TestDir::new();
     let mut s3 = match disruption {
-        Disruption::StorageOutage => Some(Seaweed::start().await),
+        Disruption::StorageOutage | Disruption::Maintenance { s3: true } => {
+            Some(Seaweed::start().await)
+        }
         _ => None,
     };
     let (location, mut env) = match &s3 {
@@ -74,6 +95,13 @@ async fn crash_run(disruption: Disruption, seed: u64) {
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
+    if let Disruption::Maintenance { .. } = disruption {
+        env.extend(
+            BUSY_MAINTENANCE
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+    }
     let log = dir.path().join("engine.log");
     println!(
         "seed {seed}, disruption {disruption:?}, engine log {}",
@@ -148,7 +176,7 @@ async fn crash_run(disruption: Disruption, seed: u64) {
                     nats.restart().await;
                     tokio::time::sleep(pauses.next()).await;
                 }
-                Disruption::None => {}
+                Disruption::None | Disruption::Maintenance { .. } => {}
             }
         }
         engine.kill().await;
@@ -165,8 +193,27 @@ async fn crash_run(disruption: Disruption, seed: u64) {
     // with quarantine's and usable's commits, and SIGTERM could land before this engine had
     // consumed anything).
     wait_stream_acked(nats.url(), Duration::from_secs(180)).await;
+    if let Disruption::Maintenance { .. } = disruption {
+        // The killed engines' leases expire; this one maintains the lake at least once.
+        wait_for("a maintenance run", Duration::from_secs(180), || {
+            let api = engine.api.clone();
+            async move {
+                let runs = fleetlake_tests::metric(&api, "fleetlake_maintenance_runs_total").await;
+                let rewritten =
+                    fleetlake_tests::metric(&api, "fleetlake_maintenance_files_rewritten_total")
+                        .await;
+                (runs >= 1 && rewritten > 0).then_some(())
+            }
+        })
+        .await;
+    }
     let status = engine.terminate().await;
     assert!(status.success(), "fleetlake exited with {status}");
+    let progress = if let Disruption::Maintenance { .. } = disruption {
+        Some(maintain_again(&lake_config, &env, &log).await)
+    } else {
+        None
+    };
 
     let total = report.total as i64;
     assert_eq!(
@@ -223,6 +270,23 @@ async fn crash_run(disruption: Disruption, seed: u64) {
         .await,
         usable
     );
+    if let Some(before) = progress {
+        // Maintenance kept every writer's progress, and other readers see the same rows.
+        assert_eq!(txn_progress(&lake_config).await, before);
+        let readers = fleetlake_tests::read_with_python(
+            Lake::open(&lake_config).unwrap().root().as_str(),
+            &["raw.telemetry", "raw.quarantine", "usable.telemetry"],
+            &env,
+        );
+        for (table, rows) in [
+            ("raw.telemetry", total),
+            ("raw.quarantine", report.malformed as i64),
+            ("usable.telemetry", usable),
+        ] {
+            assert_eq!(readers[table]["deltalake_rows"], rows, "{readers}");
+            assert_eq!(readers[table]["duckdb_rows"], rows, "{readers}");
+        }
+    }
     // The engines resumed mid-stream from the lake's position, not from the beginning.
     let text = std::fs::read_to_string(&log).unwrap();
     let starts: Vec<&str> = text.lines().filter(|l| l.contains("consuming")).collect();
@@ -249,6 +313,125 @@ async fn crash_run(disruption: Disruption, seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     crash_run(Disruption::None, 11).await;
+}
+
+/// The `txn` progress of `fleetlake` in each built-in table.
+async fn txn_progress(lake: &LakeConfig) -> Vec<(String, Option<i64>)> {
+    let lake = Lake::open(lake).unwrap();
+    let mut out = Vec::new();
+    for (id, schema, partitions) in fleetlake_zones::schema::builtin_tables() {
+        let partitions = partitions.into_iter().map(String::from).collect();
+        let w = lake
+            .writer(id.clone(), schema, partitions, "fleetlake")
+            .await
+            .unwrap();
+        out.push((id.to_string(), w.committed()));
+    }
+    out
+}
+
+/// After the engines: checks that their maintenance ran, then runs `fleetlake maintain` once more
+/// with vacuum of every unreferenced file, and checks that it kept the rows and the progress and
+/// (on a local folder) left exactly the referenced files. Returns the progress.
+async fn maintain_again(
+    lake_config: &LakeConfig,
+    env: &[(String, String)],
+    log: &std::path::Path,
+) -> Vec<(String, Option<i64>)> {
+    let text = std::fs::read_to_string(log).unwrap();
+    let runs = text.matches("maintenance run done").count();
+    println!("{runs} maintenance runs finished beside the engines' commits and kills");
+    assert!(
+        runs > 0,
+        "no maintenance run finished: {}",
+        fleetlake_tests::tail(log)
+    );
+    let before = txn_progress(lake_config).await;
+    assert!(before.iter().all(|(_, v)| v.is_some()), "{before:?}");
+    let lake = Lake::open(lake_config).unwrap();
+    // An orphan (a Parquet file of a commit that never completed) and fleetlake's own side file.
+    let local = lake.root().to_file_path().ok();
+    if let Some(root) = &local {
+        std::fs::write(
+            root.join("usable/telemetry/orphan.parquet"),
+            b"not referenced",
+        )
+        .unwrap();
+    }
+    let out = fleetlake_tests::fleetlake_cli(
+        &[
+            "maintain",
+            "--without-lease",
+            "--set",
+            "maintenance.vacuum_retention_hours=0",
+            "--set",
+            "maintenance.quiet_minutes=0",
+            "--set",
+            "maintenance.min_small_files=2",
+        ],
+        env,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fleetlake maintain: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    for t in summary["tables"].as_array().unwrap() {
+        assert_eq!(t["rows_before"], t["rows_after"], "{t}");
+        assert!(
+            t["expired_partitions"].as_array().unwrap().is_empty(),
+            "{t}"
+        );
+    }
+    let usable = summary["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "usable.telemetry")
+        .unwrap();
+    // Compacted and Z-ordered: one file per event date at most (the fleet's clocks span a day
+    // boundary at most), not hundreds.
+    assert!(usable["files_after"].as_u64().unwrap() <= 4, "{usable}");
+    if let Some(root) = &local {
+        assert!(!root.join("usable/telemetry/orphan.parquet").exists());
+        assert!(
+            root.join("usable/telemetry/_fleetlake/maintenance.json")
+                .exists()
+        );
+        // On disk: exactly the files the log references.
+        for (id, _, _) in fleetlake_zones::schema::builtin_tables() {
+            let dir = root.join(id.path());
+            let mut on_disk = 0u64;
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    let name = p.file_name().unwrap().to_string_lossy().to_string();
+                    if p.is_dir() && !name.starts_with('_') {
+                        stack.push(p);
+                    } else if name.ends_with(".parquet") {
+                        on_disk += 1;
+                    }
+                }
+            }
+            let info = lake.describe(&id).await.unwrap().unwrap();
+            assert_eq!(on_disk, info.files, "{id}: files on disk vs in the log");
+        }
+    }
+    before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_beside_sigkilled_engines_on_a_folder_loses_and_doubles_nothing() {
+    crash_run(Disruption::Maintenance { s3: false }, 14).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_beside_sigkilled_engines_on_seaweedfs_loses_and_doubles_nothing() {
+    crash_run(Disruption::Maintenance { s3: true }, 15).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fleetlake::config::Config;
 use fleetlake::serve::Engine;
 use fleetlake::tools::simulate::{self, SimConfig};
-use fleetlake_tests::{Api, Nats, Seaweed, polars_frame, python, wait_for};
+use fleetlake_tests::{Api, Nats, Seaweed, polars_frame, read_with_python, wait_for};
 use fleetlake_zones::Lake;
 use tokio_util::sync::CancellationToken;
 
@@ -144,23 +144,11 @@ async fn end_to_end(lake_location: &str, env: Vec<(String, String)>) {
     assert_eq!(quarantine.column("reason").unwrap().null_count(), 0);
 
     // And with deltalake for Python and DuckDB.
-    let out = std::process::Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/python/read_tables.py"
-        ))
-        .arg(lake.root().as_str())
-        .args(["raw.telemetry", "usable.telemetry", "raw.quarantine"])
-        .envs(env.iter().cloned())
-        .output()
-        .expect("running python");
-    assert!(
-        out.status.success(),
-        "read_tables.py: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let readers = read_with_python(
+        lake.root().as_str(),
+        &["raw.telemetry", "usable.telemetry", "raw.quarantine"],
+        &env,
     );
-    let readers: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("JSON from read_tables.py");
     for (table, rows) in [
         ("raw.telemetry", 20_000),
         ("usable.telemetry", 19_800),

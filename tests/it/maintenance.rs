@@ -1,0 +1,225 @@
+//! Retention per zone on a real lake fed through NATS: only the expired partitions go, in one
+//! commit per table, every writer's progress stays, other readers open the tables afterwards,
+//! and a replay of a range whose raw data expired is refused with a clear message.
+//! (Compaction and vacuum beside SIGKILLed engines are in `crash.rs`.)
+
+use chrono::Utc;
+use fleetlake::tools::simulate::{Profile, SimConfig};
+use fleetlake_tests::{
+    Nats, TestDir, fleetlake_cli, read_with_python, shipped_pipelines, simulate, start_engine,
+    test_config,
+};
+use fleetlake_zones::schema::{RAW_TELEMETRY, RawMessage, raw_batch};
+use fleetlake_zones::{Lake, TableId};
+
+const DAY_MS: i64 = 86_400_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_only_expired_partitions_and_a_replay_of_them_is_refused() {
+    let nats = Nats::start().await;
+    let dir = TestDir::new();
+    let lake_dir = dir.path().join("lake");
+    let pipelines = shipped_pipelines(dir.path());
+    let config = test_config(
+        nats.url(),
+        &lake_dir.display().to_string(),
+        &[
+            ("pipelines.dir", &pipelines.display().to_string()),
+            ("maintenance.enabled", "false"),
+            // The two fleets reuse device ids and sequence numbers.
+            ("dedup.key", "none"),
+        ],
+    );
+    let (engine, api, js) = start_engine(&config).await;
+    let now = Utc::now().timestamp_millis();
+    let fleet = |profile, seed, start_ms| SimConfig {
+        profile,
+        seed,
+        devices: 10,
+        messages: 200,
+        start_ms: Some(start_ms),
+        ..SimConfig::default()
+    };
+    // Readings taken 40 days ago (delivered late, today) and readings of today.
+    simulate(&js, fleet(Profile::Envelope, 1, now - 40 * DAY_MS)).await;
+    simulate(&js, fleet(Profile::Envelope, 2, now - 60_000)).await;
+    simulate(&js, fleet(Profile::ColdChain, 3, now - 60_000)).await;
+    api.wait_acked(600).await;
+    assert_eq!(
+        api.scalar("SELECT count(*) FROM usable.telemetry").await,
+        400
+    );
+    engine.shutdown().await.unwrap();
+
+    // The raw zone also holds cold-chain messages received 40 days ago (an older lake).
+    let lake = Lake::open(&config.lake(Vec::new())).unwrap();
+    let received_us = (now - 40 * DAY_MS) * 1000;
+    let old: Vec<RawMessage> = (0..10)
+        .map(|i| RawMessage {
+            payload: format!(
+                r#"{{"device_id":"old-{i}","seq":1,"ts":{},"fw":"2.0.0","temp_c":4.5,"door_open":false}}"#,
+                now - 40 * DAY_MS
+            )
+            .into_bytes(),
+            subject: format!("telemetry.coldchain.old-{i}"),
+            stream_seq: 1_000_000 + i,
+            msg_id: None,
+            received_at_us: received_us,
+        })
+        .collect();
+    let mut archive = lake
+        .writer(
+            TableId::raw_telemetry(),
+            RAW_TELEMETRY.clone(),
+            vec!["ingest_date".into()],
+            "archive",
+        )
+        .await
+        .unwrap();
+    archive
+        .commit(&raw_batch(&old), "stream_seq", 1_000_009)
+        .await
+        .unwrap();
+    let progress = |lake: Lake| async move {
+        let mut out = Vec::new();
+        for (id, schema, parts) in fleetlake_zones::schema::builtin_tables() {
+            let parts = parts.into_iter().map(String::from).collect();
+            let w = lake
+                .writer(id.clone(), schema, parts, "fleetlake")
+                .await
+                .unwrap();
+            out.push((id.to_string(), w.committed()));
+        }
+        out
+    };
+    let before = progress(lake.clone()).await;
+
+    let env = vec![
+        (
+            "FLEETLAKE_LAKE_LOCATION".to_string(),
+            lake_dir.display().to_string(),
+        ),
+        (
+            "FLEETLAKE_PIPELINES_DIR".to_string(),
+            pipelines.display().to_string(),
+        ),
+        ("FLEETLAKE_NATS_URL".to_string(), nats.url().to_string()),
+    ];
+    // A dry run says what would go and changes nothing.
+    let dry = fleetlake_cli(
+        &[
+            "maintain",
+            "--dry-run",
+            "--set",
+            "retention.raw_days=30",
+            "--set",
+            "retention.usable_days=30",
+        ],
+        &env,
+    );
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let dry: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(dry["partitions_expired"], 2, "{dry}");
+    assert_eq!(
+        lake.describe(&TableId::raw_telemetry())
+            .await
+            .unwrap()
+            .unwrap()
+            .rows,
+        610
+    );
+
+    let out = fleetlake_cli(
+        &[
+            "maintain",
+            "--set",
+            "retention.raw_days=30",
+            "--set",
+            "retention.usable_days=30",
+        ],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = |name: &str| {
+        summary["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .unwrap_or_else(|| panic!("{name} in {summary}"))
+            .clone()
+    };
+    let raw = table("raw.telemetry");
+    assert_eq!(
+        raw["expired_partitions"].as_array().unwrap().len(),
+        1,
+        "{raw}"
+    );
+    assert_eq!(raw["rows_expired"], 10);
+    assert_eq!(raw["rows_after"], 600);
+    let usable = table("usable.telemetry");
+    assert_eq!(usable["rows_expired"], 200, "{usable}");
+    assert_eq!(usable["rows_after"], 200);
+    // Partitions of today are kept.
+    assert_eq!(table("usable.cold_chain")["rows_expired"], 0);
+    assert_eq!(table("raw.quarantine")["rows_expired"], 0);
+    assert_eq!(summary["failed"], 0);
+
+    assert_eq!(progress(lake.clone()).await, before);
+    let cold_chain = lake
+        .describe(&TableId::parse("usable.cold_chain").unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .rows;
+    assert!(cold_chain > 150, "{cold_chain} cold-chain rows");
+    let readers = read_with_python(
+        lake.root().as_str(),
+        &["raw.telemetry", "usable.telemetry", "usable.cold_chain"],
+        &[],
+    );
+    assert_eq!(readers["raw.telemetry"]["deltalake_rows"], 600, "{readers}");
+    assert_eq!(
+        readers["usable.telemetry"]["deltalake_rows"], 200,
+        "{readers}"
+    );
+    assert_eq!(
+        readers["usable.cold_chain"]["duckdb_rows"], cold_chain,
+        "{readers}"
+    );
+
+    // A replay of the expired range is refused, saying why and what can be replayed.
+    let kept_from = (Utc::now().date_naive() - chrono::Days::new(30)).to_string();
+    let from = (Utc::now().date_naive() - chrono::Days::new(35)).to_string();
+    let refused = fleetlake_cli(&["replay", "cold_chain", "--from", &from], &env);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("retention (30 days by ingest_date) deleted the raw messages received before")
+            && err.contains(&kept_from),
+        "{err}"
+    );
+    // The range that is kept replays, and the report says where the raw zone starts.
+    let today = Utc::now().date_naive().to_string();
+    let replayed = fleetlake_cli(&["replay", "cold_chain", "--from", &today], &env);
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&replayed.stdout).unwrap();
+    assert_eq!(report["raw_kept_from"], kept_from, "{report}");
+    assert_eq!(
+        report["tables"]["usable.cold_chain"], cold_chain,
+        "{report}"
+    );
+}
