@@ -523,7 +523,7 @@ pub async fn maintain(lake: &Lake, id: &TableId, policy: &Policy) -> Result<Repo
         .update_state()
         .await
         .map_err(|e| delta("refreshing", &table, e))?;
-    let version = table.version().unwrap_or(0).max(0) as u64;
+    let version: u64 = table.version().unwrap_or(0);
     let last = last_checkpoint(&table, id).await?;
     let since = version.saturating_sub(last.unwrap_or(0));
     let due = match last {
