@@ -85,7 +85,19 @@ pub async fn start_engine(
     Api,
     async_nats::jetstream::Context,
 ) {
-    let engine = fleetlake::serve::Engine::start(config.clone(), Vec::new(), true)
+    start_engine_with_env(config, Vec::new()).await
+}
+
+/// [`start_engine`] with `AWS_*` variables for an S3 lake.
+pub async fn start_engine_with_env(
+    config: &fleetlake::config::Config,
+    env: Vec<(String, String)>,
+) -> (
+    fleetlake::serve::Engine,
+    Api,
+    async_nats::jetstream::Context,
+) {
+    let engine = fleetlake::serve::Engine::start(config.clone(), env, true)
         .await
         .expect("engine starts");
     let api = Api::new(engine.addr);

@@ -133,7 +133,10 @@ async fn shape(lake: &Lake, id: &TableId) -> (u64, u64, u64) {
     let Some(table) = lake.load(id).await.expect("loading a table") else {
         return (0, 0, 0);
     };
-    let files = table.snapshot().map(|s| s.log_data().num_files()).unwrap_or(0) as u64;
+    let files = table
+        .snapshot()
+        .map(|s| s.log_data().num_files())
+        .unwrap_or(0) as u64;
     let store = table.log_store().object_store(None);
     let log: Vec<_> = store
         .list(Some(&object_store::path::Path::from("_delta_log")))
@@ -248,7 +251,12 @@ async fn main() {
     for s in &samples {
         let mut s = s.clone();
         s["benchmark"] = "soak".into();
-        s["profile"] = if cfg!(debug_assertions) { "debug" } else { "release" }.into();
+        s["profile"] = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .into();
         s["rate"] = args.rate.into();
         println!("{s}");
     }

@@ -477,6 +477,11 @@ async fn maintain(
         "{}",
         serde_json::to_string_pretty(&summary).expect("summary serializes")
     );
+    if let Some(reason) = &summary.interrupted {
+        return Err(format!(
+            "maintenance stopped before the last table: {reason}"
+        ));
+    }
     match summary.failed {
         0 => Ok(()),
         n => Err(format!(

@@ -21,12 +21,14 @@ use crate::metrics::{Metrics, TableShape};
 /// The key of the lease in the bucket.
 const LEASE_KEY: &str = "lease";
 
-/// The maintenance lease: held by one instance at a time, renewed after each table, gone when
-/// its holder stops renewing it for the bucket's `max_age` (`maintenance.lease_ttl_s`).
+/// The maintenance lease: held by one instance at a time, renewed every third of its time to
+/// live while the holder works, gone when its holder stops renewing it for the bucket's
+/// `max_age` (`maintenance.lease_ttl_s`).
 pub struct Lease {
     store: jetstream::kv::Store,
     revision: u64,
     holder: String,
+    ttl: Duration,
 }
 
 /// Why the lease could not be used.
@@ -73,6 +75,7 @@ impl Lease {
                 store,
                 revision,
                 holder,
+                ttl,
             }),
             Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
                 let current = store
@@ -154,12 +157,15 @@ pub struct Summary {
     pub partitions_rewritten: u64,
     pub partitions_expired: u64,
     pub failed: u64,
+    /// Why the run stopped before the last table (the lease was lost, shutdown), if it did.
+    pub interrupted: Option<String>,
 }
 
 /// Maintains `ids` one after the other with each table's policy from `config`; `progress` is
 /// called before each table with its index. A table that fails is reported (and counted in
-/// `metrics`) and the others are still maintained. With a lease, it is renewed after each table
-/// and the run stops if it was lost.
+/// `metrics`) and the others are still maintained. With a lease, it is renewed every third of
+/// its time to live and after each table; if it was lost, the run stops after the table in hand
+/// (`Summary::interrupted`), as it does when `cancel` is cancelled.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     lake: &Lake,
@@ -181,15 +187,39 @@ pub async fn run(
         partitions_rewritten: 0,
         partitions_expired: 0,
         failed: 0,
+        interrupted: None,
     };
     for (i, id) in ids.iter().enumerate() {
         if cancel.is_cancelled() {
+            summary.interrupted = Some("shutting down".into());
             break;
         }
         progress(i, id);
         let mut policy = config.maintenance_policy(id);
         policy.dry_run = dry_run;
-        match maintain::maintain(lake, id, &policy).await {
+        let work = maintain::maintain(lake, id, &policy);
+        tokio::pin!(work);
+        // The lease is renewed while the table is worked on; if it is lost, the table in hand
+        // is finished (stopping a step midway is safe for the lake, but not for delta-rs's
+        // blocking tasks) and the run stops.
+        let renew_every = lease
+            .as_deref()
+            .map_or(Duration::from_secs(3600), |l| l.ttl / 3);
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+        let result = loop {
+            tokio::select! {
+                result = &mut work => break result,
+                _ = tick.tick(), if lease.is_some() && summary.interrupted.is_none() => {
+                    if let Some(lease) = lease.as_deref_mut()
+                        && let Err(e) = lease.renew().await
+                    {
+                        summary.interrupted = Some(e.to_string());
+                    }
+                }
+            }
+        };
+        match result {
             Ok(report) => {
                 if let Some(m) = metrics {
                     let shape = TableShape {
@@ -229,10 +259,14 @@ pub async fn run(
                 });
             }
         }
-        if let Some(lease) = lease.as_deref_mut()
+        if summary.interrupted.is_none()
+            && let Some(lease) = lease.as_deref_mut()
             && let Err(e) = lease.renew().await
         {
-            tracing::warn!(error = %e, "maintenance stopped");
+            summary.interrupted = Some(e.to_string());
+        }
+        if let Some(reason) = &summary.interrupted {
+            tracing::warn!(%reason, "maintenance stopped before the other tables");
             break;
         }
     }
@@ -300,6 +334,11 @@ pub async fn schedule(
         )
         .await;
         lease.release().await;
+        if let Some(reason) = &summary.interrupted {
+            tracing::info!(%reason, "maintenance run interrupted");
+            metrics.maintenance_skipped();
+            continue;
+        }
         tracing::info!(
             files_before = summary.files_before,
             files_after = summary.files_after,

@@ -551,7 +551,7 @@ impl Metrics {
             ),
             (
                 "fleetlake_maintenance_skipped_total",
-                "Scheduled maintenance runs skipped (another instance held the lease, or NATS or the lake was unreachable).",
+                "Scheduled maintenance runs skipped or cut short (another instance held the lease, the lease was lost, or NATS or the lake was unreachable).",
                 maintenance.skipped,
             ),
             (

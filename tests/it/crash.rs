@@ -206,6 +206,24 @@ async fn crash_run(disruption: Disruption, seed: u64) {
             }
         })
         .await;
+        // What an operator sees.
+        let (status, tables) = engine.api.get("/v1/tables").await;
+        assert_eq!(status, 200);
+        let tables: serde_json::Value = serde_json::from_str(&tables).unwrap();
+        let usable = tables["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == "usable.telemetry")
+            .unwrap()
+            .clone();
+        assert!(usable["maintained_at"].is_string(), "{usable}");
+        assert!(usable["last_checkpoint"].is_u64(), "{usable}");
+        let (_, metrics) = engine.api.get("/metrics").await;
+        assert!(
+            metrics.contains("fleetlake_table_files{table=\"usable.telemetry\"}"),
+            "{metrics}"
+        );
     }
     let status = engine.terminate().await;
     assert!(status.success(), "fleetlake exited with {status}");

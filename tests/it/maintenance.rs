@@ -4,10 +4,11 @@
 //! (Compaction and vacuum beside SIGKILLed engines are in `crash.rs`.)
 
 use chrono::Utc;
+use fleetlake::maintenance::Lease;
 use fleetlake::tools::simulate::{Profile, SimConfig};
 use fleetlake_tests::{
-    Nats, TestDir, fleetlake_cli, read_with_python, shipped_pipelines, simulate, start_engine,
-    test_config,
+    Nats, Seaweed, TestDir, fleetlake_cli, read_with_python, shipped_pipelines, simulate,
+    start_engine_with_env, test_config,
 };
 use fleetlake_zones::schema::{RAW_TELEMETRY, RawMessage, raw_batch};
 use fleetlake_zones::{Lake, TableId};
@@ -15,14 +16,28 @@ use fleetlake_zones::{Lake, TableId};
 const DAY_MS: i64 = 86_400_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_drops_only_expired_partitions_and_a_replay_of_them_is_refused() {
+async fn retention_on_a_folder_drops_only_expired_partitions_and_a_replay_of_them_is_refused() {
+    retention_run(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_seaweedfs_drops_only_expired_partitions_and_a_replay_of_them_is_refused() {
+    let mut s3 = Seaweed::start().await;
+    retention_run(Some(&s3)).await;
+    s3.stop().await;
+}
+
+async fn retention_run(s3: Option<&Seaweed>) {
     let nats = Nats::start().await;
     let dir = TestDir::new();
-    let lake_dir = dir.path().join("lake");
+    let (location, aws) = match s3 {
+        Some(s3) => (format!("s3://{}/retention", s3.bucket), s3.env()),
+        None => (dir.path().join("lake").display().to_string(), Vec::new()),
+    };
     let pipelines = shipped_pipelines(dir.path());
     let config = test_config(
         nats.url(),
-        &lake_dir.display().to_string(),
+        &location,
         &[
             ("pipelines.dir", &pipelines.display().to_string()),
             ("maintenance.enabled", "false"),
@@ -30,7 +45,7 @@ async fn retention_drops_only_expired_partitions_and_a_replay_of_them_is_refused
             ("dedup.key", "none"),
         ],
     );
-    let (engine, api, js) = start_engine(&config).await;
+    let (engine, api, js) = start_engine_with_env(&config, aws.clone()).await;
     let now = Utc::now().timestamp_millis();
     let fleet = |profile, seed, start_ms| SimConfig {
         profile,
@@ -52,7 +67,7 @@ async fn retention_drops_only_expired_partitions_and_a_replay_of_them_is_refused
     engine.shutdown().await.unwrap();
 
     // The raw zone also holds cold-chain messages received 40 days ago (an older lake).
-    let lake = Lake::open(&config.lake(Vec::new())).unwrap();
+    let lake = Lake::open(&config.lake(aws.clone())).unwrap();
     let received_us = (now - 40 * DAY_MS) * 1000;
     let old: Vec<RawMessage> = (0..10)
         .map(|i| RawMessage {
@@ -94,17 +109,15 @@ async fn retention_drops_only_expired_partitions_and_a_replay_of_them_is_refused
     };
     let before = progress(lake.clone()).await;
 
-    let env = vec![
-        (
-            "FLEETLAKE_LAKE_LOCATION".to_string(),
-            lake_dir.display().to_string(),
-        ),
+    let mut env = aws.clone();
+    env.extend([
+        ("FLEETLAKE_LAKE_LOCATION".to_string(), location.clone()),
         (
             "FLEETLAKE_PIPELINES_DIR".to_string(),
             pipelines.display().to_string(),
         ),
         ("FLEETLAKE_NATS_URL".to_string(), nats.url().to_string()),
-    ];
+    ]);
     // A dry run says what would go and changes nothing.
     let dry = fleetlake_cli(
         &[
@@ -185,7 +198,7 @@ async fn retention_drops_only_expired_partitions_and_a_replay_of_them_is_refused
     let readers = read_with_python(
         lake.root().as_str(),
         &["raw.telemetry", "usable.telemetry", "usable.cold_chain"],
-        &[],
+        &aws,
     );
     assert_eq!(readers["raw.telemetry"]["deltalake_rows"], 600, "{readers}");
     assert_eq!(
@@ -222,4 +235,63 @@ async fn retention_drops_only_expired_partitions_and_a_replay_of_them_is_refused
         report["tables"]["usable.cold_chain"], cold_chain,
         "{report}"
     );
+}
+
+/// One instance at a time: `fleetlake maintain` refuses while another holds the lease, runs once
+/// it is released, and also once the lease of a holder that died (never released) has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_instance_maintains_a_lake_at_a_time() {
+    let nats = Nats::start().await;
+    let dir = TestDir::new();
+    let env = vec![
+        (
+            "FLEETLAKE_LAKE_LOCATION".to_string(),
+            dir.path().join("lake").display().to_string(),
+        ),
+        ("FLEETLAKE_NATS_URL".to_string(), nats.url().to_string()),
+        (
+            "FLEETLAKE_MAINTENANCE_LEASE_TTL_S".to_string(),
+            "2".to_string(),
+        ),
+    ];
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
+    let ttl = std::time::Duration::from_secs(2);
+    let lease = Lease::acquire(&js, "fleetlake_maintenance", ttl)
+        .await
+        .unwrap();
+    let refused = fleetlake_cli(&["maintain"], &env);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("another instance holds the maintenance lease"),
+        "{err}"
+    );
+    assert!(matches!(
+        Lease::acquire(&js, "fleetlake_maintenance", ttl).await,
+        Err(fleetlake::maintenance::LeaseError::Held(_))
+    ));
+    lease.release().await;
+    let out = fleetlake_cli(&["maintain"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A holder that dies keeps it until the bucket's max age has passed.
+    let dead = Lease::acquire(&js, "fleetlake_maintenance", ttl)
+        .await
+        .unwrap();
+    std::mem::forget(dead);
+    assert!(!fleetlake_cli(&["maintain"], &env).status.success());
+    let mut taken = false;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        if fleetlake_cli(&["maintain"], &env).status.success() {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "the dead holder's lease never expired");
 }
