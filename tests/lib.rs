@@ -649,6 +649,21 @@ pub fn read_with_python(lake_root: &str, tables: &[&str], env: &[(String, String
     serde_json::from_slice(&out.stdout).expect("JSON from read_tables.py")
 }
 
+/// The `txn` progress of the application `fleetlake` (the default consumer) in each built-in
+/// table: what exactly-once rests on, and what maintenance must never change.
+pub async fn txn_progress(lake: &fleetlake_zones::Lake) -> Vec<(String, Option<i64>)> {
+    let mut out = Vec::new();
+    for (id, schema, partitions) in fleetlake_zones::schema::builtin_tables() {
+        let partitions = partitions.into_iter().map(String::from).collect();
+        let w = lake
+            .writer(id.clone(), schema, partitions, "fleetlake")
+            .await
+            .expect("opening a table");
+        out.push((id.to_string(), w.committed()));
+    }
+    out
+}
+
 /// Runs the `fleetlake` command line with `args` and `env` and returns its output.
 pub fn fleetlake_cli(args: &[&str], env: &[(String, String)]) -> std::process::Output {
     std::process::Command::new(fleetlake_bin())

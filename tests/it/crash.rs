@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fleetlake::tools::simulate::{self, Report, SimConfig};
 use fleetlake_sql::QueryEngine;
-use fleetlake_tests::{EngineProcess, Nats, Seaweed, wait_for, wait_stream_acked};
+use fleetlake_tests::{EngineProcess, Nats, Seaweed, txn_progress, wait_for, wait_stream_acked};
 use fleetlake_zones::{Lake, LakeConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -290,7 +290,10 @@ async fn crash_run(disruption: Disruption, seed: u64) {
     );
     if let Some(before) = progress {
         // Maintenance kept every writer's progress, and other readers see the same rows.
-        assert_eq!(txn_progress(&lake_config).await, before);
+        assert_eq!(
+            txn_progress(&Lake::open(&lake_config).unwrap()).await,
+            before
+        );
         let readers = fleetlake_tests::read_with_python(
             Lake::open(&lake_config).unwrap().root().as_str(),
             &["raw.telemetry", "raw.quarantine", "usable.telemetry"],
@@ -333,21 +336,6 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     crash_run(Disruption::None, 11).await;
 }
 
-/// The `txn` progress of `fleetlake` in each built-in table.
-async fn txn_progress(lake: &LakeConfig) -> Vec<(String, Option<i64>)> {
-    let lake = Lake::open(lake).unwrap();
-    let mut out = Vec::new();
-    for (id, schema, partitions) in fleetlake_zones::schema::builtin_tables() {
-        let partitions = partitions.into_iter().map(String::from).collect();
-        let w = lake
-            .writer(id.clone(), schema, partitions, "fleetlake")
-            .await
-            .unwrap();
-        out.push((id.to_string(), w.committed()));
-    }
-    out
-}
-
 /// After the engines: checks that their maintenance ran, then runs `fleetlake maintain` once more
 /// with vacuum of every unreferenced file, and checks that it kept the rows and the progress and
 /// (on a local folder) left exactly the referenced files. Returns the progress.
@@ -364,7 +352,7 @@ async fn maintain_again(
         "no maintenance run finished: {}",
         fleetlake_tests::tail(log)
     );
-    let before = txn_progress(lake_config).await;
+    let before = txn_progress(&Lake::open(lake_config).unwrap()).await;
     assert!(before.iter().all(|(_, v)| v.is_some()), "{before:?}");
     let lake = Lake::open(lake_config).unwrap();
     // An orphan (a Parquet file of a commit that never completed) and fleetlake's own side file.

@@ -8,7 +8,7 @@ use fleetlake::maintenance::Lease;
 use fleetlake::tools::simulate::{Profile, SimConfig};
 use fleetlake_tests::{
     Nats, Seaweed, TestDir, fleetlake_cli, read_with_python, shipped_pipelines, simulate,
-    start_engine_with_env, test_config,
+    start_engine_with_env, test_config, txn_progress,
 };
 use fleetlake_zones::schema::{RAW_TELEMETRY, RawMessage, raw_batch};
 use fleetlake_zones::{Lake, TableId};
@@ -95,19 +95,7 @@ async fn retention_run(s3: Option<&Seaweed>) {
         .commit(&raw_batch(&old), "stream_seq", 1_000_009)
         .await
         .unwrap();
-    let progress = |lake: Lake| async move {
-        let mut out = Vec::new();
-        for (id, schema, parts) in fleetlake_zones::schema::builtin_tables() {
-            let parts = parts.into_iter().map(String::from).collect();
-            let w = lake
-                .writer(id.clone(), schema, parts, "fleetlake")
-                .await
-                .unwrap();
-            out.push((id.to_string(), w.committed()));
-        }
-        out
-    };
-    let before = progress(lake.clone()).await;
+    let before = txn_progress(&lake).await;
 
     let mut env = aws.clone();
     env.extend([
@@ -118,24 +106,27 @@ async fn retention_run(s3: Option<&Seaweed>) {
         ),
         ("FLEETLAKE_NATS_URL".to_string(), nats.url().to_string()),
     ]);
-    // A dry run says what would go and changes nothing.
-    let dry = fleetlake_cli(
-        &[
-            "maintain",
-            "--dry-run",
+    let maintain = |dry_run: bool| {
+        let mut args = vec!["maintain"];
+        if dry_run {
+            args.push("--dry-run");
+        }
+        args.extend([
             "--set",
             "retention.raw_days=30",
             "--set",
             "retention.usable_days=30",
-        ],
-        &env,
-    );
-    assert!(
-        dry.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dry.stderr)
-    );
-    let dry: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+        ]);
+        let out = fleetlake_cli(&args, &env);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // A dry run says what would go and changes nothing.
+    let dry = maintain(true);
     assert_eq!(dry["partitions_expired"], 2, "{dry}");
     assert_eq!(
         lake.describe(&TableId::raw_telemetry())
@@ -146,22 +137,7 @@ async fn retention_run(s3: Option<&Seaweed>) {
         610
     );
 
-    let out = fleetlake_cli(
-        &[
-            "maintain",
-            "--set",
-            "retention.raw_days=30",
-            "--set",
-            "retention.usable_days=30",
-        ],
-        &env,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = maintain(false);
     let table = |name: &str| {
         summary["tables"]
             .as_array()
@@ -187,7 +163,7 @@ async fn retention_run(s3: Option<&Seaweed>) {
     assert_eq!(table("raw.quarantine")["rows_expired"], 0);
     assert_eq!(summary["failed"], 0);
 
-    assert_eq!(progress(lake.clone()).await, before);
+    assert_eq!(txn_progress(&lake).await, before);
     let cold_chain = lake
         .describe(&TableId::parse("usable.cold_chain").unwrap())
         .await
