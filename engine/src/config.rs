@@ -521,6 +521,8 @@ impl Config {
                 self.number("maintenance.log_retention_hours") * 3600,
             ),
             vacuum_retention: Some(self.vacuum_retention()),
+            // serve's runs list every file of a table once a day; `fleetlake maintain` always.
+            full_vacuum_every: Some(Duration::from_secs(24 * 3600)),
             retention_days: (days > 0).then(|| u32::try_from(days).unwrap_or(u32::MAX)),
             dry_run: false,
         }

@@ -459,7 +459,10 @@ async fn maintain(
         &lake,
         config,
         &ids,
-        dry_run,
+        maintenance::RunOptions {
+            dry_run,
+            full_vacuum: true,
+        },
         None,
         lease.as_mut(),
         |i, id| {

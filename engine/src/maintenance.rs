@@ -145,6 +145,16 @@ pub enum Outcome {
     Failed { table: String, error: String },
 }
 
+/// How a run differs from `serve`'s scheduled one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Plan and report, change nothing.
+    pub dry_run: bool,
+    /// Vacuum in full mode (list every file, also finding the files of commits that never
+    /// completed) whatever the last full vacuum's time; `serve` does so once a day.
+    pub full_vacuum: bool,
+}
+
 /// What `fleetlake maintain` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -171,14 +181,14 @@ pub async fn run(
     lake: &Lake,
     config: &Config,
     ids: &[TableId],
-    dry_run: bool,
+    options: RunOptions,
     metrics: Option<&Metrics>,
     mut lease: Option<&mut Lease>,
     mut progress: impl FnMut(usize, &TableId),
     cancel: &CancellationToken,
 ) -> Summary {
     let mut summary = Summary {
-        dry_run,
+        dry_run: options.dry_run,
         tables: Vec::new(),
         files_before: 0,
         files_after: 0,
@@ -196,7 +206,10 @@ pub async fn run(
         }
         progress(i, id);
         let mut policy = config.maintenance_policy(id);
-        policy.dry_run = dry_run;
+        policy.dry_run = options.dry_run;
+        if options.full_vacuum {
+            policy.full_vacuum_every = None;
+        }
         let work = maintain::maintain(lake, id, &policy);
         tokio::pin!(work);
         // The lease is renewed while the table is worked on; if it is lost, the table in hand
@@ -326,7 +339,7 @@ pub async fn schedule(
             &lake,
             &config,
             &ids,
-            false,
+            RunOptions::default(),
             Some(&metrics),
             Some(&mut lease),
             |_, _| {},

@@ -22,9 +22,10 @@
 //!    deleted (delta-rs's `cleanup_expired_logs_for`): opening a table reads the last checkpoint
 //!    and the entries after it. Writers do not clean the log on every commit (that lists the whole
 //!    `_delta_log` folder each time).
-//! 5. **Vacuum** (full mode): data files that no version newer than `vacuum_retention` references,
-//!    including Parquet files of commits that never completed, are deleted. Files under
-//!    `_fleetlake/` are hidden from it.
+//! 5. **Vacuum**: data files that no version newer than `vacuum_retention` references are
+//!    deleted. The lite mode reads them from the log's `remove` actions; the full mode, at most
+//!    every `full_vacuum_every`, lists the table's folder and also finds the Parquet files of
+//!    commits that never completed. Files under `_fleetlake/` are hidden from both.
 //!
 //! Each step is one Delta operation that leaves the table valid if the process dies in its
 //! middle: files written by an unfinished compaction are unreferenced and vacuumed later.
@@ -62,6 +63,9 @@ pub struct Policy {
     pub log_retention: Duration,
     /// Unreferenced data files older than this are deleted; `None`: no vacuum.
     pub vacuum_retention: Option<Duration>,
+    /// A full vacuum (listing every file of the table) at most this often, a lite one (the log's
+    /// `remove` actions) in between; `None`: full every time.
+    pub full_vacuum_every: Option<Duration>,
     /// Partitions of the first `DATE` partition column older than this many days (UTC) are
     /// deleted; `None`: kept forever.
     pub retention_days: Option<u32>,
@@ -80,6 +84,7 @@ impl Default for Policy {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             log_retention: Duration::from_secs(7 * 24 * 3600),
             vacuum_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            full_vacuum_every: Some(Duration::from_secs(24 * 3600)),
             retention_days: None,
             dry_run: false,
         }
@@ -135,8 +140,11 @@ pub struct Report {
     /// Version checkpointed in this run.
     pub checkpoint: Option<u64>,
     pub log_files_removed: u64,
-    /// Unreferenced data files deleted (or, in a dry run, that would be).
+    /// Unreferenced data files deleted (or, in a dry run, that would be). A lite vacuum counts
+    /// every expired `remove` of the log, also those whose file an earlier vacuum deleted.
     pub files_vacuumed: u64,
+    /// Whether the vacuum listed every file of the table (else it read the log's removes).
+    pub full_vacuum: bool,
     /// Steps skipped and why (e.g. a compaction that lost a race with another writer).
     pub notes: Vec<String>,
 }
@@ -150,6 +158,9 @@ pub struct State {
     /// later appends (late data) added files.
     #[serde(default)]
     pub clustered: BTreeMap<String, u64>,
+    /// When the last full vacuum ran (RFC 3339).
+    #[serde(default)]
+    pub full_vacuum_at: Option<String>,
 }
 
 /// The retention horizon of a table (`_fleetlake/retention.json`).
@@ -566,10 +577,25 @@ pub async fn maintain(lake: &Lake, id: &TableId, policy: &Policy) -> Result<Repo
     // 5. Vacuum.
     if let Some(retention) = policy.vacuum_retention {
         let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let last_full = state
+            .full_vacuum_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+        let full = match (policy.full_vacuum_every, last_full) {
+            (Some(every), Some(at)) => {
+                now.signed_duration_since(at).to_std().unwrap_or_default() >= every
+            }
+            _ => true,
+        };
+        report.full_vacuum = full;
         let result = table
             .clone()
             .vacuum()
-            .with_mode(VacuumMode::Full)
+            .with_mode(if full {
+                VacuumMode::Full
+            } else {
+                VacuumMode::Lite
+            })
             .with_retention_period(retention)
             .with_enforce_retention_duration(false)
             .with_dry_run(policy.dry_run)
@@ -579,6 +605,9 @@ pub async fn maintain(lake: &Lake, id: &TableId, policy: &Policy) -> Result<Repo
             Ok((t, metrics)) => {
                 table = t;
                 report.files_vacuumed = metrics.files_deleted.len() as u64;
+                if full && !policy.dry_run {
+                    state.full_vacuum_at = Some(now.to_rfc3339());
+                }
             }
             Err(e) if is_conflict(&e) => {
                 report
@@ -856,12 +885,15 @@ mod tests {
         assert!(report.log_files_removed > 0, "{report:?}");
         // Z-ordered files replaced the 30: those were vacuumed.
         assert_eq!(report.files_vacuumed, 30, "{report:?}");
+        assert!(report.full_vacuum);
         assert_eq!(file_count(&table_dir).await, 2);
         // The writer's progress reads back the same after the log was cleaned.
         assert_eq!(open().await.unwrap().committed(), Some(60));
         // A second run finds nothing to rewrite.
         let again = maintain(&lake, &id, &policy).await.unwrap();
         assert!(again.rewrites.is_empty(), "{again:?}");
+        // Within a day of the full vacuum, the next reads the log's removes only.
+        assert!(!again.full_vacuum);
         // The writer opened before (a running engine's) still appends, and skips what was
         // committed.
         w.commit(&raw_batch_on(&[59, 60, 61], day(today)), "stream_seq", 61)
@@ -884,6 +916,25 @@ mod tests {
         assert_eq!(expired.expired_partitions.len(), 1, "{expired:?}");
         assert_eq!(expired.rows_expired, 20);
         assert_eq!(expired.rows_after, 41);
+        // The expired partition's file is a `remove` now: the lite vacuum deletes it (and counts
+        // the removes whose files an earlier vacuum deleted too).
+        assert!(expired.files_vacuumed >= 3, "{expired:?}");
+        let old_dir = table_dir.join(format!("ingest_date={}", today - chrono::Days::new(40)));
+        assert_eq!(file_count(&old_dir).await, 0);
+        // A full vacuum leaves exactly the live files.
+        let full = maintain(
+            &lake,
+            &id,
+            &Policy {
+                full_vacuum_every: None,
+                ..policy.clone()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(full.full_vacuum);
+        let live = lake.describe(&id).await.unwrap().unwrap().files as usize;
+        assert_eq!(file_count(&table_dir).await, live);
         let horizon = retention_horizon(&lake, &id).await.unwrap().unwrap();
         assert_eq!(horizon.column, "ingest_date");
         assert_eq!(horizon.kept_from, today - chrono::Days::new(30));
