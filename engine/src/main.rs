@@ -431,10 +431,18 @@ async fn maintain(
             .await
             .map_err(|e| e.to_string())?
     } else {
-        tables
-            .iter()
-            .map(|t| fleetlake_zones::TableId::parse(t).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?
+        let mut ids = Vec::new();
+        for t in tables {
+            let id = fleetlake_zones::TableId::parse(t).map_err(|e| e.to_string())?;
+            if lake.load(&id).await.map_err(|e| e.to_string())?.is_none() {
+                return Err(format!(
+                    "--table {t}: no such table in the lake at {}",
+                    lake.root()
+                ));
+            }
+            ids.push(id);
+        }
+        ids
     };
     let mut lease = if without_lease || dry_run {
         None
