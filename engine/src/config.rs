@@ -512,6 +512,7 @@ impl Config {
             min_small_files: self.number("maintenance.min_small_files"),
             quiet_for: Duration::from_secs(self.number("maintenance.quiet_minutes") * 60),
             max_partitions: self.number("maintenance.max_partitions") as usize,
+            compact: table.zone != Zone::Reference,
             cluster_by: match table.zone {
                 Zone::Usable => vec!["device_id".to_string(), "ts".to_string()],
                 _ => Vec::new(),

@@ -303,8 +303,32 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map(fleetlake::ingest::replay::parse_time)
                 .transpose()?;
             let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
+            // No maintenance may rewrite the tables while they are replaced (delta-rs would let
+            // a compaction and the replacement both commit, keeping rows twice).
+            let lease = match fleetlake::ingest::source::connect(config.nats_url()).await {
+                Ok(js) => Some(
+                    fleetlake::maintenance::Lease::acquire(
+                        &js,
+                        config.maintenance_lease_bucket(),
+                        config.maintenance_lease_ttl(),
+                    )
+                    .await
+                    .map_err(|e| format!("cannot replay while maintenance runs: {e}"))?
+                    .keep_alive(),
+                ),
+                Err(e) => {
+                    eprintln!(
+                        "warning: NATS unreachable ({e}): replaying without the maintenance lease"
+                    );
+                    None
+                }
+            };
             let report =
-                fleetlake::ingest::replay::run(&config, lake, pipeline, from, to, true).await?;
+                fleetlake::ingest::replay::run(&config, lake, pipeline, from, to, true).await;
+            if let Some(lease) = lease {
+                lease.release().await;
+            }
+            let report = report?;
             println!(
                 "{}",
                 serde_json::to_string(&report).expect("report serializes")
@@ -444,6 +468,15 @@ async fn maintain(
         }
         ids
     };
+    if !without_lease
+        && !dry_run
+        && config.vacuum_retention() < std::time::Duration::from_secs(3600)
+    {
+        return Err(format!(
+            "maintenance.vacuum_retention_hours is {}: with an engine running on the lake, vacuum could delete the files of a commit still being written; use at least 1, or --without-lease when no engine runs",
+            config.vacuum_retention().as_secs() / 3600
+        ));
+    }
     let mut lease = if without_lease || dry_run {
         None
     } else {
@@ -470,6 +503,7 @@ async fn maintain(
         maintenance::RunOptions {
             dry_run,
             full_vacuum: true,
+            grace: std::time::Duration::ZERO,
         },
         None,
         lease.as_mut(),

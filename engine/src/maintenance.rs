@@ -31,6 +31,22 @@ pub struct Lease {
     ttl: Duration,
 }
 
+/// A lease renewed in the background ([`Lease::keep_alive`]).
+pub struct HeldLease {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Lease>,
+}
+
+impl HeldLease {
+    /// Stops renewing and gives the lease up.
+    pub async fn release(self) {
+        let _ = self.stop.send(());
+        if let Ok(lease) = self.task.await {
+            lease.release().await;
+        }
+    }
+}
+
 /// Why the lease could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -63,6 +79,13 @@ impl Lease {
                 })
                 .await
                 .map_err(|e| nats(e.to_string()))?,
+        };
+        // The bucket's max age decides when a dead holder's lease expires; it was fixed when the
+        // bucket was created, possibly with another `maintenance.lease_ttl_s`. Renewals follow
+        // the shorter of the two.
+        let ttl = match store.status().await.map(|s| s.info.config.max_age) {
+            Ok(max_age) if !max_age.is_zero() => max_age.min(ttl),
+            _ => ttl,
         };
         let holder = format!(
             "{}:{} since {}",
@@ -109,6 +132,25 @@ impl Lease {
         }
     }
 
+    /// Keeps the lease renewed in the background (every third of its time to live) until
+    /// [`HeldLease::release`]: for work that cannot renew it itself, such as a replay.
+    pub fn keep_alive(mut self) -> HeldLease {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return self,
+                    _ = tokio::time::sleep(self.ttl / 3) => {
+                        if let Err(e) = self.renew().await {
+                            tracing::warn!(error = %e, "the maintenance lease could not be renewed");
+                        }
+                    }
+                }
+            }
+        });
+        HeldLease { stop, task }
+    }
+
     /// Gives the lease up so that another instance need not wait for it to expire.
     pub async fn release(self) {
         if let Err(e) = self
@@ -146,13 +188,15 @@ pub enum Outcome {
 }
 
 /// How a run differs from `serve`'s scheduled one.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct RunOptions {
     /// Plan and report, change nothing.
     pub dry_run: bool,
     /// Vacuum in full mode (list every file, also finding the files of commits that never
     /// completed) whatever the last full vacuum's time; `serve` does so once a day.
     pub full_vacuum: bool,
+    /// After `cancel`, how long the table in hand may take before its work is dropped.
+    pub grace: Duration,
 }
 
 /// What `fleetlake maintain` prints.
@@ -174,8 +218,9 @@ pub struct Summary {
 /// Maintains `ids` one after the other with each table's policy from `config`; `progress` is
 /// called before each table with its index. A table that fails is reported (and counted in
 /// `metrics`) and the others are still maintained. With a lease, it is renewed every third of
-/// its time to live and after each table; if it was lost, the run stops after the table in hand
-/// (`Summary::interrupted`), as it does when `cancel` is cancelled.
+/// its time to live and after each table; if it is lost, the work on the table in hand is
+/// dropped before its next commit and the run stops (`Summary::interrupted`). When `cancel` is
+/// cancelled, the table in hand gets `options.grace` to finish.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     lake: &Lake,
@@ -212,25 +257,41 @@ pub async fn run(
         }
         let work = maintain::maintain(lake, id, &policy);
         tokio::pin!(work);
-        // The lease is renewed while the table is worked on; if it is lost, the table in hand
-        // is finished (stopping a step midway is safe for the lake, but not for delta-rs's
-        // blocking tasks) and the run stops.
+        // The lease is renewed while the table is worked on. If it is lost, the work on the
+        // table is dropped at once, before its next commit: another instance may hold the lease
+        // now, and two compactions of the same files would both commit (delta-rs does not see
+        // removes with `dataChange = false` as conflicting), leaving rows twice. On shutdown the
+        // table in hand gets `grace` to finish.
         let renew_every = lease
             .as_deref()
             .map_or(Duration::from_secs(3600), |l| l.ttl / 3);
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+        let stopping = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(options.grace).await;
+        };
+        tokio::pin!(stopping);
         let result = loop {
             tokio::select! {
-                result = &mut work => break result,
-                _ = tick.tick(), if lease.is_some() && summary.interrupted.is_none() => {
+                result = &mut work => break Some(result),
+                _ = &mut stopping => {
+                    summary.interrupted = Some("shutting down".into());
+                    break None;
+                }
+                _ = tick.tick(), if lease.is_some() => {
                     if let Some(lease) = lease.as_deref_mut()
                         && let Err(e) = lease.renew().await
                     {
                         summary.interrupted = Some(e.to_string());
+                        break None;
                     }
                 }
             }
+        };
+        let Some(result) = result else {
+            tracing::warn!(table = %id, reason = summary.interrupted.as_deref().unwrap_or(""), "maintenance of this table abandoned before its next commit");
+            break;
         };
         match result {
             Ok(report) => {
@@ -339,7 +400,11 @@ pub async fn schedule(
             &lake,
             &config,
             &ids,
-            RunOptions::default(),
+            RunOptions {
+                dry_run: false,
+                full_vacuum: false,
+                grace: config.shutdown_grace(),
+            },
             Some(&metrics),
             Some(&mut lease),
             |_, _| {},

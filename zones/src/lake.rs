@@ -47,7 +47,7 @@ pub struct TableInfo {
     pub size_bytes: u64,
     /// The version of the newest Delta checkpoint, if any.
     pub last_checkpoint: Option<u64>,
-    /// When table maintenance last finished a run on it (RFC 3339), if ever.
+    /// When table maintenance last started a run on it (RFC 3339), if ever.
     pub maintained_at: Option<String>,
 }
 
@@ -455,16 +455,20 @@ impl TableWriter {
         if self.stale {
             self.refresh().await?;
         }
-        match self.commit_once(batch, progress_column, version).await {
-            // The log this writer read was cleaned: read it again and try once more (the
-            // progress check skips what a commit whose outcome is unknown did write).
-            Err(Error::Delta { source, .. })
-                if matches!(*source, deltalake::DeltaTableError::InvalidVersion(_)) =>
-            {
-                self.refresh().await?;
-                self.commit_once(batch, progress_column, version).await
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.commit_once(batch, progress_column, version).await {
+                // The log this writer read was cleaned, or another writer (maintenance's
+                // retention deleting expired partitions) committed something delta-rs counts
+                // as conflicting with a blind append: nothing of this commit landed. Read the log
+                // again and try once more (the progress check skips what did land).
+                Err(Error::Delta { source, .. }) if attempts < 4 && retry_at_once(&source) => {
+                    tracing::info!(table = %self.id, error = %source, "committing again after another writer's commit");
+                    self.refresh().await?;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -646,6 +650,19 @@ impl TableWriter {
         }
         Ok(())
     }
+}
+
+/// Errors after which a commit is tried again at once: the log was cleaned under the writer, or
+/// a concurrent commit conflicted (in both cases nothing of the commit landed).
+fn retry_at_once(e: &deltalake::DeltaTableError) -> bool {
+    use deltalake::kernel::transaction::TransactionError as T;
+    matches!(
+        e,
+        deltalake::DeltaTableError::InvalidVersion(_)
+            | deltalake::DeltaTableError::Transaction {
+                source: T::CommitConflict(_)
+            }
+    )
 }
 
 /// Folder of fleetlake's own files beside a table's data (a leading `_` hides it from Delta).

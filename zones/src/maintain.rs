@@ -57,6 +57,10 @@ pub struct Policy {
     pub max_partitions: usize,
     /// Columns a quiet partition is Z-ordered by; empty: bin-packing only.
     pub cluster_by: Vec<String>,
+    /// Whether partitions are rewritten at all. Off for tables replaced wholesale while the
+    /// engine runs (the reference zone): delta-rs does not see a compaction's removes
+    /// (`dataChange = false`) as conflicting with an overwrite, which would keep both copies.
+    pub compact: bool,
     /// Checkpoint when at least this many commits were made since the last checkpoint.
     pub checkpoint_interval: u64,
     /// Log entries older than this (and older than a checkpoint) are deleted.
@@ -81,6 +85,7 @@ impl Default for Policy {
             quiet_for: Duration::from_secs(15 * 60),
             max_partitions: 8,
             cluster_by: Vec::new(),
+            compact: true,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             log_retention: Duration::from_secs(7 * 24 * 3600),
             vacuum_retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -462,7 +467,11 @@ pub async fn maintain(lake: &Lake, id: &TableId, policy: &Policy) -> Result<Repo
 
     // 2. Compaction.
     let parts = partitions(&table, policy.target_file_size)?;
-    let chosen = plan(&parts, policy, &state.clustered, now.timestamp_millis());
+    let chosen = if policy.compact {
+        plan(&parts, policy, &state.clustered, now.timestamp_millis())
+    } else {
+        Vec::new()
+    };
     // Partitions that no longer exist (expired) are forgotten.
     state
         .clustered
@@ -693,23 +702,43 @@ async fn expire(
     if expired.is_empty() {
         return Ok(table);
     }
-    let predicate = format!("{column} < '{kept}'");
-    let (table, _) = table
+    let predicate = format!("\"{column}\" < '{kept}'");
+    match table
+        .clone()
         .delete()
         .with_predicate(predicate)
         .with_commit_properties(commit_properties())
         .await
-        .map_err(|e| Error::Delta {
+    {
+        Ok((table, _)) => Ok(table),
+        // Late data appended to an expired partition meanwhile: tried again next run.
+        Err(e) if is_conflict(&e) => {
+            report.notes.push(format!(
+                "retention: another writer changed the expired partitions first ({e}); tried again next run"
+            ));
+            report.expired_partitions.clear();
+            report.rows_expired = 0;
+            Ok(table)
+        }
+        Err(e) => Err(Error::Delta {
             action: "deleting expired partitions of",
             table: id.to_string(),
             source: Box::new(e),
-        })?;
-    Ok(table)
+        }),
+    }
 }
 
+/// A commit that lost a race with another writer's (tried again at the next run); not a
+/// storage failure.
 fn is_conflict(e: &deltalake::DeltaTableError) -> bool {
     use deltalake::DeltaTableError as D;
-    matches!(e, D::Transaction { .. } | D::VersionAlreadyExists(_))
+    use deltalake::kernel::transaction::TransactionError as T;
+    matches!(
+        e,
+        D::Transaction {
+            source: T::CommitConflict(_) | T::VersionAlreadyExists(_)
+        } | D::VersionAlreadyExists(_)
+    )
 }
 
 #[cfg(test)]
@@ -935,10 +964,16 @@ mod tests {
         assert!(full.full_vacuum);
         let live = lake.describe(&id).await.unwrap().unwrap().files as usize;
         assert_eq!(file_count(&table_dir).await, live);
+        // The running writer's snapshot predates the delete, which delta-rs counts as
+        // conflicting with its blind append: the commit is tried again at once and lands.
+        w.commit(&raw_batch_on(&[62], day(today)), "stream_seq", 62)
+            .await
+            .unwrap();
+        assert_eq!(lake.describe(&id).await.unwrap().unwrap().rows, 42);
         let horizon = retention_horizon(&lake, &id).await.unwrap().unwrap();
         assert_eq!(horizon.column, "ingest_date");
         assert_eq!(horizon.kept_from, today - chrono::Days::new(30));
-        assert_eq!(open().await.unwrap().committed(), Some(61));
+        assert_eq!(open().await.unwrap().committed(), Some(62));
         let st = state(&lake, &id).await.unwrap().unwrap();
         assert_eq!(st.last.unwrap().rows_after, 41);
     }

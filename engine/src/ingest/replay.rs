@@ -142,6 +142,22 @@ pub async fn run(
         })?;
     let runner = PipelineRunner::new(checked).map_err(|e| e.to_string())?;
     let raw_kept_from = check_retention(&lake, from, to).await?;
+    // A window table is derived again from all of its input's rows: over an input that
+    // retention has cut, the windows of the expired days would be lost.
+    for w in reports.iter().flat_map(|r| &r.windows) {
+        if !runner.tables.iter().any(|t| t.def.table == w.input) {
+            continue;
+        }
+        let horizon = fleetlake_zones::maintain::retention_horizon(&lake, &w.input)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(h) = horizon {
+            return Err(format!(
+                "cannot replay {pipeline}: window table {} would be derived again from {}, whose partitions before {} were deleted by retention, and its windows before then would be lost",
+                w.def.table, w.input, h.kept_from
+            ));
+        }
+    }
     let query = QueryEngine::new(lake.clone());
 
     let mut filter = Vec::new();
