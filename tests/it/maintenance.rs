@@ -248,6 +248,13 @@ async fn only_one_instance_maintains_a_lake_at_a_time() {
         Lease::acquire(&js, "fleetlake_maintenance", ttl).await,
         Err(fleetlake::maintenance::LeaseError::Held(_))
     ));
+    // A replay replaces tables: not while maintenance may rewrite them.
+    let replay = fleetlake_cli(&["replay", "cold_chain"], &env);
+    let err = String::from_utf8_lossy(&replay.stderr);
+    assert!(
+        !replay.status.success() && err.contains("cannot replay while maintenance runs"),
+        "{err}"
+    );
     lease.release().await;
     let out = fleetlake_cli(&["maintain"], &env);
     assert!(
