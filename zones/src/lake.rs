@@ -181,10 +181,15 @@ impl Lake {
             .write(vec![RecordBatch::new_empty(schema.clone())])
             .with_save_mode(SaveMode::Append)
             .with_partition_columns(partitions.iter().map(|p| p.to_string()))
-            .with_configuration([(
-                "delta.checkpointInterval",
-                Some(crate::maintain::DEFAULT_CHECKPOINT_INTERVAL.to_string()),
-            )])
+            .with_configuration([
+                (
+                    "delta.checkpointInterval",
+                    Some(crate::maintain::DEFAULT_CHECKPOINT_INTERVAL.to_string()),
+                ),
+                // Log cleanup is maintenance's (with its own retention), not every commit's:
+                // delta-rs's own commits (e.g. VACUUM START) would otherwise list the log.
+                ("delta.enableExpiredLogCleanup", Some("false".to_string())),
+            ])
             .with_commit_properties(no_log_cleanup())
             .await;
         match created {
