@@ -12,9 +12,9 @@
 //! 30-minute soak shows what days of the default retention do); lake B runs none.
 //!
 //! Every `--report-every-s` seconds it measures, for each lake: the live data files and Delta log
-//! entries of every table (summed, and for `usable.telemetry`), the time to open every table
-//! and read its `txn` progress (what an engine does when it starts), and the latency of a fixed
-//! set of queries. Prints a Markdown table as it goes and one JSON line per sample at the end.
+//! entries of every table (summed in the Markdown table, per table in the JSON), the time to open
+//! each table and read its `txn` progress (what an engine does first when it starts), and the
+//! latency of a fixed set of queries. Prints a Markdown table as it goes and one JSON line per sample at the end.
 //! Both lakes are measured in the same moments on the same machine: compare them, not absolute
 //! numbers from different days.
 
@@ -153,6 +153,7 @@ async fn sample(side: &Side, minute: f64) -> serde_json::Value {
         .expect("listing tables");
     let (mut files, mut log, mut log_bytes) = (0, 0, 0);
     let mut usable = (0, 0, 0);
+    let mut per_table = serde_json::Map::new();
     for id in &ids {
         let s = shape(&side.lake, id).await;
         files += s.0;
@@ -161,15 +162,24 @@ async fn sample(side: &Side, minute: f64) -> serde_json::Value {
         if id == &TableId::usable_telemetry() {
             usable = s;
         }
+        per_table.insert(
+            id.to_string(),
+            serde_json::json!({"data_files": s.0, "log_entries": s.1, "log_bytes": s.2}),
+        );
     }
     // What a starting engine does first: open every table and read its progress.
     let started = Instant::now();
     for id in &ids {
+        let one = Instant::now();
         if let Some(table) = side.lake.load(id).await.expect("loading") {
             let snapshot = table.snapshot().expect("snapshot");
             let _ = snapshot
                 .transaction_version(table.log_store().as_ref(), "fleetlake")
                 .await;
+        }
+        let ms = (one.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
+        if let Some(t) = per_table.get_mut(&id.to_string()) {
+            t["open_ms"] = ms.into();
         }
     }
     let open_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -192,6 +202,7 @@ async fn sample(side: &Side, minute: f64) -> serde_json::Value {
         "open_all_tables_ms": (open_ms * 10.0).round() / 10.0,
         "query_ms": query_ms,
         "messages_acked": side.engine.metrics.messages_acked.load(std::sync::atomic::Ordering::Relaxed),
+        "per_table": per_table,
     })
 }
 
