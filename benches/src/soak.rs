@@ -148,9 +148,7 @@ async fn shape(lake: &Lake, id: &TableId) -> (u64, u64, u64) {
 }
 
 async fn sample(side: &Side, minute: f64) -> serde_json::Value {
-    let ids = fleetlake::maintenance::tables(&side.lake)
-        .await
-        .expect("listing tables");
+    let ids = side.lake.all_tables().await.expect("listing tables");
     let (mut files, mut log, mut log_bytes) = (0, 0, 0);
     let mut usable = (0, 0, 0);
     let mut per_table = serde_json::Map::new();

@@ -451,9 +451,7 @@ async fn maintain(
     use fleetlake::maintenance;
     let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
     let ids = if tables.is_empty() {
-        maintenance::tables(&lake)
-            .await
-            .map_err(|e| e.to_string())?
+        lake.all_tables().await.map_err(|e| e.to_string())?
     } else {
         let mut ids = Vec::new();
         for t in tables {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use fleetlake_zones::maintain::{self, Report};
-use fleetlake_zones::{Lake, TableId, Zone};
+use fleetlake_zones::{Lake, TableId};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -163,22 +163,6 @@ impl Lease {
     }
 }
 
-/// Every table of the lake, the built-in ones first.
-pub async fn tables(lake: &Lake) -> Result<Vec<TableId>, fleetlake_zones::Error> {
-    let mut ids: Vec<TableId> = fleetlake_zones::schema::builtin_tables()
-        .into_iter()
-        .map(|(id, _, _)| id)
-        .collect();
-    for zone in Zone::ALL {
-        for id in lake.tables(zone).await? {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-    }
-    Ok(ids)
-}
-
 /// One table's outcome in a run.
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
@@ -200,7 +184,7 @@ pub struct RunOptions {
 }
 
 /// What `fleetlake maintain` prints.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub dry_run: bool,
     pub tables: Vec<Outcome>,
@@ -234,15 +218,7 @@ pub async fn run(
 ) -> Summary {
     let mut summary = Summary {
         dry_run: options.dry_run,
-        tables: Vec::new(),
-        files_before: 0,
-        files_after: 0,
-        files_vacuumed: 0,
-        log_files_removed: 0,
-        partitions_rewritten: 0,
-        partitions_expired: 0,
-        failed: 0,
-        interrupted: None,
+        ..Summary::default()
     };
     for (i, id) in ids.iter().enumerate() {
         if cancel.is_cancelled() {
@@ -384,7 +360,7 @@ pub async fn schedule(
                 continue;
             }
         };
-        let ids = match tables(&lake).await {
+        let ids = match lake.all_tables().await {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!(error = %e, "maintenance skipped: listing the tables failed");

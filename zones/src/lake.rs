@@ -304,22 +304,29 @@ impl Lake {
         Ok(ids)
     }
 
+    /// Every table of the lake: the built-in ones first (whether written yet or not), then the
+    /// others of each zone found in storage.
+    pub async fn all_tables(&self) -> Result<Vec<TableId>> {
+        let mut ids: Vec<TableId> = crate::schema::builtin_tables()
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        for zone in crate::Zone::ALL {
+            for id in self.tables(zone).await? {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// Version, rows, files and bytes of a table; `None` if it does not exist.
     pub async fn describe(&self, id: &TableId) -> Result<Option<TableInfo>> {
         let Some(table) = self.load(id).await? else {
             return Ok(None);
         };
-        let snapshot = table.snapshot().map_err(|source| Error::Delta {
-            action: "reading",
-            table: id.to_string(),
-            source: Box::new(source),
-        })?;
-        let (mut rows, mut files, mut size_bytes) = (0u64, 0u64, 0u64);
-        for file in snapshot.log_data().iter() {
-            rows += file.num_records().unwrap_or(0) as u64;
-            files += 1;
-            size_bytes += file.size().max(0) as u64;
-        }
+        let totals = crate::maintain::totals(&table)?;
         let last_checkpoint = crate::maintain::last_checkpoint(&table, id).await?;
         let maintained_at = crate::maintain::state_of(&table, id)
             .await?
@@ -327,10 +334,10 @@ impl Lake {
             .map(|r| r.started_at);
         Ok(Some(TableInfo {
             table: id.clone(),
-            version: snapshot.version(),
-            rows,
-            files,
-            size_bytes,
+            version: totals.version,
+            rows: totals.rows,
+            files: totals.files,
+            size_bytes: totals.bytes,
             last_checkpoint,
             maintained_at,
         }))

@@ -379,14 +379,15 @@ pub async fn last_checkpoint(table: &DeltaTable, id: &TableId) -> Result<Option<
     )
 }
 
-struct Totals {
-    version: u64,
-    files: u64,
-    bytes: u64,
-    rows: u64,
+/// Version, live files, their bytes and rows of a table.
+pub(crate) struct Totals {
+    pub(crate) version: u64,
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
+    pub(crate) rows: u64,
 }
 
-fn totals(table: &DeltaTable) -> Result<Totals> {
+pub(crate) fn totals(table: &DeltaTable) -> Result<Totals> {
     let snapshot = table.snapshot().map_err(|e| delta("reading", table, e))?;
     let mut t = Totals {
         version: snapshot.version(),

@@ -28,8 +28,7 @@ use axum::routing::{get, post, put};
 
 use crate::api::rules::{Refused, Rules};
 use fleetlake_sql::{ErrorKind, QueryEngine, QueryResult};
-use fleetlake_zones::schema::builtin_tables;
-use fleetlake_zones::{TableId, TableInfo, Zone};
+use fleetlake_zones::{TableId, TableInfo};
 use futures::future::BoxFuture;
 use serde_json::json;
 
@@ -58,16 +57,8 @@ impl Lakehouse for QueryEngine {
         let lake = self.lake().clone();
         Box::pin(async move {
             // Every table in the lake, zone by zone: built-in, pipeline, window and reference.
-            let mut ids: Vec<TableId> = builtin_tables().into_iter().map(|(id, _, _)| id).collect();
-            for zone in Zone::ALL {
-                for id in lake.tables(zone).await? {
-                    if !ids.contains(&id) {
-                        ids.push(id);
-                    }
-                }
-            }
             let mut out = Vec::new();
-            for id in ids {
+            for id in lake.all_tables().await? {
                 if let Some(info) = lake.describe(&id).await? {
                     out.push(info);
                 }
