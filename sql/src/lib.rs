@@ -18,11 +18,15 @@
 //! - [`window`]: event-time windows (tumbling, hopping, session) on DataFusion's aggregates;
 //! - [`prepared`]: plans made once and run per micro-batch (pipelines, windows, rules);
 //! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
+//! - [`anomaly`]: anomaly functions for SQL (z-scores, robust z, IQR, EWMA, spikes, level shifts,
+//!   cohort outliers) and the `mad` aggregate;
+//! - [`session`]: the one place sessions are made, so every session has the same functions;
 //! - [`hash`]: stable hashes for what outlives the process (alert ids, versions, snapshots);
 //! - [`error`]: the crate's error type, split into the user's fault and storage's.
 //!
 //! Start reading at [`decode::decode_envelope`] for ingest and [`QueryEngine::query`] for queries.
 
+pub mod anomaly;
 pub mod decode;
 pub mod dedup;
 pub mod error;
@@ -31,6 +35,7 @@ pub mod pipeline;
 pub mod prepared;
 pub mod query;
 pub mod rules;
+pub mod session;
 pub mod window;
 
 pub use decode::{Decoded, JsonRows, decode_envelope, decode_json};

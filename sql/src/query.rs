@@ -11,7 +11,6 @@ use arrow::datatypes::SchemaRef;
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::TableReference;
 use datafusion::error::DataFusionError;
-use datafusion::execution::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 use fleetlake_zones::{Lake, TableId, Zone};
@@ -50,11 +49,7 @@ impl QueryEngine {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("datafusion", "public");
-        let state = SessionStateBuilder::new()
-            .with_config(config)
-            .with_default_features()
-            .build();
-        let ctx = SessionContext::new_with_state(state);
+        let ctx = crate::session::context(config);
         let catalog = ctx.catalog("datafusion").expect("default catalog");
         for zone in Zone::ALL {
             catalog
@@ -315,6 +310,22 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(text.contains("| 3 | 3 |"), "{text}");
+
+        // The anomaly functions are in the session (crate::session).
+        let r = engine
+            .query(
+                "SELECT stream_seq, percentile_rank(CAST(stream_seq AS DOUBLE)) OVER () AS p, \
+                 mad(CAST(stream_seq AS DOUBLE)) OVER () AS m FROM raw.telemetry ORDER BY stream_seq",
+            )
+            .await
+            .unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&r.batches)
+            .unwrap()
+            .to_string();
+        assert!(
+            text.contains("| 2          | 0.5                 | 1.0 |"),
+            "{text}"
+        );
 
         for (sql, code) in [
             ("SELEC 1", "sql_syntax"),

@@ -35,7 +35,6 @@ use datafusion::common::TableReference;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::execution::SessionStateBuilder;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr, collect};
@@ -88,11 +87,7 @@ pub(crate) fn zone_session(
         .options_mut()
         .optimizer
         .enable_dynamic_filter_pushdown = false;
-    let state = SessionStateBuilder::new()
-        .with_config(config)
-        .with_default_features()
-        .build();
-    let ctx = SessionContext::new_with_state(state);
+    let ctx = crate::session::context(config);
     let catalog = ctx.catalog("datafusion").expect("default catalog");
     for zone in Zone::ALL {
         catalog.register_schema(zone.as_str(), Arc::new(MemorySchemaProvider::new()))?;

@@ -23,7 +23,6 @@ use datafusion::catalog::{MemorySchemaProvider, TableProvider};
 use datafusion::common::TableReference;
 use datafusion::common::tree_node::TreeNode;
 use datafusion::datasource::MemTable;
-use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -158,11 +157,7 @@ pub(crate) fn session(
 ) -> datafusion::error::Result<SessionContext> {
     let mut config = no_dynamic_filters();
     config.options_mut().sql_parser.collect_spans = collect_spans;
-    let state = SessionStateBuilder::new()
-        .with_config(config)
-        .with_default_features()
-        .build();
-    let ctx = SessionContext::new_with_state(state);
+    let ctx = crate::session::context(config);
     let schema = rows.schema();
     ctx.register_table(
         source.name.as_str(),
@@ -718,7 +713,7 @@ impl PipelineRunner {
         for table in &self.tables {
             let query = Statement::Statement(Box::new(SqlStatement::Query(table.query.clone())));
             tables.push(physical(&ctx, query).await?);
-            let rows = SessionContext::new_with_config(no_dynamic_filters());
+            let rows = crate::session::context(no_dynamic_filters());
             rows.register_table(
                 "__rows",
                 Arc::new(
