@@ -108,9 +108,9 @@ struct SimArgs {
     /// Random seed: the same seed sends the same messages.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Number of devices in the fleet.
-    #[arg(long, default_value_t = 100)]
-    devices: u64,
+    /// Number of devices in the fleet (default: 100; the demo's: 1,000).
+    #[arg(long)]
+    devices: Option<u64>,
     /// Messages to send (0 = until Ctrl-C).
     #[arg(long)]
     messages: Option<u64>,
@@ -135,6 +135,16 @@ struct SimArgs {
     /// Device clock of the first reading, epoch milliseconds (default: now).
     #[arg(long)]
     start_ms: Option<i64>,
+    /// Faults to plant, with a known answer in the report: `demo` (one of each), `none`, or
+    /// a comma-separated list of drift=N (drifting temperature sensors), crash=FW/HW_REV
+    /// (a crashing firmware × hardware revision), noisy=MODEL (a noisy but healthy model),
+    /// beta=N (a small beta-firmware cohort that crashes). Default: none; the demo's: demo.
+    #[arg(long)]
+    faults: Option<String>,
+    /// Also write the fleet's device registry (device_id,tenant,site,model,hw_rev) as CSV to
+    /// this file, for `PUT /v1/reference/devices`.
+    #[arg(long, value_name = "FILE")]
+    registry: Option<PathBuf>,
 }
 
 impl SimArgs {
@@ -155,7 +165,7 @@ impl SimArgs {
         Ok(SimConfig {
             profile,
             seed: self.seed,
-            devices: self.devices,
+            devices: self.devices.unwrap_or(if demo { 1000 } else { 100 }),
             messages: self.messages.unwrap_or(messages),
             rate: self.rate.unwrap_or(rate),
             duplicates: self.duplicates.unwrap_or(duplicates),
@@ -164,6 +174,11 @@ impl SimArgs {
             subject_prefix: self.subject_prefix.clone(),
             msg_ids: self.msg_ids,
             start_ms: self.start_ms,
+            faults: simulate::Faults::parse(self.faults.as_deref().unwrap_or(if demo {
+                "demo"
+            } else {
+                "none"
+            }))?,
         })
     }
 }
@@ -367,6 +382,12 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Simulate(args) => {
             let sim = args.to_config(false)?;
             sim.validate()?;
+            if let Some(path) = &args.registry {
+                let csv = simulate::Simulator::new(sim.clone()).registry_csv();
+                std::fs::write(path, csv)
+                    .map_err(|e| format!("writing the registry to {}: {e}", path.display()))?;
+                eprintln!("· device registry written to {}", path.display());
+            }
             let js = fleetlake::ingest::source::connect(config.nats_url())
                 .await
                 .map_err(|e| e.to_string())?;

@@ -551,7 +551,11 @@ impl PartitionEvaluator for Evaluator {
                     return None;
                 }
                 let (mean, z) = ewma.step(column.value(i));
-                if self.score == Function::Ewma { mean } else { z }
+                if self.score == Function::Ewma {
+                    mean
+                } else {
+                    z
+                }
             })
             .collect();
         Ok(Arc::new(out))

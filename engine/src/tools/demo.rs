@@ -52,6 +52,16 @@ pub async fn run(
     let engine = Engine::start(config.clone(), env, true)
         .await
         .map_err(|e| e.to_string())?;
+    // The fleet's registry gives pipelines their cohort columns (tenant, site, model, hw_rev).
+    let registry = simulate::Simulator::new(options.sim.clone()).registry_csv();
+    let rows = crate::api::reference::parse_rows(Some("text/csv"), registry.as_bytes())?;
+    let devices =
+        fleetlake_zones::TableId::parse("reference.devices").map_err(|e| e.to_string())?;
+    engine
+        .lake
+        .replace(&devices, rows)
+        .await
+        .map_err(|e| format!("uploading the device registry: {e}"))?;
     let addr = engine.addr;
     eprintln!("· lake at {}", engine.lake.root());
     eprintln!("· HTTP API on http://{addr}");

@@ -77,6 +77,108 @@ pub struct SimConfig {
     pub msg_ids: bool,
     /// Device clock at the first message, epoch milliseconds; `None` = now.
     pub start_ms: Option<i64>,
+    /// Faults planted in the fleet, with a known answer in the report.
+    pub faults: Faults,
+}
+
+/// Faults planted in the fleet (`fleetlake simulate --faults …`), each with a known answer
+/// ([`Planted`]) so that anomaly queries can be scored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    /// How many devices have a temperature sensor that drifts upward: +3 °C a reading, up to
+    /// +20 °C (cold-chain and envelope devices outside the noisy model, evenly spread).
+    pub drift: u64,
+    /// A firmware × hardware revision whose health reports crash at 4% a report (the fleet: 0.5%).
+    pub crash: Option<(String, String)>,
+    /// A model whose temperature readings are noisy (uniform ±15 °C a reading) but right on
+    /// average: unusual for the fleet, normal for its cohort.
+    pub noisy_model: Option<String>,
+    /// How many health devices run the beta firmware `2.2.0-beta`, crashing at 10% a report: a
+    /// small cohort with a handful of events, which must not outrank a large failing cohort.
+    pub beta: u64,
+}
+
+/// The firmware of the beta devices ([`Faults::beta`]).
+pub const BETA_FIRMWARE: &str = "2.2.0-beta";
+
+impl Faults {
+    /// One of each, as the demo plants: 20 drifting sensors, crashes on firmware 2.0.1 ×
+    /// rev-B, a noisy RT-300 model and 3 beta devices.
+    pub fn demo() -> Self {
+        Self {
+            drift: 20,
+            crash: Some(("2.0.1".into(), "rev-B".into())),
+            noisy_model: Some("RT-300".into()),
+            beta: 3,
+        }
+    }
+
+    /// Parses `demo`, `none` or a comma-separated list of `drift=N`, `crash=FW/HW_REV`,
+    /// `noisy=MODEL` and `beta=N`; an error names the part that is wrong and what was expected.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        match spec.trim() {
+            "demo" => return Ok(Self::demo()),
+            "none" | "" => return Ok(Self::default()),
+            _ => {}
+        }
+        let mut faults = Self::default();
+        for part in spec.split(',').map(str::trim) {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("--faults: {part:?} is not key=value (expected drift=N, crash=FW/HW_REV, noisy=MODEL, beta=N, or demo)")
+            })?;
+            let count = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("--faults: {key}={v}: expected a number of devices"))
+            };
+            match key {
+                "drift" => faults.drift = count(value)?,
+                "beta" => faults.beta = count(value)?,
+                "noisy" if !value.is_empty() => faults.noisy_model = Some(value.into()),
+                "crash" => {
+                    let (fw, hw) = value
+                        .split_once('/')
+                        .filter(|(f, h)| !f.is_empty() && !h.is_empty())
+                        .ok_or_else(|| {
+                            format!("--faults: crash={value}: expected FIRMWARE/HW_REV, e.g. crash=2.0.1/rev-B")
+                        })?;
+                    faults.crash = Some((fw.into(), hw.into()));
+                }
+                _ => {
+                    return Err(format!(
+                        "--faults: unknown fault {part:?} (expected drift=N, crash=FW/HW_REV, noisy=MODEL, beta=N, or demo)"
+                    ));
+                }
+            }
+        }
+        Ok(faults)
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What the planted faults are, to score answers against.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Planted {
+    /// The devices whose temperature drifts.
+    pub drifting: Vec<String>,
+    /// The crashing firmware × hardware revision, as `{"fw", "hw_rev"}`.
+    pub crash_cohort: Option<serde_json::Value>,
+    pub noisy_model: Option<String>,
+    /// The devices on the beta firmware.
+    pub beta_devices: Vec<String>,
+}
+
+/// Who a simulated device is: the columns of `reference.devices`, and its firmware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub tenant: &'static str,
+    pub site: String,
+    pub model: &'static str,
+    pub hw_rev: &'static str,
+    pub fw: &'static str,
 }
 
 impl Default for SimConfig {
@@ -93,6 +195,7 @@ impl Default for SimConfig {
             subject_prefix: "telemetry".into(),
             msg_ids: false,
             start_ms: None,
+            faults: Faults::default(),
         }
     }
 }
@@ -161,6 +264,9 @@ pub struct Report {
     pub stream_duplicates: u64,
     pub elapsed_s: f64,
     pub rate: f64,
+    /// The planted faults, when there are any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planted: Option<Planted>,
 }
 
 /// SplitMix64: small, fast and good enough for simulation; deterministic across platforms.
@@ -191,6 +297,9 @@ struct Device {
     lat: f64,
     lon: f64,
     uptime_s: u64,
+    /// Planted faults ([`Faults`]).
+    drifting: bool,
+    beta: bool,
 }
 
 /// The deterministic message generator.
@@ -210,6 +319,8 @@ pub struct Simulator {
 const RECENT: usize = 10_000;
 const FIRMWARE: [&str; 4] = ["1.8.2", "1.9.0", "2.0.1", "2.1.0-rc1"];
 const HARDWARE: [&str; 3] = ["rev-A", "rev-B", "rev-C"];
+const MODELS: [&str; 3] = ["RT-100", "RT-200", "RT-300"];
+const TENANTS: [&str; 2] = ["acme", "globex"];
 
 /// True when the `i`-th message (0-based) falls in an exact share.
 fn in_share(i: u64, share: f64) -> bool {
@@ -228,12 +339,14 @@ impl Simulator {
                 lat: 45.0 + rng.unit() * 10.0,
                 lon: 2.0 + rng.unit() * 15.0,
                 uptime_s: rng.below(86_400),
+                drifting: false,
+                beta: false,
             })
             .collect();
         let start_ms = config
             .start_ms
             .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-        Self {
+        let mut sim = Self {
             config,
             rng,
             devices,
@@ -241,7 +354,92 @@ impl Simulator {
             index: 0,
             duplicates_sent: 0,
             start_ms,
+        };
+        for d in sim.drifting() {
+            sim.devices[d as usize].drifting = true;
         }
+        for d in sim.beta() {
+            sim.devices[d as usize].beta = true;
+        }
+        sim
+    }
+
+    /// The devices whose sensor drifts: evenly spread over the temperature-reporting devices
+    /// outside the noisy model.
+    fn drifting(&self) -> Vec<u64> {
+        let eligible: Vec<u64> = (0..self.config.devices)
+            .filter(|d| {
+                matches!(
+                    self.config.profile.of_device(*d),
+                    Profile::ColdChain | Profile::Envelope
+                ) && Some(Self::model(*d)) != self.config.faults.noisy_model.as_deref()
+            })
+            .collect();
+        let n = (self.config.faults.drift as usize).min(eligible.len());
+        (0..n).map(|i| eligible[i * eligible.len() / n]).collect()
+    }
+
+    /// The beta devices: the first health devices.
+    fn beta(&self) -> Vec<u64> {
+        (0..self.config.devices)
+            .filter(|d| self.config.profile.of_device(*d) == Profile::Health)
+            .take(self.config.faults.beta as usize)
+            .collect()
+    }
+
+    fn model(d: u64) -> &'static str {
+        MODELS[((d / 9) % 3) as usize]
+    }
+
+    /// Who device number `d` is. Attributes vary independently of the profile (`d % 3`) and of
+    /// the firmware (`d % 4`).
+    pub fn device_info(&self, d: u64) -> DeviceInfo {
+        let (fw, hw_rev) = self.firmware_and_hardware(d);
+        DeviceInfo {
+            device_id: Self::device_id(d),
+            tenant: TENANTS[((d / 27) % 2) as usize],
+            site: format!("site-{:02}", (d / 54) % 10),
+            model: Self::model(d),
+            hw_rev,
+            fw,
+        }
+    }
+
+    fn firmware_and_hardware(&self, d: u64) -> (&'static str, &'static str) {
+        let fw = if self.devices[d as usize].beta {
+            BETA_FIRMWARE
+        } else {
+            FIRMWARE[(d % 4) as usize]
+        };
+        (fw, HARDWARE[((d / 3) % 3) as usize])
+    }
+
+    /// The device registry as CSV, the columns of `reference.devices`
+    /// (`device_id,tenant,site,model,hw_rev`), for `PUT /v1/reference/devices`.
+    pub fn registry_csv(&self) -> String {
+        let mut out = String::from("device_id,tenant,site,model,hw_rev\n");
+        for d in 0..self.config.devices {
+            let i = self.device_info(d);
+            out.push_str(&format!(
+                "{},{},{},{},{}\n",
+                i.device_id, i.tenant, i.site, i.model, i.hw_rev
+            ));
+        }
+        out
+    }
+
+    /// The planted faults (None without faults).
+    pub fn planted(&self) -> Option<Planted> {
+        let f = &self.config.faults;
+        (!f.is_empty()).then(|| Planted {
+            drifting: self.drifting().into_iter().map(Self::device_id).collect(),
+            crash_cohort: f
+                .crash
+                .as_ref()
+                .map(|(fw, hw)| serde_json::json!({"fw": fw, "hw_rev": hw})),
+            noisy_model: f.noisy_model.clone(),
+            beta_devices: self.beta().into_iter().map(Self::device_id).collect(),
+        })
     }
 
     fn device_id(d: u64) -> String {
@@ -252,10 +450,10 @@ impl Simulator {
         let d = self.rng.below(self.config.devices);
         let profile = self.config.profile.of_device(d);
         let late = self.config.late > 0.0 && in_share(self.index, self.config.late);
-        let (door, reboot, crash, cpu) = (
+        let (door, reboot, crash_draw, cpu) = (
             self.rng.unit() < 0.05,
             self.rng.unit() < 0.01,
-            self.rng.unit() < 0.005,
+            self.rng.unit(),
             5.0 + self.rng.unit() * 90.0,
         );
         let drift = (
@@ -288,16 +486,40 @@ impl Simulator {
         } else {
             ts_ms.to_string()
         };
-        let fw = FIRMWARE[(d % 4) as usize];
+        let (fw, hw) = self.firmware_and_hardware(d);
         let old_firmware = fw.starts_with("1.");
-        let hw = HARDWARE[(d % 3) as usize];
+        let faults = &self.config.faults;
+        let crash_rate = if self.devices[d as usize].beta {
+            0.10
+        } else if faults
+            .crash
+            .as_ref()
+            .is_some_and(|(f, h)| f == fw && h == hw)
+        {
+            0.04
+        } else {
+            0.005
+        };
+        let crash = crash_draw < crash_rate;
+        let noise = if faults.noisy_model.as_deref() == Some(Self::model(d)) {
+            (self.rng.unit() - 0.5) * 30.0
+        } else {
+            0.0
+        };
         let dev = &self.devices[d as usize];
+        // What the sensor reports: the true temperature, its drift and its noise.
+        let drifted = if dev.drifting {
+            (3.0 * seq as f64).min(20.0)
+        } else {
+            0.0
+        };
+        let reported = dev.temperature + drifted + noise;
         let payload = match profile {
             Profile::ColdChain => {
                 let temperature = if old_firmware {
-                    format!(r#""temp_f":{:.2}"#, dev.temperature * 9.0 / 5.0 + 32.0)
+                    format!(r#""temp_f":{:.2}"#, reported * 9.0 / 5.0 + 32.0)
                 } else {
-                    format!(r#""temp_c":{:.2}"#, dev.temperature)
+                    format!(r#""temp_c":{:.2}"#, reported)
                 };
                 format!(
                     r#"{{"device_id":"{id}","seq":{seq},"ts":{ts},{temperature},"door_open":{door},"lat":{:.5},"lon":{:.5},"battery":{:.2},"fw":"{fw}"}}"#,
@@ -327,7 +549,7 @@ impl Simulator {
             }
             _ => format!(
                 r#"{{"device_id":"{id}","seq":{seq},"ts":{ts},"fw":"{fw}","hw":"{hw}","temperature":{:.2},"humidity":{:.1},"battery":{:.2}}}"#,
-                dev.temperature, dev.humidity, dev.battery
+                reported, dev.humidity, dev.battery
             ),
         };
         SimMessage {
@@ -517,6 +739,7 @@ pub async fn publish(
     };
     let rate = config.rate;
     let sim = Simulator::new(config);
+    report.planted = sim.planted();
     let started = Instant::now();
     let mut last_progress = Instant::now();
     let mut pending: VecDeque<(SimMessage, Result<PendingAck, String>)> = VecDeque::new();
@@ -656,5 +879,95 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(err.contains("--malformed"), "{err}");
+    }
+
+    #[test]
+    fn faults_parse_and_say_what_is_wrong() {
+        assert_eq!(Faults::parse("demo").unwrap(), Faults::demo());
+        assert_eq!(Faults::parse("none").unwrap(), Faults::default());
+        let f = Faults::parse("drift=5, crash=1.9.0/rev-C, noisy=RT-100, beta=2").unwrap();
+        assert_eq!(f.drift, 5);
+        assert_eq!(f.crash, Some(("1.9.0".into(), "rev-C".into())));
+        assert_eq!(f.noisy_model.as_deref(), Some("RT-100"));
+        assert_eq!(f.beta, 2);
+        for (spec, says) in [
+            ("drift", "not key=value"),
+            ("drift=many", "expected a number"),
+            ("crash=2.0.1", "FIRMWARE/HW_REV"),
+            ("melt=1", "unknown fault"),
+        ] {
+            let err = Faults::parse(spec).unwrap_err();
+            assert!(err.contains(says), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn planted_faults_are_where_the_report_says() {
+        let sim = SimConfig {
+            profile: Profile::Mixed,
+            devices: 900,
+            messages: 60_000,
+            faults: Faults::demo(),
+            start_ms: Some(1_763_900_000_000),
+            ..config()
+        };
+        let planted = Simulator::new(sim.clone()).planted().unwrap();
+        assert_eq!(planted.drifting.len(), 20);
+        assert_eq!(planted.beta_devices.len(), 3);
+        let registry = Simulator::new(sim.clone()).registry_csv();
+        assert!(registry.starts_with("device_id,tenant,site,model,hw_rev\n"));
+        assert_eq!(registry.lines().count(), 901);
+        let model: std::collections::HashMap<&str, &str> = registry
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[0], f[3])
+            })
+            .collect();
+        // Drifting devices are outside the noisy model; every model and revision is used.
+        assert!(
+            planted
+                .drifting
+                .iter()
+                .all(|d| model[d.as_str()] != "RT-300")
+        );
+        for value in ["RT-100", "RT-300", "rev-A", "rev-C"] {
+            assert!(registry.contains(value), "{value}");
+        }
+
+        let (mut crashes, mut reports) = (
+            std::collections::HashMap::new(),
+            std::collections::HashMap::new(),
+        );
+        let mut hottest_drifting = f64::MIN;
+        for m in Simulator::new(sim).filter(|m| m.kind == Kind::Good) {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            let id = v["device_id"].as_str().unwrap().to_string();
+            if m.subject.starts_with("telemetry.health.") {
+                let cohort = format!(
+                    "{}/{}",
+                    v["fw"].as_str().unwrap(),
+                    v["hw"].as_str().unwrap()
+                );
+                *reports.entry(cohort.clone()).or_insert(0u64) += 1;
+                *crashes.entry(cohort).or_insert(0u64) += v.get("crash_report").is_some() as u64;
+            }
+            if planted.drifting.contains(&id)
+                && let Some(t) = v
+                    .get("temp_c")
+                    .or(v.get("temperature"))
+                    .and_then(|t| t.as_f64())
+            {
+                hottest_drifting = hottest_drifting.max(t);
+            }
+            if planted.beta_devices.contains(&id) {
+                assert_eq!(v["fw"], BETA_FIRMWARE);
+            }
+        }
+        let rate = |c: &str| crashes[c] as f64 / reports[c] as f64;
+        assert!(rate("2.0.1/rev-B") > 0.025, "{}", rate("2.0.1/rev-B"));
+        assert!(rate("2.0.1/rev-A") < 0.015, "{}", rate("2.0.1/rev-A"));
+        assert!(hottest_drifting > 20.0, "{hottest_drifting}");
     }
 }
