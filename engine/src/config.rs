@@ -201,6 +201,51 @@ pub const KEYS: &[Key] = &[
         default: "127.0.0.1:8080",
         help: "HTTP API address",
     },
+    Key {
+        name: "fleet.metrics_table",
+        default: "usable.cold_chain",
+        help: "the table /v1/fleet/outliers reads when the request names none",
+    },
+    Key {
+        name: "fleet.metric",
+        default: "temperature_c",
+        help: "the metric /v1/fleet/outliers scores when the request names none",
+    },
+    Key {
+        name: "fleet.events_table",
+        default: "usable.device_health",
+        help: "the table /v1/fleet/root-cause reads when the request names none",
+    },
+    Key {
+        name: "fleet.event",
+        default: "crashed",
+        help: "the event /v1/fleet/root-cause counts when the request names none: a boolean column, a column that is not NULL, or column:value",
+    },
+    Key {
+        name: "fleet.cohort",
+        default: "model,hw_rev",
+        help: "the cohort columns of /v1/fleet/outliers when the request gives no by=",
+    },
+    Key {
+        name: "fleet.dimensions",
+        default: "fw,hw_rev",
+        help: "the attributes /v1/fleet/root-cause combines when the request gives no dimensions=",
+    },
+    Key {
+        name: "fleet.filters",
+        default: "tenant,site,model,hw_rev,fw",
+        help: "the columns the fleet endpoints filter on as query parameters (site=berlin,paris)",
+    },
+    Key {
+        name: "fleet.device_column",
+        default: "device_id",
+        help: "the device column of the fleet endpoints' tables",
+    },
+    Key {
+        name: "fleet.time_column",
+        default: "ts",
+        help: "the event-time column of the fleet endpoints' tables",
+    },
 ];
 
 /// The resolved configuration.
@@ -390,6 +435,16 @@ impl Config {
                     Err(bad("a name of letters, digits, '_' or '-'"))
                 }
             }
+            "fleet.metrics_table" | "fleet.events_table" => fleetlake_zones::TableId::parse(value)
+                .map(|_| ())
+                .map_err(|_| bad("a table such as usable.cold_chain")),
+            "fleet.metric" | "fleet.event" | "fleet.device_column" | "fleet.time_column" => {
+                if value.trim().is_empty() {
+                    Err(bad("a column name"))
+                } else {
+                    Ok(())
+                }
+            }
             "nats.subjects" => {
                 if self.subjects().is_empty() {
                     Err(bad("one or more comma-separated subjects"))
@@ -426,12 +481,7 @@ impl Config {
         self.get("nats.consumer")
     }
     pub fn subjects(&self) -> Vec<String> {
-        self.get("nats.subjects")
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect()
+        self.list("nats.subjects")
     }
     pub fn fetch_batch(&self) -> usize {
         self.number("ingest.fetch_batch") as usize
@@ -479,6 +529,15 @@ impl Config {
     }
     pub fn maintenance_interval(&self) -> Duration {
         Duration::from_secs(self.number("maintenance.interval_s"))
+    }
+    /// A comma-separated key as a list (empty items dropped).
+    pub fn list(&self, key: &str) -> Vec<String> {
+        self.get(key)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
     pub fn maintenance_lease_bucket(&self) -> &str {
         self.get("maintenance.lease_bucket")

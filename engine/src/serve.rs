@@ -138,6 +138,7 @@ impl Engine {
             ingesting: ingest,
             pipelines: Arc::new(described),
             rules,
+            fleet: Arc::new(crate::api::fleet::FleetDefaults::from_config(&config)),
         };
         let ingest_stop = CancellationToken::new();
         let http_stop = CancellationToken::new();

@@ -37,7 +37,7 @@
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array};
 use arrow::datatypes::{DataType, Field, FieldRef, Float64Type};
@@ -61,12 +61,16 @@ pub const MEAN_AD_TO_SIGMA: f64 = 1.253314;
 /// The robust z above which `cohort_outlier` flags a value by default: Iglewicz & Hoaglin's 3.5.
 pub const DEFAULT_OUTLIER_THRESHOLD: f64 = 3.5;
 
-/// Summary statistics of the non-NULL values of a frame.
+/// Summary statistics of the non-NULL values of a frame. The spreads are computed on first use
+/// and kept: a whole-partition frame is scored for every row of the partition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Baseline {
     /// The values, ascending.
     sorted: Vec<f64>,
     mean: f64,
+    stddev: OnceLock<f64>,
+    mad: OnceLock<f64>,
+    mean_ad: OnceLock<f64>,
 }
 
 impl Baseline {
@@ -79,7 +83,13 @@ impl Baseline {
         } else {
             sorted.iter().sum::<f64>() / sorted.len() as f64
         };
-        Self { sorted, mean }
+        Self {
+            sorted,
+            mean,
+            stddev: OnceLock::new(),
+            mad: OnceLock::new(),
+            mean_ad: OnceLock::new(),
+        }
     }
 
     /// How many values.
@@ -99,12 +109,14 @@ impl Baseline {
 
     /// The sample standard deviation (n − 1 in the denominator; NaN under 2 values).
     pub fn stddev(&self) -> f64 {
-        let n = self.sorted.len();
-        if n < 2 {
-            return f64::NAN;
-        }
-        let ss: f64 = self.sorted.iter().map(|v| (v - self.mean).powi(2)).sum();
-        (ss / (n - 1) as f64).sqrt()
+        *self.stddev.get_or_init(|| {
+            let n = self.sorted.len();
+            if n < 2 {
+                return f64::NAN;
+            }
+            let ss: f64 = self.sorted.iter().map(|v| (v - self.mean).powi(2)).sum();
+            (ss / (n - 1) as f64).sqrt()
+        })
     }
 
     /// The `q`-quantile (0 ≤ q ≤ 1) by linear interpolation between closest ranks
@@ -120,16 +132,20 @@ impl Baseline {
 
     /// The median absolute deviation from the median, unscaled.
     pub fn mad(&self) -> f64 {
-        let m = self.median();
-        let mut dev: Vec<f64> = self.sorted.iter().map(|v| (v - m).abs()).collect();
-        dev.sort_by(f64::total_cmp);
-        quantile_sorted(&dev, 0.5)
+        *self.mad.get_or_init(|| {
+            let m = self.median();
+            let mut dev: Vec<f64> = self.sorted.iter().map(|v| (v - m).abs()).collect();
+            dev.sort_by(f64::total_cmp);
+            quantile_sorted(&dev, 0.5)
+        })
     }
 
     /// The mean absolute deviation from the median.
     pub fn mean_ad(&self) -> f64 {
-        let m = self.median();
-        self.sorted.iter().map(|v| (v - m).abs()).sum::<f64>() / self.sorted.len() as f64
+        *self.mean_ad.get_or_init(|| {
+            let m = self.median();
+            self.sorted.iter().map(|v| (v - m).abs()).sum::<f64>() / self.sorted.len() as f64
+        })
     }
 
     /// The share of values below `x`, ties counted half (the mid-rank empirical CDF), in [0, 1].

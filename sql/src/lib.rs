@@ -20,6 +20,7 @@
 //! - [`query`]: [`QueryEngine`], a DataFusion session over the lake's zones, read-only;
 //! - [`anomaly`]: anomaly functions for SQL (z-scores, robust z, IQR, EWMA, spikes, level shifts,
 //!   cohort outliers) and the `mad` aggregate;
+//! - [`fleet`]: the SQL behind the fleet endpoints (cohort outliers, root cause);
 //! - [`session`]: the one place sessions are made, so every session has the same functions;
 //! - [`hash`]: stable hashes for what outlives the process (alert ids, versions, snapshots);
 //! - [`error`]: the crate's error type, split into the user's fault and storage's.
@@ -30,6 +31,7 @@ pub mod anomaly;
 pub mod decode;
 pub mod dedup;
 pub mod error;
+pub mod fleet;
 pub mod hash;
 pub mod pipeline;
 pub mod prepared;

@@ -7,6 +7,7 @@ mod crash;
 mod dedup;
 mod end_to_end;
 mod field_inputs;
+mod fleet;
 mod maintenance;
 mod mutations;
 mod pipelines;

@@ -1,15 +1,18 @@
-//! The HTTP API (axum): SQL over the zones, table listing, reference uploads, rules, health and
-//! metrics.
+//! The HTTP API (axum): SQL over the zones, fleet analytics, table listing, reference uploads,
+//! rules, health and metrics.
 //!
 //! The handlers depend on the [`Lakehouse`] trait, not on the engine, so they can be served over
 //! any implementation; the binary wires in [`fleetlake_sql::QueryEngine`]. Beside the routes:
-//! [`format`] (answers as JSON, CSV, NDJSON or Arrow), [`reference`] (parsing uploads and holding
+//! [`format`] (answers as JSON, CSV, NDJSON or Arrow), [`fleet`] (the fleet endpoints' parameters
+//! and answers), [`reference`] (parsing uploads and holding
 //! them to declared types) and [`rules`] (changing rules at runtime; the change itself reaches
 //! ingest as an [`crate::ingest::derived::RuleChange`]).
 //!
-//! May call: [`crate::metrics`], [`crate::ingest::derived`] (the rule-change message),
+//! May call: [`crate::metrics`], [`crate::config`] (the fleet endpoints' defaults),
+//! [`crate::ingest::derived`] (the rule-change message),
 //! `fleetlake_sql`, `fleetlake_zones`. Nothing in ingest calls into it.
 
+pub mod fleet;
 pub mod format;
 pub mod reference;
 pub mod rules;
@@ -93,6 +96,8 @@ pub struct AppState {
     pub rules: Option<Arc<crate::api::rules::Rules>>,
     /// The reference tables the pipelines declare: uploads are held to their types.
     pub references: Arc<Vec<fleetlake_sql::pipeline::ReferenceDef>>,
+    /// What the fleet endpoints read when a request does not say.
+    pub fleet: Arc<crate::api::fleet::FleetDefaults>,
 }
 
 /// The API's routes.
@@ -114,6 +119,8 @@ pub fn router(state: AppState) -> Router {
                 axum::extract::DefaultBodyLimit::max(crate::api::rules::MAX_RULE_BYTES),
             ),
         )
+        .route("/v1/fleet/outliers", get(crate::api::fleet::outliers))
+        .route("/v1/fleet/root-cause", get(crate::api::fleet::root_cause))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -129,7 +136,7 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
         .into_response()
 }
 
-fn sql_error(e: &fleetlake_sql::Error) -> Response {
+pub(crate) fn sql_error(e: &fleetlake_sql::Error) -> Response {
     let status = match e.kind() {
         ErrorKind::User => StatusCode::BAD_REQUEST,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

@@ -86,7 +86,8 @@ pub struct SimConfig {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Faults {
     /// How many devices have a temperature sensor that drifts upward: +3 °C a reading, up to
-    /// +20 °C (cold-chain and envelope devices outside the noisy model, evenly spread).
+    /// +20 °C (cold-chain devices outside the noisy model, evenly spread; envelope devices in an
+    /// envelope-only fleet).
     pub drift: u64,
     /// A firmware × hardware revision whose health reports crash at 4% a report (the fleet: 0.5%).
     pub crash: Option<(String, String)>,
@@ -364,15 +365,18 @@ impl Simulator {
         sim
     }
 
-    /// The devices whose sensor drifts: evenly spread over the temperature-reporting devices
-    /// outside the noisy model.
+    /// The devices whose sensor drifts: evenly spread over the cold-chain devices outside the
+    /// noisy model (over the envelope devices in an envelope-only fleet), so that every
+    /// drifting device is in one table (`usable.cold_chain`, or `usable.telemetry`).
     fn drifting(&self) -> Vec<u64> {
+        let kind = match self.config.profile {
+            Profile::Envelope => Profile::Envelope,
+            _ => Profile::ColdChain,
+        };
         let eligible: Vec<u64> = (0..self.config.devices)
             .filter(|d| {
-                matches!(
-                    self.config.profile.of_device(*d),
-                    Profile::ColdChain | Profile::Envelope
-                ) && Some(Self::model(*d)) != self.config.faults.noisy_model.as_deref()
+                self.config.profile.of_device(*d) == kind
+                    && Some(Self::model(*d)) != self.config.faults.noisy_model.as_deref()
             })
             .collect();
         let n = (self.config.faults.drift as usize).min(eligible.len());

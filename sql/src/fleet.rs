@@ -1,0 +1,373 @@
+//! Fleet analytics as SQL: the statements behind `GET /v1/fleet/outliers` and
+//! `GET /v1/fleet/root-cause`. A request is validated into an [`Outliers`] or [`RootCause`] and
+//! written as one read-only statement, which the caller runs like any `/v1/query` and returns
+//! beside the answer, so an analyst can take it further.
+//!
+//! Names are quoted identifiers and values quoted literals: nothing a caller sends is pasted
+//! into the statement as SQL. Callers check names against the table's columns first
+//! ([`Scope::check_columns`]) to give an error that lists what exists.
+
+use std::fmt::Write;
+
+use fleetlake_zones::TableId;
+
+/// Which rows a fleet question reads: a table, its device and event-time columns, equality
+/// filters and a time range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scope {
+    pub table: TableId,
+    pub device_column: String,
+    pub time_column: String,
+    /// `column IN (values…)`, all of them (AND).
+    pub filters: Vec<(String, Vec<String>)>,
+    pub range: TimeRange,
+}
+
+/// The event-time range: `window` back from `to`; `to` is the newest event time in the
+/// selection when not given. With `from`, the window is `from` to `to`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TimeRange {
+    /// Microseconds.
+    pub window_us: Option<i64>,
+    /// RFC 3339 instants, already validated.
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// How one device's readings in the window become its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stat {
+    Avg,
+    Median,
+    Min,
+    Max,
+}
+
+impl Stat {
+    /// `avg`, `median`, `min` or `max`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "avg" | "mean" => Some(Self::Avg),
+            "median" => Some(Self::Median),
+            "min" => Some(Self::Min),
+            "max" => Some(Self::Max),
+            _ => None,
+        }
+    }
+
+    fn function(self) -> &'static str {
+        match self {
+            Self::Avg => "avg",
+            Self::Median => "median",
+            Self::Min => "min",
+            Self::Max => "max",
+        }
+    }
+}
+
+/// Devices whose metric deviates from their cohort's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outliers {
+    pub scope: Scope,
+    /// A numeric column.
+    pub metric: String,
+    /// Cohort columns; empty = the whole fleet is one cohort.
+    pub by: Vec<String>,
+    pub stat: Stat,
+    /// |robust z| above which a device is an outlier.
+    pub threshold: f64,
+    /// Cohorts with fewer devices have no outliers (at least 3).
+    pub min_cohort: u64,
+    /// Every device with its score, not only outliers.
+    pub all: bool,
+    pub limit: u64,
+    pub offset: u64,
+}
+
+/// What counts as an event in a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A boolean column is true.
+    True(String),
+    /// A column is not NULL (e.g. `crash_report`).
+    Present(String),
+    /// A column, as text, equals a value (`reboot_reason:watchdog`).
+    Equals(String, String),
+}
+
+impl Event {
+    /// The column the event reads.
+    pub fn column(&self) -> &str {
+        match self {
+            Self::True(c) | Self::Present(c) | Self::Equals(c, _) => c,
+        }
+    }
+
+    fn condition(&self) -> String {
+        match self {
+            Self::True(c) => format!("COALESCE({}, false)", ident(c)),
+            Self::Present(c) => format!("{} IS NOT NULL", ident(c)),
+            Self::Equals(c, v) => format!(
+                "COALESCE(CAST({} AS VARCHAR) = {}, false)",
+                ident(c),
+                literal(v)
+            ),
+        }
+    }
+}
+
+/// Attribute combinations where an event is over-represented.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootCause {
+    pub scope: Scope,
+    pub event: Event,
+    /// The attributes combined (e.g. `fw`, `hw_rev`).
+    pub dimensions: Vec<String>,
+    /// Combinations with fewer devices are left out of the answer (not of the fleet rate).
+    pub min_devices: u64,
+    pub limit: u64,
+    pub offset: u64,
+}
+
+/// A quoted SQL identifier (`"name"`, with `"` doubled).
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A quoted SQL string literal (`'value'`, with `'` doubled).
+pub fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+fn timestamp(t: &chrono::DateTime<chrono::Utc>) -> String {
+    format!(
+        "CAST({} AS TIMESTAMP)",
+        literal(&t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    )
+}
+
+impl Scope {
+    /// Every column this scope and `more` name that `columns` (the table's) lacks, as an
+    /// error listing the table's columns.
+    pub fn check_columns<'a>(
+        &'a self,
+        more: impl IntoIterator<Item = &'a str>,
+        columns: &[String],
+    ) -> Result<(), String> {
+        let named = [self.device_column.as_str(), self.time_column.as_str()]
+            .into_iter()
+            .chain(self.filters.iter().map(|(c, _)| c.as_str()))
+            .chain(more);
+        let missing: Vec<&str> = named.filter(|n| !columns.iter().any(|c| c == n)).collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} has no column {}; its columns are {}",
+                self.table,
+                missing
+                    .iter()
+                    .map(|m| format!("{m:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                columns.join(", ")
+            ))
+        }
+    }
+
+    /// `readings` (device, the given columns as themselves, ts) filtered, then `recent`: the
+    /// rows of the time range.
+    fn ctes(&self, columns: &[(String, String)], condition: Option<String>) -> String {
+        let mut select = format!("{} AS device_id", ident(&self.device_column));
+        for (expr, alias) in columns {
+            write!(select, ", {expr} AS {}", ident(alias)).expect("string");
+        }
+        write!(select, ", {} AS ts", ident(&self.time_column)).expect("string");
+        let mut conditions: Vec<String> = condition.into_iter().collect();
+        conditions.push(format!("{} IS NOT NULL", ident(&self.time_column)));
+        for (column, values) in &self.filters {
+            let list: Vec<String> = values.iter().map(|v| literal(v)).collect();
+            conditions.push(format!(
+                "CAST({} AS VARCHAR) IN ({})",
+                ident(column),
+                list.join(", ")
+            ));
+        }
+        if let Some(from) = &self.range.from {
+            conditions.push(format!(
+                "{} >= {}",
+                ident(&self.time_column),
+                timestamp(from)
+            ));
+        }
+        if let Some(to) = &self.range.to {
+            conditions.push(format!("{} <= {}", ident(&self.time_column), timestamp(to)));
+        }
+        let to = match &self.range.to {
+            Some(to) => timestamp(to),
+            None => "(SELECT max(ts) FROM readings)".to_string(),
+        };
+        let recent = match (self.range.window_us, &self.range.from) {
+            (Some(us), None) => format!(
+                "SELECT * FROM readings WHERE ts > {to} - INTERVAL '{} microseconds'",
+                us
+            ),
+            _ => "SELECT * FROM readings".to_string(),
+        };
+        format!(
+            "WITH readings AS (\n  SELECT {select}\n  FROM {}\n  WHERE {}\n),\nrecent AS (\n  {recent}\n)",
+            self.table,
+            conditions.join("\n    AND ")
+        )
+    }
+}
+
+fn page(sql: &mut String, limit: u64, offset: u64) {
+    // One row more than asked: the caller tells whether there is a next page.
+    write!(sql, "\nLIMIT {} OFFSET {offset}", limit + 1).expect("string");
+}
+
+impl Outliers {
+    /// The statement: one row per device (and cohort) with `value`, `readings`, `last_seen`,
+    /// `score` (robust z against the cohort), `cohort_size`, `cohort_median` and
+    /// `cohort_spread` (1.4826 × MAD: a robust σ), ranked by |score|.
+    pub fn sql(&self) -> String {
+        let cohort: Vec<String> = self.by.iter().map(|c| ident(c)).collect();
+        let columns: Vec<(String, String)> = self
+            .by
+            .iter()
+            .map(|c| (ident(c), c.clone()))
+            .chain([(
+                format!("CAST({} AS DOUBLE)", ident(&self.metric)),
+                "value".to_string(),
+            )])
+            .collect();
+        let mut sql = self.scope.ctes(
+            &columns,
+            Some(format!("{} IS NOT NULL", ident(&self.metric))),
+        );
+        let keys = std::iter::once("device_id".to_string())
+            .chain(cohort.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let partition = if cohort.is_empty() {
+            String::new()
+        } else {
+            format!("PARTITION BY {}", cohort.join(", "))
+        };
+        write!(
+            sql,
+            ",\ndevices AS (\n  SELECT {keys}, {}(value) AS value, count(*) AS readings, max(ts) AS last_seen\n  FROM recent GROUP BY {keys}\n),\n\
+             scored AS (\n  SELECT *,\n    robust_zscore(value) OVER c AS score,\n    count(value) OVER c AS cohort_size,\n    \
+             median(value) OVER c AS cohort_median,\n    1.4826 * mad(value) OVER c AS cohort_spread,\n    \
+             cohort_outlier(value, {}, {}) OVER c AS outlier\n  FROM devices\n  WINDOW c AS ({partition})\n)\n\
+             SELECT {keys}, value, readings, last_seen, score, cohort_size, cohort_median, cohort_spread, outlier\nFROM scored",
+            self.stat.function(),
+            self.min_cohort,
+            self.threshold,
+        )
+        .expect("string");
+        if !self.all {
+            sql.push_str("\nWHERE outlier");
+        }
+        write!(sql, "\nORDER BY abs(score) DESC NULLS LAST, {keys}").expect("string");
+        page(&mut sql, self.limit, self.offset);
+        sql
+    }
+}
+
+impl RootCause {
+    /// The statement: one row per combination of `dimensions` with `devices`,
+    /// `affected_devices` (with at least one event), `events`, `reports`, `rate`
+    /// (affected / devices), `fleet_rate`, `lift` (rate / fleet rate) and `z`: the two-proportion
+    /// z-test of the combination's rate against the rest of the fleet's, pooled
+    /// (z = (p₁ − p₂) / √(p(1 − p)(1/n₁ + 1/n₂)), p the fleet rate). Ranked by z, so three devices
+    /// with two crashes do not outrank three thousand with six hundred.
+    pub fn sql(&self) -> String {
+        let dims: Vec<String> = self.dimensions.iter().map(|c| ident(c)).collect();
+        let mut columns: Vec<(String, String)> = self
+            .dimensions
+            .iter()
+            .map(|c| (ident(c), c.clone()))
+            .collect();
+        columns.push((self.event.condition(), "hit".to_string()));
+        let mut sql = self.scope.ctes(&columns, None);
+        let group = dims.join(", ");
+        write!(
+            sql,
+            ",\ncohorts AS (\n  SELECT {group},\n    count(DISTINCT device_id) AS devices,\n    \
+             count(DISTINCT CASE WHEN hit THEN device_id END) AS affected_devices,\n    \
+             sum(CASE WHEN hit THEN 1 ELSE 0 END) AS events,\n    count(*) AS reports\n  FROM recent GROUP BY {group}\n),\n\
+             fleet AS (\n  SELECT count(DISTINCT device_id) AS fleet_devices,\n    \
+             count(DISTINCT CASE WHEN hit THEN device_id END) AS fleet_affected\n  FROM recent\n),\n\
+             rates AS (\n  SELECT c.*, f.fleet_devices, f.fleet_affected,\n    \
+             CAST(c.affected_devices AS DOUBLE) / c.devices AS rate,\n    \
+             CAST(f.fleet_affected AS DOUBLE) / f.fleet_devices AS fleet_rate\n  FROM cohorts c CROSS JOIN fleet f\n)\n\
+             SELECT {group}, devices, affected_devices, events, reports, rate, fleet_rate,\n  \
+             CASE WHEN fleet_rate > 0 THEN rate / fleet_rate END AS lift,\n  \
+             CASE WHEN fleet_devices > devices AND fleet_rate > 0 AND fleet_rate < 1 THEN\n    \
+             (rate - CAST(fleet_affected - affected_devices AS DOUBLE) / (fleet_devices - devices))\n    \
+             / sqrt(fleet_rate * (1 - fleet_rate) * (1.0 / devices + 1.0 / (fleet_devices - devices)))\n  END AS z\n\
+             FROM rates\nWHERE devices >= {}\nORDER BY z DESC NULLS LAST, affected_devices DESC, {group}",
+            self.min_devices,
+        )
+        .expect("string");
+        page(&mut sql, self.limit, self.offset);
+        sql
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope() -> Scope {
+        Scope {
+            table: TableId::parse("usable.cold_chain").unwrap(),
+            device_column: "device_id".into(),
+            time_column: "ts".into(),
+            filters: vec![("tenant".into(), vec!["o'hara".into(), "acme".into()])],
+            range: TimeRange {
+                window_us: Some(3_600_000_000),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn names_and_values_are_quoted_never_pasted() {
+        assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(literal("o'hara"), "'o''hara'");
+        let sql = Outliers {
+            scope: scope(),
+            metric: "temperature_c".into(),
+            by: vec!["model".into(), "hw_rev".into()],
+            stat: Stat::Avg,
+            threshold: 3.5,
+            min_cohort: 5,
+            all: false,
+            limit: 10,
+            offset: 20,
+        }
+        .sql();
+        assert!(
+            sql.contains("CAST(\"tenant\" AS VARCHAR) IN ('o''hara', 'acme')"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("WINDOW c AS (PARTITION BY \"model\", \"hw_rev\")"),
+            "{sql}"
+        );
+        assert!(sql.contains("cohort_outlier(value, 5, 3.5)"), "{sql}");
+        assert!(sql.ends_with("LIMIT 11 OFFSET 20"), "{sql}");
+    }
+
+    #[test]
+    fn missing_columns_are_named_with_the_table_s_columns() {
+        let columns: Vec<String> = ["device_id", "ts", "tenant"].map(String::from).to_vec();
+        assert!(scope().check_columns(["tenant"], &columns).is_ok());
+        let err = scope().check_columns(["hw_rev"], &columns).unwrap_err();
+        assert!(err.contains("no column \"hw_rev\""), "{err}");
+        assert!(err.contains("device_id, ts, tenant"), "{err}");
+    }
+}
