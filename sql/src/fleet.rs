@@ -93,26 +93,65 @@ pub enum Event {
     Present(String),
     /// A column, as text, equals a value (`reboot_reason:watchdog`).
     Equals(String, String),
+    /// The device had a firing transition of this rule (`final.alerts`, the rule keyed by
+    /// device) in the time range.
+    Rule(String),
+    /// A message of the device was quarantined by this expectation (`raw.quarantine`; the
+    /// device is the last token of the message's subject) in the time range.
+    Expectation(String),
 }
 
 impl Event {
-    /// The column the event reads.
-    pub fn column(&self) -> &str {
+    /// The column of the table the event reads (None for device-level events).
+    pub fn column(&self) -> Option<&str> {
         match self {
-            Self::True(c) | Self::Present(c) | Self::Equals(c, _) => c,
+            Self::True(c) | Self::Present(c) | Self::Equals(c, _) => Some(c),
+            Self::Rule(_) | Self::Expectation(_) => None,
         }
     }
 
-    fn condition(&self) -> String {
+    /// A row's event condition, for events read from the table's own rows.
+    fn condition(&self) -> Option<String> {
         match self {
-            Self::True(c) => format!("COALESCE({}, false)", ident(c)),
-            Self::Present(c) => format!("{} IS NOT NULL", ident(c)),
-            Self::Equals(c, v) => format!(
+            Self::True(c) => Some(format!("COALESCE({}, false)", ident(c))),
+            Self::Present(c) => Some(format!("{} IS NOT NULL", ident(c))),
+            Self::Equals(c, v) => Some(format!(
                 "COALESCE(CAST({} AS VARCHAR) = {}, false)",
                 ident(c),
                 literal(v)
-            ),
+            )),
+            Self::Rule(_) | Self::Expectation(_) => None,
         }
+    }
+
+    /// For device-level events: the devices with the event, as `__device`, in `scope`'s range.
+    fn devices(&self, scope: &Scope) -> Option<String> {
+        let (select, from, mut conditions, time) = match self {
+            Self::Rule(rule) => (
+                "\"key\"",
+                "final.alerts",
+                vec![
+                    format!("\"rule\" = {}", literal(rule)),
+                    "\"state\" = 'firing'".to_string(),
+                ],
+                "event_time",
+            ),
+            Self::Expectation(name) => (
+                "regexp_replace(\"subject\", '^.*[.]', '')",
+                "raw.quarantine",
+                vec![format!(
+                    "strpos(\"reason\", {}) > 0",
+                    literal(&format!("expectation {name} of "))
+                )],
+                "received_at",
+            ),
+            _ => return None,
+        };
+        conditions.extend(scope.range_conditions(&ident(time)));
+        Some(format!(
+            "SELECT DISTINCT {select} AS __device FROM {from}\n  WHERE {}",
+            conditions.join("\n    AND ")
+        ))
     }
 }
 
@@ -175,6 +214,37 @@ impl Scope {
         }
     }
 
+    /// `time > to - window` when the range is a window back from `to` (the newest event time
+    /// in `readings` when `to` is not given).
+    fn window_condition(&self, time: &str) -> Option<String> {
+        let to = match &self.range.to {
+            Some(to) => timestamp(to),
+            None => "(SELECT max(ts) FROM readings)".to_string(),
+        };
+        match (self.range.window_us, &self.range.from) {
+            (Some(us), None) => Some(format!("{time} > {to} - INTERVAL '{us} microseconds'")),
+            _ => None,
+        }
+    }
+
+    /// The range's conditions on another table's time column (`time`, an identifier): the
+    /// same `from`, `to` and window as the rows'.
+    fn range_conditions(&self, time: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(from) = &self.range.from {
+            out.push(format!("{time} >= {}", timestamp(from)));
+        }
+        match &self.range.to {
+            Some(to) => out.push(format!("{time} <= {}", timestamp(to))),
+            None if self.range.window_us.is_some() && self.range.from.is_none() => {
+                out.push(format!("{time} <= (SELECT max(ts) FROM readings)"))
+            }
+            None => {}
+        }
+        out.extend(self.window_condition(time));
+        out
+    }
+
     /// `readings` (device, the given columns as themselves, ts) filtered, then `recent`: the
     /// rows of the time range.
     fn ctes(&self, columns: &[(String, String)], condition: Option<String>) -> String {
@@ -203,16 +273,9 @@ impl Scope {
         if let Some(to) = &self.range.to {
             conditions.push(format!("{} <= {}", ident(&self.time_column), timestamp(to)));
         }
-        let to = match &self.range.to {
-            Some(to) => timestamp(to),
-            None => "(SELECT max(ts) FROM readings)".to_string(),
-        };
-        let recent = match (self.range.window_us, &self.range.from) {
-            (Some(us), None) => format!(
-                "SELECT * FROM readings WHERE ts > {to} - INTERVAL '{} microseconds'",
-                us
-            ),
-            _ => "SELECT * FROM readings".to_string(),
+        let recent = match self.window_condition("ts") {
+            Some(w) => format!("SELECT * FROM readings WHERE {w}"),
+            None => "SELECT * FROM readings".to_string(),
         };
         format!(
             "WITH readings AS (\n  SELECT {select}\n  FROM {}\n  WHERE {}\n),\nrecent AS (\n  {recent}\n)",
@@ -290,16 +353,35 @@ impl RootCause {
             .iter()
             .map(|c| (ident(c), c.clone()))
             .collect();
-        columns.push((self.event.condition(), "hit".to_string()));
+        if let Some(condition) = self.event.condition() {
+            columns.push((condition, "hit".to_string()));
+        }
         let mut sql = self.scope.ctes(&columns, None);
+        // `hits`: the rows of the range, each with whether it is (or its device had) an event.
+        let events = match self.event.devices(&self.scope) {
+            Some(devices) => {
+                write!(
+                    sql,
+                    ",\ndevice_events AS (\n  {devices}\n),\nhits AS (\n  SELECT r.*, e.__device IS NOT NULL AS hit\n  \
+                     FROM recent r LEFT JOIN device_events e ON CAST(r.device_id AS VARCHAR) = e.__device\n)"
+                )
+                .expect("string");
+                // A device either had the event or not: no rows to count.
+                "CAST(NULL AS BIGINT)"
+            }
+            None => {
+                sql.push_str(",\nhits AS (SELECT * FROM recent)");
+                "sum(CASE WHEN hit THEN 1 ELSE 0 END)"
+            }
+        };
         let group = dims.join(", ");
         write!(
             sql,
             ",\ncohorts AS (\n  SELECT {group},\n    count(DISTINCT device_id) AS devices,\n    \
              count(DISTINCT CASE WHEN hit THEN device_id END) AS affected_devices,\n    \
-             sum(CASE WHEN hit THEN 1 ELSE 0 END) AS events,\n    count(*) AS reports\n  FROM recent GROUP BY {group}\n),\n\
+             {events} AS events,\n    count(*) AS reports\n  FROM hits GROUP BY {group}\n),\n\
              fleet AS (\n  SELECT count(DISTINCT device_id) AS fleet_devices,\n    \
-             count(DISTINCT CASE WHEN hit THEN device_id END) AS fleet_affected\n  FROM recent\n),\n\
+             count(DISTINCT CASE WHEN hit THEN device_id END) AS fleet_affected\n  FROM hits\n),\n\
              rates AS (\n  SELECT c.*, f.fleet_devices, f.fleet_affected,\n    \
              CAST(c.affected_devices AS DOUBLE) / c.devices AS rate,\n    \
              CAST(f.fleet_affected AS DOUBLE) / f.fleet_devices AS fleet_rate\n  FROM cohorts c CROSS JOIN fleet f\n)\n\

@@ -562,6 +562,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rules_can_use_the_anomaly_functions() {
+        // A device unlike the others in the same micro-batch fires (see crate::anomaly).
+        let file = parse_file(
+            "CREATE RULE odd_one_out WITH (severity = 'warning', key = 'device_id') \
+             AS SELECT device_id, ts, temperature_c, \
+             cohort_outlier(temperature_c, 3) OVER () AS firing FROM usable.readings",
+        )
+        .unwrap();
+        let def = &file.rules[0];
+        let input = TableId::parse("usable.readings").unwrap();
+        check_rule(def, &input, &schema(), &[]).await.unwrap();
+        let mut r = RuleRunner::new(def, input, schema());
+        let out = r
+            .process(
+                &rows(&[
+                    (1, "a", 0, 5.0),
+                    (2, "b", 0, 5.1),
+                    (3, "c", 0, 4.9),
+                    (4, "d", 0, 5.0),
+                    (5, "e", 0, 30.0),
+                ]),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(states(&out), vec![("e".into(), "firing".into(), 0)]);
+    }
+
+    #[tokio::test]
     async fn for_hysteresis_and_cool_down() {
         let mut r = runner().await;
         let out = r

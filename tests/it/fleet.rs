@@ -80,7 +80,49 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // Device-level events on top: five RT-100 trailers report an implausible temperature once
+    // (quarantined by the cold-chain pipeline's temperature_plausible), three RT-200 trailers
+    // stay warm for six minutes (trailer_too_warm fires for each).
+    let simulator = Simulator::new(sim.clone());
+    let cold_of_model = |model: &str, n: usize| -> Vec<String> {
+        (0..sim.devices)
+            .filter(|d| d % 3 == 1)
+            .map(|d| simulator.device_info(d))
+            .filter(|i| i.model == model)
+            .take(n)
+            .map(|i| i.device_id)
+            .collect()
+    };
+    let (implausible, warm) = (cold_of_model("RT-100", 5), cold_of_model("RT-200", 3));
+    let late_ts = |minute: i64| {
+        chrono::DateTime::from_timestamp_millis(1_764_489_600_000 + 3_600_000 + minute * 60_000)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let mut extra = Vec::new();
+    for (i, id) in implausible.iter().enumerate() {
+        extra.push((id.clone(), serde_json::json!({"device_id": id, "seq": 1_000_000 + i, "ts": late_ts(0), "temp_c": 80.0, "fw": "2.0.1"})));
+    }
+    for id in &warm {
+        for (k, minute) in [0i64, 3, 6].into_iter().enumerate() {
+            extra.push((id.clone(), serde_json::json!({"device_id": id, "seq": 1_000_000 + k, "ts": late_ts(minute), "temp_c": 12.0, "fw": "2.0.1"})));
+        }
+    }
     let report = fleetlake_tests::simulate(&js, sim).await;
+    for (id, payload) in &extra {
+        js.publish(
+            format!("telemetry.coldchain.{id}"),
+            payload.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let report = fleetlake::tools::simulate::Report {
+        total: report.total + extra.len() as u64,
+        ..report
+    };
     let planted = report.planted.clone().expect("faults were planted");
     wait_for(
         &format!("{} messages acked", report.total),
@@ -190,6 +232,33 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
         "{answer}"
     );
     assert!(ranked[0]["lift"].as_f64().unwrap() > 2.0, "{answer}");
+
+    // Device-level events: an expectation's quarantines and a rule's firings, by model.
+    for (event, model, devices) in [
+        (
+            "expectation:temperature_plausible",
+            "RT-100",
+            implausible.len(),
+        ),
+        ("rule:trailer_too_warm", "RT-200", warm.len()),
+    ] {
+        let path = format!(
+            "/v1/fleet/root-cause?table=usable.cold_chain&event={event}&dimensions=model&window=all"
+        );
+        let (status, answer) = get_json(&api, &path).await;
+        assert_eq!(status, 200, "{path}: {answer}");
+        let ranked = rows(&answer);
+        assert_eq!(ranked[0]["model"], model, "{path}: {answer}");
+        assert_eq!(
+            ranked[0]["affected_devices"], devices as i64,
+            "{path}: {answer}"
+        );
+        let total: i64 = ranked
+            .iter()
+            .map(|r| r["affected_devices"].as_i64().unwrap())
+            .sum();
+        assert_eq!(total, devices as i64, "{path}: {answer}");
+    }
 
     // Bad requests say what was wrong and what was expected.
     for (path, says) in [

@@ -400,7 +400,10 @@ pub async fn root_cause(
         Err(e) => return sql_error(&e),
     };
     let spec = request.get("event").unwrap_or(&defaults.event);
+    let has = |name: &str| columns.iter().any(|(n, _)| n == name);
     let event = match spec.split_once(':') {
+        Some(("rule", name)) if !has("rule") => Event::Rule(name.to_string()),
+        Some(("expectation", name)) if !has("expectation") => Event::Expectation(name.to_string()),
         Some((column, value)) => Event::Equals(column.to_string(), value.to_string()),
         None => match columns.iter().find(|(n, _)| n == spec) {
             Some((_, arrow::datatypes::DataType::Boolean)) => Event::True(spec.to_string()),
@@ -408,10 +411,7 @@ pub async fn root_cause(
         },
     };
     let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
-    let named = dimensions
-        .iter()
-        .map(String::as_str)
-        .chain([event.column()]);
+    let named = dimensions.iter().map(String::as_str).chain(event.column());
     if let Err(message) = scope.check_columns(named, &names) {
         return bad(message);
     }

@@ -84,6 +84,18 @@ pub async fn run(
         "  curl -s http://{addr}/v1/query -d '{{\"sql\": \"SELECT rule, key, state, event_time FROM final.alerts ORDER BY event_time DESC LIMIT 5\"}}'"
     );
     eprintln!("  curl -s http://{addr}/v1/rules");
+    if let Some(planted) = simulate::Simulator::new(options.sim.clone()).planted() {
+        eprintln!();
+        eprintln!(
+            "Planted faults (the answers to find): {}",
+            serde_json::to_string(&planted).unwrap_or_default()
+        );
+        eprintln!("  curl -s 'http://{addr}/v1/fleet/outliers?window=all&limit=20'");
+        eprintln!("  curl -s 'http://{addr}/v1/fleet/root-cause?window=all&limit=5'");
+        eprintln!(
+            "  curl -s 'http://{addr}/v1/fleet/outliers?table=usable.device_health&metric=cpu_pct&by=fw&window=15m&all=true&limit=5'"
+        );
+    }
     eprintln!("  curl -s http://{addr}/metrics | grep ^fleetlake_");
     eprintln!("Press Ctrl-C to stop.");
     eprintln!();
