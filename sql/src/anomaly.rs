@@ -23,7 +23,8 @@
 //! infinite score as `null` (JSON has no infinity); CSV and Arrow keep `inf`.
 //!
 //! Cost: each distinct frame is sorted once, O(w log w) for a frame of w rows; a whole-partition
-//! frame (no `ORDER BY`) is computed once per partition. A cumulative frame (`ORDER BY` without
+//! frame (no `ORDER BY`) is computed once per partition, except for `level_shift`, whose two
+//! sides move with the current row (O(w log w) per row). A cumulative frame (`ORDER BY` without
 //! `ROWS`) over a long series costs O(n² log n): give per-series scores a bounded `ROWS` frame.
 //!
 //! # Recursive functions: the series in order
@@ -41,7 +42,7 @@ use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array};
 use arrow::datatypes::{DataType, Field, FieldRef, Float64Type};
-use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
+use datafusion::common::{Result, ScalarValue, internal_err, plan_err};
 use datafusion::logical_expr::function::{PartitionEvaluatorArgs, WindowUDFFieldArgs};
 use datafusion::logical_expr::{
     Accumulator, AggregateUDF, PartitionEvaluator, Signature, Volatility, WindowUDF, WindowUDFImpl,
@@ -78,10 +79,11 @@ impl Baseline {
     pub fn new(values: impl IntoIterator<Item = f64>) -> Self {
         let mut sorted: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
         sorted.sort_by(f64::total_cmp);
-        let mean = if sorted.is_empty() {
-            f64::NAN
-        } else {
-            sorted.iter().sum::<f64>() / sorted.len() as f64
+        let mean = match (sorted.first(), sorted.last()) {
+            (None, _) | (_, None) => f64::NAN,
+            // Identical values: their mean exactly (a sum of 0.1s is not a multiple of 0.1).
+            (Some(lo), Some(hi)) if lo == hi => *lo,
+            _ => sorted.iter().sum::<f64>() / sorted.len() as f64,
         };
         Self {
             sorted,
@@ -113,6 +115,9 @@ impl Baseline {
             let n = self.sorted.len();
             if n < 2 {
                 return f64::NAN;
+            }
+            if self.sorted[0] == self.sorted[n - 1] {
+                return 0.0;
             }
             let ss: f64 = self.sorted.iter().map(|v| (v - self.mean).powi(2)).sum();
             (ss / (n - 1) as f64).sqrt()
@@ -253,7 +258,7 @@ impl Ewma {
         }
     }
 
-    /// The mean before `x`, `x`'s z against the state before it (None for the first two values:
+    /// The mean after taking `x` in, and `x`'s z against the state before it (None for the first two values:
     /// no spread yet), then takes `x` in.
     pub fn step(&mut self, x: f64) -> (Option<f64>, Option<f64>) {
         let before = self.mean;
@@ -496,7 +501,7 @@ impl PartitionEvaluator for Evaluator {
         self.row += 1;
         let column = values[0].as_primitive::<Float64Type>();
         if row >= column.len() {
-            return exec_err!(
+            return internal_err!(
                 "{}: row {row} beyond the partition's {} rows",
                 self.score.name(),
                 column.len()
@@ -510,7 +515,8 @@ impl PartitionEvaluator for Evaluator {
         let params = self.params;
         Ok(match score {
             Function::LevelShift => {
-                let split = row.clamp(range.start, range.end);
+                // An inverted frame (`ROWS BETWEEN 1 PRECEDING AND 3 PRECEDING`) is empty.
+                let split = row.max(range.start).min(range.end.max(range.start));
                 let before = Baseline::new(values_in(column, range.start..split));
                 let after = Baseline::new(values_in(column, split..range.end));
                 ScalarValue::Float64(x.and_then(|_| welch_t(&before, &after)))
@@ -549,7 +555,7 @@ impl PartitionEvaluator for Evaluator {
                         b.len() >= min_size
                             && b.robust_zscore(x).is_some_and(|z| z.abs() > threshold),
                     )),
-                    _ => return exec_err!("{}: parameters do not match", score.name()),
+                    _ => return internal_err!("{}: parameters do not match", score.name()),
                 }
             }
         })
@@ -557,7 +563,7 @@ impl PartitionEvaluator for Evaluator {
 
     fn evaluate_all(&mut self, values: &[ArrayRef], num_rows: usize) -> Result<ArrayRef> {
         let Params::Alpha(alpha) = self.params else {
-            return exec_err!("{}: evaluated without a frame", self.score.name());
+            return internal_err!("{}: evaluated without a frame", self.score.name());
         };
         let column = values[0].as_primitive::<Float64Type>();
         let mut ewma = Ewma::new(alpha);

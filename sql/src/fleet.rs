@@ -270,8 +270,12 @@ impl Scope {
                 timestamp(from)
             ));
         }
-        if let Some(to) = &self.range.to {
-            conditions.push(format!("{} <= {}", ident(&self.time_column), timestamp(to)));
+        match &self.range.to {
+            Some(to) => {
+                conditions.push(format!("{} <= {}", ident(&self.time_column), timestamp(to)))
+            }
+            // A device whose clock runs ahead does not move the window into the future.
+            None => conditions.push(format!("{} <= now()", ident(&self.time_column))),
         }
         let recent = match self.window_condition("ts") {
             Some(w) => format!("SELECT * FROM readings WHERE {w}"),
@@ -346,6 +350,10 @@ impl RootCause {
     /// z-test of the combination's rate against the rest of the fleet's, pooled
     /// (z = (p₁ − p₂) / √(p(1 − p)(1/n₁ + 1/n₂)), p the fleet rate). Ranked by z, so three devices
     /// with two crashes do not outrank three thousand with six hundred.
+    ///
+    /// The unit is a device in a combination: a device that reported with two firmware versions
+    /// in the range counts once in each (the fleet's totals are the sums over combinations), so
+    /// every unit is in exactly one combination and "the rest of the fleet" is well defined.
     pub fn sql(&self) -> String {
         let dims: Vec<String> = self.dimensions.iter().map(|c| ident(c)).collect();
         let mut columns: Vec<(String, String)> = self
@@ -380,8 +388,7 @@ impl RootCause {
             ",\ncohorts AS (\n  SELECT {group},\n    count(DISTINCT device_id) AS devices,\n    \
              count(DISTINCT CASE WHEN hit THEN device_id END) AS affected_devices,\n    \
              {events} AS events,\n    count(*) AS reports\n  FROM hits GROUP BY {group}\n),\n\
-             fleet AS (\n  SELECT count(DISTINCT device_id) AS fleet_devices,\n    \
-             count(DISTINCT CASE WHEN hit THEN device_id END) AS fleet_affected\n  FROM hits\n),\n\
+             fleet AS (\n  SELECT sum(devices) AS fleet_devices, sum(affected_devices) AS fleet_affected\n  FROM cohorts\n),\n\
              rates AS (\n  SELECT c.*, f.fleet_devices, f.fleet_affected,\n    \
              CAST(c.affected_devices AS DOUBLE) / c.devices AS rate,\n    \
              CAST(f.fleet_affected AS DOUBLE) / f.fleet_devices AS fleet_rate\n  FROM cohorts c CROSS JOIN fleet f\n)\n\

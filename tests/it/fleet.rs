@@ -108,7 +108,18 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
             extra.push((id.clone(), serde_json::json!({"device_id": id, "seq": 1_000_000 + k, "ts": late_ts(minute), "temp_c": 12.0, "fw": "2.0.1"})));
         }
     }
+    // A health device whose clock runs 70 years ahead must not drag the default window along.
+    let health_device = simulator.device_info(2).device_id;
+    let future = serde_json::json!({"device_id": health_device, "seq": 1_000_000, "ts": "2099-01-01T00:00:00Z", "cpu_pct": 50.0, "mem_mb": 300.0, "uptime_s": 10, "fw": "1.8.2", "hw": "rev-A"});
     let report = fleetlake_tests::simulate(&js, sim).await;
+    js.publish(
+        format!("telemetry.health.{health_device}"),
+        future.to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     for (id, payload) in &extra {
         js.publish(
             format!("telemetry.coldchain.{id}"),
@@ -120,7 +131,7 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
         .unwrap();
     }
     let report = fleetlake::tools::simulate::Report {
-        total: report.total + extra.len() as u64,
+        total: report.total + extra.len() as u64 + 1,
         ..report
     };
     let planted = report.planted.clone().expect("faults were planted");
@@ -233,6 +244,21 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
     );
     assert!(ranked[0]["lift"].as_f64().unwrap() > 2.0, "{answer}");
 
+    // The default window (24 hours back from the newest reading not in the future) holds the
+    // whole simulated day: the same leader as window=all.
+    let (status, default_window) = get_json(&api, "/v1/fleet/root-cause").await;
+    assert_eq!(status, 200, "{default_window}");
+    assert_eq!(
+        rows(&default_window)[0]["fw"],
+        crash["fw"],
+        "{default_window}"
+    );
+    assert_eq!(
+        rows(&default_window)[0]["hw_rev"],
+        crash["hw_rev"],
+        "{default_window}"
+    );
+
     // Device-level events: an expectation's quarantines and a rule's firings, by model.
     for (event, model, devices) in [
         (
@@ -280,6 +306,20 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
             "no column \"planet\"",
         ),
         ("/v1/fleet/root-cause?from=yesterday", "RFC 3339"),
+        (
+            "/v1/fleet/outliers?by=model,value",
+            "a column of its own named value",
+        ),
+        (
+            "/v1/fleet/root-cause?event=cpu_pct",
+            "expected a boolean column",
+        ),
+        ("/v1/fleet/outliers?model=", "expected one or more"),
+        (
+            "/v1/fleet/outliers?offset=99999999999999999",
+            "expected at most",
+        ),
+        ("/v1/fleet/outliers?window=1000000d", "at most 100 years"),
     ] {
         let (status, body) = get_json(&api, path).await;
         assert_eq!(status, 400, "{path}: {body}");

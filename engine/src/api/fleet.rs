@@ -19,6 +19,12 @@ use crate::config::Config;
 pub const DEFAULT_LIMIT: u64 = 100;
 /// The largest `limit`.
 pub const MAX_LIMIT: u64 = 10_000;
+/// The largest `offset`.
+pub const MAX_OFFSET: u64 = 1_000_000_000_000;
+/// The longest `window`: 100 years, in microseconds.
+const MAX_WINDOW_US: i64 = 100 * 365 * 86_400 * 1_000_000;
+/// The longest statement sent in the `Fleetlake-Sql` header (proxies refuse long headers).
+const MAX_SQL_HEADER: usize = 8 * 1024;
 
 /// What the fleet endpoints read when a request does not say (the `fleet.*` configuration keys).
 #[derive(Debug, Clone)]
@@ -160,11 +166,13 @@ impl<'a> Request<'a> {
             None
         } else {
             Some(
-                fleetlake_sql::pipeline::parse::parse_duration(window).ok_or_else(|| {
-                    refuse(format!(
-                        "window={window}: expected a duration such as 15m, 1h or 7d, or all"
-                    ))
-                })?,
+                fleetlake_sql::pipeline::parse::parse_duration(window)
+                    .filter(|us| *us <= MAX_WINDOW_US)
+                    .ok_or_else(|| {
+                        refuse(format!(
+                            "window={window}: expected a duration such as 15m, 1h or 7d (at most 100 years), or all"
+                        ))
+                    })?,
             )
         };
         let (from, to) = (self.instant("from")?, self.instant("to")?);
@@ -178,13 +186,29 @@ impl<'a> Request<'a> {
             return Err(refuse(format!("limit={limit}: expected 1 to {MAX_LIMIT}")));
         }
         let offset = self.number("offset", 0u64, "a number of rows to skip")?;
-        let filters = defaults
-            .filters
-            .iter()
-            .filter(|f| self.params.contains_key(f.as_str()))
-            .map(|f| (f.clone(), self.list(f, &[])))
-            .filter(|(_, values)| !values.is_empty())
-            .collect();
+        if offset > MAX_OFFSET {
+            return Err(refuse(format!(
+                "offset={offset}: expected at most {MAX_OFFSET}"
+            )));
+        }
+        let mut filters = Vec::new();
+        for column in &defaults.filters {
+            if !self.params.contains_key(column.as_str()) {
+                continue;
+            }
+            let values = self.list(column, &[]);
+            if values.is_empty() {
+                return Err(refuse(format!(
+                    "{column}=: expected one or more comma-separated values"
+                )));
+            }
+            if let Some(v) = values.iter().find(|v| v.chars().any(char::is_control)) {
+                return Err(refuse(format!(
+                    "{column}={v:?}: control characters are not attribute values"
+                )));
+            }
+            filters.push((column.clone(), values));
+        }
         Ok((
             Scope {
                 table,
@@ -202,6 +226,59 @@ impl<'a> Request<'a> {
         ))
     }
 }
+
+/// Cohort or dimension columns: each once, none named like a column of the answer itself.
+fn attribute_columns(
+    param: &str,
+    columns: Vec<String>,
+    reserved: &[&str],
+) -> Result<Vec<String>, Refusal> {
+    let mut out: Vec<String> = Vec::new();
+    for c in columns {
+        if reserved.contains(&c.as_str()) {
+            return Err(refuse(format!(
+                "{param}={c}: the answer has a column of its own named {c}; expected an attribute column such as model or fw"
+            )));
+        }
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// The answer columns of `/v1/fleet/outliers` (and the statement's own), which a cohort column
+/// may not be named.
+const OUTLIER_COLUMNS: &[&str] = &[
+    "device_id",
+    "ts",
+    "value",
+    "readings",
+    "last_seen",
+    "score",
+    "cohort_size",
+    "cohort_median",
+    "cohort_spread",
+    "outlier",
+];
+
+/// The answer columns of `/v1/fleet/root-cause` (and the statement's own).
+const ROOT_CAUSE_COLUMNS: &[&str] = &[
+    "device_id",
+    "ts",
+    "hit",
+    "devices",
+    "affected_devices",
+    "events",
+    "reports",
+    "rate",
+    "fleet_rate",
+    "lift",
+    "z",
+    "fleet_devices",
+    "fleet_affected",
+    "__device",
+];
 
 /// The table's columns, by a query that reads no rows.
 async fn columns(
@@ -279,8 +356,12 @@ async fn answer(
         body,
     )
         .into_response();
-    let one_line = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-    if let Ok(v) = HeaderValue::from_str(&one_line) {
+    // The statement's line breaks are layout only (values with control characters are
+    // refused), so one line is the same statement.
+    let one_line = sql.replace('\n', " ");
+    if one_line.len() <= MAX_SQL_HEADER
+        && let Ok(v) = HeaderValue::from_str(&one_line)
+    {
         response.headers_mut().insert("fleetlake-sql", v);
     }
     if let Some(next) = next_offset {
@@ -361,7 +442,7 @@ fn outliers_query(request: &Request, defaults: &FleetDefaults) -> Result<Outlier
             .get("metric")
             .unwrap_or(&defaults.metric)
             .to_string(),
-        by: request.list("by", &defaults.cohort),
+        by: attribute_columns("by", request.list("by", &defaults.cohort), OUTLIER_COLUMNS)?,
         stat,
         threshold,
         min_cohort,
@@ -387,7 +468,14 @@ pub async fn root_cause(
         Ok(s) => s,
         Err(e) => return bad(e),
     };
-    let dimensions = request.list("dimensions", &defaults.dimensions);
+    let dimensions = match attribute_columns(
+        "dimensions",
+        request.list("dimensions", &defaults.dimensions),
+        ROOT_CAUSE_COLUMNS,
+    ) {
+        Ok(d) => d,
+        Err(e) => return bad(e),
+    };
     if dimensions.is_empty() {
         return bad("dimensions=: expected one or more columns, e.g. dimensions=fw,hw_rev");
     }
@@ -400,6 +488,11 @@ pub async fn root_cause(
         Err(e) => return sql_error(&e),
     };
     let spec = request.get("event").unwrap_or(&defaults.event);
+    if spec.chars().any(char::is_control) {
+        return bad(format!(
+            "event={spec:?}: control characters are not an event"
+        ));
+    }
     let has = |name: &str| columns.iter().any(|(n, _)| n == name);
     let event = match spec.split_once(':') {
         Some(("rule", name)) if !has("rule") => Event::Rule(name.to_string()),
@@ -407,6 +500,13 @@ pub async fn root_cause(
         Some((column, value)) => Event::Equals(column.to_string(), value.to_string()),
         None => match columns.iter().find(|(n, _)| n == spec) {
             Some((_, arrow::datatypes::DataType::Boolean)) => Event::True(spec.to_string()),
+            // A count or a measurement is not NULL whether or not something happened.
+            Some((_, t)) if t.is_numeric() => {
+                return bad(format!(
+                    "event={spec}: a {t} column; expected a boolean column, a column that is NULL \
+                     without an event (e.g. crash_report), column:value, rule:NAME or expectation:NAME"
+                ));
+            }
             _ => Event::Present(spec.to_string()),
         },
     };

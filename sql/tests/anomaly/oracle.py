@@ -315,6 +315,22 @@ edges = [
         "FROM flat WHERE ts <= 4 ORDER BY ts",
         [(t, zscore(float(t), [float(p) for p in range(max(1, t - 2), t)])) for t in range(1, 5)],
     ),
+    "# Identical values have zero spread exactly, though their floating-point sum is no multiple\n"
+    "# of them (0.1 + 0.1 + 0.1 != 0.3).",
+    table("tenth", "ts BIGINT, v DOUBLE", [(t, 0.1) for t in range(1, 6)]),
+    query(
+        "IRR",
+        "SELECT ts, zscore(v) OVER w, level_shift(v) OVER (ORDER BY ts ROWS BETWEEN 2 PRECEDING AND 2 FOLLOWING)\n"
+        "FROM tenth WINDOW w AS (ORDER BY ts ROWS BETWEEN 4 PRECEDING AND 1 PRECEDING) ORDER BY ts",
+        [
+            (t, zscore(0.1, [0.1] * min(t - 1, 4)),
+             welch([0.1] * min(t - 1, 2), [0.1] * min(6 - t, 3)))
+            for t in range(1, 6)
+        ],
+    ),
+    "# An inverted frame is refused when the statement is planned (DataFusion's check).",
+    "statement error Invalid window frame: start bound \\(1 PRECEDING\\) cannot be larger than end bound \\(3 PRECEDING\\)\n"
+    "SELECT ts, level_shift(v) OVER (ORDER BY ts ROWS BETWEEN 1 PRECEDING AND 3 PRECEDING) FROM tenth\n",
     "# Parameters must be constants in range, and say so.",
     "statement error ewma: alpha is 1.5, expected a smoothing factor in \\(0, 1\\]\n"
     "SELECT ewma(v, 1.5) OVER (ORDER BY ts) FROM flat\n",
