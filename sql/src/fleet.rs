@@ -354,6 +354,9 @@ impl RootCause {
     /// The unit is a device in a combination: a device that reported with two firmware versions
     /// in the range counts once in each (the fleet's totals are the sums over combinations), so
     /// every unit is in exactly one combination and "the rest of the fleet" is well defined.
+    /// The totals are window sums over the combinations, so the one expensive aggregation (the
+    /// distinct devices per combination) is planned once: DataFusion inlines a CTE at every
+    /// reference.
     pub fn sql(&self) -> String {
         let dims: Vec<String> = self.dimensions.iter().map(|c| ident(c)).collect();
         let mut columns: Vec<(String, String)> = self
@@ -388,10 +391,10 @@ impl RootCause {
             ",\ncohorts AS (\n  SELECT {group},\n    count(DISTINCT device_id) AS devices,\n    \
              count(DISTINCT CASE WHEN hit THEN device_id END) AS affected_devices,\n    \
              {events} AS events,\n    count(*) AS reports\n  FROM hits GROUP BY {group}\n),\n\
-             fleet AS (\n  SELECT sum(devices) AS fleet_devices, sum(affected_devices) AS fleet_affected\n  FROM cohorts\n),\n\
-             rates AS (\n  SELECT c.*, f.fleet_devices, f.fleet_affected,\n    \
-             CAST(c.affected_devices AS DOUBLE) / c.devices AS rate,\n    \
-             CAST(f.fleet_affected AS DOUBLE) / f.fleet_devices AS fleet_rate\n  FROM cohorts c CROSS JOIN fleet f\n)\n\
+             fleet AS (\n  SELECT *, sum(devices) OVER () AS fleet_devices, sum(affected_devices) OVER () AS fleet_affected\n  \
+             FROM cohorts\n),\n\
+             rates AS (\n  SELECT *,\n    CAST(affected_devices AS DOUBLE) / devices AS rate,\n    \
+             CAST(fleet_affected AS DOUBLE) / fleet_devices AS fleet_rate\n  FROM fleet\n)\n\
              SELECT {group}, devices, affected_devices, events, reports, rate, fleet_rate,\n  \
              CASE WHEN fleet_rate > 0 THEN rate / fleet_rate END AS lift,\n  \
              CASE WHEN fleet_devices > devices AND fleet_rate > 0 AND fleet_rate < 1 THEN\n    \
