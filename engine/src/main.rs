@@ -227,6 +227,9 @@ async fn check(paths: &[PathBuf]) -> Result<(), String> {
             }
             let what = parts.join("; ");
             println!("ok    {}: {what}", report.path.display());
+            for line in report.warning_lines() {
+                eprintln!("warning {line}");
+            }
         } else {
             failed += 1;
             for line in report.error_lines() {

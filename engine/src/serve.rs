@@ -245,6 +245,9 @@ async fn load_pipelines(config: &Config) -> Result<(Declared, Vec<PathBuf>), Sta
     if !errors.is_empty() {
         return Err(StartError::Pipelines(errors.join("\n")));
     }
+    for warning in reports.iter().flat_map(|r| r.warning_lines()) {
+        tracing::warn!("{warning}");
+    }
     let mut runners = Vec::new();
     for pipeline in reports.iter().filter_map(|r| r.pipeline.as_ref()) {
         let runner =

@@ -46,6 +46,8 @@ async fn the_shipped_pipelines_check() {
     let reports = check_files(&files).await;
     let errors: Vec<String> = reports.iter().flat_map(|r| r.error_lines()).collect();
     assert!(errors.is_empty(), "{errors:#?}");
+    let warnings: Vec<String> = reports.iter().flat_map(|r| r.warning_lines()).collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
     let names: Vec<String> = reports
         .iter()
         .filter_map(|r| r.pipeline.as_ref().map(|p| p.name.clone()))
@@ -61,4 +63,38 @@ async fn the_shipped_pipelines_check() {
     assert!(schema.field_with_name("temperature_c").is_ok());
     assert!(schema.field_with_name("tenant").is_ok());
     assert_eq!(cold.source.subject, "telemetry.coldchain.>");
+}
+
+#[tokio::test]
+async fn window_functions_in_per_batch_queries_are_warned_about() {
+    let rule = "CREATE RULE odd_one_out WITH (severity = 'warning', key = 'device_id', event_time = 'ts')\n\
+                AS SELECT device_id, ts, cohort_outlier(temperature_c, 5) OVER () AS firing,\n\
+                robust_zscore(temperature_c) OVER () AS z FROM usable.cold_chain;\n";
+    let mut texts: Vec<(PathBuf, Result<String, String>)> =
+        pipeline_files(&[root().join("../pipelines")])
+            .unwrap()
+            .into_iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(&f).unwrap();
+                (f, Ok(text))
+            })
+            .collect();
+    texts.push((PathBuf::from("odd_one_out.sql"), Ok(rule.to_string())));
+    let reports = fleetlake_sql::pipeline::check_texts(texts).await;
+    let errors: Vec<String> = reports.iter().flat_map(|r| r.error_lines()).collect();
+    assert!(errors.is_empty(), "it checks: {errors:#?}");
+    let warnings: Vec<String> = reports.iter().flat_map(|r| r.warning_lines()).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].starts_with("odd_one_out.sql:1:"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0]
+            .contains("rule odd_one_out uses the window functions cohort_outlier, robust_zscore")
+            && warnings[0].contains("one micro-batch"),
+        "{}",
+        warnings[0]
+    );
 }

@@ -373,6 +373,13 @@ impl Rules {
                 errors.join("\n"),
             ));
         }
+        for warning in reports
+            .iter()
+            .filter(|r| r.path == path)
+            .flat_map(|r| r.warning_lines())
+        {
+            tracing::warn!("{warning}");
+        }
         reports
             .into_iter()
             .find(|r| r.path == path)

@@ -63,9 +63,20 @@ pub struct FileReport {
     /// Reference tables the file declares.
     pub references: Vec<TableId>,
     pub errors: Vec<PipelineError>,
+    /// What checks but may not do what the author expects (e.g. a window function in a query
+    /// that runs per micro-batch).
+    pub warnings: Vec<PipelineError>,
 }
 
 impl FileReport {
+    /// `path:line:column: message` per warning.
+    pub fn warning_lines(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .map(|e| format!("{}:{e}", self.path.display()))
+            .collect()
+    }
+
     /// `path:line:column: message` per error.
     pub fn error_lines(&self) -> Vec<String> {
         self.errors
@@ -73,6 +84,54 @@ impl FileReport {
             .map(|e| format!("{}:{e}", self.path.display()))
             .collect()
     }
+}
+
+/// The window functions (`… OVER (…)`) in queries that run per micro-batch — a pipeline's
+/// tables and rules — as warnings: such a function sees only the rows of one micro-batch, so
+/// its value depends on how the stream was cut (see the README, "Anomaly functions").
+pub fn per_batch_window_functions(file: &PipelineFile) -> Vec<PipelineError> {
+    use datafusion::sql::sqlparser::ast::{Expr, visit_expressions};
+    fn window_functions(query: &datafusion::sql::sqlparser::ast::Query) -> Vec<String> {
+        let mut found = Vec::new();
+        let _ = visit_expressions(query, |e: &Expr| {
+            if let Expr::Function(f) = e
+                && f.over.is_some()
+            {
+                let name = f.name.to_string();
+                if !found.contains(&name) {
+                    found.push(name);
+                }
+            }
+            std::ops::ControlFlow::<()>::Continue(())
+        });
+        found
+    }
+    let what = |kind: &str, name: &str, functions: Vec<String>| {
+        format!(
+            "{kind} {name} uses the window function{} {}: in a {kind} it sees the rows of one \
+             micro-batch only, so its value depends on how the stream is cut; compute it in an \
+             ad-hoc query or a fleet endpoint over the table instead",
+            if functions.len() > 1 { "s" } else { "" },
+            functions.join(", ")
+        )
+    };
+    let mut out = Vec::new();
+    for t in &file.tables {
+        let functions = window_functions(&t.query);
+        if !functions.is_empty() {
+            out.push(PipelineError::new(
+                t.pos,
+                what("pipeline table", &t.table.to_string(), functions),
+            ));
+        }
+    }
+    for r in &file.rules {
+        let functions = window_functions(&r.query);
+        if !functions.is_empty() {
+            out.push(PipelineError::new(r.pos, what("rule", &r.name, functions)));
+        }
+    }
+    out
 }
 
 /// The `.sql` files under `paths` (folders are searched recursively), sorted.
@@ -147,11 +206,13 @@ pub async fn check_texts(files: Vec<(PathBuf, Result<String, String>)>) -> Vec<F
             rules: Vec::new(),
             references: Vec::new(),
             errors: Vec::new(),
+            warnings: Vec::new(),
         };
         match file {
             Err(e) => report.errors.push(e),
             Ok(file) => {
                 report.references = file.references.iter().map(|r| r.table.clone()).collect();
+                report.warnings = per_batch_window_functions(&file);
                 for (p, r) in &duplicate_refs {
                     if *p == path {
                         report.errors.push(PipelineError::new(
