@@ -159,6 +159,7 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     let (status, created) = put(&api, "hot", Some("alice"), &rule(8)).await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["applied"], true, "{created}");
+    assert_eq!(created["warnings"], json!([]), "{created}");
     assert_eq!(created["managed"], true);
     let v1 = created["version"].as_str().unwrap().to_string();
     assert_eq!(std::fs::read_to_string(&file).unwrap(), rule(8));

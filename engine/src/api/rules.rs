@@ -229,6 +229,12 @@ impl Rules {
                 ),
             ));
         }
+        // What checks but may surprise: window functions see one micro-batch.
+        let warnings: Vec<String> =
+            fleetlake_sql::pipeline::check::per_batch_window_functions(&file)
+                .iter()
+                .map(|w| format!("{}:{w}", shown.display()))
+                .collect();
         let mut state = self.state.lock().await;
         let previous = state.rules.get(name).cloned();
         if let Some(p) = &previous
@@ -243,6 +249,7 @@ impl Rules {
             let mut body = self.describe(previous.as_ref().expect("unchanged"));
             body["changed"] = json!(false);
             body["applied"] = json!(true);
+            body["warnings"] = json!(warnings);
             return Ok((StatusCode::OK, body));
         }
         let action = if previous.is_some() {
@@ -285,6 +292,7 @@ impl Rules {
         let mut body = self.describe(&entry);
         body["changed"] = json!(true);
         body["action"] = json!(action);
+        body["warnings"] = json!(warnings);
         add_applied(&mut body, applied);
         let status = if previous.is_some() {
             StatusCode::OK
