@@ -279,7 +279,7 @@ impl Ewma {
     }
 }
 
-/// Which score a frame function computes.
+/// Which anomaly function a window function computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Function {
     ZScore,
@@ -337,19 +337,19 @@ impl Function {
 /// One anomaly window function (see the module documentation).
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct AnomalyWindow {
-    score: Function,
+    function: Function,
     signature: Signature,
 }
 
 impl AnomalyWindow {
-    fn new(score: Function) -> Self {
-        let params = score.parameters();
+    fn new(function: Function) -> Self {
+        let params = function.parameters();
         let required = 1 + params.iter().filter(|(_, r)| *r).count();
         let signatures = (required..=1 + params.len())
             .map(|n| datafusion::logical_expr::TypeSignature::Exact(vec![DataType::Float64; n]))
             .collect();
         Self {
-            score,
+            function,
             signature: Signature::one_of(signatures, Volatility::Immutable),
         }
     }
@@ -376,7 +376,7 @@ fn constant(
 
 impl WindowUDFImpl for AnomalyWindow {
     fn name(&self) -> &str {
-        self.score.name()
+        self.function.name()
     }
 
     fn signature(&self) -> &Signature {
@@ -387,17 +387,17 @@ impl WindowUDFImpl for AnomalyWindow {
         &self,
         args: PartitionEvaluatorArgs,
     ) -> Result<Box<dyn PartitionEvaluator>> {
-        let name = self.score.name();
+        let name = self.function.name();
         let exprs = args.input_exprs();
         let mut params = Vec::new();
-        for (i, (param, required)) in self.score.parameters().iter().enumerate() {
+        for (i, (param, required)) in self.function.parameters().iter().enumerate() {
             let value = constant(exprs, i + 1, name, param)?;
             if *required && value.is_none() {
                 return plan_err!("{name} needs its {param} argument");
             }
             params.push(value);
         }
-        let evaluator = match self.score {
+        let evaluator = match self.function {
             Function::Ewma | Function::EwmaZScore => {
                 let alpha = params[0].expect("required");
                 if !(alpha > 0.0 && alpha <= 1.0) {
@@ -437,7 +437,7 @@ impl WindowUDFImpl for AnomalyWindow {
             _ => Params::None,
         };
         Ok(Box::new(Evaluator {
-            score: self.score,
+            function: self.function,
             params: evaluator,
             row: 0,
             cached: None,
@@ -447,7 +447,7 @@ impl WindowUDFImpl for AnomalyWindow {
     fn field(&self, field_args: WindowUDFFieldArgs) -> Result<FieldRef> {
         Ok(Arc::new(Field::new(
             field_args.name(),
-            self.score.output(),
+            self.function.output(),
             true,
         )))
     }
@@ -465,7 +465,7 @@ enum Params {
 /// order (these functions do not support bounded execution), so `row` is the current row.
 #[derive(Debug)]
 struct Evaluator {
-    score: Function,
+    function: Function,
     params: Params,
     row: usize,
     /// The last frame's baseline: a whole-partition frame is summarised once.
@@ -493,7 +493,7 @@ impl Evaluator {
 
 impl PartitionEvaluator for Evaluator {
     fn uses_window_frame(&self) -> bool {
-        self.score.uses_frame()
+        self.function.uses_frame()
     }
 
     fn evaluate(&mut self, values: &[ArrayRef], range: &Range<usize>) -> Result<ScalarValue> {
@@ -503,7 +503,7 @@ impl PartitionEvaluator for Evaluator {
         if row >= column.len() {
             return internal_err!(
                 "{}: row {row} beyond the partition's {} rows",
-                self.score.name(),
+                self.function.name(),
                 column.len()
             );
         }
@@ -511,9 +511,9 @@ impl PartitionEvaluator for Evaluator {
             .is_valid(row)
             .then(|| column.value(row))
             .filter(|x| x.is_finite());
-        let score = self.score;
+        let function = self.function;
         let params = self.params;
-        Ok(match score {
+        Ok(match function {
             Function::LevelShift => {
                 // An inverted frame (`ROWS BETWEEN 1 PRECEDING AND 3 PRECEDING`) is empty.
                 let split = row.max(range.start).min(range.end.max(range.start));
@@ -523,10 +523,10 @@ impl PartitionEvaluator for Evaluator {
             }
             _ => {
                 let Some(x) = x else {
-                    return ScalarValue::try_from(&score.output());
+                    return ScalarValue::try_from(&function.output());
                 };
                 let b = self.baseline(column, range);
-                match (score, params) {
+                match (function, params) {
                     (Function::ZScore, _) => ScalarValue::Float64(b.zscore(x)),
                     (Function::RobustZScore, _) => ScalarValue::Float64(b.robust_zscore(x)),
                     (Function::Iqr, _) => ScalarValue::Float64(b.iqr_score(x)),
@@ -555,7 +555,7 @@ impl PartitionEvaluator for Evaluator {
                         b.len() >= min_size
                             && b.robust_zscore(x).is_some_and(|z| z.abs() > threshold),
                     )),
-                    _ => return internal_err!("{}: parameters do not match", score.name()),
+                    _ => return internal_err!("{}: parameters do not match", function.name()),
                 }
             }
         })
@@ -563,7 +563,7 @@ impl PartitionEvaluator for Evaluator {
 
     fn evaluate_all(&mut self, values: &[ArrayRef], num_rows: usize) -> Result<ArrayRef> {
         let Params::Alpha(alpha) = self.params else {
-            return internal_err!("{}: evaluated without a frame", self.score.name());
+            return internal_err!("{}: evaluated without a frame", self.function.name());
         };
         let column = values[0].as_primitive::<Float64Type>();
         let mut ewma = Ewma::new(alpha);
@@ -573,7 +573,7 @@ impl PartitionEvaluator for Evaluator {
                     return None;
                 }
                 let (mean, z) = ewma.step(column.value(i));
-                if self.score == Function::Ewma {
+                if self.function == Function::Ewma {
                     mean
                 } else {
                     z
