@@ -10,12 +10,22 @@
 //!          └────────────────┘◄──────────────────────────────── RESOLVED ◄──────┘ (transition)
 //! ```
 //!
+//! A **silence rule** returns `silent_after_s` instead of `firing`: each row says its key was
+//! heard from and how long (seconds) it may then stay silent. A key fires when it has sent no row
+//! for that long (plus `for`) in observed stream time ([`clock`]), and resolves with its next row.
+//!
+//! Grouping (`group_by`, [`group`]): firing keys of one cohort are held for `group_wait`; when at
+//! least `group_min` of them fire together, one cohort alert is published instead of one per key.
+//!
 //! Hysteresis: a firing key resolves on the `resolved` column (e.g. `temperature_c < 6` for a rule
 //! that fires above 8), or when `firing` turns false if the query has no `resolved` column.
 //! Everything is event time, so replaying the same rows gives the same transitions with the same
 //! ids — which is what lets JetStream drop an alert republished after a crash.
 
-use std::collections::BTreeMap;
+pub mod clock;
+pub mod group;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -39,6 +49,8 @@ const RULE_SEQ: &str = "__rule_stream_seq";
 pub const FIRING: &str = "firing";
 /// The optional column that says a firing key is back to normal.
 pub const RESOLVED: &str = "resolved";
+/// The column of a silence rule: how long (seconds) its key may send nothing before it fires.
+pub const SILENT_AFTER: &str = "silent_after_s";
 
 fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(e.to_string())
@@ -47,15 +59,22 @@ fn internal(e: impl std::fmt::Display) -> Error {
 /// The version of a rule: a hash of its definition (the query as normalized SQL, so where it is
 /// written and its spacing do not matter), so a change is a new version.
 pub fn rule_version(def: &RuleDef) -> String {
-    let text = format!(
+    let mut text = format!(
         "{}|{}|{:?}|{}|{}|{}|{}",
         def.name, def.severity, def.key, def.for_duration, def.cool_down, def.event_time, def.query
     );
+    if !def.group_by.is_empty() {
+        // Only grouped rules add this, so the versions of rules written before it stay.
+        text.push_str(&format!(
+            "|{:?}|{}|{}",
+            def.group_by, def.group_min, def.group_wait
+        ));
+    }
     format!("{:016x}", crate::hash::stable_hash(&[&text]))
 }
 
-/// A firing or resolved alert for one key.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A firing or resolved alert for one key, or for a cohort of keys (`members`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transition {
     /// Deterministic: the same rule version, key, state and event time give the same id.
     pub alert_id: String,
@@ -72,8 +91,16 @@ pub struct Transition {
     pub values: serde_json::Map<String, serde_json::Value>,
     /// Event time of the row that caused the transition (µs since the epoch).
     pub event_time: i64,
-    /// The message the row came from.
+    /// The message the row came from. A silence rule's firing is detected between messages:
+    /// it carries the sequence after the last one processed.
     pub stream_seq: i64,
+    /// The cohort the key belongs to (the rule's `group_by` values joined with `/`), for a
+    /// grouped rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cohort: Option<String>,
+    /// For a cohort alert: the keys it stands for (its `key` is the cohort); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +115,23 @@ struct KeyState {
     phase: Phase,
     /// The newest event time seen for the key.
     last_t: i64,
+    /// When the key last fired: event time, or observed time for a silence rule.
     last_fired: Option<i64>,
+    /// A silence rule's watch over the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    silence: Option<Silence>,
+}
+
+/// When a silence rule's key was last heard from and what it said.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Silence {
+    /// Observed time (µs, [`clock`]) of the key's last row.
+    seen_at: i64,
+    /// How long (µs) the key may send nothing.
+    after: i64,
+    /// The last row's values (the alert's values when it fires).
+    values: serde_json::Map<String, serde_json::Value>,
+    cohort: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -96,6 +139,11 @@ struct Snapshot {
     version: String,
     position: i64,
     keys: BTreeMap<String, KeyState>,
+    /// Observed time as of the snapshot (silence rules).
+    #[serde(default)]
+    clock: i64,
+    #[serde(default)]
+    groups: group::Grouper,
 }
 
 /// A query's plan and the reference tables it was planned with.
@@ -117,6 +165,11 @@ pub struct RuleRunner {
     pub out_of_order: u64,
     /// The query planned once over no rows, with the reference tables it was planned with.
     planned: Option<Planned>,
+    /// Observed stream time (µs, [`clock`]) as of the last micro-batch or tick.
+    clock: i64,
+    /// Silence deadlines (observed µs) of the keys that are not firing.
+    deadlines: BTreeSet<(i64, String)>,
+    groups: group::Grouper,
 }
 
 impl RuleRunner {
@@ -130,7 +183,116 @@ impl RuleRunner {
             position: 0,
             out_of_order: 0,
             planned: None,
+            clock: 0,
+            deadlines: BTreeSet::new(),
+            groups: group::Grouper::default(),
         }
+    }
+
+    /// Whether the rule groups its keys' alerts by cohort.
+    pub fn grouped(&self) -> bool {
+        !self.def.group_by.is_empty()
+    }
+
+    /// Sets the observed stream time ([`clock`]) that the next rows are seen at and that
+    /// [`Self::tick`] measures silence with; it never goes back.
+    pub fn observe(&mut self, observed: i64) {
+        self.clock = self.clock.max(observed);
+    }
+
+    /// Observed stream time as of the rule's state.
+    pub fn clock(&self) -> i64 {
+        self.clock
+    }
+
+    /// A silence rule's firings as of the observed time set by [`Self::observe`]: each key
+    /// silent for its `silent_after_s` plus `for`, and past its cool-down. Firing is detected
+    /// between messages, so the transition carries the sequence after the rule's position; its
+    /// event time (and so its id) is that of the key's last row, which a replay gives again.
+    pub fn tick(&mut self) -> Vec<Transition> {
+        let mut out = Vec::new();
+        while let Some(first) = self.deadlines.first() {
+            if first.0 > self.clock {
+                break;
+            }
+            let (_, key) = self.deadlines.pop_first().expect("not empty");
+            let Some(state) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            let Some(silence) = &state.silence else {
+                continue;
+            };
+            if state.phase == Phase::Firing {
+                continue;
+            }
+            if let Some(f) = state.last_fired
+                && self.clock.saturating_sub(f) < self.def.cool_down
+            {
+                self.deadlines
+                    .insert((f.saturating_add(self.def.cool_down), key));
+                continue;
+            }
+            state.phase = Phase::Firing;
+            state.last_fired = Some(self.clock);
+            let mut values = silence.values.clone();
+            values.insert(
+                "silent_for_s".into(),
+                serde_json::json!((self.clock - silence.seen_at) as f64 / 1e6),
+            );
+            let cohort = silence.cohort.clone();
+            let t = state.last_t;
+            out.push(self.transition(key, "firing", t, self.position + 1, values, cohort));
+        }
+        out
+    }
+
+    /// What to publish of `transitions` (this rule's, from [`Self::process`] and
+    /// [`Self::tick`]): all of them for a rule without `group_by`; for a grouped rule, see
+    /// [`group`]. Cohort alerts are among the returned transitions (with `members`).
+    pub fn route(&mut self, transitions: &[Transition]) -> Vec<Transition> {
+        if !self.grouped() {
+            return transitions.to_vec();
+        }
+        let mut groups = std::mem::take(&mut self.groups);
+        let out = groups.route(self, transitions);
+        self.groups = groups;
+        out
+    }
+
+    fn transition(
+        &self,
+        key: String,
+        state: &str,
+        event_time: i64,
+        stream_seq: i64,
+        values: serde_json::Map<String, serde_json::Value>,
+        cohort: Option<String>,
+    ) -> Transition {
+        Transition {
+            alert_id: format!(
+                "{}-{:016x}",
+                self.def.name,
+                crate::hash::stable_hash(&[&self.version, &key, state, &event_time.to_string()])
+            ),
+            rule: self.def.name.clone(),
+            rule_version: self.version.clone(),
+            severity: self.def.severity.clone(),
+            key,
+            state: state.to_string(),
+            window_start: None,
+            window_end: None,
+            values,
+            event_time,
+            stream_seq,
+            cohort,
+            members: Vec::new(),
+        }
+    }
+
+    fn silence_deadline(&self, s: &Silence) -> i64 {
+        s.seen_at
+            .saturating_add(s.after)
+            .saturating_add(self.def.for_duration)
     }
 
     pub fn position(&self) -> i64 {
@@ -200,7 +362,20 @@ impl RuleRunner {
         )
         .map_err(internal)?;
         let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-        let firing = column(FIRING)?.as_boolean().clone();
+        // A silence rule says per row how long its key may then stay silent.
+        let silent_after = match out.column_by_name(SILENT_AFTER) {
+            Some(c) => Some(
+                cast(c, &DataType::Float64)
+                    .map_err(internal)?
+                    .as_primitive::<arrow::datatypes::Float64Type>()
+                    .clone(),
+            ),
+            None => None,
+        };
+        let firing = match &silent_after {
+            Some(_) => None,
+            None => Some(column(FIRING)?.as_boolean().clone()),
+        };
         let resolved = out.column_by_name(RESOLVED).map(|c| c.as_boolean().clone());
         let window = |name: &str| {
             out.column_by_name(name).and_then(|c| {
@@ -214,12 +389,32 @@ impl RuleRunner {
         };
         let (wstart, wend) = (window(WINDOW_START), window(WINDOW_END));
         let options = FormatOptions::default();
-        let key_formatters = self
-            .def
-            .key
-            .iter()
-            .map(|k| ArrayFormatter::try_new(column(k)?.as_ref(), &options).map_err(internal))
-            .collect::<Result<Vec<_>>>()?;
+        let formatters = |names: &[String]| {
+            names
+                .iter()
+                .map(|k| ArrayFormatter::try_new(column(k)?.as_ref(), &options).map_err(internal))
+                .collect::<Result<Vec<_>>>()
+        };
+        let key_formatters = formatters(&self.def.key)?;
+        let cohort_formatters = formatters(&self.def.group_by)?;
+        let joined = |fs: &[ArrayFormatter], i: usize| {
+            fs.iter()
+                .map(|f| f.value(i).to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let key_columns = self.def.key.clone();
+        let values_of = |i: usize| {
+            let mut values = serde_json::Map::new();
+            for (f, c) in out.schema().fields().iter().zip(out.columns()) {
+                let name = f.name().as_str();
+                if name == RULE_SEQ || key_columns.iter().any(|k| k == name) {
+                    continue;
+                }
+                values.insert(name.to_string(), json_value(c.as_ref(), i));
+            }
+            values
+        };
         let mut order: Vec<usize> = (0..out.num_rows()).collect();
         order.sort_by_key(|i| seqs.value(*i));
         let mut transitions = Vec::new();
@@ -229,11 +424,15 @@ impl RuleRunner {
                 continue;
             }
             let t = times.value(i);
-            let key = key_formatters
-                .iter()
-                .map(|f| f.value(i).to_string())
-                .collect::<Vec<_>>()
-                .join("/");
+            let key = joined(&key_formatters, i);
+            let cohort = (!cohort_formatters.is_empty()).then(|| joined(&cohort_formatters, i));
+            if let Some(after) = &silent_after {
+                let after = (after.is_valid(i) && after.value(i) > 0.0)
+                    .then(|| (after.value(i) * 1e6).min(i64::MAX as f64) as i64);
+                transitions.extend(self.heard_from(key, t, seq, after, values_of(i), cohort));
+                continue;
+            }
+            let firing = firing.as_ref().expect("a condition rule");
             let fires = firing.is_valid(i) && firing.value(i);
             let resolves = match &resolved {
                 Some(r) => r.is_valid(i) && r.value(i),
@@ -243,6 +442,7 @@ impl RuleRunner {
                 phase: Phase::Ok,
                 last_t: i64::MIN,
                 last_fired: None,
+                silence: None,
             });
             if t < state.last_t {
                 self.out_of_order += 1;
@@ -282,40 +482,69 @@ impl RuleRunner {
                 }
             };
             let Some(new_state) = fired else { continue };
-            let mut values = serde_json::Map::new();
-            for (f, c) in out.schema().fields().iter().zip(out.columns()) {
-                let name = f.name().as_str();
-                if name == RULE_SEQ || self.def.key.iter().any(|k| k == name) {
-                    continue;
-                }
-                values.insert(name.to_string(), json_value(c.as_ref(), i));
-            }
-            let alert_id = format!(
-                "{}-{:016x}",
-                self.def.name,
-                crate::hash::stable_hash(&[&self.version, &key, new_state, &t.to_string()])
-            );
-            transitions.push(Transition {
-                alert_id,
-                rule: self.def.name.clone(),
-                rule_version: self.version.clone(),
-                severity: self.def.severity.clone(),
-                key,
-                state: new_state.to_string(),
-                window_start: wstart
-                    .as_ref()
-                    .filter(|w| w.is_valid(i))
-                    .map(|w| w.value(i)),
-                window_end: wend.as_ref().filter(|w| w.is_valid(i)).map(|w| w.value(i)),
-                values,
-                event_time: t,
-                stream_seq: seq,
-            });
+            let mut transition = self.transition(key, new_state, t, seq, values_of(i), cohort);
+            transition.window_start = wstart
+                .as_ref()
+                .filter(|w| w.is_valid(i))
+                .map(|w| w.value(i));
+            transition.window_end = wend.as_ref().filter(|w| w.is_valid(i)).map(|w| w.value(i));
+            transitions.push(transition);
         }
         if let Some(max) = (0..seqs.len()).map(|i| seqs.value(i)).max() {
             self.position = self.position.max(max);
         }
         Ok(transitions)
+    }
+
+    /// A silence rule's row for `key`: the key was heard from now (observed time), so a firing
+    /// key resolves, and it may stay silent for `after` µs (the row's `silent_after_s`; NULL
+    /// keeps the key's previous one, and a key that never had one is not watched). A row older
+    /// than the key's newest still counts as heard from, but its values are not kept.
+    fn heard_from(
+        &mut self,
+        key: String,
+        t: i64,
+        seq: i64,
+        after: Option<i64>,
+        values: serde_json::Map<String, serde_json::Value>,
+        cohort: Option<String>,
+    ) -> Option<Transition> {
+        let clock = self.clock;
+        let state = self.keys.entry(key.clone()).or_insert(KeyState {
+            phase: Phase::Ok,
+            last_t: i64::MIN,
+            last_fired: None,
+            silence: None,
+        });
+        let newer = t >= state.last_t;
+        if !newer {
+            self.out_of_order += 1;
+        }
+        state.last_t = state.last_t.max(t);
+        let resolves = state.phase == Phase::Firing;
+        state.phase = Phase::Ok;
+        let previous = state.silence.take();
+        let after = after.or(previous.as_ref().map(|p| p.after));
+        let (kept_values, kept_cohort) = match &previous {
+            Some(p) if !newer => (p.values.clone(), p.cohort.clone()),
+            _ => (values.clone(), cohort.clone()),
+        };
+        if let Some(p) = &previous {
+            let old = self.silence_deadline(p);
+            self.deadlines.remove(&(old, key.clone()));
+        }
+        if let Some(after) = after {
+            let s = Silence {
+                seen_at: clock,
+                after,
+                values: kept_values,
+                cohort: kept_cohort,
+            };
+            self.deadlines
+                .insert((self.silence_deadline(&s), key.clone()));
+            self.keys.get_mut(&key).expect("inserted").silence = Some(s);
+        }
+        resolves.then(|| self.transition(key, "resolved", t, seq, values, cohort))
     }
 
     /// Marks everything up to `position` as seen (after a rebuild that had no rows to read).
@@ -325,10 +554,20 @@ impl RuleRunner {
 
     /// The per-key state as bytes (JSON).
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(&Snapshot {
-            version: self.version.clone(),
+        #[derive(Serialize)]
+        struct SnapshotRef<'a> {
+            version: &'a str,
+            position: i64,
+            keys: &'a BTreeMap<String, KeyState>,
+            clock: i64,
+            groups: &'a group::Grouper,
+        }
+        serde_json::to_vec(&SnapshotRef {
+            version: &self.version,
             position: self.position,
-            keys: self.keys.clone(),
+            keys: &self.keys,
+            clock: self.clock,
+            groups: &self.groups,
         })
         .expect("serializable")
     }
@@ -342,6 +581,17 @@ impl RuleRunner {
         }
         self.position = s.position;
         self.keys = s.keys;
+        self.clock = s.clock;
+        self.groups = s.groups;
+        self.deadlines = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.phase != Phase::Firing)
+            .filter_map(|(key, k)| {
+                let s = k.silence.as_ref()?;
+                Some((self.silence_deadline(s), key.clone()))
+            })
+            .collect();
         Ok(true)
     }
 }
@@ -463,17 +713,38 @@ pub async fn check_rule(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    match schema.field_with_name(FIRING) {
-        Ok(f) if f.data_type() == &DataType::Boolean => {}
-        Ok(f) => {
+    match (
+        schema.field_with_name(FIRING).ok(),
+        schema.field_with_name(SILENT_AFTER).ok(),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "a rule returns either {FIRING} (a condition) or {SILENT_AFTER} (a silence rule), not both"
+            ));
+        }
+        (None, Some(f)) => {
+            if !f.data_type().is_numeric() {
+                return Err(format!(
+                    "{SILENT_AFTER} must be a number of seconds, but it is {}",
+                    f.data_type()
+                ));
+            }
+            if schema.field_with_name(RESOLVED).is_ok() {
+                return Err(format!(
+                    "a silence rule resolves when its key sends a row again; it has no {RESOLVED} column"
+                ));
+            }
+        }
+        (Some(f), None) if f.data_type() == &DataType::Boolean => {}
+        (Some(f), None) => {
             return Err(format!(
                 "{FIRING} must be a boolean condition, but it is {}",
                 f.data_type()
             ));
         }
-        Err(_) => {
+        (None, None) => {
             return Err(format!(
-                "a rule's query returns a boolean {FIRING} column (e.g. temperature_c > 8 AS {FIRING}); it returns {}",
+                "a rule's query returns a boolean {FIRING} column (e.g. temperature_c > 8 AS {FIRING}), or for a silence rule {SILENT_AFTER} (e.g. 300 AS {SILENT_AFTER}); it returns {}",
                 returns()
             ));
         }
@@ -485,6 +756,14 @@ pub async fn check_rule(
             "{RESOLVED} must be a boolean condition, but it is {}",
             f.data_type()
         ));
+    }
+    for c in &def.group_by {
+        if schema.field_with_name(c).is_err() {
+            return Err(format!(
+                "group_by column {c} is not returned by the query; it returns {}",
+                returns()
+            ));
+        }
     }
     for k in &def.key {
         if schema.field_with_name(k).is_err() {
@@ -680,6 +959,181 @@ mod tests {
             ]
         );
         assert_eq!(got[2].values["max_c"], serde_json::json!(50.0));
+    }
+
+    const SEC: i64 = 1_000_000;
+
+    fn site_rows(r: &[(i64, &str, &str, i64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, true),
+            Field::new("site", DataType::Utf8, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("stream_seq", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(r.iter().map(|x| x.1))),
+                Arc::new(StringArray::from_iter_values(r.iter().map(|x| x.2))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(r.iter().map(|x| x.3 * SEC))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(Int64Array::from_iter_values(r.iter().map(|x| x.0))),
+            ],
+        )
+        .unwrap()
+    }
+
+    async fn silence_rule(options: &str) -> RuleRunner {
+        let file = parse_file(&format!(
+            "CREATE RULE quiet WITH (key = 'device_id'{options}) \
+             AS SELECT device_id, site, ts, 60 AS silent_after_s FROM usable.sites"
+        ))
+        .unwrap();
+        let def = &file.rules[0];
+        let input = TableId::parse("usable.sites").unwrap();
+        let schema = site_rows(&[]).schema();
+        check_rule(def, &input, &schema, &[]).await.unwrap();
+        RuleRunner::new(def, input, schema)
+    }
+
+    /// Observes `at` seconds of observed time, runs `rows` (if any) and ticks.
+    async fn step(r: &mut RuleRunner, at: i64, rows: &[(i64, &str, &str, i64)]) -> Vec<Transition> {
+        r.observe(at * SEC);
+        let mut out = Vec::new();
+        if !rows.is_empty() {
+            out.extend(r.process(&site_rows(rows), &[]).await.unwrap());
+        }
+        out.extend(r.tick());
+        r.route(&out)
+    }
+
+    fn seen(t: &[Transition]) -> Vec<(String, String)> {
+        t.iter().map(|t| (t.key.clone(), t.state.clone())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_silent_key_fires_once_after_its_time_and_resolves_with_its_next_row() {
+        let mut r = silence_rule("").await;
+        assert!(
+            step(&mut r, 0, &[(1, "a", "x", 100), (2, "b", "x", 100)])
+                .await
+                .is_empty()
+        );
+        assert!(step(&mut r, 30, &[(3, "b", "x", 130)]).await.is_empty());
+        assert!(step(&mut r, 59, &[]).await.is_empty());
+        let fired = step(&mut r, 60, &[]).await;
+        assert_eq!(seen(&fired), vec![("a".into(), "firing".into())]);
+        // The event time is the last row's, so a replay gives the same id; detected after seq 3.
+        assert_eq!((fired[0].event_time, fired[0].stream_seq), (100 * SEC, 4));
+        assert_eq!(fired[0].values["silent_for_s"], serde_json::json!(60.0));
+        assert!(step(&mut r, 80, &[]).await.is_empty(), "fires once");
+        assert_eq!(
+            seen(&step(&mut r, 90, &[]).await),
+            vec![("b".into(), "firing".into())]
+        );
+        let back = step(&mut r, 100, &[(4, "a", "x", 200)]).await;
+        assert_eq!(seen(&back), vec![("a".into(), "resolved".into())]);
+        assert_eq!(r.firing(), 1);
+        // Silent again: fires again, with another id.
+        let again = step(&mut r, 160, &[]).await;
+        assert_eq!(seen(&again), vec![("a".into(), "firing".into())]);
+        assert_ne!(again[0].alert_id, fired[0].alert_id);
+    }
+
+    #[tokio::test]
+    async fn silence_state_survives_a_snapshot() {
+        let mut r = silence_rule(", cool_down = '5m'").await;
+        step(&mut r, 0, &[(1, "a", "x", 100), (2, "b", "x", 100)]).await;
+        step(&mut r, 50, &[(3, "b", "x", 150)]).await;
+        let mut restored = silence_rule(", cool_down = '5m'").await;
+        assert!(restored.restore(&r.encode()).unwrap());
+        for runner in [&mut r, &mut restored] {
+            let fired = step(runner, 61, &[]).await;
+            assert_eq!(seen(&fired), vec![("a".into(), "firing".into())]);
+            assert_eq!(
+                seen(&step(runner, 111, &[]).await),
+                vec![("b".into(), "firing".into())]
+            );
+            // a comes back and goes silent again within its cool-down: held until 61 + 300.
+            step(runner, 120, &[(4, "a", "x", 220)]).await;
+            assert!(step(runner, 200, &[]).await.is_empty());
+            assert_eq!(
+                seen(&step(runner, 361, &[]).await),
+                vec![("a".into(), "firing".into())]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cohort_that_goes_dark_together_is_one_alert() {
+        let mut r = silence_rule(", group_by = 'site', group_min = 3, group_wait = '10s'").await;
+        let mut rows = Vec::new();
+        for i in 0..5 {
+            rows.push((i + 1, format!("x{i}"), "x"));
+        }
+        rows.push((6, "y0".to_string(), "y"));
+        let rows: Vec<(i64, &str, &str, i64)> = rows
+            .iter()
+            .map(|(s, d, site)| (*s, d.as_str(), *site, 100))
+            .collect();
+        step(&mut r, 0, &rows).await;
+        // x4 and y0 keep reporting a little longer.
+        step(&mut r, 5, &[(7, "x4", "x", 105), (8, "y0", "y", 105)]).await;
+        // Fired at 60 (four of x) and 65 (x4, y0): x's cohort is held from 60 until 70 (x4
+        // joins it while held), y's from 65 until 75.
+        assert!(step(&mut r, 60, &[]).await.is_empty());
+        assert!(step(&mut r, 65, &[]).await.is_empty());
+        let cohort = step(&mut r, 70, &[]).await;
+        assert_eq!(seen(&cohort), vec![("x".into(), "firing".into())]);
+        assert_eq!(cohort[0].members, vec!["x0", "x1", "x2", "x3", "x4"]);
+        assert_eq!(cohort[0].values["count"], serde_json::json!(5));
+        assert_eq!(cohort[0].values["site"], serde_json::json!("x"));
+        // y's cohort has one key: its own alert is published.
+        let late = step(&mut r, 75, &[]).await;
+        assert_eq!(seen(&late), vec![("y0".into(), "firing".into())]);
+        // The site comes back: one resolved alert once every member has.
+        let mut back = Vec::new();
+        for (i, d) in ["x0", "x1", "x2", "x3", "x4"].iter().enumerate() {
+            back.extend(step(&mut r, 80 + i as i64, &[(10 + i as i64, d, "x", 200)]).await);
+        }
+        assert_eq!(seen(&back), vec![("x".into(), "resolved".into())]);
+        assert_eq!(back[0].members.len(), 5);
+        assert_eq!(back[0].values["count"], serde_json::json!(5));
+    }
+
+    #[tokio::test]
+    async fn a_rule_says_firing_or_silent_after_not_both() {
+        let file = parse_file(
+            "CREATE RULE both WITH (key = 'device_id') \
+             AS SELECT device_id, ts, true AS firing, 60 AS silent_after_s FROM usable.readings",
+        )
+        .unwrap();
+        let input = TableId::parse("usable.readings").unwrap();
+        let err = check_rule(&file.rules[0], &input, &schema(), &[])
+            .await
+            .unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+        let file = parse_file(
+            "CREATE RULE g WITH (key = 'device_id', group_by = 'site') \
+             AS SELECT device_id, ts, 60 AS silent_after_s FROM usable.readings",
+        )
+        .unwrap();
+        let err = check_rule(&file.rules[0], &input, &schema(), &[])
+            .await
+            .unwrap_err();
+        assert!(err.contains("group_by column site"), "{err}");
+        let err = parse_file(
+            "CREATE RULE g WITH (key = 'device_id', group_min = 5) \
+             AS SELECT device_id, ts, 60 AS silent_after_s FROM usable.readings",
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("group_by"), "{err}");
     }
 
     #[tokio::test]

@@ -202,9 +202,23 @@ pub struct RuleDef {
     pub cool_down: i64,
     /// The event-time column of the rule's rows.
     pub event_time: String,
+    /// Cohort grouping: the columns that name a cohort (`'tenant, site'`); empty for none.
+    /// When at least `group_min` keys of one cohort fire within `group_wait`, one alert for the
+    /// cohort is published instead of one per key (each key's transition is still recorded).
+    pub group_by: Vec<String>,
+    /// The least number of keys firing together that makes a cohort alert (≥ 2).
+    pub group_min: usize,
+    /// How long (µs of observed stream time) a firing key is held back to see whether its
+    /// cohort fires with it.
+    pub group_wait: i64,
     pub option_pos: Vec<(String, Pos)>,
     pub query: Box<Query>,
 }
+
+/// `group_min` when `group_by` is set and it is not.
+pub const DEFAULT_GROUP_MIN: usize = 10;
+/// `group_wait` when `group_by` is set and it is not: 30 s.
+pub const DEFAULT_GROUP_WAIT_US: i64 = 30_000_000;
 
 /// Everything one file declares.
 #[derive(Debug, Clone, PartialEq, Default)]

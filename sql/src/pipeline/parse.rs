@@ -454,6 +454,9 @@ impl P<'_> {
             for_duration: 0,
             cool_down: 0,
             event_time: "ts".into(),
+            group_by: Vec::new(),
+            group_min: super::DEFAULT_GROUP_MIN,
+            group_wait: super::DEFAULT_GROUP_WAIT_US,
             option_pos: options
                 .iter()
                 .map(|o| (o.key.clone(), o.value_at))
@@ -478,6 +481,22 @@ impl P<'_> {
                 "for" => rule.for_duration = duration_or_zero(o)?,
                 "cool_down" => rule.cool_down = duration_or_zero(o)?,
                 "event_time" => rule.event_time = o.value.trim().to_string(),
+                "group_by" => {
+                    rule.group_by = o.value.split(',').map(|c| c.trim().to_string()).collect();
+                    if rule.group_by.iter().any(|c| c.is_empty()) {
+                        return Err(o.bad("columns such as 'site' or 'tenant, site'"));
+                    }
+                }
+                "group_min" => {
+                    rule.group_min = o
+                        .value
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|n| *n >= 2)
+                        .ok_or_else(|| o.bad("a whole number of keys, at least 2"))?;
+                }
+                "group_wait" => rule.group_wait = duration_or_zero(o)?,
                 _ => return Err(o.unknown("CREATE RULE", RULE_OPTIONS)),
             }
         }
@@ -487,6 +506,19 @@ impl P<'_> {
                 format!(
                     "rule {}: say what an alert is about: WITH (key = 'device_id', …)",
                     rule.name
+                ),
+            ));
+        }
+        if rule.group_by.is_empty()
+            && let Some(o) = options
+                .iter()
+                .find(|o| o.key == "group_min" || o.key == "group_wait")
+        {
+            return Err(PipelineError::new(
+                o.value_at,
+                format!(
+                    "rule {}: {} applies to cohort grouping; say which columns name a cohort: group_by = 'site'",
+                    rule.name, o.key
                 ),
             ));
         }
@@ -617,7 +649,16 @@ pub const WINDOW_OPTIONS: &[&str] = &[
 ];
 
 /// Options `CREATE RULE … WITH (…)` accepts.
-pub const RULE_OPTIONS: &[&str] = &["severity", "key", "for", "cool_down", "event_time"];
+pub const RULE_OPTIONS: &[&str] = &[
+    "severity",
+    "key",
+    "for",
+    "cool_down",
+    "event_time",
+    "group_by",
+    "group_min",
+    "group_wait",
+];
 
 /// A positive duration in microseconds: `500ms`, `30s`, `5m`, `2h`, `1d`, also `5 minutes`.
 pub fn parse_duration(s: &str) -> Option<i64> {
