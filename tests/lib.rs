@@ -286,7 +286,17 @@ impl Nats {
 
     /// Stops and starts the server again on the same port and store (JetStream keeps its data).
     pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    /// Stops the server (SIGKILL); [`Nats::start_again`] brings it back with its data.
+    pub async fn stop(&mut self) {
         self.server.stop().await;
+    }
+
+    /// Starts the stopped server again on the same port and store.
+    pub async fn start_again(&mut self) {
         self.server = NatsServer::start(self.server.port, &self.dir.path().join("store"), None)
             .await
             .expect("restarting nats-server");

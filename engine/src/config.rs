@@ -117,6 +117,21 @@ pub const KEYS: &[Key] = &[
         help: "how long JetStream remembers alert ids: a transition republished after a crash within this window is dropped",
     },
     Key {
+        name: "alerts.silence_max_gap_s",
+        default: "10",
+        help: "silence rules count time only while ingest watches a healthy stream: a longer wall-clock gap between two observations (fleetlake stopped, NATS unreachable, a commit blocked) is not counted as silence; at least twice ingest.commit_interval_ms",
+    },
+    Key {
+        name: "alerts.alertmanager_url",
+        default: "",
+        help: "Prometheus Alertmanager to push each alert transition to (POST <url>/api/v2/alerts), beside the JetStream stream; empty = none",
+    },
+    Key {
+        name: "alerts.alertmanager_resend_s",
+        default: "60",
+        help: "how often alerts still firing are sent to Alertmanager again (it resolves an alert not re-sent within its resolve_timeout)",
+    },
+    Key {
         name: "pipelines.dir",
         default: "pipelines",
         help: "folder of pipeline files (*.sql) to run; serve refuses to start if one does not check; empty = none",
@@ -384,6 +399,8 @@ impl Config {
             | "ingest.ack_wait_s"
             | "ingest.shutdown_grace_s"
             | "alerts.duplicate_window_s"
+            | "alerts.silence_max_gap_s"
+            | "alerts.alertmanager_resend_s"
             | "maintenance.interval_s"
             | "maintenance.target_file_mb"
             | "maintenance.max_partitions"
@@ -422,6 +439,18 @@ impl Config {
                     Ok(())
                 } else {
                     Err(bad("a NATS URL such as nats://127.0.0.1:4222"))
+                }
+            }
+            "alerts.alertmanager_url" => {
+                if value.is_empty()
+                    || url::Url::parse(value)
+                        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+                {
+                    Ok(())
+                } else {
+                    Err(bad(
+                        "an http(s) URL such as http://127.0.0.1:9093, or empty for none",
+                    ))
                 }
             }
             "nats.stream" | "nats.consumer" | "alerts.stream" | "maintenance.lease_bucket" => {
@@ -513,6 +542,25 @@ impl Config {
     }
     pub fn alerts_duplicate_window(&self) -> Duration {
         Duration::from_secs(self.number("alerts.duplicate_window_s"))
+    }
+    /// The longest gap between two observations of the stream that silence rules count (µs):
+    /// `alerts.silence_max_gap_s`, and at least twice the commit interval (idle ingest observes
+    /// once per commit interval).
+    pub fn silence_max_gap_us(&self) -> i64 {
+        let configured = self
+            .number("alerts.silence_max_gap_s")
+            .saturating_mul(1_000_000);
+        let idle = self
+            .number("ingest.commit_interval_ms")
+            .saturating_mul(2_000);
+        configured.max(idle) as i64
+    }
+    /// The Alertmanager to push alert transitions to, if any.
+    pub fn alertmanager_url(&self) -> Option<&str> {
+        Some(self.get("alerts.alertmanager_url").trim_end_matches('/')).filter(|u| !u.is_empty())
+    }
+    pub fn alertmanager_resend(&self) -> Duration {
+        Duration::from_secs(self.number("alerts.alertmanager_resend_s"))
     }
     pub fn dedup_snapshot_interval(&self) -> Duration {
         Duration::from_secs(self.number("dedup.snapshot_interval_s"))

@@ -13,3 +13,4 @@ mod mutations;
 mod pipelines;
 mod reference;
 mod rules_api;
+mod silence;

@@ -288,7 +288,7 @@ impl Rules {
         };
         state.rules.insert(name.to_string(), entry.clone());
         drop(state);
-        let applied = self.apply(RuleUpdate::Upsert(rule)).await;
+        let applied = self.apply(RuleUpdate::Upsert(Box::new(rule))).await;
         let mut body = self.describe(&entry);
         body["changed"] = json!(true);
         body["action"] = json!(action);

@@ -25,6 +25,7 @@ use async_nats::jetstream;
 use datafusion::catalog::TableProvider;
 use fleetlake_sql::QueryEngine;
 use fleetlake_sql::pipeline::{CheckedRule, CheckedWindow};
+use fleetlake_sql::rules::clock::StreamClock;
 use fleetlake_sql::rules::{RuleRunner, Transition};
 use fleetlake_sql::window::WindowOperator;
 use fleetlake_zones::lake::TableWriter;
@@ -76,6 +77,7 @@ pub fn alert_json(t: &Transition, emitted_us: i64) -> serde_json::Value {
         "event_time": time(t.event_time),
         "emit_time": time(emitted_us),
         "stream_seq": t.stream_seq,
+        "members": (!t.members.is_empty()).then_some(&t.members),
     })
 }
 
@@ -125,7 +127,7 @@ pub fn alert_subject(rule: &str, key: &str) -> String {
 /// between micro-batches).
 pub enum RuleUpdate {
     /// Add the rule, or replace the one of the same name.
-    Upsert(CheckedRule),
+    Upsert(Box<CheckedRule>),
     Remove(String),
 }
 
@@ -135,12 +137,16 @@ pub struct RuleChange {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
-/// What the derived stage made of one micro-batch.
+/// What the derived stage made of one micro-batch (or of an idle tick: no window rows).
 #[derive(Default)]
 pub struct DerivedOutput {
     /// Rows for each window table (in declaration order).
     pub windows: Vec<RecordBatch>,
+    /// Every transition, for final.alerts: each key's, and the cohort alerts of grouped rules.
     pub transitions: Vec<Transition>,
+    /// What is published (JetStream, Alertmanager): for grouped rules, cohort alerts stand for
+    /// their members' transitions (see `fleetlake_sql::rules::group`).
+    pub publish: Vec<Transition>,
     pub late: u64,
 }
 
@@ -155,6 +161,8 @@ pub struct DerivedStage {
     stream: String,
     duplicate_window: Duration,
     nats_url: String,
+    /// Observed stream time, which silence rules measure silence with.
+    clock: StreamClock,
 }
 
 /// Publishes each transition and waits until JetStream has stored them all.
@@ -316,6 +324,16 @@ async fn committed_rows(
     Ok(rows.batches)
 }
 
+impl DerivedOutput {
+    /// Cohort alerts are recorded in final.alerts too; both lists in stream order.
+    fn finish(&mut self) {
+        let cohorts = self.publish.iter().filter(|t| !t.members.is_empty());
+        self.transitions.extend(cohorts.cloned());
+        self.transitions.sort_by_key(|t| t.stream_seq);
+        self.publish.sort_by_key(|t| t.stream_seq);
+    }
+}
+
 impl DerivedStage {
     /// Opens the window tables and final.alerts (their writers are returned, in commit order)
     /// and rebuilds the windows' and rules' state as of what those tables committed.
@@ -338,6 +356,7 @@ impl DerivedStage {
             stream: config.alerts_stream().to_string(),
             duplicate_window: config.alerts_duplicate_window(),
             nats_url: config.nats_url().to_string(),
+            clock: StreamClock::new(config.silence_max_gap_us()),
         };
         for w in windows {
             let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
@@ -412,14 +431,21 @@ impl DerivedStage {
                 }
                 let from = rule.position();
                 for batch in committed_rows(lake, &r.input, from, committed).await? {
-                    rule.process(&batch, references).await.map_err(|e| {
+                    let rebuilt = rule.process(&batch, references).await.map_err(|e| {
                         OpenError::Invalid(format!(
                             "rebuilding rule {} from the rows of {}: {e}",
                             r.def.name, r.input
                         ))
                     })?;
+                    // Published before the crash; routed so the cohorts are as they were.
+                    rule.route(&rebuilt);
                 }
                 rule.advance(committed);
+                // Observed time carries on from the newest of the rules' snapshots; rows
+                // replayed here count as seen at it (time since the snapshot is not counted).
+                if rule.clock() > stage.clock.now() {
+                    stage.clock = StreamClock::resumed(rule.clock(), config.silence_max_gap_us());
+                }
                 tracing::info!(rule = %r.def.name, from, committed, firing = rule.firing(), "rule state rebuilt");
                 stage.rules.push(rule);
             }
@@ -444,6 +470,7 @@ impl DerivedStage {
     ) -> Result<(Snapshot, Option<TableWriter>), String> {
         let mut runner = RuleRunner::new(&rule.def, rule.input.clone(), rule.input_schema.clone());
         runner.advance(position);
+        runner.observe(self.clock.now());
         let snapshot = Snapshot {
             tables: vec![alerts_table()],
             kind: rule_kind(&self.app_id, &rule.def.name),
@@ -501,12 +528,43 @@ impl DerivedStage {
         out
     }
 
-    /// Feeds the rows the pipelines made of a micro-batch to the windows, then the rules.
+    /// Observed stream time (µs, see `fleetlake_sql::rules::clock`).
+    pub fn observed(&self) -> i64 {
+        self.clock.now()
+    }
+
+    /// Ends the current run of observations: the consumer failed, so the time until it is
+    /// healthy again is not counted as silence.
+    pub fn interrupt(&mut self) {
+        self.clock.interrupt();
+    }
+
+    /// An observation of a healthy, caught-up stream while no message arrives (the NATS server
+    /// answered that it has nothing more): silence rules fire for the keys silent long enough,
+    /// and held cohorts are released. `upto` is the highest stream sequence processed.
+    pub fn idle(&mut self, upto: i64) -> DerivedOutput {
+        let observed = self.clock.observe(chrono::Utc::now().timestamp_micros());
+        let mut out = DerivedOutput::default();
+        for r in &mut self.rules {
+            r.advance(upto);
+            r.observe(observed);
+            let fired = r.tick();
+            out.publish.extend(r.route(&fired));
+            out.transitions.extend(fired);
+        }
+        out.finish();
+        out
+    }
+
+    /// Feeds the rows the pipelines made of a micro-batch (stream sequences up to `upto`) to
+    /// the windows, then the rules; the micro-batch is an observation of the stream.
     pub async fn process(
         &mut self,
         tables: &[(TableId, RecordBatch)],
         references: &[(TableId, Arc<dyn TableProvider>)],
+        upto: i64,
     ) -> Result<DerivedOutput, String> {
+        let observed = self.clock.observe(chrono::Utc::now().timestamp_micros());
         let mut out = DerivedOutput::default();
         let mut produced: Vec<(TableId, RecordBatch)> = Vec::new();
         for w in &mut self.windows {
@@ -530,20 +588,25 @@ impl DerivedStage {
             out.windows.push(result.rows);
         }
         for r in &mut self.rules {
+            r.observe(observed);
             let rows = tables
                 .iter()
                 .chain(produced.iter())
                 .find(|(t, _)| *t == r.input)
                 .map(|(_, r)| r);
+            let mut t = Vec::new();
             if let Some(rows) = rows.filter(|r| r.num_rows() > 0) {
-                let t = r
+                t = r
                     .process(rows, references)
                     .await
                     .map_err(|e| format!("rule {}: {e}", r.def.name))?;
-                out.transitions.extend(t);
             }
+            r.advance(upto);
+            t.extend(r.tick());
+            out.publish.extend(r.route(&t));
+            out.transitions.extend(t);
         }
-        out.transitions.sort_by_key(|t| t.stream_seq);
+        out.finish();
         Ok(out)
     }
 
@@ -576,7 +639,7 @@ impl DerivedStage {
         sent
     }
 
-    /// `final.alerts` rows for transitions.
+    /// `final.alerts` rows for transitions (a cohort alert's members go into its values).
     fn alert_rows(transitions: &[Transition]) -> RecordBatch {
         let now = chrono::Utc::now().timestamp_micros();
         let s = |f: fn(&Transition) -> &str| {
@@ -599,7 +662,11 @@ impl DerivedStage {
                 ts(transitions.iter().map(|t| t.window_start).collect()),
                 ts(transitions.iter().map(|t| t.window_end).collect()),
                 Arc::new(StringArray::from_iter_values(transitions.iter().map(|t| {
-                    serde_json::Value::Object(t.values.clone()).to_string()
+                    let mut values = t.values.clone();
+                    if !t.members.is_empty() {
+                        values.insert("members".into(), serde_json::json!(t.members));
+                    }
+                    serde_json::Value::Object(values).to_string()
                 }))),
                 ts(transitions.iter().map(|t| Some(t.event_time)).collect()),
                 ts(vec![Some(now); transitions.len()]),

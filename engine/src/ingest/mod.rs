@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ingest::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage_failed};
-use crate::ingest::derived::{DerivedStage, OpenError};
+use crate::ingest::derived::{DerivedOutput, DerivedStage, OpenError};
 use crate::ingest::derived::{RuleChange, RuleUpdate};
 use crate::ingest::pipelines::{Declared, PipelineStage, StageError, StageOutput};
 use crate::ingest::source::Source;
@@ -372,6 +372,8 @@ impl Ingest {
     /// flight.
     async fn pump(&mut self, source: &mut Source, stages: &mut Stages) -> Pumped {
         let pumped = self.pump_until(source, stages).await;
+        // Until the consumer is healthy again, time is not observed (silence rules).
+        stages.derived.interrupt();
         self.commits.settle().await;
         pumped
     }
@@ -392,7 +394,12 @@ impl Ingest {
                 _ = self.cancel.cancelled() => {
                     // Graceful shutdown: stop pulling, commit what is in flight, ack, and
                     // snapshot the state so the next start need not rebuild it.
-                    if self.flush(&mut buffer, stages).await {
+                    // A silence firing detected while idle is recorded in final.alerts with
+                    // the next message's commit: with none, the rules' state is not stored,
+                    // so the next start detects it again (same id, dropped by JetStream) and
+                    // records it then.
+                    let unrecorded = buffer.messages.is_empty() && !buffer.transitions.is_empty();
+                    if self.flush(&mut buffer, stages).await && !unrecorded {
                         let snapshots = self.snapshots(stages);
                         let (committer, ok) = self.commits.idle().await;
                         if ok {
@@ -425,6 +432,14 @@ impl Ingest {
                     };
                     if delivered <= highest_seen {
                         undelivered_at = None;
+                        // The server answered and has nothing more: an observation of a
+                        // healthy, caught-up stream, which is how silence rules see time pass.
+                        if !stages.derived.is_empty() {
+                            let idle = stages.derived.idle(highest_seen as i64);
+                            if !self.deliver(idle, &mut buffer, stages).await {
+                                return Pumped::Stopped;
+                            }
+                        }
                         continue;
                     }
                     // Seen twice, a commit interval apart: not merely still in flight.
@@ -771,7 +786,8 @@ impl Ingest {
                 }
                 references = out.references.clone();
             }
-            let derived = match stages.derived.process(&tables, &references).await {
+            let upto = raw_version(&buffer.messages);
+            let mut derived = match stages.derived.process(&tables, &references, upto).await {
                 Ok(d) => d,
                 Err(e) => {
                     self.metrics
@@ -783,29 +799,44 @@ impl Ingest {
             self.metrics
                 .late_rows
                 .fetch_add(derived.late, Ordering::Relaxed);
-            let mut backoff = Backoff::new();
-            while let Err(e) = stages.derived.publish(&derived.transitions).await {
-                self.source_failed(&e);
-                if !backoff.wait(&self.cancel).await {
-                    self.unfinished(buffer, &format!("alerts could not be published: {e}"));
-                    return false;
-                }
+            buffer.windows.push(std::mem::take(&mut derived.windows));
+            if !self.deliver(derived, buffer, stages).await {
+                return false;
             }
-            self.metrics
-                .alerts_published
-                .fetch_add(derived.transitions.len() as u64, Ordering::Relaxed);
-            // Keys start and stop firing only with transitions: count them only then.
-            if !derived.transitions.is_empty() {
-                self.metrics
-                    .record_rules(&derived.transitions, &stages.derived.firing());
-            }
-            buffer.windows.push(derived.windows);
-            buffer.transitions.extend(derived.transitions);
         }
         buffer.usable.push(usable);
         buffer.quarantine.push(decoded.quarantine);
         buffer.stage.extend(out);
         buffer.processed = buffer.messages.len();
+        true
+    }
+
+    /// Publishes what the derived stage made of a micro-batch or an idle tick (retrying while
+    /// NATS refuses) and keeps its transitions for final.alerts at the next flush. False when
+    /// ingest is stopping with them unpublished.
+    async fn deliver(
+        &mut self,
+        derived: DerivedOutput,
+        buffer: &mut Buffer,
+        stages: &mut Stages,
+    ) -> bool {
+        let mut backoff = Backoff::new();
+        while let Err(e) = stages.derived.publish(&derived.publish).await {
+            self.source_failed(&e);
+            if !backoff.wait(&self.cancel).await {
+                self.unfinished(buffer, &format!("alerts could not be published: {e}"));
+                return false;
+            }
+        }
+        self.metrics
+            .alerts_published
+            .fetch_add(derived.publish.len() as u64, Ordering::Relaxed);
+        // Keys start and stop firing only with transitions: count them only then.
+        if !derived.transitions.is_empty() {
+            self.metrics
+                .record_rules(&derived.transitions, &stages.derived.firing());
+        }
+        buffer.transitions.extend(derived.transitions);
         true
     }
 
