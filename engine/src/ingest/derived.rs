@@ -34,7 +34,9 @@ use fleetlake_zones::{Lake, TableId, Zone};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
+use crate::ingest::alertmanager::Alertmanager;
 use crate::ingest::commit::Snapshot;
+use crate::metrics::Metrics;
 
 /// `final.alerts`: every alert transition.
 pub fn alerts_table() -> TableId {
@@ -163,6 +165,8 @@ pub struct DerivedStage {
     nats_url: String,
     /// Observed stream time, which silence rules measure silence with.
     clock: StreamClock,
+    /// Where published transitions also go (`alerts.alertmanager_url`).
+    alertmanager: Option<Alertmanager>,
 }
 
 /// Publishes each transition and waits until JetStream has stored them all.
@@ -337,9 +341,11 @@ impl DerivedOutput {
 impl DerivedStage {
     /// Opens the window tables and final.alerts (their writers are returned, in commit order)
     /// and rebuilds the windows' and rules' state as of what those tables committed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         lake: &Lake,
         config: &Config,
+        metrics: &Arc<Metrics>,
         windows: &[CheckedWindow],
         rules: &[CheckedRule],
         references: &[(TableId, Arc<dyn TableProvider>)],
@@ -357,6 +363,7 @@ impl DerivedStage {
             duplicate_window: config.alerts_duplicate_window(),
             nats_url: config.nats_url().to_string(),
             clock: StreamClock::new(config.silence_max_gap_us()),
+            alertmanager: None,
         };
         for w in windows {
             let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
@@ -451,6 +458,15 @@ impl DerivedStage {
             }
             writers.push(writer);
         }
+        // After final.alerts is open: the delivery task re-sends what it says is firing.
+        stage.alertmanager = config.alertmanager_url().map(|url| {
+            Alertmanager::start(
+                url,
+                config.alertmanager_resend(),
+                lake.clone(),
+                metrics.clone(),
+            )
+        });
         Ok((stage, writers))
     }
 
@@ -610,7 +626,8 @@ impl DerivedStage {
         Ok(out)
     }
 
-    /// Publishes transitions to `alerts.<rule>.<key>` and waits until JetStream has stored each.
+    /// Publishes transitions to `alerts.<rule>.<key>` and waits until JetStream has stored each;
+    /// then hands them to Alertmanager delivery, if configured.
     pub async fn publish(&mut self, transitions: &[Transition]) -> Result<(), String> {
         if transitions.is_empty() {
             return Ok(());
@@ -632,9 +649,14 @@ impl DerivedStage {
         }
         let js = self.js.as_ref().expect("connected");
         let sent = send(js, transitions).await;
-        if sent.is_err() {
+        match &sent {
+            Ok(()) => {
+                if let Some(am) = &self.alertmanager {
+                    am.send(transitions);
+                }
+            }
             // Connect and create the stream again on the retry (it may have been deleted).
-            self.js = None;
+            Err(_) => self.js = None,
         }
         sent
     }

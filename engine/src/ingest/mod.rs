@@ -25,6 +25,7 @@
 //! [`replay`] (re-running a pipeline over the raw zone, offline). May call [`crate::metrics`],
 //! [`crate::config`], `fleetlake_sql` and `fleetlake_zones`; never the API.
 
+pub mod alertmanager;
 pub mod commit;
 pub mod derived;
 pub mod pipelines;
@@ -93,6 +94,7 @@ async fn open(
     let (derived, derived_writers) = DerivedStage::open(
         lake,
         config,
+        metrics,
         &declared.windows,
         &declared.rules,
         &references,
