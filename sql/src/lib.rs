@@ -30,6 +30,7 @@
 pub mod anomaly;
 pub mod decode;
 pub mod dedup;
+pub mod device_state;
 pub mod error;
 pub mod fleet;
 pub mod hash;
