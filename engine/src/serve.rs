@@ -131,9 +131,19 @@ impl Engine {
                 references.push(def.clone());
             }
         }
+        // The latest state of every device, kept by ingest; queried as final.device_state and
+        // over /v1/devices.
+        let devices: fleetlake_sql::device_state::SharedDeviceState = Default::default();
+        let mut engine = QueryEngine::new(lake.clone());
+        if ingest {
+            engine = engine.with_live(Arc::new(fleetlake_sql::device_state::DeviceStateTable(
+                devices.clone(),
+            )));
+        }
         let state = AppState {
             references: Arc::new(references),
-            lake: Arc::new(QueryEngine::new(lake.clone())),
+            lake: Arc::new(engine),
+            devices: ingest.then(|| devices.clone()),
             metrics: metrics.clone(),
             ingesting: ingest,
             pipelines: Arc::new(described),
@@ -162,6 +172,7 @@ impl Engine {
                 rule_changes,
                 metrics.clone(),
                 ingest_stop.clone(),
+                devices,
             ));
             tasks.spawn(supervise(
                 run,

@@ -625,6 +625,41 @@ impl DeviceState {
     }
 }
 
+/// The device state shared between ingest (which updates it) and queries (which read it).
+pub type SharedDeviceState = Arc<std::sync::RwLock<DeviceState>>;
+
+/// `final.device_state` for the query engine: [`DeviceState::table`] as of each query.
+#[derive(Debug, Clone)]
+pub struct DeviceStateTable(pub SharedDeviceState);
+
+impl DeviceStateTable {
+    /// `final.device_state`.
+    pub fn id() -> TableId {
+        TableId::new(fleetlake_zones::Zone::Final, "device_state")
+    }
+}
+
+impl crate::query::LiveTables for DeviceStateTable {
+    fn tables(&self) -> Vec<TableId> {
+        vec![Self::id()]
+    }
+
+    fn provider(
+        &self,
+        id: &TableId,
+    ) -> Option<Result<Arc<dyn datafusion::catalog::TableProvider>>> {
+        if *id != Self::id() {
+            return None;
+        }
+        let batches = self.0.read().expect("device state lock").table();
+        Some(batches.and_then(|b| {
+            datafusion::datasource::MemTable::try_new(DeviceState::table_schema(), vec![b])
+                .map(|t| Arc::new(t) as Arc<dyn datafusion::catalog::TableProvider>)
+                .map_err(|e| internal(e.to_string()))
+        }))
+    }
+}
+
 /// When rows' messages arrived (µs since the epoch).
 pub enum Received<'a> {
     /// One time for every row (a micro-batch just received).
@@ -665,7 +700,9 @@ fn json_lines(batch: &RecordBatch) -> Result<StringArray> {
         w.finish().map_err(internal)?;
     }
     let text = String::from_utf8(buf).map_err(internal)?;
-    Ok(StringArray::from_iter_values(text.lines().collect::<Vec<_>>()))
+    Ok(StringArray::from_iter_values(
+        text.lines().collect::<Vec<_>>(),
+    ))
 }
 
 /// One row as a JSON object.

@@ -30,15 +30,38 @@ impl QueryResult {
     }
 }
 
-/// Plans and runs read-only SQL over the lake's zone tables (`usable.telemetry`, …).
+/// Tables that live in the engine's memory rather than the lake (`final.device_state`): each
+/// query that names one gets the provider of the moment.
+pub trait LiveTables: std::fmt::Debug + Send + Sync {
+    /// The tables there are.
+    fn tables(&self) -> Vec<TableId>;
+    /// A provider of `id` as it is now; `None` if it is not one of [`Self::tables`].
+    fn provider(&self, id: &TableId)
+    -> Option<Result<Arc<dyn datafusion::catalog::TableProvider>>>;
+}
+
+/// Plans and runs read-only SQL over the lake's zone tables (`usable.telemetry`, …) and any
+/// [`LiveTables`].
 #[derive(Debug, Clone)]
 pub struct QueryEngine {
     lake: Lake,
+    live: Option<Arc<dyn LiveTables>>,
 }
 
 impl QueryEngine {
     pub fn new(lake: Lake) -> Self {
-        Self { lake }
+        Self { lake, live: None }
+    }
+
+    /// The same engine, also answering for `live`'s tables (they take precedence over a Delta
+    /// table of the same name).
+    pub fn with_live(mut self, live: Arc<dyn LiveTables>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    pub fn live(&self) -> Option<&Arc<dyn LiveTables>> {
+        self.live.as_ref()
     }
 
     pub fn lake(&self) -> &Lake {
@@ -103,6 +126,11 @@ impl QueryEngine {
         let Ok(id) = TableId::parse(&format!("{zone}.{table}")) else {
             return Ok(());
         };
+        if let Some(provider) = self.live.as_ref().and_then(|l| l.provider(&id)) {
+            ctx.register_table(TableReference::partial(zone, table), provider?)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            return Ok(());
+        }
         let Some(delta) = self.lake.load(&id).await? else {
             return Ok(());
         };

@@ -6,6 +6,7 @@ mod alerts;
 mod concurrency;
 mod crash;
 mod dedup;
+mod devices;
 mod end_to_end;
 mod field_inputs;
 mod fleet;

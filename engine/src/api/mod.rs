@@ -12,6 +12,7 @@
 //! [`crate::ingest::derived`] (the rule-change message),
 //! `fleetlake_sql`, `fleetlake_zones`. Nothing in ingest calls into it.
 
+pub mod devices;
 pub mod fleet;
 pub mod format;
 pub mod reference;
@@ -98,6 +99,8 @@ pub struct AppState {
     pub references: Arc<Vec<fleetlake_sql::pipeline::ReferenceDef>>,
     /// What the fleet endpoints read when a request does not say.
     pub fleet: Arc<crate::api::fleet::FleetDefaults>,
+    /// The latest state of every device (`None` when this process does not ingest).
+    pub devices: Option<fleetlake_sql::device_state::SharedDeviceState>,
 }
 
 /// The API's routes.
@@ -119,6 +122,8 @@ pub fn router(state: AppState) -> Router {
                 axum::extract::DefaultBodyLimit::max(crate::api::rules::MAX_RULE_BYTES),
             ),
         )
+        .route("/v1/devices", get(crate::api::devices::devices))
+        .route("/v1/devices/{id}", get(crate::api::devices::device))
         .route("/v1/fleet/outliers", get(crate::api::fleet::outliers))
         .route("/v1/fleet/root-cause", get(crate::api::fleet::root_cause))
         .route("/healthz", get(healthz))

@@ -549,6 +549,11 @@ impl DerivedStage {
         self.clock.now()
     }
 
+    /// A micro-batch was delivered: an observation of the stream. Returns the observed time.
+    pub fn observe(&mut self) -> i64 {
+        self.clock.observe(chrono::Utc::now().timestamp_micros())
+    }
+
     /// Ends the current run of observations: the consumer failed, so the time until it is
     /// healthy again is not counted as silence.
     pub fn interrupt(&mut self) {
@@ -573,14 +578,14 @@ impl DerivedStage {
     }
 
     /// Feeds the rows the pipelines made of a micro-batch (stream sequences up to `upto`) to
-    /// the windows, then the rules; the micro-batch is an observation of the stream.
+    /// the windows, then the rules, at the observed time of [`Self::observe`].
     pub async fn process(
         &mut self,
         tables: &[(TableId, RecordBatch)],
         references: &[(TableId, Arc<dyn TableProvider>)],
         upto: i64,
     ) -> Result<DerivedOutput, String> {
-        let observed = self.clock.observe(chrono::Utc::now().timestamp_micros());
+        let observed = self.clock.now();
         let mut out = DerivedOutput::default();
         let mut produced: Vec<(TableId, RecordBatch)> = Vec::new();
         for w in &mut self.windows {

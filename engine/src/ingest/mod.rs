@@ -37,6 +37,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use fleetlake_sql::device_state::{DeviceState, Received, SharedDeviceState};
 use fleetlake_sql::{DedupKey, DedupState, QueryEngine, decode_envelope};
 use fleetlake_zones::schema::{RawMessage, builtin_tables, raw_batch};
 use fleetlake_zones::{Lake, TableId};
@@ -127,6 +128,7 @@ const RAW: usize = 0;
 const USABLE: usize = 2;
 
 /// Runs the ingest stage until `cancel` fires; in-flight messages are committed and acked first.
+/// `devices` is kept up to date with every processed micro-batch (restored first).
 pub async fn run(
     config: Config,
     lake: Lake,
@@ -134,6 +136,7 @@ pub async fn run(
     changes: mpsc::Receiver<RuleChange>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    devices: SharedDeviceState,
 ) {
     let mut backoff = Backoff::new();
     let (mut stages, committer) = loop {
@@ -162,6 +165,18 @@ pub async fn run(
             }
         }
     };
+    let restored = loop {
+        match load_devices(&config, &lake, &committer, stages.derived.observed()).await {
+            Ok(d) => break d,
+            Err(e) => {
+                storage_failed(&metrics, &e);
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    };
+    *devices.write().expect("device state lock") = restored;
     metrics.storage_up.store(1, Ordering::Relaxed);
     metrics.record_rules(&[], &stages.derived.firing());
     stages.changes = Some(changes);
@@ -173,6 +188,7 @@ pub async fn run(
         last_snapshot: Instant::now(),
         commits: Commits::new(committer),
         lake,
+        devices,
     };
     loop {
         if ingest.cancel.is_cancelled() {
@@ -242,6 +258,8 @@ struct Ingest {
     last_snapshot: Instant,
     commits: Commits,
     lake: Lake,
+    /// The latest state of every device (`final.device_state`, `/v1/devices`).
+    devices: SharedDeviceState,
 }
 
 /// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
@@ -330,6 +348,76 @@ async fn load_dedup(
             rows = rows.row_count(),
             "dedup state rebuilt from usable.telemetry"
         );
+    }
+    Ok(state)
+}
+
+/// Side-file kind of the device state snapshots of one consumer.
+fn devices_kind(consumer: &str) -> String {
+    format!("devices-{consumer}")
+}
+
+/// The device state as of what the usable tables committed: the newest snapshot (beside
+/// usable.telemetry), then each usable table's rows committed after it, with the time their
+/// messages arrived (raw.telemetry's `received_at`). Re-applying rows the snapshot already had
+/// changes nothing (see `fleetlake_sql::device_state`).
+async fn load_devices(
+    config: &Config,
+    lake: &Lake,
+    committer: &Committer,
+    observed: i64,
+) -> Result<DeviceState, String> {
+    let usable = committer.writer(USABLE);
+    let kind = devices_kind(config.consumer());
+    let mut state = DeviceState::new();
+    let mut since = 0;
+    if let Some((v, bytes)) = usable
+        .latest_side_file(&kind, usable.committed().unwrap_or(0))
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        match DeviceState::decode(&bytes) {
+            Ok(s) => {
+                state = s;
+                since = v;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a damaged device state snapshot; rebuilding")
+            }
+        }
+    }
+    state.observe(observed);
+    let raw = TableId::raw_telemetry();
+    for w in committer.writers() {
+        let (table, committed) = (w.id(), w.committed().unwrap_or(0));
+        if table.zone != fleetlake_zones::Zone::Usable || committed <= since {
+            continue;
+        }
+        let sql = format!(
+            "SELECT u.*, CAST(r.received_at AS BIGINT) AS __received_us FROM {table} u \
+             LEFT JOIN {raw} r ON r.stream_seq = u.stream_seq \
+             WHERE u.stream_seq > {since} AND u.stream_seq <= {committed} ORDER BY u.stream_seq"
+        );
+        let rows = QueryEngine::new(lake.clone())
+            .query(&sql)
+            .await
+            .map_err(|e| format!("rebuilding the device state from {table}: {e}"))?;
+        let now = chrono::Utc::now().timestamp_micros();
+        for batch in &rows.batches {
+            let at = batch.num_columns() - 1;
+            let received: arrow::array::Int64Array = arrow::array::AsArray::as_primitive::<
+                arrow::datatypes::Int64Type,
+            >(batch.column(at))
+            .iter()
+            .map(|v| Some(v.unwrap_or(now)))
+            .collect();
+            let keep: Vec<usize> = (0..at).collect();
+            let rows = batch.project(&keep).map_err(|e| e.to_string())?;
+            state
+                .update(table, &rows, Received::Each(&received))
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::info!(%table, since, committed, rows = rows.row_count(), "device state rebuilt");
     }
     Ok(state)
 }
@@ -435,12 +523,15 @@ impl Ingest {
                     if delivered <= highest_seen {
                         undelivered_at = None;
                         // The server answered and has nothing more: an observation of a
-                        // healthy, caught-up stream, which is how silence rules see time pass.
-                        if !stages.derived.is_empty() {
-                            let idle = stages.derived.idle(highest_seen as i64);
-                            if !self.deliver(idle, &mut buffer, stages).await {
-                                return Pumped::Stopped;
-                            }
+                        // healthy, caught-up stream, which is how silence rules and the device
+                        // state see time pass.
+                        let idle = stages.derived.idle(highest_seen as i64);
+                        self.devices
+                            .write()
+                            .expect("device state lock")
+                            .observe(stages.derived.observed());
+                        if !self.deliver(idle, &mut buffer, stages).await {
+                            return Pumped::Stopped;
                         }
                         continue;
                     }
@@ -777,17 +868,29 @@ impl Ingest {
         let after = self.dedup.stats();
         buffer.duplicates_dropped += after.dropped - before.dropped;
         buffer.dedup_forgotten += after.forgotten - before.forgotten;
-        if !stages.derived.is_empty() {
-            let mut tables = vec![(TableId::usable_telemetry(), usable.clone())];
-            let mut references = Vec::new();
-            if let Some(out) = &out {
-                for (pipeline, rows) in stages.stage.pipelines.iter().zip(&out.tables) {
-                    for (table, rows) in pipeline.tables().zip(rows) {
-                        tables.push((table.clone(), rows.clone()));
-                    }
+        // The micro-batch is an observation of the stream (silence rules, device state).
+        let observed = stages.derived.observe();
+        let mut tables = vec![(TableId::usable_telemetry(), usable.clone())];
+        let mut references = Vec::new();
+        if let Some(out) = &out {
+            for (pipeline, rows) in stages.stage.pipelines.iter().zip(&out.tables) {
+                for (table, rows) in pipeline.tables().zip(rows) {
+                    tables.push((table.clone(), rows.clone()));
                 }
-                references = out.references.clone();
             }
+            references = out.references.clone();
+        }
+        {
+            let received = chrono::Utc::now().timestamp_micros();
+            let mut devices = self.devices.write().expect("device state lock");
+            devices.observe(observed);
+            for (table, rows) in &tables {
+                if let Err(e) = devices.update(table, rows, Received::All(received)) {
+                    tracing::warn!(%table, error = %e, "updating the device state failed");
+                }
+            }
+        }
+        if !stages.derived.is_empty() {
             let upto = raw_version(&buffer.messages);
             let mut derived = match stages.derived.process(&tables, &references, upto).await {
                 Ok(d) => d,
@@ -938,6 +1041,23 @@ impl Ingest {
     fn snapshots(&self, stages: &Stages) -> Vec<Snapshot> {
         let mut out = stages.stage.snapshots();
         out.extend(stages.derived.snapshots());
+        // Stored once every usable table has committed this far (beside usable.telemetry).
+        let mut usable = vec![TableId::usable_telemetry()];
+        usable.extend(
+            stages
+                .stage
+                .pipelines
+                .iter()
+                .flat_map(|p| p.tables().cloned()),
+        );
+        match self.devices.write().expect("device state lock").encode() {
+            Ok(bytes) => out.push(Snapshot {
+                tables: usable,
+                kind: devices_kind(self.config.consumer()),
+                bytes,
+            }),
+            Err(e) => tracing::warn!(error = %e, "encoding the device state failed"),
+        }
         if self.dedup.key() != DedupKey::None {
             out.push(Snapshot {
                 tables: vec![TableId::usable_telemetry()],

@@ -1,0 +1,151 @@
+//! `GET /v1/devices/{id}` and `GET /v1/devices`: the latest state of devices, answered from
+//! memory (`fleetlake_sql::device_state`), never from a lake scan.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use fleetlake_sql::device_state::{COHORT, DeviceFilter, DeviceView};
+use fleetlake_zones::TableId;
+use serde_json::{Value, json};
+
+use crate::api::{AppState, error_response};
+
+/// Devices per page when the request gives no `limit`, and the most it may ask for.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 10_000;
+
+fn bad(message: impl AsRef<str>) -> Response {
+    error_response(StatusCode::BAD_REQUEST, "bad_request", message.as_ref())
+}
+
+fn not_ingesting() -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_device_state",
+        "this process does not ingest, so it keeps no device state; ask the fleetlake that runs ingest",
+    )
+}
+
+fn time(us: i64) -> Value {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
+        .unwrap_or(Value::Null)
+}
+
+fn view_json(v: &DeviceView) -> Value {
+    let mut cohort = serde_json::Map::new();
+    for c in COHORT {
+        let value = v
+            .reading
+            .get(c)
+            .or_else(|| (c == "hw_rev").then(|| v.reading.get("hw")).flatten())
+            .cloned()
+            .unwrap_or(Value::Null);
+        cohort.insert(c.to_string(), value);
+    }
+    json!({
+        "table": v.table.to_string(),
+        "device_id": v.device_id,
+        "cohort": cohort,
+        "event_time": v.event_time.map(time),
+        "stream_seq": v.stream_seq,
+        "last_seen": time(v.last_seen),
+        "last_seen_seq": v.last_seen_seq,
+        "silent_for_s": v.silent_for_s,
+        "reading": v.reading,
+    })
+}
+
+/// `GET /v1/devices/{id}`: the device in every usable table that has it; 404 if none.
+pub async fn device(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let Some(devices) = &state.devices else {
+        return not_ingesting();
+    };
+    let views = devices.read().expect("device state lock").lookup(&id);
+    if views.is_empty() {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+            &format!("no usable table has a reading of device {id:?}"),
+        );
+    }
+    Json(json!({
+        "device_id": id,
+        "tables": views.iter().map(view_json).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+use axum::Json;
+
+/// `GET /v1/devices?site=…&silent_for=5m&table=…&limit=…&offset=…`: devices matching every
+/// filter given, by table and device id.
+pub async fn devices(
+    State(state): State<AppState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let Some(devices) = &state.devices else {
+        return not_ingesting();
+    };
+    let accepted = || {
+        let mut a = vec!["table", "silent_for", "limit", "offset"];
+        a.extend(COHORT);
+        a.join(", ")
+    };
+    let mut filter = DeviceFilter::default();
+    let (mut limit, mut offset) = (DEFAULT_LIMIT, 0usize);
+    let mut seen = std::collections::BTreeSet::new();
+    for (k, v) in &params {
+        if !seen.insert(k.as_str()) {
+            return bad(format!("parameter {k:?} given twice"));
+        }
+        match k.as_str() {
+            "table" => match TableId::parse(v) {
+                Ok(t) => filter.table = Some(t),
+                Err(_) => {
+                    return bad(format!(
+                        "table {v:?}: expected a table such as usable.cold_chain"
+                    ));
+                }
+            },
+            "silent_for" => match fleetlake_sql::pipeline::parse::parse_duration(v) {
+                Some(d) => filter.silent_for_us = Some(d),
+                None => {
+                    return bad(format!(
+                        "silent_for {v:?}: expected a duration such as 90s, 5m or 2h"
+                    ));
+                }
+            },
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
+                _ => {
+                    return bad(format!(
+                        "limit {v:?}: expected a whole number from 1 to {MAX_LIMIT}"
+                    ));
+                }
+            },
+            "offset" => match v.parse::<usize>() {
+                Ok(n) => offset = n,
+                Err(_) => return bad(format!("offset {v:?}: expected a whole number, 0 or more")),
+            },
+            c if COHORT.contains(&c) => filter.cohort.push((c.to_string(), v.clone())),
+            other => {
+                return bad(format!(
+                    "unknown parameter {other:?}; this endpoint accepts {}",
+                    accepted()
+                ));
+            }
+        }
+    }
+    let (page, matched) = devices
+        .read()
+        .expect("device state lock")
+        .list(&filter, offset, limit);
+    let next = (offset + page.len() < matched).then_some(offset + page.len());
+    Json(json!({
+        "devices": page.iter().map(view_json).collect::<Vec<_>>(),
+        "matched": matched,
+        "next_offset": next,
+    }))
+    .into_response()
+}
