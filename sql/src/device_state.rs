@@ -16,8 +16,8 @@
 //! is measured in). Tables without a `device_id` column are not tracked.
 //!
 //! Memory: one entry per device per table (the device id, 48 bytes of positions and times) plus
-//! its row in Arrow form; replaced rows are reclaimed by compaction once they outnumber the live
-//! ones.
+//! its row in Arrow form; replaced rows are reclaimed by compaction once they number half the
+//! live ones.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -343,7 +343,7 @@ impl DeviceState {
             e.seq = seqs.value(*i);
         }
         state.chunks.push(chunk);
-        if state.garbage > COMPACT_MIN.max(state.live()) || state.chunks.len() > 4096 {
+        if state.garbage > COMPACT_MIN.max(state.live() / 2) || state.chunks.len() > 4096 {
             state.compact()?;
         }
         Ok(())
@@ -437,62 +437,30 @@ impl DeviceState {
         Arc::new(Schema::new(fields))
     }
 
-    /// `final.device_state`: one row per device per table, in the shape of
-    /// [`Self::table_schema`]: the table, the device, its cohort columns, the newest reading's
-    /// event time and stream sequence, when it was last seen, the observed seconds since, and the
-    /// newest reading as JSON.
-    pub fn table(&self) -> Result<Vec<RecordBatch>> {
-        let schema = Self::table_schema();
-        let mut out = Vec::new();
-        for (id, s) in &self.tables {
-            for (chunk_no, chunk) in s.chunks.iter().enumerate() {
-                let mut rows: Vec<(&String, &Entry)> = s
-                    .index
-                    .iter()
-                    .filter(|(_, e)| e.chunk as usize == chunk_no)
-                    .collect();
-                if rows.is_empty() {
-                    continue;
-                }
-                rows.sort_by_key(|(_, e)| e.row);
-                let indices = UInt32Array::from_iter_values(rows.iter().map(|(_, e)| e.row));
-                let live = arrow::compute::take_record_batch(chunk, &indices).map_err(internal)?;
-                let n = live.num_rows();
-                let mut columns: Vec<ArrayRef> = vec![
-                    Arc::new(StringArray::from(vec![id.to_string(); n])),
-                    Arc::new(StringArray::from_iter_values(
-                        rows.iter().map(|(d, _)| d.as_str()),
-                    )),
-                ];
-                for c in COHORT {
-                    columns.push(match cohort_column(&live, c) {
-                        Some(a) => Arc::new(a),
-                        None => arrow::array::new_null_array(&DataType::Utf8, n),
-                    });
-                }
-                let ts = |v: Vec<Option<i64>>| {
-                    Arc::new(arrow::array::TimestampMicrosecondArray::from(v).with_timezone("UTC"))
-                        as ArrayRef
-                };
-                columns.push(ts(rows
-                    .iter()
-                    .map(|(_, e)| (e.event_us != i64::MIN).then_some(e.event_us))
-                    .collect()));
-                columns.push(Arc::new(Int64Array::from_iter_values(
-                    rows.iter().map(|(_, e)| e.seq),
-                )));
-                columns.push(ts(rows.iter().map(|(_, e)| Some(e.seen_wall)).collect()));
-                columns.push(Arc::new(Int64Array::from_iter_values(
-                    rows.iter().map(|(_, e)| e.seen_seq),
-                )));
-                columns.push(Arc::new(Float64Array::from_iter_values(rows.iter().map(
-                    |(_, e)| (self.observed - e.seen_observed).max(0) as f64 / 1e6,
-                ))));
-                columns.push(Arc::new(json_lines(&live)?));
-                out.push(RecordBatch::try_new(schema.clone(), columns).map_err(internal)?);
-            }
+    /// What [`DeviceStateView::table`] needs, copied out so the table is built without holding
+    /// up ingest: the chunks (shared, not copied) and each live device's entry, by chunk.
+    pub fn view_all(&self) -> DeviceStateView {
+        DeviceStateView {
+            observed: self.observed,
+            tables: self
+                .tables
+                .iter()
+                .map(|(id, s)| {
+                    let mut by_chunk: Vec<Vec<(String, Entry)>> = vec![Vec::new(); s.chunks.len()];
+                    for (d, e) in &s.index {
+                        if let Some(rows) = by_chunk.get_mut(e.chunk as usize) {
+                            rows.push((d.clone(), *e));
+                        }
+                    }
+                    (id.clone(), s.chunks.clone(), by_chunk)
+                })
+                .collect(),
         }
-        Ok(out)
+    }
+
+    /// `final.device_state` as of now (see [`DeviceStateView::table`]).
+    pub fn table(&self) -> Result<Vec<RecordBatch>> {
+        self.view_all().table()
     }
 
     /// The state as bytes: a header, then per table its live rows with the arrival columns, as
@@ -625,6 +593,73 @@ impl DeviceState {
     }
 }
 
+/// A copy of the device state's live entries over its (shared) chunks, from
+/// [`DeviceState::view_all`].
+pub struct DeviceStateView {
+    observed: i64,
+    tables: Vec<TableView>,
+}
+
+/// One table in a [`DeviceStateView`]: its chunks, and its live devices by chunk.
+type TableView = (TableId, Vec<RecordBatch>, Vec<Vec<(String, Entry)>>);
+
+impl DeviceStateView {
+    /// `final.device_state`: one row per device per table, in the shape of
+    /// [`DeviceState::table_schema`]: the table, the device, its cohort columns, the newest
+    /// reading's event time and stream sequence, when it was last seen, the observed seconds
+    /// since, and the newest reading as JSON.
+    pub fn table(mut self) -> Result<Vec<RecordBatch>> {
+        let schema = DeviceState::table_schema();
+        let mut out = Vec::new();
+        for (id, chunks, by_chunk) in &mut self.tables {
+            for (chunk, rows) in chunks.iter().zip(by_chunk.iter_mut()) {
+                if rows.is_empty() {
+                    continue;
+                }
+                rows.sort_by_key(|(_, e)| e.row);
+                let indices = UInt32Array::from_iter_values(rows.iter().map(|(_, e)| e.row));
+                let live = arrow::compute::take_record_batch(chunk, &indices).map_err(internal)?;
+                let n = live.num_rows();
+                let mut columns: Vec<ArrayRef> = vec![
+                    Arc::new(StringArray::from(vec![id.to_string(); n])),
+                    Arc::new(StringArray::from_iter_values(
+                        rows.iter().map(|(d, _)| d.as_str()),
+                    )),
+                ];
+                for c in COHORT {
+                    columns.push(match cohort_column(&live, c) {
+                        Some(a) => Arc::new(a),
+                        None => arrow::array::new_null_array(&DataType::Utf8, n),
+                    });
+                }
+                let ts = |v: Vec<Option<i64>>| {
+                    Arc::new(arrow::array::TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+                        as ArrayRef
+                };
+                columns.push(ts(rows
+                    .iter()
+                    .map(|(_, e)| (e.event_us != i64::MIN).then_some(e.event_us))
+                    .collect()));
+                columns.push(Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|(_, e)| e.seq),
+                )));
+                columns.push(ts(rows.iter().map(|(_, e)| Some(e.seen_wall)).collect()));
+                columns.push(Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|(_, e)| e.seen_seq),
+                )));
+                let observed = self.observed;
+                columns
+                    .push(Arc::new(Float64Array::from_iter_values(rows.iter().map(
+                        |(_, e)| (observed - e.seen_observed).max(0) as f64 / 1e6,
+                    ))));
+                columns.push(Arc::new(json_lines(&live)?));
+                out.push(RecordBatch::try_new(schema.clone(), columns).map_err(internal)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The device state shared between ingest (which updates it) and queries (which read it).
 pub type SharedDeviceState = Arc<std::sync::RwLock<DeviceState>>;
 
@@ -651,8 +686,9 @@ impl crate::query::LiveTables for DeviceStateTable {
         if *id != Self::id() {
             return None;
         }
-        let batches = self.0.read().expect("device state lock").table();
-        Some(batches.and_then(|b| {
+        // Copied out under the lock (cheap), built without it: ingest is not held up.
+        let view = self.0.read().expect("device state lock").view_all();
+        Some(view.table().and_then(|b| {
             datafusion::datasource::MemTable::try_new(DeviceState::table_schema(), vec![b])
                 .map(|t| Arc::new(t) as Arc<dyn datafusion::catalog::TableProvider>)
                 .map_err(|e| internal(e.to_string()))

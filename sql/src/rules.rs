@@ -683,14 +683,25 @@ async fn run_query(
     arrow::compute::concat_batches(&schema, &batches).map_err(internal)
 }
 
-/// Checks a rule against its input's columns: it must return `firing` (boolean), its key
-/// columns and its event time (a timestamp); `resolved`, if returned, must be boolean.
+/// What a rule watches: a condition over its rows, or its keys' silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// The query returns `firing` (and optionally `resolved`).
+    Condition,
+    /// The query returns `silent_after_s`.
+    Silence,
+}
+
+/// Checks a rule against its input's columns: it must return `firing` (boolean) or
+/// `silent_after_s` (a number), its key columns, its `group_by` columns and its event time (a
+/// timestamp); `resolved`, if returned, must be boolean. Returns which kind of rule it is.
 pub async fn check_rule(
     def: &RuleDef,
     input: &TableId,
     input_schema: &SchemaRef,
     references: &[(TableId, Arc<dyn TableProvider>)],
-) -> std::result::Result<(), String> {
+) -> std::result::Result<RuleKind, String> {
     let out = run_query(
         def,
         input,
@@ -713,7 +724,7 @@ pub async fn check_rule(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    match (
+    let kind = match (
         schema.field_with_name(FIRING).ok(),
         schema.field_with_name(SILENT_AFTER).ok(),
     ) {
@@ -734,8 +745,9 @@ pub async fn check_rule(
                     "a silence rule resolves when its key sends a row again; it has no {RESOLVED} column"
                 ));
             }
+            RuleKind::Silence
         }
-        (Some(f), None) if f.data_type() == &DataType::Boolean => {}
+        (Some(f), None) if f.data_type() == &DataType::Boolean => RuleKind::Condition,
         (Some(f), None) => {
             return Err(format!(
                 "{FIRING} must be a boolean condition, but it is {}",
@@ -748,7 +760,7 @@ pub async fn check_rule(
                 returns()
             ));
         }
-    }
+    };
     if let Ok(f) = schema.field_with_name(RESOLVED)
         && f.data_type() != &DataType::Boolean
     {
@@ -774,7 +786,7 @@ pub async fn check_rule(
         }
     }
     match schema.field_with_name(&def.event_time) {
-        Ok(f) if matches!(f.data_type(), DataType::Timestamp(_, _)) => Ok(()),
+        Ok(f) if matches!(f.data_type(), DataType::Timestamp(_, _)) => Ok(kind),
         _ => Err(format!(
             "the rule's event time {} must be a timestamp the query returns (set event_time = '…'); it returns {}",
             def.event_time,

@@ -549,6 +549,13 @@ impl DerivedStage {
         self.clock.now()
     }
 
+    /// Carries observed time on from `observed` (a restored snapshot's) if it is ahead.
+    pub fn resume_clock(&mut self, observed: i64) {
+        if observed > self.clock.now() {
+            self.clock = StreamClock::resumed(observed, self.clock.max_gap());
+        }
+    }
+
     /// A micro-batch was delivered: an observation of the stream. Returns the observed time.
     pub fn observe(&mut self) -> i64 {
         self.clock.observe(chrono::Utc::now().timestamp_micros())

@@ -176,6 +176,8 @@ pub async fn run(
             }
         }
     };
+    // One observed clock for rules and device state: the newer of the two snapshots'.
+    stages.derived.resume_clock(restored.observed());
     *devices.write().expect("device state lock") = restored;
     metrics.storage_up.store(1, Ordering::Relaxed);
     metrics.record_rules(&[], &stages.derived.firing());

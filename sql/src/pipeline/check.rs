@@ -50,6 +50,8 @@ pub struct CheckedRule {
     pub def: RuleDef,
     pub input: TableId,
     pub input_schema: SchemaRef,
+    /// A condition or a silence rule.
+    pub kind: crate::rules::RuleKind,
 }
 
 /// What checking one file found.
@@ -355,7 +357,8 @@ async fn check_derived(
             };
             let input_schema = tables[&input].clone();
             match crate::rules::check_rule(r, &input, &input_schema, &refs).await {
-                Ok(()) => reports[*at].rules.push(CheckedRule {
+                Ok(kind) => reports[*at].rules.push(CheckedRule {
+                    kind,
                     def: r.clone(),
                     input,
                     input_schema,
