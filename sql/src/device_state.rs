@@ -102,6 +102,9 @@ pub struct DeviceState {
     tables: BTreeMap<TableId, TableState>,
     /// Observed stream time as of the last update (µs).
     observed: i64,
+    /// Restored after the start: until then it answers nothing (an empty state would say
+    /// every device is unknown).
+    ready: bool,
 }
 
 /// Rows of replaced readings tolerated before a table is compacted, at least.
@@ -196,6 +199,23 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
 impl DeviceState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether the state has been restored after the start (see [`Self::mark_ready`]).
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Says the state is restored and may be answered from.
+    pub fn mark_ready(&mut self) {
+        self.ready = true;
+    }
+
+    /// The error to answer while the state is not [`Self::is_ready`].
+    pub fn not_ready() -> Error {
+        Error::NotReady(
+            "the device state is being restored after a start (snapshot and the rows committed since); try again in a moment".into(),
+        )
     }
 
     /// Observed stream time (µs) as of the last update.
@@ -463,51 +483,9 @@ impl DeviceState {
         self.view_all().table()
     }
 
-    /// The state as bytes: a header, then per table its live rows with the arrival columns, as
-    /// an Arrow IPC stream.
-    pub fn encode(&mut self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.observed.to_le_bytes());
-        out.extend_from_slice(&(self.tables.len() as u32).to_le_bytes());
-        for (id, s) in &mut self.tables {
-            s.compact()?;
-            let rows = s.chunks[0].clone();
-            let mut entries: Vec<(&String, &Entry)> = s.index.iter().collect();
-            entries.sort_by_key(|(_, e)| e.row);
-            let extra = |f: fn(&Entry) -> i64| {
-                Arc::new(Int64Array::from_iter_values(
-                    entries.iter().map(|(_, e)| f(e)),
-                )) as ArrayRef
-            };
-            let mut fields = rows.schema().fields().iter().cloned().collect::<Vec<_>>();
-            let mut columns = rows.columns().to_vec();
-            for (name, column) in [
-                ("__event_us", extra(|e| e.event_us)),
-                ("__seq", extra(|e| e.seq)),
-                ("__seen_wall", extra(|e| e.seen_wall)),
-                ("__seen_seq", extra(|e| e.seen_seq)),
-                ("__seen_observed", extra(|e| e.seen_observed)),
-            ] {
-                fields.push(Arc::new(Field::new(name, DataType::Int64, false)));
-                columns.push(column);
-            }
-            let batch =
-                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(internal)?;
-            let mut ipc = Vec::new();
-            {
-                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut ipc, &batch.schema())
-                    .map_err(internal)?;
-                w.write(&batch).map_err(internal)?;
-                w.finish().map_err(internal)?;
-            }
-            let name = id.to_string();
-            out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-            out.write_all(name.as_bytes()).map_err(internal)?;
-            out.extend_from_slice(&(ipc.len() as u64).to_le_bytes());
-            out.extend_from_slice(&ipc);
-        }
-        Ok(out)
+    /// The state as bytes (see [`DeviceStateView::encode`]).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        self.view_all().encode()
     }
 
     /// Restores [`Self::encode`]'s bytes.
@@ -604,6 +582,70 @@ pub struct DeviceStateView {
 type TableView = (TableId, Vec<RecordBatch>, Vec<Vec<(String, Entry)>>);
 
 impl DeviceStateView {
+    /// The state as bytes: a header (magic, observed time, table count), then per table its
+    /// name and its live rows with the arrival columns, as an Arrow IPC stream. Restored by
+    /// [`DeviceState::decode`].
+    pub fn encode(self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.observed.to_le_bytes());
+        out.extend_from_slice(&(self.tables.len() as u32).to_le_bytes());
+        for (id, chunks, by_chunk) in &self.tables {
+            let mut entries: Vec<&(String, Entry)> = by_chunk.iter().flatten().collect();
+            entries.sort_by_key(|(_, e)| (e.chunk, e.row));
+            let schema = chunks
+                .last()
+                .map(|c| c.schema())
+                .unwrap_or_else(|| Arc::new(Schema::empty()));
+            let conformed: Vec<RecordBatch> = chunks
+                .iter()
+                .map(|c| conform(c, &schema))
+                .collect::<Result<_>>()?;
+            let refs: Vec<&RecordBatch> = conformed.iter().collect();
+            let indices: Vec<(usize, usize)> = entries
+                .iter()
+                .map(|(_, e)| (e.chunk as usize, e.row as usize))
+                .collect();
+            let rows = if indices.is_empty() {
+                RecordBatch::new_empty(schema.clone())
+            } else {
+                arrow::compute::interleave_record_batch(&refs, &indices).map_err(internal)?
+            };
+            let extra = |f: fn(&Entry) -> i64| {
+                Arc::new(Int64Array::from_iter_values(
+                    entries.iter().map(|(_, e)| f(e)),
+                )) as ArrayRef
+            };
+            let mut fields = rows.schema().fields().iter().cloned().collect::<Vec<_>>();
+            let mut columns = rows.columns().to_vec();
+            for (name, column) in [
+                ("__event_us", extra(|e| e.event_us)),
+                ("__seq", extra(|e| e.seq)),
+                ("__seen_wall", extra(|e| e.seen_wall)),
+                ("__seen_seq", extra(|e| e.seen_seq)),
+                ("__seen_observed", extra(|e| e.seen_observed)),
+            ] {
+                fields.push(Arc::new(Field::new(name, DataType::Int64, false)));
+                columns.push(column);
+            }
+            let batch =
+                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(internal)?;
+            let mut ipc = Vec::new();
+            {
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut ipc, &batch.schema())
+                    .map_err(internal)?;
+                w.write(&batch).map_err(internal)?;
+                w.finish().map_err(internal)?;
+            }
+            let name = id.to_string();
+            out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            out.write_all(name.as_bytes()).map_err(internal)?;
+            out.extend_from_slice(&(ipc.len() as u64).to_le_bytes());
+            out.extend_from_slice(&ipc);
+        }
+        Ok(out)
+    }
+
     /// `final.device_state`: one row per device per table, in the shape of
     /// [`DeviceState::table_schema`]: the table, the device, its cohort columns, the newest
     /// reading's event time and stream sequence, when it was last seen, the observed seconds
@@ -687,7 +729,13 @@ impl crate::query::LiveTables for DeviceStateTable {
             return None;
         }
         // Copied out under the lock (cheap), built without it: ingest is not held up.
-        let view = self.0.read().expect("device state lock").view_all();
+        let view = {
+            let state = self.0.read().expect("device state lock");
+            if !state.is_ready() {
+                return Some(Err(DeviceState::not_ready()));
+            }
+            state.view_all()
+        };
         Some(view.table().and_then(|b| {
             datafusion::datasource::MemTable::try_new(DeviceState::table_schema(), vec![b])
                 .map(|t| Arc::new(t) as Arc<dyn datafusion::catalog::TableProvider>)
@@ -868,6 +916,75 @@ mod tests {
         assert_eq!(restored.observed(), 7 * S);
         let t = restored.table().unwrap();
         assert_eq!(t.iter().map(|b| b.num_rows()).sum::<usize>(), 1000);
+    }
+
+    /// Random readings (late ones, replays, schema as ingest makes it) applied in random
+    /// micro-batches, with a snapshot and restore at random points and rows re-applied after it
+    /// (as a restart does): the state equals the newest reading of each device by a full scan.
+    #[test]
+    fn random_batches_restores_and_reapplied_rows_give_the_newest_reading() {
+        let mut x: u64 = 7;
+        let mut next = |n: u64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % n
+        };
+        for round in 0..40 {
+            let n = 200 + next(800) as i64;
+            let all: Vec<(i64, String, i64, f64, &str)> = (1..=n)
+                .map(|seq| {
+                    let d = next(30);
+                    (seq, format!("d{d}"), next(50) as i64, seq as f64, "x")
+                })
+                .collect();
+            let mut state = DeviceState::new();
+            let mut at = 0usize;
+            while at < all.len() {
+                let len = 1 + next(60) as usize;
+                let end = (at + len).min(all.len());
+                let part: Vec<(i64, &str, i64, f64, &str)> = all[at..end]
+                    .iter()
+                    .map(|(a, b, c, d, e)| (*a, b.as_str(), *c, *d, *e))
+                    .collect();
+                state
+                    .update(&table(), &rows(&part), Received::All(1))
+                    .unwrap();
+                if next(4) == 0 {
+                    // A restart: restore, then re-apply some rows already applied.
+                    state = DeviceState::decode(&state.encode().unwrap()).unwrap();
+                    let back = next(end as u64 + 1) as usize;
+                    let again: Vec<(i64, &str, i64, f64, &str)> = all[back..end]
+                        .iter()
+                        .map(|(a, b, c, d, e)| (*a, b.as_str(), *c, *d, *e))
+                        .collect();
+                    state
+                        .update(&table(), &rows(&again), Received::All(2))
+                        .unwrap();
+                }
+                at = end;
+            }
+            let mut newest: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+            for (seq, d, t, _, _) in &all {
+                let e = newest.entry(d.clone()).or_insert((i64::MIN, i64::MIN));
+                *e = (*e).max((*t * S, *seq));
+            }
+            let got: BTreeMap<String, (i64, i64)> = state
+                .list(&DeviceFilter::default(), 0, usize::MAX)
+                .0
+                .into_iter()
+                .map(|v| {
+                    assert_eq!(
+                        v.reading["temperature_c"].as_f64().unwrap(),
+                        v.stream_seq as f64
+                    );
+                    (v.device_id, (v.event_time.unwrap(), v.stream_seq))
+                })
+                .collect();
+            assert_eq!(got, newest, "round {round}");
+            let table_rows: usize = state.table().unwrap().iter().map(|b| b.num_rows()).sum();
+            assert_eq!(table_rows, newest.len());
+        }
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub enum Error {
     /// An Arrow kernel failed on a batch we built (our bug).
     #[error("internal error: {0}")]
     Internal(String),
+    /// What was asked for is not ready yet (state being restored after a start): retry soon.
+    #[error("{0}")]
+    NotReady(String),
 }
 
 /// Whose fault an error is: decides the HTTP status and whether to retry.
@@ -49,6 +52,7 @@ impl Error {
             Error::Lake(e) if e.is_transient() => ErrorKind::Unavailable,
             Error::Lake(_) => ErrorKind::User,
             Error::Internal(_) => ErrorKind::Internal,
+            Error::NotReady(_) => ErrorKind::Unavailable,
         }
     }
 
@@ -71,6 +75,7 @@ impl Error {
             Error::Lake(_) if self.kind() == ErrorKind::Unavailable => "storage_unavailable",
             Error::Lake(_) => "lake",
             Error::Internal(_) => "internal",
+            Error::NotReady(_) => "not_ready",
         }
     }
 }

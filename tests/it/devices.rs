@@ -108,6 +108,15 @@ fn rows(v: &Value) -> BTreeMap<String, (String, i64, f64)> {
 }
 
 async fn check(api: &Api) {
+    // Right after a start the state is being restored: 503 not_ready, never a wrong answer.
+    fleetlake_tests::wait_for("the device state", Duration::from_secs(60), || async {
+        let (status, body) = api.get("/v1/devices/t-000").await;
+        if status == 503 {
+            assert!(body.contains("not_ready"), "{body}");
+        }
+        (status == 200).then_some(())
+    })
+    .await;
     let scan = scanned(api).await;
     assert_eq!(scan.len(), DEVICES as usize);
     assert_eq!(

@@ -26,6 +26,14 @@ fn not_ingesting() -> Response {
     )
 }
 
+fn not_ready() -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+        &fleetlake_sql::device_state::DeviceState::not_ready().to_string(),
+    )
+}
+
 fn time(us: i64) -> Value {
     chrono::DateTime::from_timestamp_micros(us)
         .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
@@ -61,7 +69,13 @@ pub async fn device(State(state): State<AppState>, Path(id): Path<String>) -> Re
     let Some(devices) = &state.devices else {
         return not_ingesting();
     };
-    let views = devices.read().expect("device state lock").lookup(&id);
+    let views = {
+        let state = devices.read().expect("device state lock");
+        if !state.is_ready() {
+            return not_ready();
+        }
+        state.lookup(&id)
+    };
     if views.is_empty() {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -137,10 +151,13 @@ pub async fn devices(
             }
         }
     }
-    let (page, matched) = devices
-        .read()
-        .expect("device state lock")
-        .list(&filter, offset, limit);
+    let (page, matched) = {
+        let state = devices.read().expect("device state lock");
+        if !state.is_ready() {
+            return not_ready();
+        }
+        state.list(&filter, offset, limit)
+    };
     let next = (offset + page.len() < matched).then_some(offset + page.len());
     Json(json!({
         "devices": page.iter().map(view_json).collect::<Vec<_>>(),

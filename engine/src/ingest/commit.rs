@@ -64,7 +64,31 @@ pub(crate) fn storage_failed(metrics: &Metrics, reason: &str) {
 pub struct Snapshot {
     pub tables: Vec<TableId>,
     pub kind: String,
-    pub bytes: Vec<u8>,
+    pub bytes: SnapshotBytes,
+}
+
+/// A snapshot's bytes: encoded already, or encoded when stored, on a blocking thread (a large
+/// state, copied at the flush, so encoding it does not pause ingest).
+pub enum SnapshotBytes {
+    Ready(Vec<u8>),
+    Deferred(Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>),
+}
+
+impl From<Vec<u8>> for SnapshotBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        SnapshotBytes::Ready(bytes)
+    }
+}
+
+impl SnapshotBytes {
+    async fn encoded(self) -> Result<Vec<u8>, String> {
+        match self {
+            SnapshotBytes::Ready(b) => Ok(b),
+            SnapshotBytes::Deferred(encode) => tokio::task::spawn_blocking(encode)
+                .await
+                .map_err(|e| format!("encoding a snapshot panicked: {e}"))?,
+        }
+    }
 }
 
 /// What ingest counts once a job's rows are committed.
@@ -227,7 +251,10 @@ impl Committer {
             ) else {
                 continue;
             };
-            first.store_snapshot(&s.kind, committed, s.bytes).await;
+            match s.bytes.encoded().await {
+                Ok(bytes) => first.store_snapshot(&s.kind, committed, bytes).await,
+                Err(e) => tracing::warn!(kind = %s.kind, error = %e, "a snapshot was not stored"),
+            }
         }
     }
 }

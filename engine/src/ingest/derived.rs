@@ -490,7 +490,7 @@ impl DerivedStage {
         let snapshot = Snapshot {
             tables: vec![alerts_table()],
             kind: rule_kind(&self.app_id, &rule.def.name),
-            bytes: runner.encode(),
+            bytes: runner.encode().into(),
         };
         let writer = if self.alerts {
             None
@@ -720,7 +720,7 @@ impl DerivedStage {
                 Ok(bytes) => out.push(Snapshot {
                     tables: vec![w.def.table.clone()],
                     kind: window_kind(&self.app_id),
-                    bytes,
+                    bytes: bytes.into(),
                 }),
                 Err(e) => {
                     tracing::warn!(table = %w.def.table, error = %e, "encoding the window state failed")
@@ -731,7 +731,7 @@ impl DerivedStage {
             out.push(Snapshot {
                 tables: vec![alerts_table()],
                 kind: rule_kind(&self.app_id, &r.def.name),
-                bytes: r.encode(),
+                bytes: r.encode().into(),
             });
         }
         out

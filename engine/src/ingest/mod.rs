@@ -45,7 +45,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::ingest::commit::{Backoff, Commits, Committer, Effects, Job, Snapshot, storage_failed};
+use crate::ingest::commit::{
+    Backoff, Commits, Committer, Effects, Job, Snapshot, SnapshotBytes, storage_failed,
+};
 use crate::ingest::derived::{DerivedOutput, DerivedStage, OpenError};
 use crate::ingest::derived::{RuleChange, RuleUpdate};
 use crate::ingest::pipelines::{Declared, PipelineStage, StageError, StageOutput};
@@ -178,6 +180,8 @@ pub async fn run(
     };
     // One observed clock for rules and device state: the newer of the two snapshots'.
     stages.derived.resume_clock(restored.observed());
+    let mut restored = restored;
+    restored.mark_ready();
     *devices.write().expect("device state lock") = restored;
     metrics.storage_up.store(1, Ordering::Relaxed);
     metrics.record_rules(&[], &stages.derived.firing());
@@ -1052,19 +1056,20 @@ impl Ingest {
                 .iter()
                 .flat_map(|p| p.tables().cloned()),
         );
-        match self.devices.write().expect("device state lock").encode() {
-            Ok(bytes) => out.push(Snapshot {
-                tables: usable,
-                kind: devices_kind(self.config.consumer()),
-                bytes,
-            }),
-            Err(e) => tracing::warn!(error = %e, "encoding the device state failed"),
-        }
+        // Copied now (as of this flush), encoded when stored, off the ingest loop.
+        let view = self.devices.read().expect("device state lock").view_all();
+        out.push(Snapshot {
+            tables: usable,
+            kind: devices_kind(self.config.consumer()),
+            bytes: SnapshotBytes::Deferred(Box::new(move || {
+                view.encode().map_err(|e| e.to_string())
+            })),
+        });
         if self.dedup.key() != DedupKey::None {
             out.push(Snapshot {
                 tables: vec![TableId::usable_telemetry()],
                 kind: snapshot_kind(self.config.consumer()),
-                bytes: self.dedup.encode(),
+                bytes: self.dedup.encode().into(),
             });
         }
         out

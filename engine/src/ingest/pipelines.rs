@@ -210,7 +210,7 @@ impl PipelineStage {
                 Some(Snapshot {
                     tables: p.tables().cloned().collect(),
                     kind: snapshot_kind(&self.app_id, &p.runner.name),
-                    bytes: p.dedup.as_ref()?.encode(),
+                    bytes: p.dedup.as_ref()?.encode().into(),
                 })
             })
             .collect()
