@@ -117,6 +117,10 @@ struct KeyState {
     last_t: i64,
     /// When the key last fired: event time, or observed time for a silence rule.
     last_fired: Option<i64>,
+    /// The cohort the key fired in (grouped rules): its resolve goes to the same cohort, even
+    /// if the key's `group_by` values changed meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fired_cohort: Option<String>,
     /// A silence rule's watch over the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     silence: Option<Silence>,
@@ -132,6 +136,10 @@ struct Silence {
     /// The last row's values (the alert's values when it fires).
     values: serde_json::Map<String, serde_json::Value>,
     cohort: Option<String>,
+    /// The deadline (observed µs) the key is scheduled at: its silence deadline, or the end of
+    /// its cool-down. A scheduled entry that is not this one is stale and ignored.
+    #[serde(default)]
+    due: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -215,25 +223,26 @@ impl RuleRunner {
             if first.0 > self.clock {
                 break;
             }
-            let (_, key) = self.deadlines.pop_first().expect("not empty");
+            let (due, key) = self.deadlines.pop_first().expect("not empty");
             let Some(state) = self.keys.get_mut(&key) else {
                 continue;
             };
-            let Some(silence) = &state.silence else {
+            let Some(silence) = &mut state.silence else {
                 continue;
             };
-            if state.phase == Phase::Firing {
+            if state.phase == Phase::Firing || silence.due != due {
                 continue;
             }
             if let Some(f) = state.last_fired
                 && self.clock.saturating_sub(f) < self.def.cool_down
             {
-                self.deadlines
-                    .insert((f.saturating_add(self.def.cool_down), key));
+                silence.due = f.saturating_add(self.def.cool_down);
+                self.deadlines.insert((silence.due, key));
                 continue;
             }
             state.phase = Phase::Firing;
             state.last_fired = Some(self.clock);
+            state.fired_cohort = silence.cohort.clone();
             let mut values = silence.values.clone();
             values.insert(
                 "silent_for_s".into(),
@@ -442,6 +451,7 @@ impl RuleRunner {
                 phase: Phase::Ok,
                 last_t: i64::MIN,
                 last_fired: None,
+                fired_cohort: None,
                 silence: None,
             });
             if t < state.last_t {
@@ -482,6 +492,12 @@ impl RuleRunner {
                 }
             };
             let Some(new_state) = fired else { continue };
+            let cohort = if new_state == "firing" {
+                state.fired_cohort = cohort.clone();
+                cohort
+            } else {
+                state.fired_cohort.take().or(cohort)
+            };
             let mut transition = self.transition(key, new_state, t, seq, values_of(i), cohort);
             transition.window_start = wstart
                 .as_ref()
@@ -514,6 +530,7 @@ impl RuleRunner {
             phase: Phase::Ok,
             last_t: i64::MIN,
             last_fired: None,
+            fired_cohort: None,
             silence: None,
         });
         let newer = t >= state.last_t;
@@ -530,21 +547,26 @@ impl RuleRunner {
             _ => (values.clone(), cohort.clone()),
         };
         if let Some(p) = &previous {
-            let old = self.silence_deadline(p);
-            self.deadlines.remove(&(old, key.clone()));
+            self.deadlines.remove(&(p.due, key.clone()));
         }
+        let fired_cohort = if resolves {
+            self.keys.get_mut(&key).and_then(|k| k.fired_cohort.take())
+        } else {
+            None
+        };
         if let Some(after) = after {
-            let s = Silence {
+            let mut s = Silence {
                 seen_at: clock,
                 after,
                 values: kept_values,
                 cohort: kept_cohort,
+                due: 0,
             };
-            self.deadlines
-                .insert((self.silence_deadline(&s), key.clone()));
+            s.due = self.silence_deadline(&s);
+            self.deadlines.insert((s.due, key.clone()));
             self.keys.get_mut(&key).expect("inserted").silence = Some(s);
         }
-        resolves.then(|| self.transition(key, "resolved", t, seq, values, cohort))
+        resolves.then(|| self.transition(key, "resolved", t, seq, values, fired_cohort.or(cohort)))
     }
 
     /// Marks everything up to `position` as seen (after a rebuild that had no rows to read).
@@ -589,7 +611,7 @@ impl RuleRunner {
             .filter(|(_, k)| k.phase != Phase::Firing)
             .filter_map(|(key, k)| {
                 let s = k.silence.as_ref()?;
-                Some((self.silence_deadline(s), key.clone()))
+                Some((s.due, key.clone()))
             })
             .collect();
         Ok(true)
@@ -1080,6 +1102,52 @@ mod tests {
                 vec![("a".into(), "firing".into())]
             );
         }
+    }
+
+    /// A key deferred by its cool-down that reports again is not fired by the stale deferral.
+    #[tokio::test]
+    async fn a_cool_down_deferral_does_not_outlive_the_next_row() {
+        let mut r = silence_rule(", cool_down = '5m'").await;
+        step(&mut r, 0, &[(1, "a", "x", 100)]).await;
+        assert_eq!(
+            seen(&step(&mut r, 60, &[]).await),
+            vec![("a".into(), "firing".into())]
+        );
+        step(&mut r, 120, &[(2, "a", "x", 220)]).await;
+        // Silent again at 180, held by the cool-down until 360; it reports at 330.
+        assert!(step(&mut r, 180, &[]).await.is_empty());
+        step(&mut r, 330, &[(3, "a", "x", 430)]).await;
+        assert!(
+            step(&mut r, 361, &[]).await.is_empty(),
+            "heard from 31 s ago"
+        );
+        assert_eq!(
+            seen(&step(&mut r, 390, &[]).await),
+            vec![("a".into(), "firing".into())]
+        );
+    }
+
+    /// Keys that come back with other `group_by` values still resolve the cohort they fired in.
+    #[tokio::test]
+    async fn a_cohort_resolves_when_its_members_come_back_under_another_cohort() {
+        let mut r = silence_rule(", group_by = 'site', group_min = 3, group_wait = '0s'").await;
+        step(
+            &mut r,
+            0,
+            &[(1, "a", "x", 100), (2, "b", "x", 100), (3, "c", "x", 100)],
+        )
+        .await;
+        assert_eq!(
+            seen(&step(&mut r, 60, &[]).await),
+            vec![("x".into(), "firing".into())]
+        );
+        let back = step(
+            &mut r,
+            70,
+            &[(4, "a", "y", 200), (5, "b", "y", 200), (6, "c", "y", 200)],
+        )
+        .await;
+        assert_eq!(seen(&back), vec![("x".into(), "resolved".into())]);
     }
 
     #[tokio::test]
