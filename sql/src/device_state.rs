@@ -285,36 +285,65 @@ impl DeviceState {
                 state.evolve(&rows.schema())?;
             }
         }
-        // The newest row of each device in these rows, if newer than what is kept.
+        // First without changing anything (a failure leaves the state as it was): the newest
+        // row of each device in these rows if newer than what is kept, and the newest arrival.
+        let order = |j: usize| {
+            let t = times
+                .as_ref()
+                .filter(|t| t.is_valid(j))
+                .map_or(i64::MIN, |t| t.value(j));
+            (t, seqs.value(j))
+        };
         let mut winners: HashMap<&str, usize> = HashMap::new();
+        let mut arrivals: HashMap<&str, (i64, i64)> = HashMap::new();
         for i in 0..rows.num_rows() {
             if devices.is_null(i) || seqs.is_null(i) {
                 continue;
             }
             let device = devices.value(i);
-            let order = |j: usize| {
-                let t = times
-                    .as_ref()
-                    .filter(|t| t.is_valid(j))
-                    .map_or(i64::MIN, |t| t.value(j));
-                (t, seqs.value(j))
-            };
             let seen = match &received_us {
                 Received::All(us) => *us,
                 Received::Each(c) => c.value(i),
             };
             let (t, seq) = order(i);
-            match state.index.get_mut(device) {
-                Some(e) => {
-                    if seq > e.seen_seq {
-                        e.seen_seq = seq;
-                        e.seen_wall = seen;
-                        e.seen_observed = observed;
-                    }
-                    if (t, seq) <= (e.event_us, e.seq) {
-                        continue;
-                    }
+            let arrival = arrivals.entry(device).or_insert((i64::MIN, 0));
+            if seq > arrival.0 {
+                *arrival = (seq, seen);
+            }
+            if state
+                .index
+                .get(device)
+                .is_some_and(|e| (t, seq) <= (e.event_us, e.seq))
+            {
+                continue;
+            }
+            match winners.get(device) {
+                Some(&w) if order(w) >= (t, seq) => {}
+                _ => {
+                    winners.insert(device, i);
                 }
+            }
+        }
+        let mut taken: Vec<(&str, usize)> = winners.into_iter().collect();
+        taken.sort_by_key(|(_, i)| *i);
+        let chunk = if taken.is_empty() {
+            None
+        } else {
+            let indices = UInt32Array::from_iter_values(taken.iter().map(|(_, i)| *i as u32));
+            Some(conform(
+                &arrow::compute::take_record_batch(rows, &indices).map_err(internal)?,
+                &state.schema,
+            )?)
+        };
+        // Then apply.
+        for (device, (seq, seen)) in arrivals {
+            match state.index.get_mut(device) {
+                Some(e) if seq > e.seen_seq => {
+                    e.seen_seq = seq;
+                    e.seen_wall = seen;
+                    e.seen_observed = observed;
+                }
+                Some(_) => {}
                 None => {
                     state.index.insert(
                         device.to_string(),
@@ -330,37 +359,21 @@ impl DeviceState {
                     );
                 }
             }
-            match winners.get(device) {
-                Some(&w) if order(w) >= (t, seq) => {}
-                _ => {
-                    winners.insert(device, i);
-                }
-            }
         }
-        if winners.is_empty() {
+        let Some(chunk) = chunk else {
             return Ok(());
-        }
-        let mut taken: Vec<(&str, usize)> = winners.into_iter().collect();
-        taken.sort_by_key(|(_, i)| *i);
-        let indices = UInt32Array::from_iter_values(taken.iter().map(|(_, i)| *i as u32));
-        let chunk = conform(
-            &arrow::compute::take_record_batch(rows, &indices).map_err(internal)?,
-            &state.schema,
-        )?;
+        };
         let chunk_no = state.chunks.len() as u32;
         for (row, (device, i)) in taken.iter().enumerate() {
             let e = state.index.get_mut(*device).expect("inserted above");
             if e.chunk != u32::MAX {
                 state.garbage += 1;
             }
-            let t = times
-                .as_ref()
-                .filter(|t| t.is_valid(*i))
-                .map_or(i64::MIN, |t| t.value(*i));
+            let (t, seq) = order(*i);
             e.chunk = chunk_no;
             e.row = row as u32;
             e.event_us = t;
-            e.seq = seqs.value(*i);
+            e.seq = seq;
         }
         state.chunks.push(chunk);
         if state.garbage > COMPACT_MIN.max(state.live() / 2) || state.chunks.len() > 4096 {

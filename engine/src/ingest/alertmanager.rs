@@ -124,7 +124,7 @@ async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
     }
     let sql = format!(
         "SELECT rule, key, severity, \"values\", CAST(event_time AS BIGINT) AS t, alert_id FROM (\
-           SELECT *, row_number() OVER (PARTITION BY rule, key ORDER BY stream_seq DESC) AS latest FROM {table}\
+           SELECT *, row_number() OVER (PARTITION BY rule, key ORDER BY stream_seq DESC, state DESC) AS latest FROM {table}\
          ) WHERE latest = 1 AND state = 'firing'"
     );
     let rows = QueryEngine::new(lake.clone())
@@ -153,7 +153,10 @@ async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
                     .collect(),
                 _ => Vec::new(),
             };
-            let grouped = !members.is_empty();
+            let cohort = match values.remove("cohort") {
+                Some(Value::String(c)) => Some(c),
+                _ => None,
+            };
             firing.push(Transition {
                 alert_id: ids.value(i).to_string(),
                 rule: rule.value(i).to_string(),
@@ -166,7 +169,7 @@ async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
                 values,
                 event_time: times.value(i),
                 stream_seq: 0,
-                cohort: grouped.then(|| key.value(i).to_string()),
+                cohort,
                 members,
             });
         }
@@ -238,6 +241,21 @@ async fn deliver(
         let sent = client.post(&endpoint).json(&body).send().await;
         let failure = match sent {
             Ok(r) if r.status().is_success() => None,
+            Ok(r) if r.status().is_client_error() => {
+                // Retrying cannot help: Alertmanager refuses these alerts as they are.
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                let reason = format!(
+                    "Alertmanager refused {} alerts ({status}): {}; they are dropped (JetStream and final.alerts have them)",
+                    pending.len(),
+                    text.trim()
+                );
+                tracing::error!(%reason, endpoint, "Alertmanager delivery");
+                metrics.alertmanager_errors.fetch_add(1, Ordering::Relaxed);
+                metrics.set_last_error("alertmanager", &reason);
+                pending.clear();
+                continue;
+            }
             Ok(r) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
@@ -290,8 +308,10 @@ fn merge(
             firing.insert(id, t);
         } else {
             let started = firing.remove(&id);
-            // startsAt stays the firing's, so Alertmanager sees one alert that ended.
-            let mut a = alert(started.as_ref().unwrap_or(&t), Some(now.max(t.event_time)));
+            // startsAt stays the firing's, so Alertmanager sees one alert that ended; endsAt is
+            // never before it (Alertmanager refuses such an alert).
+            let from = started.as_ref().unwrap_or(&t);
+            let mut a = alert(from, Some(now.max(t.event_time).max(from.event_time)));
             a["annotations"]["summary"] = json!(format!("{} resolved for {}", t.rule, t.key));
             pending.insert(id, a);
         }

@@ -185,6 +185,12 @@ async fn send(js: &jetstream::Context, transitions: &[Transition]) -> Result<(),
             // and the key is cut if it alone is too long.
             alert["values"] = serde_json::json!({"omitted": "the alert was larger than the NATS server's max_payload; see final.alerts"});
             alert["values_omitted"] = serde_json::Value::Bool(true);
+            if !t.members.is_empty() {
+                // A cohort of thousands: its count stays, its members are in final.alerts.
+                alert["members"] = serde_json::Value::Null;
+                alert["count"] = serde_json::json!(t.members.len());
+                alert["members_omitted"] = serde_json::Value::Bool(true);
+            }
             payload = serde_json::to_vec(&alert).expect("serializable");
             if payload.len() + 256 > max_payload {
                 // The key alone is too long (JSON escaping can make it longer still): its
@@ -549,13 +555,6 @@ impl DerivedStage {
         self.clock.now()
     }
 
-    /// Carries observed time on from `observed` (a restored snapshot's) if it is ahead.
-    pub fn resume_clock(&mut self, observed: i64) {
-        if observed > self.clock.now() {
-            self.clock = StreamClock::resumed(observed, self.clock.max_gap());
-        }
-    }
-
     /// A micro-batch was delivered: an observation of the stream. Returns the observed time.
     pub fn observe(&mut self) -> i64 {
         self.clock.observe(chrono::Utc::now().timestamp_micros())
@@ -699,6 +698,9 @@ impl DerivedStage {
                     let mut values = t.values.clone();
                     if !t.members.is_empty() {
                         values.insert("members".into(), serde_json::json!(t.members));
+                    }
+                    if let Some(c) = &t.cohort {
+                        values.insert("cohort".into(), serde_json::json!(c));
                     }
                     serde_json::Value::Object(values).to_string()
                 }))),

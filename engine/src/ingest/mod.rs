@@ -178,8 +178,9 @@ pub async fn run(
             }
         }
     };
-    // One observed clock for rules and device state: the newer of the two snapshots'.
-    stages.derived.resume_clock(restored.observed());
+    // The rules' observed clock stays theirs (moving it on would count the time between the
+    // two snapshots as silence of the keys the rules replayed); the device state's never goes
+    // back, so its silent_for_s holds still until the rules' clock passes it.
     let mut restored = restored;
     restored.mark_ready();
     *devices.write().expect("device state lock") = restored;
@@ -195,6 +196,7 @@ pub async fn run(
         commits: Commits::new(committer),
         lake,
         devices,
+        unrecorded: Vec::new(),
     };
     loop {
         if ingest.cancel.is_cancelled() {
@@ -266,6 +268,9 @@ struct Ingest {
     lake: Lake,
     /// The latest state of every device (`final.device_state`, `/v1/devices`).
     devices: SharedDeviceState,
+    /// Transitions published while idle and not yet recorded in final.alerts, kept across a
+    /// consumer that is reopened (they go with the next commit).
+    unrecorded: Vec<fleetlake_sql::rules::Transition>,
 }
 
 /// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
@@ -358,6 +363,9 @@ async fn load_dedup(
     Ok(state)
 }
 
+/// Stream sequences read per step when the device state is rebuilt from the lake.
+const DEVICE_RESTORE_STEP: i64 = 200_000;
+
 /// Side-file kind of the device state snapshots of one consumer.
 fn devices_kind(consumer: &str) -> String {
     format!("devices-{consumer}")
@@ -399,31 +407,43 @@ async fn load_devices(
         if table.zone != fleetlake_zones::Zone::Usable || committed <= since {
             continue;
         }
-        let sql = format!(
-            "SELECT u.*, CAST(r.received_at AS BIGINT) AS __received_us FROM {table} u \
-             LEFT JOIN {raw} r ON r.stream_seq = u.stream_seq \
-             WHERE u.stream_seq > {since} AND u.stream_seq <= {committed} ORDER BY u.stream_seq"
-        );
-        let rows = QueryEngine::new(lake.clone())
-            .query(&sql)
-            .await
-            .map_err(|e| format!("rebuilding the device state from {table}: {e}"))?;
-        let now = chrono::Utc::now().timestamp_micros();
-        for batch in &rows.batches {
-            let at = batch.num_columns() - 1;
-            let received: arrow::array::Int64Array = arrow::array::AsArray::as_primitive::<
-                arrow::datatypes::Int64Type,
-            >(batch.column(at))
-            .iter()
-            .map(|v| Some(v.unwrap_or(now)))
-            .collect();
-            let keep: Vec<usize> = (0..at).collect();
-            let rows = batch.project(&keep).map_err(|e| e.to_string())?;
-            state
-                .update(table, &rows, Received::Each(&received))
-                .map_err(|e| e.to_string())?;
+        // In steps of stream sequences, so a first start over a large lake (no snapshot yet)
+        // never holds more than one step's rows.
+        let (mut from, mut total) = (since, 0usize);
+        while from < committed {
+            let to = from.saturating_add(DEVICE_RESTORE_STEP).min(committed);
+            let sql = format!(
+                "SELECT u.*, CAST(r.received_at AS BIGINT) AS __received_us FROM {table} u \
+                 LEFT JOIN {raw} r ON r.stream_seq = u.stream_seq \
+                 AND r.stream_seq > {from} AND r.stream_seq <= {to} \
+                 WHERE u.stream_seq > {from} AND u.stream_seq <= {to}"
+            );
+            let rows = QueryEngine::new(lake.clone())
+                .query(&sql)
+                .await
+                .map_err(|e| format!("rebuilding the device state from {table}: {e}"))?;
+            let now = chrono::Utc::now().timestamp_micros();
+            for batch in &rows.batches {
+                let at = batch.num_columns() - 1;
+                let received: arrow::array::Int64Array = arrow::array::AsArray::as_primitive::<
+                    arrow::datatypes::Int64Type,
+                >(batch.column(at))
+                .iter()
+                .map(|v| Some(v.unwrap_or(now)))
+                .collect();
+                let keep: Vec<usize> = (0..at).collect();
+                let rows = batch.project(&keep).map_err(|e| e.to_string())?;
+                state
+                    .update(table, &rows, Received::Each(&received))
+                    .map_err(|e| e.to_string())?;
+            }
+            total += rows.row_count();
+            from = to;
+            if committed - since > DEVICE_RESTORE_STEP {
+                tracing::info!(%table, stream_seq = to, of = committed, rows = total, "rebuilding the device state");
+            }
         }
-        tracing::info!(%table, since, committed, rows = rows.row_count(), "device state rebuilt");
+        tracing::info!(%table, since, committed, rows = total, "device state rebuilt");
     }
     Ok(state)
 }
@@ -494,7 +514,8 @@ impl Ingest {
                     // the next message's commit: with none, the rules' state is not stored,
                     // so the next start detects it again (same id, dropped by JetStream) and
                     // records it then.
-                    let unrecorded = buffer.messages.is_empty() && !buffer.transitions.is_empty();
+                    let unrecorded = buffer.messages.is_empty()
+                        && !(buffer.transitions.is_empty() && self.unrecorded.is_empty());
                     if self.flush(&mut buffer, stages).await && !unrecorded {
                         let snapshots = self.snapshots(stages);
                         let (committer, ok) = self.commits.idle().await;
@@ -887,11 +908,25 @@ impl Ingest {
             references = out.references.clone();
         }
         {
-            let received = chrono::Utc::now().timestamp_micros();
+            // Each row's arrival is its message's (as raw.telemetry records it, which a restore
+            // reads back).
+            let arrived: std::collections::HashMap<i64, i64> = buffer.messages[buffer.processed..]
+                .iter()
+                .map(|m| (m.stream_seq, m.received_at_us))
+                .collect();
+            let now = chrono::Utc::now().timestamp_micros();
             let mut devices = self.devices.write().expect("device state lock");
             devices.observe(observed);
             for (table, rows) in &tables {
-                if let Err(e) = devices.update(table, rows, Received::All(received)) {
+                let Some(seqs) = rows.column_by_name("stream_seq") else {
+                    continue;
+                };
+                let received: arrow::array::Int64Array =
+                    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(seqs)
+                        .iter()
+                        .map(|s| Some(s.and_then(|s| arrived.get(&s).copied()).unwrap_or(now)))
+                        .collect();
+                if let Err(e) = devices.update(table, rows, Received::Each(&received)) {
                     tracing::warn!(%table, error = %e, "updating the device state failed");
                 }
             }
@@ -957,7 +992,14 @@ impl Ingest {
     /// back after a restart.
     async fn flush(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
         if buffer.messages.is_empty() {
+            // Idle firings wait for the next message's commit, also across a reopened consumer.
+            self.unrecorded.append(&mut buffer.transitions);
             return true;
+        }
+        if !self.unrecorded.is_empty() {
+            let mut earlier = std::mem::take(&mut self.unrecorded);
+            earlier.append(&mut buffer.transitions);
+            buffer.transitions = earlier;
         }
         if !self.process(buffer, stages).await {
             return false;
