@@ -569,6 +569,29 @@ impl RuleRunner {
         resolves.then(|| self.transition(key, "resolved", t, seq, values, fired_cohort.or(cohort)))
     }
 
+    /// Applies a silence rule's transition that `final.alerts` recorded after the rule's
+    /// snapshot (on a restart): firings are detected between rows, so replaying the rows does not
+    /// give them again, and without this the key would fire a second time. Keys the rule does
+    /// not watch (a cohort alert's key) are left alone.
+    pub fn recorded(&mut self, key: &str, state: &str) {
+        let clock = self.clock;
+        let Some(k) = self.keys.get_mut(key) else {
+            return;
+        };
+        let Some(silence) = &mut k.silence else {
+            return;
+        };
+        match state {
+            "firing" => {
+                k.phase = Phase::Firing;
+                k.last_fired = Some(clock);
+                k.fired_cohort = silence.cohort.clone();
+                self.deadlines.remove(&(silence.due, key.to_string()));
+            }
+            _ => k.phase = Phase::Ok,
+        }
+    }
+
     /// Marks everything up to `position` as seen (after a rebuild that had no rows to read).
     pub fn advance(&mut self, position: i64) {
         self.position = self.position.max(position);

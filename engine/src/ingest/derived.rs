@@ -309,6 +309,46 @@ fn rule_kind(app_id: &str, rule: &str) -> String {
     format!("rule-{app_id}-{rule}")
 }
 
+/// The transitions of rule `name` (this version) that final.alerts recorded after stream
+/// sequence `after`, in stream order: (key, state).
+async fn recorded_since(
+    lake: &Lake,
+    name: &str,
+    version: &str,
+    after: i64,
+) -> Result<Vec<(String, String)>, String> {
+    let table = alerts_table();
+    if lake
+        .describe(&table)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        return Ok(Vec::new());
+    }
+    // Rule names are letters, digits and _; versions are hex.
+    let rows = QueryEngine::new(lake.clone())
+        .query(&format!(
+            "SELECT key, state FROM {table} WHERE rule = '{name}' AND rule_version = '{version}' \
+             AND stream_seq > {after} ORDER BY stream_seq, state"
+        ))
+        .await
+        .map_err(|e| format!("reading {table} to rebuild rule {name}: {e}"))?;
+    let mut out = Vec::new();
+    for b in &rows.batches {
+        let text = |i: usize| {
+            arrow::compute::cast(b.column(i), &DataType::Utf8)
+                .map(|c| arrow::array::AsArray::as_string::<i32>(&c).clone())
+                .map_err(|e| e.to_string())
+        };
+        let (keys, states) = (text(0)?, text(1)?);
+        for i in 0..b.num_rows() {
+            out.push((keys.value(i).to_string(), states.value(i).to_string()));
+        }
+    }
+    Ok(out)
+}
+
 /// Committed rows of `table` with stream sequences in `(after, upto]`, in stream order.
 async fn committed_rows(
     lake: &Lake,
@@ -452,6 +492,12 @@ impl DerivedStage {
                     })?;
                     // Published before the crash; routed so the cohorts are as they were.
                     rule.route(&rebuilt);
+                }
+                if r.kind == fleetlake_sql::rules::RuleKind::Silence {
+                    let recorded = recorded_since(lake, &r.def.name, &rule.version, from).await?;
+                    for (key, state) in recorded {
+                        rule.recorded(&key, &state);
+                    }
                 }
                 rule.advance(committed);
                 // Observed time carries on from the newest of the rules' snapshots; rows
