@@ -114,12 +114,7 @@ fn alert(t: &Transition, ends_at: Option<i64>) -> Value {
 /// firing cohort alert stands for: what was firing when fleetlake stopped.
 async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
     let table = crate::ingest::derived::alerts_table();
-    if lake
-        .describe(&table)
-        .await
-        .map_err(|e| e.to_string())?
-        .is_none()
-    {
+    if !crate::ingest::derived::table_exists(lake, &table).await? {
         return Ok(Vec::new());
     }
     let sql = format!(

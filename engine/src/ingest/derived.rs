@@ -309,6 +309,15 @@ fn rule_kind(app_id: &str, rule: &str) -> String {
     format!("rule-{app_id}-{rule}")
 }
 
+/// Whether `table` exists in the lake.
+pub(crate) async fn table_exists(lake: &Lake, table: &TableId) -> Result<bool, String> {
+    Ok(lake
+        .describe(table)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some())
+}
+
 /// The transitions of rule `name` (this version) that final.alerts recorded after stream
 /// sequence `after`, in stream order: (key, state).
 async fn recorded_since(
@@ -318,12 +327,7 @@ async fn recorded_since(
     after: i64,
 ) -> Result<Vec<(String, String)>, String> {
     let table = alerts_table();
-    if lake
-        .describe(&table)
-        .await
-        .map_err(|e| e.to_string())?
-        .is_none()
-    {
+    if !table_exists(lake, &table).await? {
         return Ok(Vec::new());
     }
     // Rule names are letters, digits and _; versions are hex.
@@ -356,13 +360,7 @@ async fn committed_rows(
     after: i64,
     upto: i64,
 ) -> Result<Vec<RecordBatch>, String> {
-    if upto <= after
-        || lake
-            .describe(table)
-            .await
-            .map_err(|e| e.to_string())?
-            .is_none()
-    {
+    if upto <= after || !table_exists(lake, table).await? {
         return Ok(Vec::new());
     }
     let rows = QueryEngine::new(lake.clone())
