@@ -15,15 +15,9 @@ use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMicrosecondArr
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use fleetlake_sql::{DedupKey, DedupState};
 
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("resident pages");
-    pages * 4096
-}
+#[path = "rss.rs"]
+mod rss;
+use rss::resident_bytes;
 
 /// Resident memory of the dedup state per device.
 #[derive(clap::Parser)]

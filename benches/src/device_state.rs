@@ -25,15 +25,9 @@ use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use fleetlake_sql::device_state::{DeviceState, Received};
 use fleetlake_zones::TableId;
 
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("resident pages");
-    pages * 4096
-}
+#[path = "rss.rs"]
+mod rss;
+use rss::resident_bytes;
 
 /// Lookup latency and memory of the device state.
 #[derive(clap::Parser)]
