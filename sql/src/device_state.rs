@@ -228,6 +228,11 @@ impl DeviceState {
         self.observed = self.observed.max(observed);
     }
 
+    /// The tables with device state.
+    pub fn tables(&self) -> Vec<TableId> {
+        self.tables.keys().cloned().collect()
+    }
+
     /// Devices tracked, over all tables (a device in two tables counts twice).
     pub fn len(&self) -> usize {
         self.tables.values().map(TableState::live).sum()

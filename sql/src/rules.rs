@@ -101,6 +101,10 @@ pub struct Transition {
     /// For a cohort alert: the keys it stands for (its `key` is the cohort); empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+    /// When fleetlake made the transition (µs since the epoch; 0 until stamped by ingest): the
+    /// `emit_time` of the published alert and of its `final.alerts` row alike.
+    #[serde(default)]
+    pub emitted_us: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +299,7 @@ impl RuleRunner {
             stream_seq,
             cohort,
             members: Vec::new(),
+            emitted_us: 0,
         }
     }
 
@@ -814,6 +819,13 @@ pub async fn check_rule(
             f.data_type()
         ));
     }
+    if !def.group_by.is_empty() && def.group_by.iter().all(|c| def.key.contains(c)) {
+        return Err(format!(
+            "group_by ({}) names no column beyond the key ({}): every cohort would be one key and never reach group_min; group by what keys share, e.g. group_by = 'site'",
+            def.group_by.join(", "),
+            def.key.join(", ")
+        ));
+    }
     for c in &def.group_by {
         if schema.field_with_name(c).is_err() {
             return Err(format!(
@@ -1231,6 +1243,15 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("group_by column site"), "{err}");
+        let file = parse_file(
+            "CREATE RULE g WITH (key = 'device_id', group_by = 'device_id') \
+             AS SELECT device_id, ts, 60 AS silent_after_s FROM usable.readings",
+        )
+        .unwrap();
+        let err = check_rule(&file.rules[0], &input, &schema(), &[])
+            .await
+            .unwrap_err();
+        assert!(err.contains("beyond the key"), "{err}");
         let err = parse_file(
             "CREATE RULE g WITH (key = 'device_id', group_min = 5) \
              AS SELECT device_id, ts, 60 AS silent_after_s FROM usable.readings",

@@ -154,6 +154,17 @@ async fn check(api: &Api) {
     assert_eq!(v["matched"], 100);
     assert_eq!(v["devices"].as_array().unwrap().len(), 10);
     assert_eq!(v["next_offset"], 10);
+    assert_eq!(
+        (v["limit"].as_i64(), v["offset"].as_i64()),
+        (Some(10), Some(0))
+    );
+    // A table without device state is a mistake, not "no devices".
+    let (status, body) = api.get("/v1/devices?table=raw.telemetry").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("usable.trailers"),
+        "names the tables there are: {body}"
+    );
     let (status, _) = api.get("/v1/devices/nobody").await;
     assert_eq!(status, 404);
     let (status, body) = api.get("/v1/devices?silent_for=soon").await;

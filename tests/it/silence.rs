@@ -347,6 +347,27 @@ async fn a_site_that_goes_dark_is_one_alert_naming_its_200_devices() {
         .map(|m| m.as_str().unwrap().to_string())
         .collect();
     assert_eq!(members, ids.iter().cloned().collect::<BTreeSet<_>>());
+    // The cohort alert is recorded in final.alerts too, with the emit time it was published with.
+    api.wait_scalar(
+        "SELECT count(*) FROM final.alerts WHERE rule = 'quiet' AND key = 'rotterdam' AND state = 'firing'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let (_, recorded) = api
+        .query(&format!(
+            "SELECT CAST(emit_time AS VARCHAR) FROM final.alerts WHERE alert_id = '{}'",
+            cohort["alert_id"].as_str().unwrap()
+        ))
+        .await;
+    let recorded = recorded["rows"][0][0].as_str().unwrap().to_string();
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(&format!("{}Z", recorded.trim_end_matches('Z')))
+            .map(|t| t.timestamp_micros())
+            .unwrap_or_else(|_| panic!("emit_time {recorded}")),
+        rfc3339_us(&cohort["emit_time"]),
+        "final.alerts says when the cohort alert was published"
+    );
     // Each device's own firing is recorded, not published.
     api.wait_scalar(
         "SELECT count(*) FROM final.alerts WHERE rule = 'quiet' AND state = 'firing' AND key LIKE 'dark-%'",

@@ -65,7 +65,14 @@ fn view_json(v: &DeviceView) -> Value {
 }
 
 /// `GET /v1/devices/{id}`: the device in every usable table that has it; 404 if none.
-pub async fn device(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn device(
+    State(state): State<AppState>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => return bad(format!("the device id in the path: {e}")),
+    };
     let Some(devices) = &state.devices else {
         return not_ingesting();
     };
@@ -156,12 +163,28 @@ pub async fn devices(
         if !state.is_ready() {
             return not_ready();
         }
+        if let Some(t) = &filter.table {
+            let tables = state.tables();
+            if !tables.contains(t) {
+                let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+                return bad(format!(
+                    "table {t} has no device state (it is kept for usable tables with a device_id column that have rows); tables with device state: {}",
+                    if names.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ));
+            }
+        }
         state.list(&filter, offset, limit)
     };
     let next = (offset + page.len() < matched).then_some(offset + page.len());
     Json(json!({
         "devices": page.iter().map(view_json).collect::<Vec<_>>(),
         "matched": matched,
+        "limit": limit,
+        "offset": offset,
         "next_offset": next,
     }))
     .into_response()

@@ -166,6 +166,7 @@ async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
                 stream_seq: 0,
                 cohort,
                 members,
+                emitted_us: 0,
             });
         }
     }
@@ -332,6 +333,7 @@ mod tests {
             stream_seq: 1,
             cohort: None,
             members: Vec::new(),
+            emitted_us: 0,
         }
     }
 

@@ -77,7 +77,7 @@ pub fn alert_json(t: &Transition, emitted_us: i64) -> serde_json::Value {
         "window": t.window_start.map(|s| serde_json::json!({"start": time(s), "end": t.window_end.and_then(time)})),
         "values": t.values,
         "event_time": time(t.event_time),
-        "emit_time": time(emitted_us),
+        "emit_time": time(if t.emitted_us > 0 { t.emitted_us } else { emitted_us }),
         "stream_seq": t.stream_seq,
         "members": (!t.members.is_empty()).then_some(&t.members),
     })
@@ -372,9 +372,19 @@ async fn committed_rows(
     Ok(rows.batches)
 }
 
+/// Stamps transitions made now with the time (a held one keeps its stamp when published later,
+/// so the alert and its final.alerts row say the same `emit_time`).
+fn stamp(transitions: &mut [Transition]) {
+    let now = chrono::Utc::now().timestamp_micros();
+    for t in transitions.iter_mut().filter(|t| t.emitted_us == 0) {
+        t.emitted_us = now;
+    }
+}
+
 impl DerivedOutput {
     /// Cohort alerts are recorded in final.alerts too; both lists in stream order.
     fn finish(&mut self) {
+        stamp(&mut self.publish);
         let cohorts = self.publish.iter().filter(|t| !t.members.is_empty());
         self.transitions.extend(cohorts.cloned());
         self.transitions.sort_by_key(|t| t.stream_seq);
@@ -619,7 +629,8 @@ impl DerivedStage {
         for r in &mut self.rules {
             r.advance(upto);
             r.observe(observed);
-            let fired = r.tick();
+            let mut fired = r.tick();
+            stamp(&mut fired);
             out.publish.extend(r.route(&fired));
             out.transitions.extend(fired);
         }
@@ -674,6 +685,7 @@ impl DerivedStage {
             }
             r.advance(upto);
             t.extend(r.tick());
+            stamp(&mut t);
             out.publish.extend(r.route(&t));
             out.transitions.extend(t);
         }
@@ -749,7 +761,10 @@ impl DerivedStage {
                     serde_json::Value::Object(values).to_string()
                 }))),
                 ts(transitions.iter().map(|t| Some(t.event_time)).collect()),
-                ts(vec![Some(now); transitions.len()]),
+                ts(transitions
+                    .iter()
+                    .map(|t| Some(if t.emitted_us > 0 { t.emitted_us } else { now }))
+                    .collect()),
                 Arc::new(Int64Array::from_iter_values(
                     transitions.iter().map(|t| t.stream_seq),
                 )),

@@ -977,10 +977,11 @@ impl Ingest {
         self.metrics
             .alerts_published
             .fetch_add(derived.publish.len() as u64, Ordering::Relaxed);
-        // Keys start and stop firing only with transitions: count them only then.
-        if !derived.transitions.is_empty() {
+        // Keys start and stop firing only with transitions: count them only then. What is
+        // counted per rule is what was published (a cohort alert once, not its members).
+        if !derived.transitions.is_empty() || !derived.publish.is_empty() {
             self.metrics
-                .record_rules(&derived.transitions, &stages.derived.firing());
+                .record_rules(&derived.publish, &stages.derived.firing());
         }
         buffer.transitions.extend(derived.transitions);
         true

@@ -140,7 +140,9 @@ impl Grouper {
                 .iter()
                 .filter_map(|c| Some((c.clone(), first.values.get(c)?.clone())))
                 .collect();
-            let seq = held.firing.iter().map(|t| t.stream_seq).max().unwrap_or(0);
+            // Released now, between messages: like a silence firing, it carries the sequence
+            // after the rule's position (so the commit that follows records it).
+            let seq = rule.position + 1;
             publish.push(cohort_alert(
                 rule,
                 &cohort,
