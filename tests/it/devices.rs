@@ -167,6 +167,12 @@ async fn check(api: &Api) {
     );
     let (status, _) = api.get("/v1/devices/nobody").await;
     assert_eq!(status, 404);
+    let (status, body) = api.get("/v1/devices/a/b").await;
+    assert_eq!(status, 404);
+    assert!(
+        body.contains("not_found"),
+        "an unknown route answers in the error shape: {body}"
+    );
     let (status, body) = api.get("/v1/devices?silent_for=soon").await;
     assert_eq!(status, 400);
     assert!(body.contains("silent_for"), "{body}");

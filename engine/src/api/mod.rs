@@ -128,7 +128,20 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/fleet/root-cause", get(crate::api::fleet::root_cause))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
         .with_state(state)
+}
+
+/// Any other path: a 404 in the API's error shape, naming the path.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!(
+            "no route {}; the routes are listed in the README's \"HTTP API\" section",
+            uri.path()
+        ),
+    )
 }
 
 /// `{"error":{"code":…,"message":…}}` with a status.
