@@ -271,24 +271,15 @@ impl DeviceState {
                 index: HashMap::new(),
                 garbage: 0,
             });
-        if rows.schema() != state.schema {
-            let mut merged = state
-                .schema
+        // A table that gained a column (new firmware's field): the kept rows take it too.
+        let schema = rows.schema();
+        if schema != state.schema
+            && schema
                 .fields()
                 .iter()
-                .map(|f| f.name().clone())
-                .collect::<Vec<_>>();
-            merged.sort();
-            let mut incoming = rows
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect::<Vec<_>>();
-            incoming.sort();
-            if incoming.iter().any(|n| !merged.contains(n)) {
-                state.evolve(&rows.schema())?;
-            }
+                .any(|f| state.schema.field_with_name(f.name()).is_err())
+        {
+            state.evolve(&schema)?;
         }
         // First without changing anything (a failure leaves the state as it was): the newest
         // row of each device in these rows if newer than what is kept, and the newest arrival.
@@ -735,10 +726,6 @@ impl DeviceStateTable {
 }
 
 impl crate::query::LiveTables for DeviceStateTable {
-    fn tables(&self) -> Vec<TableId> {
-        vec![Self::id()]
-    }
-
     fn provider(
         &self,
         id: &TableId,

@@ -33,9 +33,7 @@ impl QueryResult {
 /// Tables that live in the engine's memory rather than the lake (`final.device_state`): each
 /// query that names one gets the provider of the moment.
 pub trait LiveTables: std::fmt::Debug + Send + Sync {
-    /// The tables there are.
-    fn tables(&self) -> Vec<TableId>;
-    /// A provider of `id` as it is now; `None` if it is not one of [`Self::tables`].
+    /// A provider of `id` as it is now; `None` if `id` is not a live table.
     fn provider(&self, id: &TableId)
     -> Option<Result<Arc<dyn datafusion::catalog::TableProvider>>>;
 }
@@ -58,10 +56,6 @@ impl QueryEngine {
     pub fn with_live(mut self, live: Arc<dyn LiveTables>) -> Self {
         self.live = Some(live);
         self
-    }
-
-    pub fn live(&self) -> Option<&Arc<dyn LiveTables>> {
-        self.live.as_ref()
     }
 
     pub fn lake(&self) -> &Lake {

@@ -9,7 +9,7 @@ use fleetlake_tests::{Alertmanager, EngineProcess, Nats, wait_for};
 use serde_json::Value;
 
 use crate::alerts::stream_ready;
-use crate::silence::{Fleet, devices, setup, wait_alert};
+use crate::silence::{Fleet, devices, setup, wait_alert, wait_reporting};
 
 /// The notifications (webhook bodies) whose alerts have this `key` label: (status, alert).
 fn notified(am: &Alertmanager, key: &str) -> Vec<(String, Value)> {
@@ -34,14 +34,7 @@ async fn alertmanager_gets_firing_then_resolved_and_its_silences_hold() {
     // d1 is under maintenance: silenced in Alertmanager before it goes quiet.
     am.silence(&[("alertname", "quiet"), ("key", "d1")]).await;
     let fleet = Fleet::start(&js, &devices("d", "s1", 3), Duration::from_millis(500));
-    engine
-        .api
-        .wait_scalar(
-            "SELECT count(DISTINCT device_id) FROM usable.pings",
-            3,
-            Duration::from_secs(60),
-        )
-        .await;
+    wait_reporting(&engine.api, 3).await;
     fleet.mute(&["d0".to_string(), "d1".to_string()]);
     wait_alert(&js, "alerts.quiet.d0", "firing").await;
     let firing = wait_for(

@@ -123,6 +123,16 @@ pub(crate) fn devices(prefix: &str, site: &str, n: usize) -> Vec<(String, String
         .collect()
 }
 
+/// Waits until `n` devices have readings in usable.pings.
+pub(crate) async fn wait_reporting(api: &fleetlake_tests::Api, n: i64) {
+    api.wait_scalar(
+        "SELECT count(DISTINCT device_id) FROM usable.pings",
+        n,
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
 /// (subject, state) of every alert on the stream.
 async fn seen(js: &jetstream::Context) -> Vec<(String, String)> {
     alerts(js)
@@ -181,14 +191,7 @@ async fn a_silent_device_fires_once_after_its_time_and_resolves_when_it_reports_
     let mut engine = EngineProcess::start(&env, &log).await;
     stream_ready(&js).await;
     let fleet = Fleet::start(&js, &devices("d", "s1", 2), Duration::from_millis(500));
-    engine
-        .api
-        .wait_scalar(
-            "SELECT count(DISTINCT device_id) FROM usable.pings",
-            2,
-            Duration::from_secs(60),
-        )
-        .await;
+    wait_reporting(&engine.api, 2).await;
     fleet.mute(&["d0".to_string()]);
     let fired = wait_alert(&js, "alerts.quiet.d0", "firing").await;
     let silent_for = rfc3339_us(&fired["emit_time"]) - fleet.last_sent("d0");
@@ -249,12 +252,7 @@ async fn nobody_is_declared_silent_while_nats_is_down_or_fleetlake_is_stopped_ov
     stream_ready(&js).await;
     let fleet = Fleet::start(&js, &devices("d", "s1", 10), Duration::from_millis(500));
     let api = engine.api.clone();
-    api.wait_scalar(
-        "SELECT count(DISTINCT device_id) FROM usable.pings",
-        10,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_reporting(&api, 10).await;
     // NATS down for twice the silence time: devices cannot report (their readings are lost:
     // they send none), and that is not their silence. When it is back they report again, each
     // at its own time in the period.
@@ -328,12 +326,7 @@ async fn a_site_that_goes_dark_is_one_alert_naming_its_200_devices() {
     all.extend(devices("lit-", "hamburg", 20));
     let fleet = Fleet::start(&js, &all, Duration::from_secs(1));
     let api = engine.api.clone();
-    api.wait_scalar(
-        "SELECT count(DISTINCT device_id) FROM usable.pings",
-        220,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_reporting(&api, 220).await;
     let ids: Vec<String> = dark.iter().map(|(d, _)| d.clone()).collect();
     fleet.mute(&ids);
     let cohort = wait_alert(&js, "alerts.quiet.rotterdam", "firing").await;

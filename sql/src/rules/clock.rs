@@ -82,11 +82,6 @@ impl StreamClock {
     pub fn now(&self) -> i64 {
         self.observed
     }
-
-    /// The longest counted gap (µs).
-    pub fn max_gap(&self) -> i64 {
-        self.max_gap
-    }
 }
 
 #[cfg(test)]

@@ -46,16 +46,6 @@ struct Open {
 }
 
 impl Grouper {
-    /// Cohorts whose keys are held back.
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
-
-    /// Cohorts with a firing cohort alert.
-    pub fn open(&self) -> usize {
-        self.open.len()
-    }
-
     /// What to publish of `rule`'s `transitions`, at the rule's observed time (see the module
     /// docs). Called after every micro-batch and tick, also with no transitions, so held keys
     /// are released when their wait is over.
