@@ -103,7 +103,7 @@ pub async fn start_engine_with_env(
         .await
         .expect("engine starts");
     let api = Api::new(engine.addr);
-    let js = fleetlake::ingest::source::connect(config.nats_url())
+    let js = fleetlake::ingest::source::connect_with(&config.nats())
         .await
         .expect("NATS");
     fleetlake::ingest::source::ensure_stream(&js, config)
@@ -267,19 +267,30 @@ pub async fn metric(api: &Api, name: &str) -> u64 {
 pub struct Nats {
     pub server: NatsServer,
     dir: TestDir,
+    args: Vec<String>,
 }
 
 impl Nats {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A server started with more `nats-server` arguments (`--user`, `--tls`, …).
+    pub async fn start_with(args: &[String]) -> Self {
         let dir = TestDir::new();
-        let server = NatsServer::start(
+        let server = NatsServer::start_with(
             free_port(),
             &dir.path().join("store"),
             Some(&dir.path().join("nats.log")),
+            args,
         )
         .await
         .expect("starting nats-server");
-        Self { server, dir }
+        Self {
+            server,
+            dir,
+            args: args.to_vec(),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -299,9 +310,14 @@ impl Nats {
 
     /// Starts the stopped server again on the same port and store.
     pub async fn start_again(&mut self) {
-        self.server = NatsServer::start(self.server.port, &self.dir.path().join("store"), None)
-            .await
-            .expect("restarting nats-server");
+        self.server = NatsServer::start_with(
+            self.server.port,
+            &self.dir.path().join("store"),
+            None,
+            &self.args,
+        )
+        .await
+        .expect("restarting nats-server");
     }
 }
 

@@ -47,6 +47,51 @@ pub const KEYS: &[Key] = &[
         help: "NATS server URL",
     },
     Key {
+        name: "nats.user",
+        default: "",
+        help: "NATS user name (with nats.password)",
+    },
+    Key {
+        name: "nats.password",
+        default: "",
+        help: "NATS password (secret: never printed; prefer FLEETLAKE_NATS_PASSWORD)",
+    },
+    Key {
+        name: "nats.token",
+        default: "",
+        help: "NATS authentication token (secret: never printed)",
+    },
+    Key {
+        name: "nats.nkey_seed",
+        default: "",
+        help: "NATS NKey seed, SU… (secret: never printed)",
+    },
+    Key {
+        name: "nats.creds_file",
+        default: "",
+        help: "NATS credentials file (.creds: a user JWT and its NKey seed)",
+    },
+    Key {
+        name: "nats.tls_ca",
+        default: "",
+        help: "PEM file of the certificate authority the NATS server's certificate is checked against (implies TLS)",
+    },
+    Key {
+        name: "nats.tls_cert",
+        default: "",
+        help: "PEM client certificate for NATS (mutual TLS, with nats.tls_key)",
+    },
+    Key {
+        name: "nats.tls_key",
+        default: "",
+        help: "PEM private key of nats.tls_cert",
+    },
+    Key {
+        name: "nats.tls_required",
+        default: "false",
+        help: "refuse to talk to NATS without TLS (also implied by a tls:// URL or nats.tls_ca)",
+    },
+    Key {
         name: "nats.stream",
         default: "TELEMETRY",
         help: "JetStream stream to consume (created if absent)",
@@ -388,7 +433,7 @@ impl Config {
         let value = self.get(key);
         let bad = |expected| ConfigError::BadValue {
             key,
-            value: value.to_string(),
+            value: redacted(key, value),
             origin: origin.to_string(),
             expected,
         };
@@ -426,7 +471,7 @@ impl Config {
                 .table_retention()
                 .map(|_| ())
                 .map_err(|_| bad("zone.table=days, comma-separated (raw.quarantine=365)")),
-            "lake.allow_http" | "maintenance.enabled" => value
+            "lake.allow_http" | "maintenance.enabled" | "nats.tls_required" => value
                 .parse::<bool>()
                 .map(|_| ())
                 .map_err(|_| bad("true or false")),
@@ -439,6 +484,23 @@ impl Config {
                     Ok(())
                 } else {
                     Err(bad("a NATS URL such as nats://127.0.0.1:4222"))
+                }
+            }
+            "nats.tls_cert" | "nats.tls_key" => {
+                let (cert, key) = (self.get("nats.tls_cert"), self.get("nats.tls_key"));
+                if cert.is_empty() == key.is_empty() || origin != "configuration" {
+                    Ok(())
+                } else {
+                    Err(bad(
+                        "nats.tls_cert and nats.tls_key both set (mutual TLS) or both empty",
+                    ))
+                }
+            }
+            "nats.nkey_seed" => {
+                if value.is_empty() || value.starts_with('S') {
+                    Ok(())
+                } else {
+                    Err(bad("an NKey seed, starting with S (SU… for a user)"))
                 }
             }
             "alerts.alertmanager_url" => {
@@ -502,6 +564,23 @@ impl Config {
 
     pub fn nats_url(&self) -> &str {
         self.get("nats.url")
+    }
+
+    /// How to reach NATS: URL, credentials and TLS.
+    pub fn nats(&self) -> crate::ingest::source::NatsConnection {
+        let opt = |key: &str| Some(self.get(key).to_string()).filter(|v| !v.is_empty());
+        crate::ingest::source::NatsConnection {
+            url: self.nats_url().to_string(),
+            user: opt("nats.user"),
+            password: opt("nats.password"),
+            token: opt("nats.token"),
+            nkey_seed: opt("nats.nkey_seed"),
+            creds_file: opt("nats.creds_file").map(Into::into),
+            tls_ca: opt("nats.tls_ca").map(Into::into),
+            tls_cert: opt("nats.tls_cert").map(Into::into),
+            tls_key: opt("nats.tls_key").map(Into::into),
+            tls_required: self.get("nats.tls_required") == "true",
+        }
     }
     pub fn stream(&self) -> &str {
         self.get("nats.stream")
@@ -691,7 +770,7 @@ impl Config {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for key in KEYS {
-            let value = self.get(key.name);
+            let value = redacted(key.name, self.get(key.name));
             let env = format!("FLEETLAKE_{}", key.name.to_uppercase().replace('.', "_"));
             out.push_str(&format!(
                 "{:<28} = {:<24} # {} (default {:?}; env {})\n",
@@ -704,6 +783,42 @@ impl Config {
         }
         out
     }
+}
+
+/// Keys whose whole value is a secret.
+pub const SECRET_KEYS: &[&str] = &["nats.password", "nats.token", "nats.nkey_seed"];
+
+/// `value` as it may be shown (in `fleetlake config`, errors and logs): a secret key's value is
+/// `<redacted>` when set, and a URL's password (`nats://user:secret@host`) is replaced likewise.
+pub fn redacted(key: &str, value: &str) -> String {
+    if value.is_empty() {
+        return String::new();
+    }
+    if SECRET_KEYS.contains(&key) {
+        return "<redacted>".into();
+    }
+    redact_url(value)
+}
+
+/// A URL (or comma-separated URLs) with any password in its user part replaced by `<redacted>`;
+/// other text is returned as it is.
+pub fn redact_url(text: &str) -> String {
+    text.split(',')
+        .map(|part| match url::Url::parse(part.trim()) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("<redacted>"));
+                u.to_string().trim_end_matches('/').to_string()
+            }
+            Ok(u) if !u.username().is_empty() && u.has_host() && part.contains('@') => {
+                // nats://TOKEN@host: the user part alone is a token.
+                let mut u = u.clone();
+                let _ = u.set_username("<redacted>");
+                u.to_string().trim_end_matches('/').to_string()
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `LAKE_LOCATION` → `lake.location`: the first `_` separates section and name.

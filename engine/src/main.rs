@@ -323,7 +323,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
             // No maintenance may rewrite the tables while they are replaced (delta-rs would let
             // a compaction and the replacement both commit, keeping rows twice).
-            let lease = match fleetlake::ingest::source::connect(config.nats_url()).await {
+            let lease = match fleetlake::ingest::source::connect_with(&config.nats()).await {
                 Ok(js) => Some(
                     fleetlake::maintenance::Lease::acquire(
                         &js,
@@ -391,7 +391,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|e| format!("writing the registry to {}: {e}", path.display()))?;
                 eprintln!("· device registry written to {}", path.display());
             }
-            let js = fleetlake::ingest::source::connect(config.nats_url())
+            let js = fleetlake::ingest::source::connect_with(&config.nats())
                 .await
                 .map_err(|e| e.to_string())?;
             fleetlake::ingest::source::ensure_stream(&js, &config)
@@ -502,7 +502,7 @@ async fn maintain(
     let mut lease = if without_lease || dry_run {
         None
     } else {
-        let js = fleetlake::ingest::source::connect(config.nats_url())
+        let js = fleetlake::ingest::source::connect_with(&config.nats())
             .await
             .map_err(|e| {
                 format!("{e}: the maintenance lease lives in NATS (use --without-lease only when no engine runs on this lake)")

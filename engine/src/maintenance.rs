@@ -338,7 +338,7 @@ pub async fn schedule(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let js = match crate::ingest::source::connect(config.nats_url()).await {
+        let js = match crate::ingest::source::connect_with(&config.nats()).await {
             Ok(js) => js,
             Err(e) => {
                 tracing::warn!(error = %e, "maintenance skipped: NATS unreachable for its lease");

@@ -12,6 +12,7 @@ mod field_inputs;
 mod fleet;
 mod maintenance;
 mod mutations;
+mod nats_auth;
 mod pipelines;
 mod reference;
 mod rules_api;

@@ -162,7 +162,7 @@ pub struct DerivedStage {
     js: Option<jetstream::Context>,
     stream: String,
     duplicate_window: Duration,
-    nats_url: String,
+    nats: crate::ingest::source::NatsConnection,
     /// Observed stream time, which silence rules measure silence with.
     clock: StreamClock,
     /// Where published transitions also go (`alerts.alertmanager_url`).
@@ -415,7 +415,7 @@ impl DerivedStage {
             js: None,
             stream: config.alerts_stream().to_string(),
             duplicate_window: config.alerts_duplicate_window(),
-            nats_url: config.nats_url().to_string(),
+            nats: config.nats(),
             clock: StreamClock::new(config.silence_max_gap_us()),
             alertmanager: None,
         };
@@ -700,7 +700,7 @@ impl DerivedStage {
             return Ok(());
         }
         if self.js.is_none() {
-            let js = crate::ingest::source::connect(&self.nats_url)
+            let js = crate::ingest::source::connect_with(&self.nats)
                 .await
                 .map_err(|e| e.to_string())?;
             js.get_or_create_stream(jetstream::stream::Config {

@@ -27,17 +27,144 @@ fn err(action: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SourceErr
     }
 }
 
-/// Connects to NATS and returns a JetStream context.
+/// How to reach NATS: the server URL, credentials and TLS (`nats.*` configuration keys).
+///
+/// Credentials are optional and combine as NATS allows: user and password, a token, an NKey seed,
+/// or a credentials file (user JWT + seed). TLS is used when the URL is `tls://`, a CA is given,
+/// or `tls_required` is set; a client certificate and key give mutual TLS. `Debug` never shows a
+/// secret.
+#[derive(Clone, Default)]
+pub struct NatsConnection {
+    pub url: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub nkey_seed: Option<String>,
+    pub creds_file: Option<std::path::PathBuf>,
+    /// PEM file of the certificate authority the server's certificate is checked against.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    pub tls_required: bool,
+}
+
+impl std::fmt::Debug for NatsConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("NatsConnection")
+            .field("url", &crate::config::redact_url(&self.url))
+            .field("user", &self.user)
+            .field("password", &secret(&self.password))
+            .field("token", &secret(&self.token))
+            .field("nkey_seed", &secret(&self.nkey_seed))
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_required", &self.tls_required)
+            .finish()
+    }
+}
+
+impl NatsConnection {
+    /// A server at `url` with neither credentials nor TLS settings beyond the URL's own.
+    pub fn plain(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The user and password (or token, as the user alone) of the first URL that has any,
+    /// percent-decoded.
+    fn url_credentials(&self) -> (Option<String>, Option<String>) {
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        for part in self.url.split(',') {
+            if let Ok(u) = url::Url::parse(part.trim())
+                && !u.username().is_empty()
+            {
+                return (Some(decode(u.username())), u.password().map(decode));
+            }
+        }
+        (None, None)
+    }
+
+    async fn options(&self) -> Result<async_nats::ConnectOptions, SourceError> {
+        // More than one rustls crypto provider is compiled in (object_store's and async-nats'):
+        // name one, or rustls cannot choose and panics at the first TLS connection.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut options = match &self.creds_file {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+                .await
+                .map_err(|e| SourceError {
+                    action: "reading the credentials file",
+                    reason: format!("{}: {e}", path.display()),
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        // async-nats ignores a URL's user part: nats://user:password@host and nats://token@host
+        // are applied here, unless nats.user or nats.token says otherwise.
+        let (url_user, url_password) = self.url_credentials();
+        match (&self.user, url_user, url_password) {
+            (Some(user), _, _) => {
+                options = options
+                    .user_and_password(user.clone(), self.password.clone().unwrap_or_default());
+            }
+            (None, Some(user), Some(password)) => {
+                options = options.user_and_password(user, password);
+            }
+            (None, Some(token), None) if self.token.is_none() => {
+                options = options.token(token);
+            }
+            _ => {}
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.tls_required {
+            options = options.require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
+/// Connects to a NATS server at `url` without credentials; see [`connect_with`].
 pub async fn connect(url: &str) -> Result<jetstream::Context, SourceError> {
-    let client = async_nats::ConnectOptions::new()
+    connect_with(&NatsConnection::plain(url)).await
+}
+
+/// Connects to NATS with `nats`' credentials and TLS settings and returns a JetStream context.
+/// Errors name the server with any password in its URL redacted.
+pub async fn connect_with(nats: &NatsConnection) -> Result<jetstream::Context, SourceError> {
+    let client = nats
+        .options()
+        .await?
         .connection_timeout(Duration::from_secs(5))
         // Reconnect quickly after a server restart (the default backs off to several seconds).
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((100 * attempts as u64).min(1_000))
         })
-        .connect(url)
+        .connect(nats.url.as_str())
         .await
-        .map_err(|e| err("connecting")(&e))?;
+        .map_err(|e| SourceError {
+            action: "connecting",
+            reason: format!("to {}: {e}", crate::config::redact_url(&nats.url)),
+        })?;
     Ok(jetstream::new(client))
 }
 
@@ -115,7 +242,7 @@ impl Source {
     /// retention removed them before they were consumed) are logged as lost.
     pub async fn open(config: &Config, start: u64, committed: u64) -> Result<Self, OpenError> {
         let started = std::time::Instant::now();
-        let js = connect(config.nats_url()).await?;
+        let js = connect_with(&config.nats()).await?;
         let mut stream = ensure_stream(&js, config).await?;
         let state = stream
             .info()

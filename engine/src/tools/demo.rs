@@ -27,9 +27,12 @@ pub async fn run(
     env: Vec<(String, String)>,
     options: DemoOptions,
 ) -> Result<(), String> {
-    let url = config.nats_url().to_string();
+    let url = crate::config::redact_url(config.nats_url());
     let mut child: Option<NatsServer> = None;
-    if crate::ingest::source::connect(&url).await.is_err() {
+    if crate::ingest::source::connect_with(&config.nats())
+        .await
+        .is_err()
+    {
         let port = url
             .rsplit(':')
             .next()
@@ -100,7 +103,7 @@ pub async fn run(
     eprintln!("Press Ctrl-C to stop.");
     eprintln!();
 
-    let js = crate::ingest::source::connect(config.nats_url())
+    let js = crate::ingest::source::connect_with(&config.nats())
         .await
         .map_err(|e| e.to_string())?;
     crate::ingest::source::ensure_stream(&js, &config)

