@@ -65,11 +65,13 @@ pub fn test_config(
     lake: &str,
     extra: &[(&str, &str)],
 ) -> fleetlake::config::Config {
+    let tokens_file = test_tokens().0.display().to_string();
     let mut flags: Vec<(String, String)> = [
         ("nats.url", nats_url),
         ("lake.location", lake),
         ("http.listen", "127.0.0.1:0"),
         ("ingest.commit_interval_ms", "200"),
+        ("auth.tokens_file", tokens_file.as_str()),
     ]
     .iter()
     .chain(extra)
@@ -607,11 +609,36 @@ fn seaweed_args(data: &Path, identities: &Path, bucket: &str, s3_port: u16) -> V
     args
 }
 
-/// A client for fleetlake's HTTP API.
+/// The tokens file every test engine of this process uses ([`test_config`] sets
+/// `auth.tokens_file` to it, [`EngineProcess`] passes it on), and the admin token it holds.
+pub fn test_tokens() -> &'static (PathBuf, String) {
+    static TOKENS: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLock::new();
+    TOKENS.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("fleetlake-test-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("tokens.toml");
+        let tokens = fleetlake::api::auth::Tokens::open(&path).expect("tokens file");
+        let (_, secret) = tokens
+            .create(
+                "test-admin",
+                fleetlake::api::auth::Role::Admin,
+                Vec::new(),
+                "tests",
+                Default::default(),
+            )
+            .expect("creating the test admin token");
+        (path, secret)
+    })
+}
+
+/// A client for fleetlake's HTTP API, sending a bearer token (the test admin's unless
+/// [`Api::with_token`] says otherwise).
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
     client: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Api {
@@ -619,14 +646,31 @@ impl Api {
         Self {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
+            token: Some(test_tokens().1.clone()),
+        }
+    }
+
+    /// The same API with another token (`None`: no `Authorization` header).
+    pub fn with_token(&self, token: Option<&str>) -> Self {
+        Self {
+            token: token.map(str::to_string),
+            ..self.clone()
+        }
+    }
+
+    /// A request to `url` with this client's token.
+    pub fn http(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, url);
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
         }
     }
 
     /// `POST /v1/query` with an `Accept` header: status and body bytes.
     pub async fn query_as(&self, sql: &str, accept: &str) -> (u16, Vec<u8>) {
         let r = self
-            .client
-            .post(format!("{}/v1/query", self.base))
+            .http(reqwest::Method::POST, format!("{}/v1/query", self.base))
             .header("accept", accept)
             .json(&serde_json::json!({ "sql": sql }))
             .send()
@@ -673,8 +717,7 @@ impl Api {
         body: &str,
     ) -> (u16, Value) {
         let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.base))
+            .http(method, format!("{}{path}", self.base))
             .header("content-type", "application/sql")
             .body(body.to_string());
         if let Some(author) = author {
@@ -712,8 +755,7 @@ impl Api {
 
     pub async fn get(&self, path: &str) -> (u16, String) {
         let r = self
-            .client
-            .get(format!("{}{path}", self.base))
+            .http(reqwest::Method::GET, format!("{}{path}", self.base))
             .send()
             .await
             .expect("GET");
@@ -861,6 +903,7 @@ impl EngineProcess {
             .arg("serve")
             .envs(env.iter().cloned())
             .env("FLEETLAKE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FLEETLAKE_AUTH_TOKENS_FILE", &test_tokens().0)
             .env(
                 "FLEETLAKE_LOG",
                 "warn,fleetlake=info,deltalake_core::writer::stats=error",

@@ -262,6 +262,76 @@ pub const KEYS: &[Key] = &[
         help: "HTTP API address",
     },
     Key {
+        name: "http.tls_cert",
+        default: "",
+        help: "PEM certificate chain for HTTPS on http.listen (with http.tls_key); empty = plain HTTP",
+    },
+    Key {
+        name: "http.tls_key",
+        default: "",
+        help: "PEM private key of http.tls_cert",
+    },
+    Key {
+        name: "auth.enabled",
+        default: "true",
+        help: "every route but /healthz needs a bearer token; false opens every route to anyone who can reach the port (local experiments only)",
+    },
+    Key {
+        name: "auth.tokens_file",
+        default: "fleetlake-tokens.toml",
+        help: "where tokens are stored (SHA-256 hashes only, mode 0600); written by `fleetlake token` and /v1/tokens, read again when it changes",
+    },
+    Key {
+        name: "auth.public_metrics",
+        default: "false",
+        help: "serve /metrics without a token (for a Prometheus without credentials)",
+    },
+    Key {
+        name: "auth.tenant_column",
+        default: "tenant",
+        help: "the column naming a row's tenant: a token bound to tenants sees only its tenants' rows",
+    },
+    Key {
+        name: "auth.tenant_free_tables",
+        default: "",
+        help: "tables without a tenant column that tokens bound to tenants may read in full (comma-separated, e.g. reference.firmware)",
+    },
+    Key {
+        name: "query.timeout_s",
+        default: "30",
+        help: "a query running longer is cancelled (408 query_timeout); a token may override it",
+    },
+    Key {
+        name: "query.memory_mb",
+        default: "1024",
+        help: "memory one query's operators may reserve (DataFusion's memory pool); more fails with 422 query_memory_limit",
+    },
+    Key {
+        name: "query.max_rows",
+        default: "1000000",
+        help: "rows one answer may hold; more fails with 422 query_row_limit",
+    },
+    Key {
+        name: "query.max_body_kb",
+        default: "1024",
+        help: "the largest request body POST /v1/query accepts (413 body_too_large)",
+    },
+    Key {
+        name: "query.max_concurrent",
+        default: "4",
+        help: "queries one token may run at once (SQL and fleet endpoints); more get 429 too_many_concurrent_queries",
+    },
+    Key {
+        name: "query.rate_per_minute",
+        default: "600",
+        help: "queries one token may start per minute; more get 429 rate_limited with Retry-After; 0 = unlimited",
+    },
+    Key {
+        name: "query.threads",
+        default: "0",
+        help: "threads running queries, apart from ingest's, so a heavy query cannot starve ingest; 0 = half the cores (at least 1)",
+    },
+    Key {
         name: "fleet.metrics_table",
         default: "usable.cold_chain",
         help: "the table /v1/fleet/outliers reads when the request names none",
@@ -450,7 +520,12 @@ impl Config {
             | "maintenance.target_file_mb"
             | "maintenance.max_partitions"
             | "maintenance.checkpoint_interval"
-            | "maintenance.lease_ttl_s" => match value.parse::<u64>() {
+            | "maintenance.lease_ttl_s"
+            | "query.timeout_s"
+            | "query.memory_mb"
+            | "query.max_rows"
+            | "query.max_body_kb"
+            | "query.max_concurrent" => match value.parse::<u64>() {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(bad("a positive integer")),
             },
@@ -463,7 +538,9 @@ impl Config {
             | "maintenance.vacuum_retention_hours"
             | "retention.raw_days"
             | "retention.usable_days"
-            | "retention.final_days" => value
+            | "retention.final_days"
+            | "query.rate_per_minute"
+            | "query.threads" => value
                 .parse::<u64>()
                 .map(|_| ())
                 .map_err(|_| bad("a whole number (0 or more)")),
@@ -471,7 +548,11 @@ impl Config {
                 .table_retention()
                 .map(|_| ())
                 .map_err(|_| bad("zone.table=days, comma-separated (raw.quarantine=365)")),
-            "lake.allow_http" | "maintenance.enabled" | "nats.tls_required" => value
+            "lake.allow_http"
+            | "maintenance.enabled"
+            | "nats.tls_required"
+            | "auth.enabled"
+            | "auth.public_metrics" => value
                 .parse::<bool>()
                 .map(|_| ())
                 .map_err(|_| bad("true or false")),
@@ -494,6 +575,34 @@ impl Config {
                     Err(bad(
                         "nats.tls_cert and nats.tls_key both set (mutual TLS) or both empty",
                     ))
+                }
+            }
+            "http.tls_cert" | "http.tls_key" => {
+                let (cert, key) = (self.get("http.tls_cert"), self.get("http.tls_key"));
+                if cert.is_empty() == key.is_empty() || origin != "configuration" {
+                    Ok(())
+                } else {
+                    Err(bad(
+                        "http.tls_cert and http.tls_key both set (HTTPS) or both empty",
+                    ))
+                }
+            }
+            "auth.tenant_free_tables" => {
+                if self
+                    .list(key)
+                    .iter()
+                    .all(|t| fleetlake_zones::TableId::parse(t).is_ok())
+                {
+                    Ok(())
+                } else {
+                    Err(bad("comma-separated tables such as reference.firmware"))
+                }
+            }
+            "auth.tokens_file" | "auth.tenant_column" => {
+                if value.trim().is_empty() {
+                    Err(bad("a non-empty value"))
+                } else {
+                    Ok(())
                 }
             }
             "nats.nkey_seed" => {
@@ -564,6 +673,41 @@ impl Config {
 
     pub fn nats_url(&self) -> &str {
         self.get("nats.url")
+    }
+
+    /// The `query.*` limits every token has unless it overrides them.
+    pub fn query_limits(&self) -> crate::api::auth::Limits {
+        crate::api::auth::Limits {
+            timeout: Duration::from_secs(self.number("query.timeout_s")),
+            memory_bytes: (self.number("query.memory_mb") as usize).saturating_mul(1024 * 1024),
+            max_rows: self.number("query.max_rows") as usize,
+            max_concurrent: self.number("query.max_concurrent") as usize,
+            rate_per_minute: self.number("query.rate_per_minute"),
+        }
+    }
+
+    /// `auth.tenant_free_tables`, parsed (validated at load).
+    pub fn tenant_free_tables(&self) -> Vec<fleetlake_zones::TableId> {
+        self.list("auth.tenant_free_tables")
+            .iter()
+            .filter_map(|t| fleetlake_zones::TableId::parse(t).ok())
+            .collect()
+    }
+
+    /// Threads of the query runtime (`query.threads`; 0 = half the cores, at least 1).
+    pub fn query_threads(&self) -> usize {
+        match self.number("query.threads") as usize {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get() / 2)
+                .unwrap_or(1)
+                .max(1),
+            n => n,
+        }
+    }
+
+    /// The largest `POST /v1/query` body, in bytes.
+    pub fn query_max_body(&self) -> usize {
+        (self.number("query.max_body_kb") as usize).saturating_mul(1024)
     }
 
     /// How to reach NATS: URL, credentials and TLS.

@@ -90,6 +90,48 @@ enum Command {
     },
     /// Show every configuration key with its value and default.
     Config,
+    /// Create, list or revoke API tokens (in auth.tokens_file; a running server sees changes
+    /// within a second).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (once: only its SHA-256 is stored).
+    Create {
+        /// A name for the token, shown in lists and the audit (letters, digits, - _ . @).
+        #[arg(long)]
+        name: String,
+        /// analyst (usable and final zones), engineer (also raw, reference, rules) or admin.
+        #[arg(long)]
+        role: String,
+        /// Bind the token to a tenant: it sees only that tenant's rows (repeatable).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// Override query.timeout_s for this token.
+        #[arg(long)]
+        timeout_s: Option<u64>,
+        /// Override query.memory_mb for this token.
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        /// Override query.max_rows for this token.
+        #[arg(long)]
+        max_rows: Option<u64>,
+        /// Override query.max_concurrent for this token.
+        #[arg(long)]
+        max_concurrent: Option<u64>,
+        /// Override query.rate_per_minute for this token.
+        #[arg(long)]
+        rate_per_minute: Option<u64>,
+    },
+    /// List the tokens (without their hashes) as JSON.
+    List,
+    /// Revoke a token by id or name.
+    Revoke {
+        /// The token's id (8 hex digits) or name.
+        id: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -244,6 +286,67 @@ async fn check(paths: &[PathBuf]) -> Result<(), String> {
     }
 }
 
+/// `fleetlake token …`: works on the tokens file directly.
+fn token(config: &Config, command: &TokenCommand) -> Result<(), String> {
+    use fleetlake::api::auth::{Role, TokenLimits, Tokens};
+    let tokens = Tokens::open(std::path::Path::new(config.get("auth.tokens_file")))?;
+    match command {
+        TokenCommand::Create {
+            name,
+            role,
+            tenants,
+            timeout_s,
+            memory_mb,
+            max_rows,
+            max_concurrent,
+            rate_per_minute,
+        } => {
+            let limits = TokenLimits {
+                timeout_s: *timeout_s,
+                memory_mb: *memory_mb,
+                max_rows: *max_rows,
+                max_concurrent: *max_concurrent,
+                rate_per_minute: *rate_per_minute,
+            };
+            let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            let (record, secret) = tokens.create(
+                name,
+                Role::parse(role)?,
+                tenants.clone(),
+                &format!("cli:{by}"),
+                limits,
+            )?;
+            eprintln!(
+                "created token {} ({}, role {}) in {}; it is shown only now:",
+                record.id,
+                record.name,
+                record.role.as_str(),
+                tokens.path().display()
+            );
+            println!("{secret}");
+            Ok(())
+        }
+        TokenCommand::List => {
+            let list: Vec<_> = tokens.list().iter().map(|r| r.public_json()).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "tokens": list })).expect("JSON")
+            );
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => match tokens.revoke(id)? {
+            Some(r) => {
+                eprintln!("revoked token {} ({})", r.id, r.name);
+                Ok(())
+            }
+            None => Err(format!(
+                "no token has the id or name {id:?} in {}",
+                tokens.path().display()
+            )),
+        },
+    }
+}
+
 fn load_config(cli: &Cli) -> Result<Config, String> {
     let mut overrides = Vec::new();
     for item in &cli.set {
@@ -310,6 +413,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             print!("{}", config.describe());
             Ok(())
         }
+        Command::Token(command) => token(&config, command),
         Command::Check { paths } => check(paths).await,
         Command::Replay { pipeline, from, to } => {
             let from = from

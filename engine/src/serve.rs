@@ -29,6 +29,8 @@ pub struct Engine {
     /// Cancelled once the ingest task has ended, for whatever reason.
     ingest_ended: CancellationToken,
     http: JoinSet<()>,
+    /// Ends the query runtime when the engine is dropped.
+    _query_runtime: crate::api::QueryRuntime,
 }
 
 /// Why the engine could not start.
@@ -140,7 +142,27 @@ impl Engine {
                 devices.clone(),
             )));
         }
+        let auth = crate::api::auth::Auth::from_config(&config).map_err(StartError::Config)?;
+        match &auth.tokens {
+            None => tracing::warn!(
+                "auth.enabled = false: every route is open to anyone who can reach {addr}, with an admin's rights"
+            ),
+            Some(tokens) if tokens.is_empty() => tracing::warn!(
+                "no tokens in {}: every route but /healthz answers 401 until one is created with `fleetlake token create --name NAME --role admin`",
+                tokens.path().display()
+            ),
+            Some(_) => {}
+        }
+        let (queries, query_runtime) = crate::api::query_runtime(config.query_threads());
+        let tls = crate::api::tls::server_config(&config).map_err(StartError::Config)?;
         let state = AppState {
+            auth: Arc::new(auth),
+            audit: Arc::new(crate::api::audit::Audit::new(
+                lake.clone(),
+                config.consumer(),
+            )),
+            queries,
+            max_query_body: config.query_max_body(),
             references: Arc::new(references),
             lake: Arc::new(engine),
             devices: ingest.then(|| devices.clone()),
@@ -154,10 +176,20 @@ impl Engine {
         let http_stop = CancellationToken::new();
         let mut http = JoinSet::new();
         let stop = http_stop.clone();
+        let app = router(state).into_make_service_with_connect_info::<crate::api::tls::Peer>();
         http.spawn(async move {
-            let served = axum::serve(listener, router(state))
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
+            let served = match tls {
+                Some(tls) => {
+                    axum::serve(crate::api::tls::TlsListener::new(listener, tls), app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                }
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                }
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");
             }
@@ -199,6 +231,7 @@ impl Engine {
             ingest: tasks,
             ingest_ended,
             http,
+            _query_runtime: query_runtime,
         })
     }
 

@@ -94,6 +94,9 @@ pub struct DeviceFilter {
     pub cohort: Vec<(String, String)>,
     /// Only devices silent (observed time) for at least this long (µs).
     pub silent_for_us: Option<i64>,
+    /// `Some`: only devices whose `tenant` is one of these (a caller bound to tenants); tables
+    /// without a tenant column then show none.
+    pub tenants: Option<Vec<String>>,
 }
 
 /// The latest state of every device of every tracked table (see the module docs).
@@ -394,9 +397,29 @@ impl DeviceState {
 
     /// The device's state in every table that has it (none: an unknown device).
     pub fn lookup(&self, device: &str) -> Vec<DeviceView> {
+        self.lookup_for(device, None)
+    }
+
+    /// [`Self::lookup`] seen by a caller bound to `tenants` (`None`: every tenant): tables where
+    /// the device's `tenant` is not one of them, or that have no tenant column, are left out.
+    pub fn lookup_for(&self, device: &str, tenants: Option<&[String]>) -> Vec<DeviceView> {
         self.tables
             .iter()
-            .filter_map(|(id, s)| s.index.get(device).map(|e| self.view(id, device, s, e)))
+            .filter_map(|(id, s)| {
+                let e = s.index.get(device)?;
+                if let Some(tenants) = tenants {
+                    let tenant = s
+                        .chunks
+                        .get(e.chunk as usize)
+                        .and_then(|ch| cohort_column(ch, "tenant"))
+                        .filter(|c| c.is_valid(e.row as usize))
+                        .map(|c| c.value(e.row as usize).to_string())?;
+                    if !tenants.contains(&tenant) {
+                        return None;
+                    }
+                }
+                Some(self.view(id, device, s, e))
+            })
             .collect()
     }
 
@@ -419,6 +442,14 @@ impl DeviceState {
                 .iter()
                 .map(|(c, v)| (s.chunks.iter().map(|ch| cohort_column(ch, c)).collect(), v))
                 .collect();
+            let tenant_column: Vec<Option<StringArray>> = match &filter.tenants {
+                Some(_) => s
+                    .chunks
+                    .iter()
+                    .map(|ch| cohort_column(ch, "tenant"))
+                    .collect(),
+                None => Vec::new(),
+            };
             let mut devices: Vec<(&String, &Entry)> = s
                 .index
                 .iter()
@@ -427,6 +458,14 @@ impl DeviceState {
                     filter
                         .silent_for_us
                         .is_none_or(|d| self.observed - e.seen_observed >= d)
+                })
+                .filter(|(_, e)| {
+                    filter.tenants.as_ref().is_none_or(|tenants| {
+                        tenant_column[e.chunk as usize].as_ref().is_some_and(|c| {
+                            c.is_valid(e.row as usize)
+                                && tenants.iter().any(|t| t == c.value(e.row as usize))
+                        })
+                    })
                 })
                 .filter(|(_, e)| {
                     columns.iter().all(|(chunks, value)| {

@@ -26,6 +26,15 @@ pub enum Error {
     /// An Arrow kernel failed on a batch we built (our bug).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller may not read what the statement names (its token's role or tenants).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The query needed more memory than the caller's limit (DataFusion's memory pool).
+    #[error("{0}")]
+    MemoryLimit(String),
+    /// The answer holds more rows than the caller's limit.
+    #[error("{0}")]
+    RowLimit(String),
     /// What was asked for is not ready yet (state being restored after a start): retry soon.
     #[error("{0}")]
     NotReady(String),
@@ -40,6 +49,10 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug in fleetlake (HTTP 500).
     Internal,
+    /// The caller may not do this (HTTP 403).
+    Forbidden,
+    /// The request exceeds one of the caller's limits (HTTP 422).
+    Limit,
 }
 
 impl Error {
@@ -53,6 +66,8 @@ impl Error {
             Error::Lake(_) => ErrorKind::User,
             Error::Internal(_) => ErrorKind::Internal,
             Error::NotReady(_) => ErrorKind::Unavailable,
+            Error::Forbidden(_) => ErrorKind::Forbidden,
+            Error::MemoryLimit(_) | Error::RowLimit(_) => ErrorKind::Limit,
         }
     }
 
@@ -76,7 +91,22 @@ impl Error {
             Error::Lake(_) => "lake",
             Error::Internal(_) => "internal",
             Error::NotReady(_) => "not_ready",
+            Error::Forbidden(_) => "forbidden",
+            Error::MemoryLimit(_) => "query_memory_limit",
+            Error::RowLimit(_) => "query_row_limit",
         }
+    }
+}
+
+/// Whether `e` is DataFusion's memory pool refusing a reservation.
+pub(crate) fn is_resources_exhausted(e: &DataFusionError) -> bool {
+    match e {
+        DataFusionError::ResourcesExhausted(_) => true,
+        DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
+            is_resources_exhausted(inner)
+        }
+        DataFusionError::Shared(inner) => is_resources_exhausted(inner),
+        _ => false,
     }
 }
 

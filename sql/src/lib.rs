@@ -27,6 +27,7 @@
 //!
 //! Start reading at [`decode::decode_envelope`] for ingest and [`QueryEngine::query`] for queries.
 
+pub mod access;
 pub mod anomaly;
 pub mod decode;
 pub mod dedup;

@@ -15,6 +15,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 use fleetlake_zones::{Lake, TableId, Zone};
 
+use crate::access::Access;
 use crate::{Error, Result};
 
 /// The answer to a query: its schema and batches.
@@ -62,35 +63,68 @@ impl QueryEngine {
         &self.lake
     }
 
-    fn context() -> SessionContext {
+    fn context(access: &Access) -> Result<SessionContext> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("datafusion", "public");
-        let ctx = crate::session::context(config);
+        let ctx = match access.memory_limit {
+            None => crate::session::context(config),
+            Some(bytes) => {
+                // A pool of its own for each query, and no spilling to disk: a query that needs
+                // more fails with query_memory_limit rather than filling the disk.
+                let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                    .with_memory_limit(bytes, 1.0)
+                    .with_disk_manager_builder(
+                        datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                            .with_mode(
+                                datafusion::execution::disk_manager::DiskManagerMode::Disabled,
+                            ),
+                    )
+                    .build_arc()
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                crate::session::context_with_runtime(config, runtime)
+            }
+        };
         let catalog = ctx.catalog("datafusion").expect("default catalog");
         for zone in Zone::ALL {
             catalog
                 .register_schema(zone.as_str(), Arc::new(MemorySchemaProvider::new()))
                 .expect("memory catalog accepts schemas");
         }
-        ctx
+        Ok(ctx)
     }
 
-    /// Runs one read-only statement. DDL, DML, `COPY` and statements such as `SET` are refused,
-    /// and so is a statement beyond [`check_size`]'s limits.
+    /// Runs one read-only statement with full access; see [`QueryEngine::query_with`].
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
+        self.query_with(sql, &Access::full()).await
+    }
+
+    /// Runs one read-only statement as `access` allows. DDL, DML, `COPY` and statements such
+    /// as `SET` are refused, and so is a statement beyond [`check_size`]'s limits. Each table
+    /// the statement names is checked against `access` (`forbidden`, HTTP 403) and, for a caller
+    /// bound to tenants, scoped to its tenants' rows ([`crate::access`]); such a caller may not
+    /// `EXPLAIN` (a physical plan describes files holding other tenants' rows). The answer is
+    /// collected up to `access.max_rows` (`query_row_limit`), with at most
+    /// `access.memory_limit` bytes reserved by its operators (`query_memory_limit`).
+    pub async fn query_with(&self, sql: &str, access: &Access) -> Result<QueryResult> {
         check_size(sql)?;
-        let ctx = Self::context();
+        let ctx = Self::context(access)?;
         let state = ctx.state();
         let statement = state
             .sql_to_statement(sql, &datafusion::config::Dialect::Generic)
             .map_err(|e| Error::Parse(strip(e)))?;
         refuse_writes(&statement)?;
+        if access.is_tenant_bound() && is_explain(&statement) {
+            return Err(Error::Forbidden(format!(
+                "EXPLAIN is not available to {} (bound to tenants): a plan describes files that hold other tenants' rows",
+                access.who
+            )));
+        }
         for reference in state
             .resolve_table_references(&statement)
             .map_err(|e| Error::Plan(strip(e)))?
         {
-            self.register(&ctx, &reference).await?;
+            self.register(&ctx, &reference, access).await?;
         }
         let plan = state
             .statement_to_plan(statement)
@@ -107,22 +141,59 @@ impl QueryEngine {
             .await
             .map_err(|e| Error::Plan(strip(e)))?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame.collect().await.map_err(Error::Execution)?;
+        let executed = |e: DataFusionError| {
+            if crate::error::is_resources_exhausted(&e) {
+                Error::MemoryLimit(format!(
+                    "the query needs more than the {} MiB of memory {} may use: {}",
+                    access.memory_limit.unwrap_or(0) / (1024 * 1024),
+                    access.who,
+                    strip(e)
+                ))
+            } else {
+                Error::Execution(e)
+            }
+        };
+        let mut stream = frame.execute_stream().await.map_err(executed)?;
+        let mut batches = Vec::new();
+        let mut rows = 0usize;
+        while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+            let batch = batch.map_err(executed)?;
+            rows += batch.num_rows();
+            if let Some(max) = access.max_rows
+                && rows > max
+            {
+                return Err(Error::RowLimit(format!(
+                    "the answer holds more than {max} rows, the most {} may fetch at once: add a LIMIT, aggregate, or page with OFFSET",
+                    access.who
+                )));
+            }
+            batches.push(batch);
+        }
         Ok(QueryResult { schema, batches })
     }
 
     /// Registers `<zone>.<table>` if such a Delta table exists; anything else is left for the
     /// planner to report as unknown.
-    async fn register(&self, ctx: &SessionContext, reference: &TableReference) -> Result<()> {
+    /// A name in a zone the caller may not read is refused whether or not the table exists.
+    async fn register(
+        &self,
+        ctx: &SessionContext,
+        reference: &TableReference,
+        access: &Access,
+    ) -> Result<()> {
         let (Some(zone), table) = (reference.schema(), reference.table()) else {
             return Ok(());
         };
         let Ok(id) = TableId::parse(&format!("{zone}.{table}")) else {
             return Ok(());
         };
+        access.check_table(&id)?;
         if let Some(provider) = self.live.as_ref().and_then(|l| l.provider(&id)) {
-            ctx.register_table(TableReference::partial(zone, table), provider?)
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            ctx.register_table(
+                TableReference::partial(zone, table),
+                access.scope(&id, provider?)?,
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?;
             return Ok(());
         }
         let Some(delta) = self.lake.load(&id).await? else {
@@ -132,9 +203,41 @@ impl QueryEngine {
             .update_datafusion_session(&ctx.state())
             .map_err(|e| Error::Execution(DataFusionError::External(Box::new(e))))?;
         let provider = delta.table_provider().await.map_err(Error::Execution)?;
-        ctx.register_table(TableReference::partial(zone, table), provider)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        ctx.register_table(
+            TableReference::partial(zone, table),
+            access.scope(&id, provider)?,
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(())
+    }
+}
+
+/// The lake tables (`zone.table`) a statement names, without planning it; an error if it does
+/// not parse. Names that are no zone table (CTEs, `information_schema`) are left out.
+pub fn tables_named(sql: &str) -> Result<Vec<TableId>> {
+    check_size(sql)?;
+    let state = SessionContext::new().state();
+    let statement = state
+        .sql_to_statement(sql, &datafusion::config::Dialect::Generic)
+        .map_err(|e| Error::Parse(strip(e)))?;
+    Ok(state
+        .resolve_table_references(&statement)
+        .map_err(|e| Error::Plan(strip(e)))?
+        .iter()
+        .filter_map(|r| {
+            let zone = r.schema()?;
+            TableId::parse(&format!("{zone}.{}", r.table())).ok()
+        })
+        .collect())
+}
+
+/// Whether the statement is `EXPLAIN` of a query (not `DESCRIBE table`, which shows a schema).
+fn is_explain(statement: &Statement) -> bool {
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    match statement {
+        Statement::Explain(_) => true,
+        Statement::Statement(s) => matches!(s.as_ref(), Sql::Explain { .. }),
+        _ => false,
     }
 }
 

@@ -7,8 +7,17 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 /// A session with `config`, DataFusion's default features and fleetlake's functions.
 pub fn context(config: SessionConfig) -> SessionContext {
+    context_with_runtime(config, Default::default())
+}
+
+/// [`context`] with its own runtime (memory pool, disk manager).
+pub fn context_with_runtime(
+    config: SessionConfig,
+    runtime: std::sync::Arc<datafusion::execution::runtime_env::RuntimeEnv>,
+) -> SessionContext {
     let mut state = SessionStateBuilder::new()
         .with_config(config)
+        .with_runtime_env(runtime)
         .with_default_features()
         .build();
     for f in crate::anomaly::window_functions() {

@@ -361,8 +361,12 @@ async fn windows_and_rules_join_reference_tables_also_after_a_restart() {
     let env = env(&nats, &dir.path().join("lake"), &p);
     let log = dir.path().join("engine.log");
     let engine = EngineProcess::start(&env, &log).await;
-    let status = reqwest::Client::new()
-        .put(format!("{}/v1/reference/limits", engine.api.base))
+    let status = engine
+        .api
+        .http(
+            reqwest::Method::PUT,
+            format!("{}/v1/reference/limits", engine.api.base),
+        )
         .header("content-type", "text/csv")
         .body("device_id,max_c\nt-a,5\nt-b,50\n")
         .send()

@@ -285,8 +285,8 @@ async fn query_api_answers_in_every_format_and_refuses_writes() {
             "{body}"
         );
     }
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/query", api.base))
+    let r = api
+        .http(reqwest::Method::POST, format!("{}/v1/query", api.base))
         .body("SELECT 1")
         .send()
         .await

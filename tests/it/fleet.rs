@@ -72,8 +72,11 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
     };
     // The registry first: the cold-chain pipeline takes model and hw_rev from it.
     let registry = Simulator::new(sim.clone()).registry_csv();
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/reference/devices", api.base))
+    let r = api
+        .http(
+            reqwest::Method::PUT,
+            format!("{}/v1/reference/devices", api.base),
+        )
         .header("content-type", "text/csv")
         .body(registry)
         .send()
@@ -328,11 +331,11 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
     }
 
     // CSV answers carry the statement in a header.
-    let r = reqwest::Client::new()
-        .get(format!(
-            "{}/v1/fleet/root-cause?window=all&limit=3",
-            api.base
-        ))
+    let r = api
+        .http(
+            reqwest::Method::GET,
+            format!("{}/v1/fleet/root-cause?window=all&limit=3", api.base),
+        )
         .header("accept", "text/csv")
         .send()
         .await

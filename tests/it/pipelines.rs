@@ -44,8 +44,11 @@ async fn publish_json(
 }
 
 async fn put_devices(api: &Api, csv: &str) {
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/reference/devices", api.base))
+    let r = api
+        .http(
+            reqwest::Method::PUT,
+            format!("{}/v1/reference/devices", api.base),
+        )
         .header("content-type", "text/csv")
         .body(csv.to_string())
         .send()

@@ -7,8 +7,11 @@ use fleetlake::tools::simulate::SimConfig;
 use fleetlake_tests::{Api, Nats};
 
 async fn put(api: &Api, table: &str, content_type: &str, body: &str) -> (u16, serde_json::Value) {
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/reference/{table}", api.base))
+    let r = api
+        .http(
+            reqwest::Method::PUT,
+            format!("{}/v1/reference/{table}", api.base),
+        )
         .header("content-type", content_type)
         .body(body.to_string())
         .send()

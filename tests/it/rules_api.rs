@@ -107,8 +107,44 @@ async fn start(rules: &[(&str, String)]) -> (Setup, EngineProcess) {
     (setup, engine)
 }
 
+/// `api` as the engineer `author` (a token of that name, created once per test process;
+/// the author recorded in final.rule_audit is the token's name), or with no token at all.
+async fn as_author(api: &Api, author: Option<&str>) -> Api {
+    static TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let Some(author) = author else {
+        return api.with_token(None);
+    };
+    if let Some((_, t)) = TOKENS.lock().unwrap().iter().find(|(a, _)| a == author) {
+        return api.with_token(Some(t));
+    }
+    let (status, created) = api
+        .send(
+            Method::POST,
+            "/v1/tokens",
+            None,
+            &json!({"name": author, "role": "engineer"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let token = created["token"].as_str().unwrap().to_string();
+    TOKENS
+        .lock()
+        .unwrap()
+        .push((author.to_string(), token.clone()));
+    api.with_token(Some(&token))
+}
+
 async fn put(api: &Api, name: &str, author: Option<&str>, sql: &str) -> (u16, Value) {
-    api.send(Method::PUT, &format!("/v1/rules/{name}"), author, sql)
+    as_author(api, author)
+        .await
+        .send(Method::PUT, &format!("/v1/rules/{name}"), None, sql)
+        .await
+}
+
+async fn delete(api: &Api, name: &str, author: &str) -> (u16, Value) {
+    as_author(api, Some(author))
+        .await
+        .send(Method::DELETE, &format!("/v1/rules/{name}"), None, "")
         .await
 }
 
@@ -131,8 +167,8 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
 
     // Refused, with where and why; nothing is written.
     let (status, body) = put(&api, "hot", None, &rule(8)).await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(body["error"]["code"], "missing_author");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
     let bad = rule(8).replace("temperature_c > 8", "temp > 8");
     let (status, body) = put(&api, "hot", Some("alice"), &bad).await;
     assert_eq!(status, 400, "{body}");
@@ -190,9 +226,7 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     wait_alert(js, "alerts.hot.t3").await;
 
     // Deleted: silent from then on.
-    let (status, deleted) = api
-        .send(Method::DELETE, "/v1/rules/hot", Some("carol"), "")
-        .await;
+    let (status, deleted) = delete(&api, "hot", "carol").await;
     assert_eq!(status, 200, "{deleted}");
     assert_eq!(deleted["applied"], true);
     assert!(!file.exists());
@@ -260,9 +294,7 @@ async fn rules_are_created_changed_and_deleted_at_runtime_with_an_audit_trail() 
     let in_file = rule(8).replace("RULE hot", "RULE in_file");
     let (status, body) = put(&api, "in_file", Some("alice"), &in_file).await;
     assert_eq!(status, 409, "{body}");
-    let (status, body) = api
-        .send(Method::DELETE, "/v1/rules/in_file", Some("alice"), "")
-        .await;
+    let (status, body) = delete(&api, "in_file", "alice").await;
     assert_eq!(status, 409, "{body}");
     publish(js, &[("t5", 60.0)], &mut seq).await;
     wait_alert(js, "alerts.hot.t5").await;

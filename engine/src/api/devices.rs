@@ -67,6 +67,7 @@ fn view_json(v: &DeviceView) -> Value {
 /// `GET /v1/devices/{id}`: the device in every usable table that has it; 404 if none.
 pub async fn device(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<crate::api::auth::Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
     let id = match id {
@@ -81,7 +82,7 @@ pub async fn device(
         if !state.is_ready() {
             return not_ready();
         }
-        state.lookup(&id)
+        state.lookup_for(&id, caller.principal.tenants.as_deref())
     };
     if views.is_empty() {
         return error_response(
@@ -103,6 +104,7 @@ use axum::Json;
 /// filter given, by table and device id.
 pub async fn devices(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<crate::api::auth::Caller>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
     let Some(devices) = &state.devices else {
@@ -113,7 +115,10 @@ pub async fn devices(
         a.extend(COHORT);
         a.join(", ")
     };
-    let mut filter = DeviceFilter::default();
+    let mut filter = DeviceFilter {
+        tenants: caller.principal.tenants.clone(),
+        ..Default::default()
+    };
     let (mut limit, mut offset) = (DEFAULT_LIMIT, 0usize);
     let mut seen = std::collections::BTreeSet::new();
     for (k, v) in &params {

@@ -11,8 +11,9 @@ use fleetlake_sql::fleet::{Event, Outliers, RootCause, Scope, Stat, TimeRange};
 use fleetlake_zones::TableId;
 use serde_json::json;
 
+use crate::api::auth::Caller;
 use crate::api::format::{Format, to_json};
-use crate::api::{AppState, error_response, sql_error};
+use crate::api::{AppState, error_response};
 use crate::config::Config;
 
 /// Rows per page when the request gives no `limit`.
@@ -283,12 +284,11 @@ const ROOT_CAUSE_COLUMNS: &[&str] = &[
 /// The table's columns, by a query that reads no rows.
 async fn columns(
     state: &AppState,
+    caller: &Caller,
     table: &TableId,
-) -> Result<Vec<(String, arrow::datatypes::DataType)>, fleetlake_sql::Error> {
-    let result = state
-        .lake
-        .query(format!("SELECT * FROM {table} LIMIT 0"))
-        .await?;
+) -> Result<Vec<(String, arrow::datatypes::DataType)>, Response> {
+    let result =
+        crate::api::execute(state, caller, format!("SELECT * FROM {table} LIMIT 0")).await?;
     Ok(result
         .schema
         .fields()
@@ -319,14 +319,15 @@ fn first_rows(result: QueryResult, limit: usize) -> QueryResult {
 /// (`sql`, `next_offset`), or as the `Fleetlake-Sql` and `Fleetlake-Next-Offset` headers.
 async fn answer(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     sql: String,
     limit: u64,
     offset: u64,
 ) -> Response {
-    let result = match state.lake.query(sql.clone()).await {
+    let result = match crate::api::execute(state, caller, sql.clone()).await {
         Ok(r) => r,
-        Err(e) => return sql_error(&e),
+        Err(response) => return response,
     };
     let more = result.row_count() as u64 > limit;
     let result = first_rows(result, limit as usize);
@@ -375,9 +376,15 @@ async fn answer(
 /// `GET /v1/fleet/outliers`: see the README ("Fleet anomaly analytics").
 pub async fn outliers(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {
+    // One admission for the request's two statements (its columns, then the answer).
+    let _permit = match crate::api::admit(&state, &caller) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let defaults = state.fleet.clone();
     let own = ["metric", "by", "stat", "threshold", "min_cohort", "all"];
     let request = match Request::new(&params, &own, &defaults.filters) {
@@ -388,9 +395,9 @@ pub async fn outliers(
         Ok(q) => q,
         Err(e) => return bad(e),
     };
-    let columns = match columns(&state, &query.scope.table).await {
+    let columns = match columns(&state, &caller, &query.scope.table).await {
         Ok(c) => c,
-        Err(e) => return sql_error(&e),
+        Err(response) => return response,
     };
     let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
     let named = query
@@ -409,7 +416,15 @@ pub async fn outliers(
             query.metric
         ));
     }
-    answer(&state, &headers, query.sql(), query.limit, query.offset).await
+    answer(
+        &state,
+        &caller,
+        &headers,
+        query.sql(),
+        query.limit,
+        query.offset,
+    )
+    .await
 }
 
 fn outliers_query(request: &Request, defaults: &FleetDefaults) -> Result<Outliers, Refusal> {
@@ -455,9 +470,15 @@ fn outliers_query(request: &Request, defaults: &FleetDefaults) -> Result<Outlier
 /// `GET /v1/fleet/root-cause`: see the README ("Fleet anomaly analytics").
 pub async fn root_cause(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {
+    // One admission for the request's two statements (its columns, then the answer).
+    let _permit = match crate::api::admit(&state, &caller) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let defaults = state.fleet.clone();
     let own = ["event", "dimensions", "min_devices"];
     let request = match Request::new(&params, &own, &defaults.filters) {
@@ -483,9 +504,9 @@ pub async fn root_cause(
         Ok(n) => n,
         Err(e) => return bad(e),
     };
-    let columns = match columns(&state, &scope.table).await {
+    let columns = match columns(&state, &caller, &scope.table).await {
         Ok(c) => c,
-        Err(e) => return sql_error(&e),
+        Err(response) => return response,
     };
     let spec = request.get("event").unwrap_or(&defaults.event);
     if spec.chars().any(char::is_control) {
@@ -523,5 +544,5 @@ pub async fn root_cause(
         limit,
         offset,
     };
-    answer(&state, &headers, query.sql(), limit, offset).await
+    answer(&state, &caller, &headers, query.sql(), limit, offset).await
 }

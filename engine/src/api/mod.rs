@@ -12,11 +12,14 @@
 //! [`crate::ingest::derived`] (the rule-change message),
 //! `fleetlake_sql`, `fleetlake_zones`. Nothing in ingest calls into it.
 
+pub mod audit;
+pub mod auth;
 pub mod devices;
 pub mod fleet;
 pub mod format;
 pub mod reference;
 pub mod rules;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -31,17 +34,24 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 
 use crate::api::rules::{Refused, Rules};
+use fleetlake_sql::access::Access;
 use fleetlake_sql::{ErrorKind, QueryEngine, QueryResult};
 use fleetlake_zones::{TableId, TableInfo};
 use futures::future::BoxFuture;
 use serde_json::json;
 
+use crate::api::auth::{Auth, Caller, Denied, Requirement};
 use crate::api::format::Format;
 use crate::metrics::Metrics;
 
 /// What the HTTP layer needs from the lake.
 pub trait Lakehouse: Send + Sync + 'static {
-    fn query(&self, sql: String) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>>;
+    /// Runs read-only `sql` as `access` allows (see [`QueryEngine::query_with`]).
+    fn query(
+        &self,
+        sql: String,
+        access: Access,
+    ) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>>;
     fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>>;
     /// Replaces `reference.<name>` with `rows`.
     fn replace_reference(
@@ -52,9 +62,13 @@ pub trait Lakehouse: Send + Sync + 'static {
 }
 
 impl Lakehouse for QueryEngine {
-    fn query(&self, sql: String) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>> {
+    fn query(
+        &self,
+        sql: String,
+        access: Access,
+    ) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>> {
         let engine = self.clone();
-        Box::pin(async move { QueryEngine::query(&engine, &sql).await })
+        Box::pin(async move { QueryEngine::query_with(&engine, &sql, &access).await })
     }
 
     fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>> {
@@ -101,12 +115,60 @@ pub struct AppState {
     pub fleet: Arc<crate::api::fleet::FleetDefaults>,
     /// The latest state of every device (`None` when this process does not ingest).
     pub devices: Option<fleetlake_sql::device_state::SharedDeviceState>,
+    /// Tokens, route requirements and per-token query admission.
+    pub auth: Arc<Auth>,
+    /// `final.audit`.
+    pub audit: Arc<crate::api::audit::Audit>,
+    /// The runtime queries run on, apart from ingest's (see [`query_runtime`]).
+    pub queries: tokio::runtime::Handle,
+    /// The largest `POST /v1/query` body, in bytes.
+    pub max_query_body: usize,
+}
+
+/// Starts the runtime queries run on: `threads` worker threads of their own, so that a heavy
+/// query competes with ingest for the CPU as one more thread, never by occupying the
+/// ingest runtime's workers. The runtime lives on a thread of its own and ends when the
+/// returned guard is dropped.
+pub fn query_runtime(threads: usize) -> (tokio::runtime::Handle, QueryRuntime) {
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("fleetlake-queries".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads.max(1))
+                .thread_name("fleetlake-query")
+                // DataFusion plans recursively: as much stack as the main runtime's threads.
+                .thread_stack_size(16 * 1024 * 1024)
+                .enable_all()
+                .build()
+                .expect("starting the query runtime");
+            let _ = handle_tx.send(runtime.handle().clone());
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+            runtime.shutdown_background();
+        })
+        .expect("starting the query runtime's thread");
+    let handle = handle_rx.recv().expect("the query runtime starts");
+    (handle, QueryRuntime { _stop: stop })
+}
+
+/// Keeps the query runtime alive; dropping it stops the runtime (queries still running are
+/// abandoned).
+pub struct QueryRuntime {
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/query", post(query))
+        .route(
+            "/v1/query",
+            post(query).layer(axum::extract::DefaultBodyLimit::max(state.max_query_body)),
+        )
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/tables", get(tables))
         .route("/v1/pipelines", get(pipelines))
         .route(
@@ -129,7 +191,132 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .with_state(state)
+}
+
+/// Every request: the route's requirement ([`auth::requirement`]) is met or the request is
+/// answered 401/403 here; handlers find the [`Caller`] in the request's extensions.
+async fn authenticate(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let requirement = auth::requirement(
+        request.method(),
+        request.uri().path(),
+        state.auth.public_metrics,
+    );
+    if requirement == Requirement::Public {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let principal = match state.auth.authenticate(presented) {
+        Ok(p) => p,
+        Err(d) => return denied(d),
+    };
+    if let Err(d) = Auth::authorize(&principal, requirement) {
+        return denied(d);
+    }
+    let address = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::api::tls::Peer>>()
+        .map(|c| c.0.0);
+    request
+        .extensions_mut()
+        .insert(Caller { principal, address });
+    next.run(request).await
+}
+
+/// A refusal in the API's error shape, with `WWW-Authenticate` on a 401 and `Retry-After` on
+/// a 429.
+pub(crate) fn denied(d: Denied) -> Response {
+    let mut response = error_response(d.status, d.code, &d.message);
+    if d.status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"fleetlake\""),
+        );
+    }
+    if let Some(after) = d.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(after));
+    }
+    response
+}
+
+/// Admits one query of `caller` (rate and concurrency limits); the permit is held until it
+/// is answered.
+pub(crate) fn admit(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    state.auth.admit(&caller.principal).map_err(denied)
+}
+
+/// Runs `sql` for an admitted `caller`: a statement naming a raw-zone table is recorded in
+/// `final.audit` first; the query runs on the query runtime with the caller's access and is
+/// cancelled after its timeout (408 `query_timeout`).
+pub(crate) async fn execute(
+    state: &AppState,
+    caller: &Caller,
+    sql: String,
+) -> Result<QueryResult, Response> {
+    let access = state.auth.access(&caller.principal);
+    let raw: Vec<String> = fleetlake_sql::query::tables_named(&sql)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.zone == fleetlake_zones::Zone::Raw && access.check_table(t).is_ok())
+        .map(|t| t.to_string())
+        .collect();
+    if !raw.is_empty() {
+        let event = crate::api::audit::Event {
+            principal: &caller.principal,
+            address: caller.address,
+            action: "raw.read",
+            target: &raw.join(","),
+            detail: &sql,
+        };
+        if let Err(e) = state.audit.record(event).await {
+            return Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                &format!(
+                    "a raw-zone read is recorded before it is answered, and recording failed: {e}"
+                ),
+            ));
+        }
+    }
+    let timeout = caller.principal.limits.timeout;
+    let mut running = state.queries.spawn(state.lake.query(sql, access));
+    match tokio::time::timeout(timeout, &mut running).await {
+        Ok(Ok(Ok(result))) => Ok(result),
+        Ok(Ok(Err(e))) => Err(sql_error(&e)),
+        Ok(Err(e)) => Err(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("the query's task failed: {e}"),
+        )),
+        Err(_) => {
+            running.abort();
+            Err(error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "query_timeout",
+                &format!(
+                    "the query ran longer than {} s, the most {} may use (query.timeout_s), and was cancelled",
+                    timeout.as_secs_f64(),
+                    caller.principal.describe()
+                ),
+            ))
+        }
+    }
 }
 
 /// Any other path: a 404 in the API's error shape, naming the path.
@@ -157,13 +344,34 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 pub(crate) fn sql_error(e: &fleetlake_sql::Error) -> Response {
     let status = match e.kind() {
         ErrorKind::User => StatusCode::BAD_REQUEST,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::Limit => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error_response(status, e.code(), &e.to_string())
 }
 
-async fn query(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn query(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!(
+                    "the request body is larger than {} KiB (query.max_body_kb)",
+                    state.max_query_body / 1024
+                ),
+            );
+        }
+        Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
+    };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Request {
@@ -180,7 +388,11 @@ async fn query(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
         }
     };
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    match state.lake.query(request.sql).await {
+    let _permit = match admit(&state, &caller) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match execute(&state, &caller, request.sql).await {
         Ok(result) => match format.encode(&result) {
             Ok(body) => (
                 StatusCode::OK,
@@ -194,7 +406,7 @@ async fn query(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
                 &e.to_string(),
             ),
         },
-        Err(e) => sql_error(&e),
+        Err(response) => response,
     }
 }
 
@@ -213,6 +425,7 @@ fn table_json(t: &TableInfo) -> serde_json::Value {
 
 async fn put_reference(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(table): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -234,16 +447,69 @@ async fn put_reference(
             &format!("{id} is declared in the pipelines: {message}"),
         );
     }
+    if let Err(r) = record(
+        &state,
+        &caller,
+        "reference.replace",
+        &id,
+        &format!("{} rows", rows.num_rows()),
+    )
+    .await
+    {
+        return r;
+    }
     match state.lake.replace_reference(table, rows).await {
         Ok(info) => axum::Json(table_json(&info)).into_response(),
         Err(e) => sql_error(&e),
     }
 }
 
-async fn tables(State(state): State<AppState>) -> Response {
+/// Records a change in `final.audit` before it is made; a 503 if it cannot be recorded.
+pub(crate) async fn record(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    detail: &str,
+) -> Result<(), Response> {
+    let event = crate::api::audit::Event {
+        principal: &caller.principal,
+        address: caller.address,
+        action,
+        target,
+        detail,
+    };
+    state.audit.record(event).await.map_err(|e| {
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            &format!("a change is recorded in final.audit before it is made, and recording failed: {e}; nothing was changed"),
+        )
+    })
+}
+
+/// The tables the caller may read; to a caller bound to tenants without the counts (rows,
+/// files, bytes), which would tell of other tenants' rows.
+async fn tables(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> Response {
+    let access = state.auth.access(&caller.principal);
     match state.lake.tables().await {
         Ok(tables) => {
-            let tables: Vec<_> = tables.iter().map(table_json).collect();
+            let tables: Vec<_> = tables
+                .iter()
+                .filter(|t| access.check_table(&t.table).is_ok())
+                .map(|t| {
+                    let mut j = table_json(t);
+                    if access.is_tenant_bound() {
+                        for k in ["rows", "files", "size_bytes", "version"] {
+                            j[k] = serde_json::Value::Null;
+                        }
+                    }
+                    j
+                })
+                .collect();
             axum::Json(json!({ "tables": tables })).into_response()
         }
         Err(e) => sql_error(&e),
@@ -284,23 +550,31 @@ fn rules_of(state: &AppState) -> Result<&Rules, Refused> {
     })
 }
 
-/// Who makes a change, for final.rule_audit.
+/// Who makes a change, for final.rule_audit: the token's name (with authentication off, an
+/// `X-Fleetlake-Author` header if given, else `anonymous`).
 const AUTHOR_HEADER: &str = "x-fleetlake-author";
 
-fn author(headers: &HeaderMap) -> Result<String, Refused> {
+fn author(state: &AppState, caller: &Caller, headers: &HeaderMap) -> Result<String, Refused> {
+    if state.auth.tokens.is_some() {
+        return Ok(caller.principal.name.clone());
+    }
     let author = headers
         .get(AUTHOR_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .unwrap_or_default();
-    if author.is_empty() || author.len() > 200 {
+    if author.len() > 200 {
         return Err(Refused {
             status: StatusCode::BAD_REQUEST,
-            code: "missing_author",
-            message: "expected an X-Fleetlake-Author header (1 to 200 characters) saying who makes the change: it is recorded in final.rule_audit".into(),
+            code: "bad_author",
+            message: "X-Fleetlake-Author is at most 200 characters".into(),
         });
     }
-    Ok(author.to_string())
+    Ok(if author.is_empty() {
+        caller.principal.name.clone()
+    } else {
+        author.to_string()
+    })
 }
 
 async fn list_rules(State(state): State<AppState>) -> Response {
@@ -343,11 +617,12 @@ async fn get_rule(State(state): State<AppState>, Path(name): Path<String>) -> Re
 
 async fn put_rule(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (rules, author) = match (rules_of(&state), author(&headers)) {
+    let (rules, author) = match (rules_of(&state), author(&state, &caller, &headers)) {
         (Ok(r), Ok(a)) => (r, a),
         (Err(r), _) | (_, Err(r)) => return refused(r),
     };
@@ -358,6 +633,9 @@ async fn put_rule(
             "expected the rule as UTF-8 text: CREATE RULE name WITH (…) AS SELECT …",
         );
     };
+    if let Err(r) = record(&state, &caller, "rule.put", &name, sql).await {
+        return r;
+    }
     match rules.put(&name, sql, &author).await {
         Ok((status, body)) => (status, axum::Json(body)).into_response(),
         Err(r) => refused(r),
@@ -366,16 +644,130 @@ async fn put_rule(
 
 async fn delete_rule(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let (rules, author) = match (rules_of(&state), author(&headers)) {
+    let (rules, author) = match (rules_of(&state), author(&state, &caller, &headers)) {
         (Ok(r), Ok(a)) => (r, a),
         (Err(r), _) | (_, Err(r)) => return refused(r),
     };
+    if let Err(r) = record(&state, &caller, "rule.delete", &name, "").await {
+        return r;
+    }
     match rules.delete(&name, &author).await {
         Ok(body) => axum::Json(body).into_response(),
         Err(r) => refused(r),
+    }
+}
+
+fn tokens_of(state: &AppState) -> Result<&auth::Tokens, Response> {
+    state.auth.tokens.as_ref().ok_or_else(|| {
+        error_response(
+            StatusCode::NOT_FOUND,
+            "auth_disabled",
+            "authentication is off (auth.enabled = false): there are no tokens to manage",
+        )
+    })
+}
+
+/// `GET /v1/tokens`: every token, without its hash.
+async fn list_tokens(State(state): State<AppState>) -> Response {
+    match tokens_of(&state) {
+        Ok(tokens) => axum::Json(json!({
+            "tokens": tokens.list().iter().map(auth::TokenRecord::public_json).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `POST /v1/tokens` `{"name": …, "role": …, "tenants": […], "limits": {…}}`: creates a token;
+/// the answer holds it, once (201).
+async fn create_token(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    body: Bytes,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Request {
+        name: String,
+        role: String,
+        #[serde(default)]
+        tenants: Vec<String>,
+        #[serde(default)]
+        limits: auth::TokenLimits,
+    }
+    let tokens = match tokens_of(&state) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let request: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!(
+                    "expected a JSON body {{\"name\": \"grafana\", \"role\": \"analyst\", \"tenants\": [\"acme\"]}} (limits optional: timeout_s, memory_mb, max_rows, max_concurrent, rate_per_minute): {e}"
+                ),
+            );
+        }
+    };
+    let role = match auth::Role::parse(&request.role) {
+        Ok(r) => r,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e),
+    };
+    let (created, secret) = match tokens.create(
+        &request.name,
+        role,
+        request.tenants,
+        &caller.principal.name,
+        request.limits,
+    ) {
+        Ok(created) => created,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e),
+    };
+    let detail = format!("role {} tenants {:?}", role.as_str(), created.tenants);
+    if let Err(r) = record(&state, &caller, "token.create", &created.id, &detail).await {
+        // Not recorded: not created.
+        let _ = tokens.revoke(&created.id);
+        return r;
+    }
+    let mut body = created.public_json();
+    body["token"] = json!(secret);
+    (StatusCode::CREATED, axum::Json(body)).into_response()
+}
+
+/// `DELETE /v1/tokens/{id}` (or its name): revokes it at once.
+async fn revoke_token(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    let tokens = match tokens_of(&state) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if !tokens.list().iter().any(|r| r.id == id || r.name == id) {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_token",
+            &format!("no token has the id or name {id:?}"),
+        );
+    }
+    if let Err(r) = record(&state, &caller, "token.revoke", &id, "").await {
+        return r;
+    }
+    match tokens.revoke(&id) {
+        Ok(Some(r)) => axum::Json(json!({"revoked": r.public_json()})).into_response(),
+        Ok(None) => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_token",
+            &format!("no token has the id or name {id:?}"),
+        ),
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "tokens_file", &e),
     }
 }
 

@@ -22,6 +22,25 @@ pub struct DemoOptions {
 }
 
 /// Runs the demo until Ctrl-C (or until done with `exit_when_done`).
+/// A fresh admin token named `demo` (an earlier run's is revoked), or a note when
+/// authentication is off.
+fn demo_token(config: &Config) -> Result<String, String> {
+    use crate::api::auth::{Role, TokenLimits, Tokens};
+    if config.get("auth.enabled") != "true" {
+        return Ok("(none needed: auth.enabled = false)".into());
+    }
+    let tokens = Tokens::open(std::path::Path::new(config.get("auth.tokens_file")))?;
+    tokens.revoke("demo")?;
+    let (_, secret) = tokens.create(
+        "demo",
+        Role::Admin,
+        Vec::new(),
+        "demo",
+        TokenLimits::default(),
+    )?;
+    Ok(secret)
+}
+
 pub async fn run(
     mut config: Config,
     env: Vec<(String, String)>,
@@ -68,8 +87,11 @@ pub async fn run(
     let addr = engine.addr;
     eprintln!("· lake at {}", engine.lake.root());
     eprintln!("· HTTP API on http://{addr}");
+    let token = demo_token(&config)?;
     eprintln!();
-    eprintln!("Try, in another terminal:");
+    eprintln!("Try, in another terminal (the token is an admin's, made for this demo run):");
+    eprintln!("  export FLEETLAKE_TOKEN={token}");
+    eprintln!("  alias curl='curl -H \"Authorization: Bearer $FLEETLAKE_TOKEN\"'");
     eprintln!("  curl -s http://{addr}/v1/tables");
     eprintln!(
         "  curl -s http://{addr}/v1/query -d '{{\"sql\": \"SELECT device_id, count(*) AS n, avg(temperature) AS avg_t FROM usable.telemetry GROUP BY device_id ORDER BY n DESC LIMIT 5\"}}'"
