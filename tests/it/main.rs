@@ -1,6 +1,7 @@
 //! Integration tests against real servers: NATS with JetStream and SeaweedFS's S3 gateway,
 //! started by each test on free loopback ports (see the `fleetlake_tests` harness).
 
+mod access;
 mod alertmanager;
 mod alerts;
 mod concurrency;

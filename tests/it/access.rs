@@ -1,0 +1,519 @@
+//! Access control against a real engine with two tenants' data (acme and globex, from the
+//! simulated fleet's registry through the shipped pipelines): bypass attempts by a token bound
+//! to one tenant, zones outside a role, write routes, the audit, and every query limit while
+//! ingest keeps acknowledging.
+
+use std::time::Duration;
+
+use fleetlake::tools::simulate::{Profile, SimConfig, Simulator};
+use fleetlake_tests::{Api, Nats, TestDir, metric, shipped_pipelines, start_engine, test_config};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Creates a token as the test admin; returns an API client using it.
+async fn token(api: &Api, body: Value) -> Api {
+    let (status, created) = api
+        .send(Method::POST, "/v1/tokens", None, &body.to_string())
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created.get("sha256").is_none(), "{created}");
+    api.with_token(Some(created["token"].as_str().unwrap()))
+}
+
+/// A unique token name for this test process.
+fn name(base: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{base}-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// The single integer `sql` answers (status 200 required).
+async fn scalar(api: &Api, sql: &str) -> i64 {
+    let (status, body) = api.query(sql).await;
+    assert_eq!(status, 200, "{sql}: {body}");
+    body["rows"][0][0]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{sql}: {body}"))
+}
+
+/// The status and error code of `sql`.
+async fn refused(api: &Api, sql: &str) -> (u16, String) {
+    let (status, body) = api.query(sql).await;
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Every value of the answer's rows, as text.
+async fn values(api: &Api, sql: &str) -> Vec<String> {
+    let (status, body) = api.query(sql).await;
+    assert_eq!(status, 200, "{sql}: {body}");
+    body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().clone())
+        .map(|v| v.as_str().map(str::to_string).unwrap_or(v.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
+    let nats = Nats::start().await;
+    let dir = TestDir::new();
+    let pipelines = shipped_pipelines(dir.path()).display().to_string();
+    let lake = dir.path().join("lake").display().to_string();
+    let config = test_config(nats.url(), &lake, &[("pipelines.dir", &pipelines)]);
+    let (engine, admin, js) = start_engine(&config).await;
+    let sim = SimConfig {
+        profile: Profile::Mixed,
+        seed: 5,
+        devices: 300,
+        messages: 3_000,
+        start_ms: Some(1_764_489_600_000),
+        ..Default::default()
+    };
+    let r = admin
+        .http(Method::PUT, format!("{}/v1/reference/devices", admin.base))
+        .header("content-type", "text/csv")
+        .body(Simulator::new(sim.clone()).registry_csv())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let report = fleetlake_tests::simulate(&js, sim.clone()).await;
+    admin.wait_acked(report.total).await;
+
+    // The truth, as an unbound admin sees it.
+    let count = |t: &str| format!("SELECT count(*) FROM usable.cold_chain WHERE tenant = '{t}'");
+    let acme = scalar(&admin, &count("acme")).await;
+    let globex = scalar(&admin, &count("globex")).await;
+    assert!(acme > 0 && globex > 0, "{acme} {globex}");
+    let acme_health = scalar(
+        &admin,
+        "SELECT count(*) FROM usable.device_health WHERE tenant = 'acme'",
+    )
+    .await;
+    let acme_max_ts = values(
+        &admin,
+        "SELECT CAST(max(ts) AS VARCHAR) FROM usable.cold_chain WHERE tenant = 'acme'",
+    )
+    .await;
+
+    let analyst = token(
+        &admin,
+        json!({"name": name("acme-analyst"), "role": "analyst", "tenants": ["acme"]}),
+    )
+    .await;
+    let engineer = token(
+        &admin,
+        json!({"name": name("acme-engineer"), "role": "engineer", "tenants": ["acme"]}),
+    )
+    .await;
+    let unbound_analyst = token(&admin, json!({"name": name("analyst"), "role": "analyst"})).await;
+
+    // Every way of naming the table's rows counts acme's only.
+    for sql in [
+        "SELECT count(*) FROM usable.cold_chain".to_string(),
+        "WITH x AS (SELECT * FROM usable.cold_chain) SELECT count(*) FROM x".into(),
+        "SELECT count(*) FROM (SELECT * FROM (SELECT * FROM usable.cold_chain) a) b".into(),
+        "SELECT count(*) FROM usable.cold_chain WHERE device_id IN (SELECT device_id FROM usable.cold_chain)".into(),
+        "SELECT count(*) FROM (SELECT tenant FROM usable.cold_chain UNION ALL SELECT tenant FROM usable.cold_chain WHERE tenant = 'globex') u".into(),
+        "SELECT max(n) FROM (SELECT count(*) OVER () AS n FROM usable.cold_chain) w".into(),
+        "SELECT count(*) FROM USABLE.Cold_Chain".into(),
+        "SELECT count(*) FROM \"usable\".\"cold_chain\"".into(),
+        "SELECT count(*) FROM datafusion.usable.cold_chain".into(),
+        // A predicate that fails on any globex row: it never sees one.
+        "SELECT count(*) FROM usable.cold_chain WHERE CASE WHEN tenant = 'globex' THEN CAST(device_id AS INT) ELSE 1 END = 1".into(),
+        format!(
+            "SELECT count(*) FROM usable.cold_chain WHERE device_id NOT IN ({})",
+            (0..3000).map(|i| format!("'x{i}'")).collect::<Vec<_>>().join(", ")
+        ),
+        // Subqueries nested 15 deep.
+        format!(
+            "SELECT count(*) FROM {}",
+            (0..15).fold("usable.cold_chain".to_string(), |inner, i| format!(
+                "(SELECT * FROM {inner}) t{i}"
+            ))
+        ),
+    ] {
+        assert_eq!(scalar(&analyst, &sql).await, acme, "{sql}");
+    }
+    for sql in [
+        "SELECT count(*) FROM usable.cold_chain WHERE tenant <> 'acme'",
+        "SELECT count(*) FROM usable.cold_chain WHERE tenant = 'globex' OR tenant IS NULL",
+        "SELECT count(*) FROM usable.device_health WHERE tenant = 'globex'",
+        "SELECT count(*) FROM final.fleet_hour WHERE tenant = 'globex'",
+        "SELECT count(*) FROM final.device_state WHERE tenant = 'globex'",
+    ] {
+        assert_eq!(scalar(&analyst, sql).await, 0, "{sql}");
+    }
+    assert_eq!(
+        scalar(&analyst, "SELECT count(*) FROM usable.device_health").await,
+        acme_health
+    );
+    assert_eq!(
+        values(
+            &analyst,
+            "SELECT CAST(max(ts) AS VARCHAR) FROM usable.cold_chain"
+        )
+        .await,
+        acme_max_ts
+    );
+    for sql in [
+        "SELECT DISTINCT tenant FROM usable.cold_chain",
+        "SELECT tenant FROM usable.cold_chain UNION SELECT tenant FROM usable.device_health",
+        "SELECT DISTINCT tenant FROM usable.device_health",
+        "SELECT DISTINCT tenant FROM final.device_state",
+    ] {
+        assert_eq!(values(&analyst, sql).await, ["acme"], "{sql}");
+    }
+    // The engineer joins the registry: scoped as well.
+    assert_eq!(
+        values(
+            &engineer,
+            "SELECT DISTINCT d.tenant FROM reference.devices d JOIN usable.cold_chain c ON c.device_id = d.device_id",
+        )
+        .await,
+        ["acme"]
+    );
+    assert_eq!(
+        scalar(
+            &engineer,
+            "SELECT count(*) FROM reference.devices WHERE tenant = 'globex'"
+        )
+        .await,
+        0
+    );
+
+    // What cannot be scoped is refused: tables without a tenant column, plans, raw (no tenant
+    // column either) — and writes, for everyone.
+    for (sql, status, code) in [
+        ("SELECT count(*) FROM usable.telemetry", 403, "forbidden"),
+        ("SELECT count(*) FROM final.alerts", 403, "forbidden"),
+        (
+            "EXPLAIN SELECT count(*) FROM usable.cold_chain",
+            403,
+            "forbidden",
+        ),
+        (
+            "EXPLAIN ANALYZE SELECT count(*) FROM usable.cold_chain",
+            403,
+            "forbidden",
+        ),
+        ("SELECT count(*) FROM raw.telemetry", 403, "forbidden"),
+        (
+            "SELECT 1 UNION ALL SELECT count(*) FROM raw.quarantine",
+            403,
+            "forbidden",
+        ),
+        (
+            "WITH r AS (SELECT * FROM \"raw\".\"telemetry\") SELECT count(*) FROM r",
+            403,
+            "forbidden",
+        ),
+        ("SELECT count(*) FROM reference.devices", 403, "forbidden"),
+        ("SELECT count(*) FROM final.audit", 403, "forbidden"),
+        (
+            "COPY (SELECT * FROM usable.cold_chain) TO '/tmp/fleetlake-leak.csv'",
+            400,
+            "read_only",
+        ),
+        (
+            "CREATE TABLE x AS SELECT * FROM usable.cold_chain",
+            400,
+            "read_only",
+        ),
+        ("DROP TABLE usable.cold_chain", 400, "read_only"),
+        ("SET datafusion.execution.batch_size = 1", 400, "read_only"),
+    ] {
+        assert_eq!(
+            refused(&analyst, sql).await,
+            (status, code.to_string()),
+            "{sql}"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/fleetlake-leak.csv").exists());
+    // information_schema lists only what the statement names and may read.
+    assert_eq!(
+        scalar(
+            &analyst,
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema IN ('raw', 'usable', 'final', 'reference')",
+        )
+        .await,
+        0
+    );
+    assert!(
+        values(&analyst, "SELECT count(*) FROM generate_series(1, 3)")
+            .await
+            .contains(&"3".to_string())
+    );
+
+    // An unbound analyst: every tenant, still no raw zone.
+    assert_eq!(
+        scalar(&unbound_analyst, "SELECT count(*) FROM usable.cold_chain").await,
+        acme + globex
+    );
+    assert_eq!(
+        refused(&unbound_analyst, "SELECT * FROM raw.telemetry LIMIT 1").await,
+        (403, "forbidden".into())
+    );
+
+    // The other routes: table listing without counts or raw tables, devices and fleet
+    // endpoints scoped.
+    let (_, tables) = analyst.get("/v1/tables").await;
+    let tables: Value = serde_json::from_str(&tables).unwrap();
+    for t in tables["tables"].as_array().unwrap() {
+        assert!(
+            matches!(t["zone"].as_str(), Some("usable" | "final")),
+            "{t}"
+        );
+        assert!(t["rows"].is_null(), "{t}");
+        assert_ne!(t["table"], "final.audit");
+    }
+    let (status, devices) = analyst.get("/v1/devices?limit=1000").await;
+    assert_eq!(status, 200, "{devices}");
+    let devices: Value = serde_json::from_str(&devices).unwrap();
+    let list = devices["devices"].as_array().unwrap();
+    assert!(!list.is_empty());
+    for d in list {
+        assert_eq!(d["reading"]["tenant"], "acme", "{d}");
+    }
+    let simulator = Simulator::new(sim.clone());
+    let globex_device = (0..sim.devices)
+        .map(|d| simulator.device_info(d))
+        .find(|i| i.tenant == "globex")
+        .unwrap();
+    let (status, _) = admin
+        .get(&format!("/v1/devices/{}", globex_device.device_id))
+        .await;
+    if status == 200 {
+        let (status, _) = analyst
+            .get(&format!("/v1/devices/{}", globex_device.device_id))
+            .await;
+        assert_eq!(status, 404);
+    }
+    let (status, body) = analyst
+        .get("/v1/fleet/root-cause?window=all&tenant=globex")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["rows"].as_array().unwrap().len(), 0, "{body}");
+
+    // Write routes refuse a token without the scope, or bound to a tenant; no token, a wrong
+    // or revoked one is 401.
+    let csv = "device_id,tenant,site,model,hw_rev\nx,acme,s,m,h\n";
+    for (api, method, path, status) in [
+        (&analyst, Method::PUT, "/v1/reference/devices", 403),
+        (&engineer, Method::PUT, "/v1/reference/devices", 403),
+        (&analyst, Method::PUT, "/v1/rules/x", 403),
+        (&engineer, Method::PUT, "/v1/rules/x", 403),
+        (&engineer, Method::DELETE, "/v1/rules/x", 403),
+        (&unbound_analyst, Method::POST, "/v1/tokens", 403),
+        (&engineer, Method::GET, "/v1/tokens", 403),
+        (&analyst, Method::GET, "/v1/pipelines", 403),
+        (&analyst, Method::GET, "/metrics", 403),
+    ] {
+        let r = api
+            .http(method.clone(), format!("{}{path}", api.base))
+            .header("content-type", "text/csv")
+            .body(csv)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+    }
+    let anonymous = admin.with_token(None);
+    let (status, body) = anonymous.query("SELECT 1").await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, json!("unauthorized"))
+    );
+    let (status, _) = admin
+        .with_token(Some("flk_00000000_nope"))
+        .query("SELECT 1")
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = anonymous.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        scalar(
+            &admin,
+            "SELECT count(*) FROM reference.devices WHERE device_id = 'x'"
+        )
+        .await,
+        0
+    );
+
+    // The audit: who created which token, who read raw, from where.
+    let raw_reader = token(
+        &admin,
+        json!({"name": name("raw-reader"), "role": "engineer"}),
+    )
+    .await;
+    assert!(scalar(&raw_reader, "SELECT count(*) FROM raw.telemetry").await > 0);
+    let (_, audit) = admin
+        .query("SELECT actor, role, action, target, address FROM final.audit ORDER BY audit_seq")
+        .await;
+    let rows = audit["rows"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r[0] == "test-admin" && r[2] == "token.create"),
+        "{audit}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r[0] == "test-admin" && r[2] == "reference.replace"),
+        "{audit}"
+    );
+    let raw_read = rows
+        .iter()
+        .find(|r| r[2] == "raw.read")
+        .unwrap_or_else(|| panic!("{audit}"));
+    assert!(raw_read[0].as_str().unwrap().starts_with("raw-reader"));
+    assert_eq!(raw_read[3], "raw.telemetry");
+    assert_eq!(raw_read[4], "127.0.0.1");
+
+    // Revoked: refused at once.
+    let (status, listed) = admin.send(Method::GET, "/v1/tokens", None, "").await;
+    assert_eq!(status, 200);
+    let id = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"].as_str().unwrap().starts_with("raw-reader"))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _) = admin
+        .send(Method::DELETE, &format!("/v1/tokens/{id}"), None, "")
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = raw_reader.query("SELECT 1").await;
+    assert_eq!(status, 401);
+    engine.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_query_limit_answers_its_error_while_ingest_keeps_acknowledging() {
+    let nats = Nats::start().await;
+    let dir = TestDir::new();
+    let lake = dir.path().join("lake").display().to_string();
+    let config = test_config(nats.url(), &lake, &[("query.max_body_kb", "8")]);
+    let (engine, admin, js) = start_engine(&config).await;
+    let heavy = token(
+        &admin,
+        json!({"name": name("heavy"), "role": "analyst",
+               "limits": {"memory_mb": 16, "timeout_s": 2, "max_rows": 100, "max_concurrent": 1}}),
+    )
+    .await;
+    let chatty = token(
+        &admin,
+        json!({"name": name("chatty"), "role": "analyst", "limits": {"rate_per_minute": 3}}),
+    )
+    .await;
+
+    // Ingest runs all along: a fleet publishing 500 messages a second.
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            fleetlake_tests::simulate(
+                &js,
+                SimConfig {
+                    devices: 50,
+                    messages: 15_000,
+                    rate: 500.0,
+                    ..Default::default()
+                },
+            )
+            .await
+        })
+    };
+    let acked = || metric(&admin, "fleetlake_messages_acked_total");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = acked().await;
+
+    // Memory: a grouping into millions of groups needs far more than 16 MiB.
+    let (status, body) = heavy
+        .query("SELECT v % 5000000 AS k, count(*) AS n FROM generate_series(1, 20000000) t(v) GROUP BY k ORDER BY n DESC LIMIT 3")
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("query_memory_limit")),
+        "{body}"
+    );
+    // Time: counting 10^11 rows takes far longer than 2 s; the query is cancelled.
+    let started = std::time::Instant::now();
+    let slow = "SELECT count(*) FROM generate_series(1, 100000000000)";
+    let (status, body) = heavy.query(slow).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (408, Some("query_timeout")),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // Rows: 1,000 rows for a token allowed 100.
+    let (status, body) = heavy.query("SELECT * FROM generate_series(1, 1000)").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("query_row_limit")),
+        "{body}"
+    );
+    assert_eq!(
+        scalar(&heavy, "SELECT count(*) FROM generate_series(1, 1000)").await,
+        1000
+    );
+    // Concurrency: one at a time for this token; a second while the first runs gets 429.
+    let running = {
+        let heavy = heavy.clone();
+        tokio::spawn(async move { heavy.query(slow).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = heavy.query("SELECT 1").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("too_many_concurrent_queries")),
+        "{body}"
+    );
+    assert_eq!(running.await.unwrap().0, 408);
+    // Rate: three a minute.
+    for _ in 0..3 {
+        assert_eq!(scalar(&chatty, "SELECT 1").await, 1);
+    }
+    let r = chatty
+        .http(Method::POST, format!("{}/v1/query", chatty.base))
+        .json(&json!({"sql": "SELECT 1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    // Body size: more than 8 KiB.
+    let long = format!("SELECT 1 -- {}", "x".repeat(10_000));
+    let (status, body) = admin.query(&long).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("body_too_large")),
+        "{body}"
+    );
+
+    // Ingest acknowledged messages meanwhile, and lands every one.
+    let after = acked().await;
+    assert!(
+        after > before,
+        "acked {before} before the queries, {after} after"
+    );
+    let report = publisher.await.unwrap();
+    admin.wait_acked(report.total).await;
+    assert_eq!(
+        scalar(&admin, "SELECT count(*) FROM raw.telemetry").await,
+        report.total as i64
+    );
+    engine.shutdown().await.expect("clean shutdown");
+}
