@@ -797,7 +797,7 @@ mod tests {
         assert_eq!(busy.code, "too_many_concurrent_queries");
         drop(permit);
         // The rate: 3 a minute, two used above.
-        auth.admit(&p).unwrap();
+        let _permit = auth.admit(&p).unwrap();
         let limited = auth.admit(&p).unwrap_err();
         assert_eq!(limited.code, "rate_limited");
         assert_eq!(limited.status.as_u16(), 429);
@@ -806,6 +806,6 @@ mod tests {
             id: "b".into(),
             ..p.clone()
         };
-        auth.admit(&q).unwrap();
+        let _other = auth.admit(&q).unwrap();
     }
 }

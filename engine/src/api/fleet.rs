@@ -383,7 +383,7 @@ pub async fn outliers(
     // One admission for the request's two statements (its columns, then the answer).
     let _permit = match crate::api::admit(&state, &caller) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let defaults = state.fleet.clone();
     let own = ["metric", "by", "stat", "threshold", "min_cohort", "all"];
@@ -477,7 +477,7 @@ pub async fn root_cause(
     // One admission for the request's two statements (its columns, then the answer).
     let _permit = match crate::api::admit(&state, &caller) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let defaults = state.fleet.clone();
     let own = ["event", "dimensions", "min_devices"];

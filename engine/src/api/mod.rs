@@ -257,8 +257,11 @@ pub(crate) fn denied(d: Denied) -> Response {
 pub(crate) fn admit(
     state: &AppState,
     caller: &Caller,
-) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
-    state.auth.admit(&caller.principal).map_err(denied)
+) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
+    state
+        .auth
+        .admit(&caller.principal)
+        .map_err(|d| Box::new(denied(d)))
 }
 
 /// Runs `sql` for an admitted `caller`: a statement naming a raw-zone table is recorded in
@@ -390,7 +393,7 @@ async fn query(
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let _permit = match admit(&state, &caller) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match execute(&state, &caller, request.sql).await {
         Ok(result) => match format.encode(&result) {
@@ -661,13 +664,13 @@ async fn delete_rule(
     }
 }
 
-fn tokens_of(state: &AppState) -> Result<&auth::Tokens, Response> {
+fn tokens_of(state: &AppState) -> Result<&auth::Tokens, Box<Response>> {
     state.auth.tokens.as_ref().ok_or_else(|| {
-        error_response(
+        Box::new(error_response(
             StatusCode::NOT_FOUND,
             "auth_disabled",
             "authentication is off (auth.enabled = false): there are no tokens to manage",
-        )
+        ))
     })
 }
 
@@ -678,7 +681,7 @@ async fn list_tokens(State(state): State<AppState>) -> Response {
             "tokens": tokens.list().iter().map(auth::TokenRecord::public_json).collect::<Vec<_>>()
         }))
         .into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -701,7 +704,7 @@ async fn create_token(
     }
     let tokens = match tokens_of(&state) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let request: Request = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -748,7 +751,7 @@ async fn revoke_token(
 ) -> Response {
     let tokens = match tokens_of(&state) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !tokens.list().iter().any(|r| r.id == id || r.name == id) {
         return error_response(
