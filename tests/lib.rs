@@ -72,6 +72,9 @@ pub fn test_config(
         ("http.listen", "127.0.0.1:0"),
         ("ingest.commit_interval_ms", "200"),
         ("auth.tokens_file", tokens_file.as_str()),
+        // Tests poll the API quickly with one token; the limits' own test sets its tokens'.
+        ("query.rate_per_minute", "0"),
+        ("query.max_concurrent", "64"),
     ]
     .iter()
     .chain(extra)
@@ -904,6 +907,8 @@ impl EngineProcess {
             .envs(env.iter().cloned())
             .env("FLEETLAKE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("FLEETLAKE_AUTH_TOKENS_FILE", &test_tokens().0)
+            .env("FLEETLAKE_QUERY_RATE_PER_MINUTE", "0")
+            .env("FLEETLAKE_QUERY_MAX_CONCURRENT", "64")
             .env(
                 "FLEETLAKE_LOG",
                 "warn,fleetlake=info,deltalake_core::writer::stats=error",

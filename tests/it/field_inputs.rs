@@ -445,11 +445,13 @@ async fn no_query_takes_the_engine_down() {
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("too"), "{body}");
     }
-    // A body beyond the limit (2 MiB) is refused with 413. One byte over, so the server reads
-    // all of it and its answer is not lost to a reset of a connection with unread data.
-    let body = vec![b' '; 2 * 1024 * 1024 + 1];
+    // A body beyond the limit (query.max_body_kb, 1 MiB) is refused with 413. One byte over,
+    // so the server reads all of it and its answer is not lost to a reset of a connection with
+    // unread data.
+    let body = vec![b' '; 1024 * 1024 + 1];
     let head = format!(
-        "POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        fleetlake_tests::test_tokens().1,
         body.len()
     );
     let addr = engine.api.base.trim_start_matches("http://").to_string();

@@ -90,7 +90,7 @@ async fn user_and_password() {
 
 /// A certificate authority, a server certificate for 127.0.0.1 and a client certificate, all
 /// written as PEM files into `dir`.
-fn certificates(dir: &Path) {
+pub(crate) fn certificates(dir: &Path) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();

@@ -167,6 +167,11 @@ impl Tokens {
                 return;
             }
         }
+        self.reload_if_changed();
+    }
+
+    /// Reads the file again now if its modification time changed.
+    fn reload_if_changed(&self) {
         let mut loaded = self.loaded.write().expect("tokens lock");
         loaded.checked = Instant::now();
         let modified = std::fs::metadata(&self.path)
@@ -186,17 +191,26 @@ impl Tokens {
 
     /// The record of `presented`, if it is a valid token. Every stored hash is compared, in
     /// constant time, so the time taken says nothing about which or how much matched.
+    ///
+    /// A token not found in the cache is looked for again after checking the file, so a token
+    /// just created by another process (the CLI, another instance) works at once.
     pub fn authenticate(&self, presented: &str) -> Option<TokenRecord> {
         self.refresh();
         let hash = sha256_hex(presented);
-        let loaded = self.loaded.read().expect("tokens lock");
-        let mut found = None;
-        for record in &loaded.records {
-            if bool::from(record.sha256.as_bytes().ct_eq(hash.as_bytes())) {
-                found = Some(record.clone());
+        let find = || {
+            let loaded = self.loaded.read().expect("tokens lock");
+            let mut found = None;
+            for record in &loaded.records {
+                if bool::from(record.sha256.as_bytes().ct_eq(hash.as_bytes())) {
+                    found = Some(record.clone());
+                }
             }
-        }
-        found
+            found
+        };
+        find().or_else(|| {
+            self.reload_if_changed();
+            find()
+        })
     }
 
     pub fn list(&self) -> Vec<TokenRecord> {
@@ -764,6 +778,11 @@ mod tests {
         // The first handle notices the change within a second.
         std::thread::sleep(RELOAD_EVERY + Duration::from_millis(50));
         assert!(tokens.authenticate(&secret).is_none());
+        // A token made by another process works at once, without waiting for a reload.
+        let (_, fresh) = again
+            .create("fresh", Role::Engineer, vec![], "t", TokenLimits::default())
+            .unwrap();
+        assert_eq!(tokens.authenticate(&fresh).unwrap().name, "fresh");
     }
 
     #[test]
