@@ -378,10 +378,20 @@ pub const KEYS: &[Key] = &[
     },
 ];
 
-/// The resolved configuration.
-#[derive(Debug, Clone)]
+/// The resolved configuration. `Debug` shows secrets as `<redacted>` ([`redacted`]).
+#[derive(Clone)]
 pub struct Config {
     values: HashMap<&'static str, String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut map = f.debug_map();
+        for key in KEYS {
+            map.entry(&key.name, &redacted(key.name, self.get(key.name)));
+        }
+        map.finish()
+    }
 }
 
 /// A configuration mistake: which key, what was wrong, what was expected.
@@ -977,6 +987,61 @@ fn env_to_key(rest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_never_shown() {
+        let flags: Vec<(String, String)> = [
+            ("nats.password", "hunter2-pw"),
+            ("nats.token", "tok-secret"),
+            ("nats.nkey_seed", "SUSECRETSEED"),
+            (
+                "nats.url",
+                "nats://u:url-secret@127.0.0.1:4222,nats://tok-in-url@127.0.0.2:4222",
+            ),
+            (
+                "alerts.alertmanager_url",
+                "http://am:am-secret@127.0.0.1:9093",
+            ),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config = Config::load(None, Vec::new(), &flags).unwrap();
+        let lake = config.lake(vec![
+            (
+                "AWS_SECRET_ACCESS_KEY".to_string(),
+                "aws-secret".to_string(),
+            ),
+            ("AWS_SESSION_TOKEN".to_string(), "aws-session".to_string()),
+        ]);
+        let shown = format!(
+            "{}\n{config:?}\n{lake:?}\n{:?}",
+            config.describe(),
+            config.nats(),
+        );
+        for secret in [
+            "hunter2-pw",
+            "tok-secret",
+            "SUSECRETSEED",
+            "url-secret",
+            "tok-in-url",
+            "am-secret",
+            "aws-secret",
+            "aws-session",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown:\n{shown}");
+        }
+        assert!(shown.contains("127.0.0.2"), "{shown}");
+        // A bad value of a secret key is not echoed either.
+        let err = Config::load(
+            None,
+            Vec::new(),
+            &[("nats.nkey_seed".to_string(), "not-a-seed-xyz".to_string())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("not-a-seed-xyz"), "{err}");
+    }
 
     #[test]
     fn layers_apply_in_order_and_unknown_keys_are_named() {

@@ -85,7 +85,14 @@ impl Access {
                 zones.join(", ")
             )));
         }
-        if self.hidden.contains(id) {
+        // Compared without case: on a case-insensitive file system final."AUDIT" is the same
+        // folder as final.audit.
+        let name = id.to_string().to_lowercase();
+        if self
+            .hidden
+            .iter()
+            .any(|h| h.to_string().to_lowercase() == name)
+        {
             return Err(Error::Forbidden(format!(
                 "{id}: {} may not read this table",
                 self.who
@@ -105,7 +112,11 @@ impl Access {
         let Some(tenants) = &self.tenants else {
             return Ok(provider);
         };
-        if self.tenant_free.contains(id) {
+        if self
+            .tenant_free
+            .iter()
+            .any(|t| t.to_string().eq_ignore_ascii_case(&id.to_string()))
+        {
             return Ok(provider);
         }
         let Ok(column) = provider.schema().index_of(&self.tenant_column) else {
@@ -181,7 +192,8 @@ impl TableProvider for TenantScoped {
             .await?;
         let df_schema = DFSchema::try_from(scan.schema().as_ref().clone())?;
         let physical = state.create_physical_expr(predicate, &df_schema)?;
-        let filtered: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(physical, scan)?);
+        let filtered: Arc<dyn ExecutionPlan> =
+            Arc::new(FilterExec::try_new(physical, Arc::clone(&scan))?);
         let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = wanted
             .iter()
             .map(|&i| {

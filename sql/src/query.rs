@@ -155,10 +155,21 @@ impl QueryEngine {
         };
         let mut stream = frame.execute_stream().await.map_err(executed)?;
         let mut batches = Vec::new();
-        let mut rows = 0usize;
+        let (mut rows, mut bytes) = (0usize, 0usize);
         while let Some(batch) = futures::StreamExt::next(&mut stream).await {
             let batch = batch.map_err(executed)?;
             rows += batch.num_rows();
+            // The answer is held in memory too: it counts against the same limit.
+            bytes += batch.get_array_memory_size();
+            if let Some(max) = access.memory_limit
+                && bytes > max
+            {
+                return Err(Error::MemoryLimit(format!(
+                    "the answer takes more than the {} MiB of memory {} may use: add a LIMIT, select fewer columns, or aggregate",
+                    max / (1024 * 1024),
+                    access.who
+                )));
+            }
             if let Some(max) = access.max_rows
                 && rows > max
             {
@@ -188,6 +199,13 @@ impl QueryEngine {
             return Ok(());
         };
         access.check_table(&id)?;
+        // The same table named twice (usable.x and datafusion.usable.x) is registered once.
+        if ctx
+            .table_exist(TableReference::partial(zone, table))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
         if let Some(provider) = self.live.as_ref().and_then(|l| l.provider(&id)) {
             ctx.register_table(
                 TableReference::partial(zone, table),

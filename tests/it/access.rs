@@ -142,6 +142,15 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
     ] {
         assert_eq!(scalar(&analyst, &sql).await, acme, "{sql}");
     }
+    // One table named two ways in one statement.
+    assert_eq!(
+        scalar(
+            &analyst,
+            "SELECT (SELECT count(*) FROM usable.cold_chain) + (SELECT count(*) FROM datafusion.usable.cold_chain)",
+        )
+        .await,
+        2 * acme
+    );
     for sql in [
         "SELECT count(*) FROM usable.cold_chain WHERE tenant <> 'acme'",
         "SELECT count(*) FROM usable.cold_chain WHERE tenant = 'globex' OR tenant IS NULL",
@@ -217,6 +226,8 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
         ),
         ("SELECT count(*) FROM reference.devices", 403, "forbidden"),
         ("SELECT count(*) FROM final.audit", 403, "forbidden"),
+        ("SELECT count(*) FROM final.\"AUDIT\"", 403, "forbidden"),
+        ("SELECT count(*) FROM final.rule_audit", 403, "forbidden"),
         (
             "COPY (SELECT * FROM usable.cold_chain) TO '/tmp/fleetlake-leak.csv'",
             400,
@@ -314,6 +325,9 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
         (&engineer, Method::DELETE, "/v1/rules/x", 403),
         (&unbound_analyst, Method::POST, "/v1/tokens", 403),
         (&engineer, Method::GET, "/v1/tokens", 403),
+        (&engineer, Method::GET, "/v1/rules", 403),
+        (&engineer, Method::GET, "/v1/pipelines", 403),
+        (&engineer, Method::GET, "/metrics", 403),
         (&analyst, Method::GET, "/v1/pipelines", 403),
         (&analyst, Method::GET, "/metrics", 403),
     ] {
@@ -456,6 +470,15 @@ async fn each_query_limit_answers_its_error_while_ingest_keeps_acknowledging() {
         "{body}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+    // The answer's own memory counts too: 50 rows of a megabyte each.
+    let (status, body) = heavy
+        .query("SELECT v, repeat('x', 1000000) AS big FROM generate_series(1, 50) t(v)")
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("query_memory_limit")),
+        "{body}"
+    );
     // Rows: 1,000 rows for a token allowed 100.
     let (status, body) = heavy.query("SELECT * FROM generate_series(1, 1000)").await;
     assert_eq!(

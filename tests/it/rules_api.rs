@@ -110,11 +110,14 @@ async fn start(rules: &[(&str, String)]) -> (Setup, EngineProcess) {
 /// `api` as the engineer `author` (a token of that name, created once per test process;
 /// the author recorded in final.rule_audit is the token's name), or with no token at all.
 async fn as_author(api: &Api, author: Option<&str>) -> Api {
-    static TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    // Held while a token is made, so that two tests never both make "alice".
+    static TOKENS: tokio::sync::Mutex<Vec<(String, String)>> =
+        tokio::sync::Mutex::const_new(Vec::new());
     let Some(author) = author else {
         return api.with_token(None);
     };
-    if let Some((_, t)) = TOKENS.lock().unwrap().iter().find(|(a, _)| a == author) {
+    let mut tokens = TOKENS.lock().await;
+    if let Some((_, t)) = tokens.iter().find(|(a, _)| a == author) {
         return api.with_token(Some(t));
     }
     let (status, created) = api
@@ -127,10 +130,7 @@ async fn as_author(api: &Api, author: Option<&str>) -> Api {
         .await;
     assert_eq!(status, 201, "{created}");
     let token = created["token"].as_str().unwrap().to_string();
-    TOKENS
-        .lock()
-        .unwrap()
-        .push((author.to_string(), token.clone()));
+    tokens.push((author.to_string(), token.clone()));
     api.with_token(Some(&token))
 }
 

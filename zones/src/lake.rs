@@ -21,8 +21,8 @@ use url::Url;
 use crate::schema::TableId;
 use crate::{Error, Result};
 
-/// Where the lake is and how to reach it.
-#[derive(Debug, Clone, Default)]
+/// Where the lake is and how to reach it. `Debug` hides secret options.
+#[derive(Clone, Default)]
 pub struct LakeConfig {
     /// `file:///abs/path`, a relative or absolute folder, or `s3://bucket/prefix`.
     pub location: String,
@@ -30,11 +30,44 @@ pub struct LakeConfig {
     pub storage_options: HashMap<String, String>,
 }
 
-/// The lakehouse root: opens and creates the zone tables.
-#[derive(Debug, Clone)]
+/// The lakehouse root: opens and creates the zone tables. `Debug` hides secret options.
+#[derive(Clone)]
 pub struct Lake {
     root: Url,
     storage_options: HashMap<String, String>,
+}
+
+/// Storage options as they may be shown: the value of any option whose name holds `SECRET`,
+/// `TOKEN`, `PASSWORD` or `SESSION` is `<redacted>`.
+fn shown_options(options: &HashMap<String, String>) -> std::collections::BTreeMap<&str, &str> {
+    options
+        .iter()
+        .map(|(k, v)| {
+            let upper = k.to_uppercase();
+            let secret = ["SECRET", "TOKEN", "PASSWORD", "SESSION"]
+                .iter()
+                .any(|s| upper.contains(s));
+            (k.as_str(), if secret { "<redacted>" } else { v.as_str() })
+        })
+        .collect()
+}
+
+impl std::fmt::Debug for LakeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeConfig")
+            .field("location", &self.location)
+            .field("storage_options", &shown_options(&self.storage_options))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Lake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lake")
+            .field("root", &self.root.as_str())
+            .field("storage_options", &shown_options(&self.storage_options))
+            .finish()
+    }
 }
 
 /// What one table holds, as `GET /v1/tables` reports it.

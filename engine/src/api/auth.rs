@@ -108,7 +108,8 @@ struct TokensFile {
 
 struct Loaded {
     records: Vec<TokenRecord>,
-    modified: Option<SystemTime>,
+    /// Modification time and length of the file as last read.
+    modified: Option<(SystemTime, u64)>,
     checked: Instant,
 }
 
@@ -170,13 +171,14 @@ impl Tokens {
         self.reload_if_changed();
     }
 
-    /// Reads the file again now if its modification time changed.
+    /// Reads the file again now if its modification time or length changed.
     fn reload_if_changed(&self) {
+        let modified = stamp(&self.path);
+        if self.loaded.read().expect("tokens lock").modified == modified {
+            return;
+        }
         let mut loaded = self.loaded.write().expect("tokens lock");
         loaded.checked = Instant::now();
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
         if modified == loaded.modified {
             return;
         }
@@ -185,7 +187,13 @@ impl Tokens {
                 loaded.records = records;
                 loaded.modified = modified;
             }
-            Err(e) => tracing::error!("keeping the tokens last read: {e}"),
+            Err(e) => {
+                // Fail closed: a revocation typed into a broken file must not leave the token
+                // working. Every token is refused until the file reads again.
+                tracing::error!("refusing every token until the tokens file reads again: {e}");
+                loaded.records.clear();
+                loaded.modified = modified;
+            }
         }
     }
 
@@ -244,17 +252,26 @@ impl Tokens {
                 "token name {name:?}: expected 1 to 100 letters, digits, '-', '_', '.' or '@'"
             ));
         }
+        if name.len() == 8 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "token name {name:?} looks like a token id (8 hex digits): choose another, so that revoking by id is never ambiguous"
+            ));
+        }
         if let Some(t) = tenants.iter().find(|t| t.trim().is_empty()) {
             return Err(format!("tenant {t:?}: expected a tenant name"));
         }
         let _guard = self.write.lock().expect("tokens write lock");
+        let _file_lock = self.lock_file()?;
         let (mut records, _) = read_file(&self.path)?;
         if records.iter().any(|r| r.name == name) {
             return Err(format!(
                 "a token named {name:?} exists already: revoke it first, or choose another name"
             ));
         }
-        let id = random_hex(4)?;
+        let mut id = random_hex(4)?;
+        while records.iter().any(|r| r.id == id) {
+            id = random_hex(4)?;
+        }
         let secret = format!("flk_{id}_{}", random_hex(32)?);
         let record = TokenRecord {
             id,
@@ -272,18 +289,39 @@ impl Tokens {
     }
 
     /// Removes the token with this id (or name); `None` if there is none.
+    /// An id is matched before a name.
     pub fn revoke(&self, id_or_name: &str) -> Result<Option<TokenRecord>, String> {
         let _guard = self.write.lock().expect("tokens write lock");
+        let _file_lock = self.lock_file()?;
         let (mut records, _) = read_file(&self.path)?;
         let Some(at) = records
             .iter()
-            .position(|r| r.id == id_or_name || r.name == id_or_name)
+            .position(|r| r.id == id_or_name)
+            .or_else(|| records.iter().position(|r| r.name == id_or_name))
         else {
             return Ok(None);
         };
         let removed = records.remove(at);
         self.store(records)?;
         Ok(Some(removed))
+    }
+
+    /// An exclusive lock on `<file>.lock`, held while the file is read, changed and written, so
+    /// that two processes (the CLI and a server) never lose each other's changes.
+    fn lock_file(&self) -> Result<std::fs::File, String> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        let path = self.path.with_extension("toml.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        file.lock()
+            .map_err(|e| format!("locking {}: {e}", path.display()))?;
+        Ok(file)
     }
 
     /// Writes the file (a temporary file renamed over it, mode 0600) and the cache.
@@ -298,7 +336,9 @@ impl Tokens {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
-        let tmp = self.path.with_extension("toml.tmp");
+        let tmp = self
+            .path
+            .with_extension(format!("toml.{}.tmp", std::process::id()));
         {
             use std::io::Write;
             let mut options = std::fs::OpenOptions::new();
@@ -316,21 +356,27 @@ impl Tokens {
             .map_err(|e| format!("replacing {}: {e}", self.path.display()))?;
         let mut loaded = self.loaded.write().expect("tokens lock");
         loaded.records = records;
-        loaded.modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
+        loaded.modified = stamp(&self.path);
         loaded.checked = Instant::now();
         Ok(())
     }
 }
 
-fn read_file(path: &Path) -> Result<(Vec<TokenRecord>, Option<SystemTime>), String> {
+/// The file's modification time and length (`None` if it does not exist).
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+type FileContents = (Vec<TokenRecord>, Option<(SystemTime, u64)>);
+
+fn read_file(path: &Path) -> Result<FileContents, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
         Err(e) => return Err(format!("reading the tokens file {}: {e}", path.display())),
     };
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let modified = stamp(path);
     let file: TokensFile = toml::from_str(&text).map_err(|e| {
         format!(
             "the tokens file {} is not a list of [[token]] tables (id, name, role, tenants, sha256, created_at, created_by): {e}",
@@ -354,7 +400,7 @@ pub enum Requirement {
 /// Every route and what it requires: the middleware's table, also printed in the README.
 pub const ROUTES: &[(&str, &str, Requirement)] = &[
     ("GET", "/healthz", Requirement::Public),
-    ("GET", "/metrics", Requirement::Role(Role::Engineer)),
+    ("GET", "/metrics", Requirement::Unbound(Role::Engineer)),
     ("POST", "/v1/query", Requirement::Role(Role::Analyst)),
     ("GET", "/v1/tables", Requirement::Role(Role::Analyst)),
     ("GET", "/v1/devices", Requirement::Role(Role::Analyst)),
@@ -369,9 +415,14 @@ pub const ROUTES: &[(&str, &str, Requirement)] = &[
         "/v1/fleet/root-cause",
         Requirement::Role(Role::Analyst),
     ),
-    ("GET", "/v1/pipelines", Requirement::Role(Role::Engineer)),
-    ("GET", "/v1/rules", Requirement::Role(Role::Engineer)),
-    ("GET", "/v1/rules/{name}", Requirement::Role(Role::Engineer)),
+    // Fleet-wide counters and rule texts: not for a token bound to tenants.
+    ("GET", "/v1/pipelines", Requirement::Unbound(Role::Engineer)),
+    ("GET", "/v1/rules", Requirement::Unbound(Role::Engineer)),
+    (
+        "GET",
+        "/v1/rules/{name}",
+        Requirement::Unbound(Role::Engineer),
+    ),
     (
         "PUT",
         "/v1/rules/{name}",
@@ -677,10 +728,14 @@ impl Auth {
             Role::Analyst => vec![Zone::Usable, Zone::Final],
             Role::Engineer | Role::Admin => Zone::ALL.to_vec(),
         };
-        let hidden = if principal.role == Role::Admin {
-            Vec::new()
-        } else {
-            vec![crate::api::audit::audit_table()]
+        // The audit is the admins'; the rules' audit (rule texts and authors) the engineers'.
+        let hidden = match principal.role {
+            Role::Admin => Vec::new(),
+            Role::Engineer => vec![crate::api::audit::audit_table()],
+            Role::Analyst => vec![
+                crate::api::audit::audit_table(),
+                crate::api::rules::audit_table(),
+            ],
         };
         fleetlake_sql::access::Access {
             who: principal.describe(),
@@ -705,7 +760,7 @@ mod tests {
         assert_eq!(requirement(&get, "/healthz", false), Requirement::Public);
         assert_eq!(
             requirement(&get, "/metrics", false),
-            Requirement::Role(Role::Engineer)
+            Requirement::Unbound(Role::Engineer)
         );
         assert_eq!(requirement(&get, "/metrics", true), Requirement::Public);
         assert_eq!(
@@ -714,7 +769,7 @@ mod tests {
         );
         assert_eq!(
             requirement(&get, "/v1/rules/hot", false),
-            Requirement::Role(Role::Engineer)
+            Requirement::Unbound(Role::Engineer)
         );
         assert_eq!(
             requirement(&Method::DELETE, "/v1/tokens/ab12cd34", false),
@@ -769,6 +824,13 @@ mod tests {
             tokens
                 .create("bad name", Role::Admin, vec![], "t", TokenLimits::default())
                 .is_err()
+        );
+        // A name shaped like an id would make revoking by id ambiguous.
+        assert!(
+            tokens
+                .create("ab12cd34", Role::Admin, vec![], "t", TokenLimits::default())
+                .unwrap_err()
+                .contains("looks like a token id")
         );
         // Another process (the CLI) sees the same file.
         let again = Tokens::open(&path).unwrap();

@@ -74,6 +74,10 @@ pub async fn device(
         Ok(Path(id)) => id,
         Err(e) => return bad(format!("the device id in the path: {e}")),
     };
+    let _admission = match crate::api::admit(&state, &caller) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
     let Some(devices) = &state.devices else {
         return not_ingesting();
     };
@@ -107,6 +111,10 @@ pub async fn devices(
     axum::Extension(caller): axum::Extension<crate::api::auth::Caller>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
+    let _admission = match crate::api::admit(&state, &caller) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
     let Some(devices) = &state.devices else {
         return not_ingesting();
     };

@@ -285,10 +285,16 @@ const ROOT_CAUSE_COLUMNS: &[&str] = &[
 async fn columns(
     state: &AppState,
     caller: &Caller,
+    admission: &crate::api::Admission,
     table: &TableId,
 ) -> Result<Vec<(String, arrow::datatypes::DataType)>, Response> {
-    let result =
-        crate::api::execute(state, caller, format!("SELECT * FROM {table} LIMIT 0")).await?;
+    let result = crate::api::execute(
+        state,
+        caller,
+        admission,
+        format!("SELECT * FROM {table} LIMIT 0"),
+    )
+    .await?;
     Ok(result
         .schema
         .fields()
@@ -320,12 +326,13 @@ fn first_rows(result: QueryResult, limit: usize) -> QueryResult {
 async fn answer(
     state: &AppState,
     caller: &Caller,
+    admission: &crate::api::Admission,
     headers: &HeaderMap,
     sql: String,
     limit: u64,
     offset: u64,
 ) -> Response {
-    let result = match crate::api::execute(state, caller, sql.clone()).await {
+    let result = match crate::api::execute(state, caller, admission, sql.clone()).await {
         Ok(r) => r,
         Err(response) => return response,
     };
@@ -381,7 +388,7 @@ pub async fn outliers(
     Query(params): Query<Params>,
 ) -> Response {
     // One admission for the request's two statements (its columns, then the answer).
-    let _permit = match crate::api::admit(&state, &caller) {
+    let admission = match crate::api::admit(&state, &caller) {
         Ok(p) => p,
         Err(r) => return *r,
     };
@@ -395,7 +402,7 @@ pub async fn outliers(
         Ok(q) => q,
         Err(e) => return bad(e),
     };
-    let columns = match columns(&state, &caller, &query.scope.table).await {
+    let columns = match columns(&state, &caller, &admission, &query.scope.table).await {
         Ok(c) => c,
         Err(response) => return response,
     };
@@ -419,6 +426,7 @@ pub async fn outliers(
     answer(
         &state,
         &caller,
+        &admission,
         &headers,
         query.sql(),
         query.limit,
@@ -475,7 +483,7 @@ pub async fn root_cause(
     Query(params): Query<Params>,
 ) -> Response {
     // One admission for the request's two statements (its columns, then the answer).
-    let _permit = match crate::api::admit(&state, &caller) {
+    let admission = match crate::api::admit(&state, &caller) {
         Ok(p) => p,
         Err(r) => return *r,
     };
@@ -504,7 +512,7 @@ pub async fn root_cause(
         Ok(n) => n,
         Err(e) => return bad(e),
     };
-    let columns = match columns(&state, &caller, &scope.table).await {
+    let columns = match columns(&state, &caller, &admission, &scope.table).await {
         Ok(c) => c,
         Err(response) => return response,
     };
@@ -544,5 +552,14 @@ pub async fn root_cause(
         limit,
         offset,
     };
-    answer(&state, &caller, &headers, query.sql(), limit, offset).await
+    answer(
+        &state,
+        &caller,
+        &admission,
+        &headers,
+        query.sql(),
+        limit,
+        offset,
+    )
+    .await
 }

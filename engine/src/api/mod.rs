@@ -254,15 +254,17 @@ pub(crate) fn denied(d: Denied) -> Response {
 
 /// Admits one query of `caller` (rate and concurrency limits); the permit is held until it
 /// is answered.
-pub(crate) fn admit(
-    state: &AppState,
-    caller: &Caller,
-) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
+pub(crate) fn admit(state: &AppState, caller: &Caller) -> Result<Admission, Box<Response>> {
     state
         .auth
         .admit(&caller.principal)
+        .map(Arc::new)
         .map_err(|d| Box::new(denied(d)))
 }
+
+/// An admitted query's place among its token's concurrent queries: released when the request
+/// has been answered and every query it started has really ended (a cancelled one included).
+pub(crate) type Admission = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 /// Runs `sql` for an admitted `caller`: a statement naming a raw-zone table is recorded in
 /// `final.audit` first; the query runs on the query runtime with the caller's access and is
@@ -270,6 +272,7 @@ pub(crate) fn admit(
 pub(crate) async fn execute(
     state: &AppState,
     caller: &Caller,
+    admission: &Admission,
     sql: String,
 ) -> Result<QueryResult, Response> {
     let access = state.auth.access(&caller.principal);
@@ -298,7 +301,13 @@ pub(crate) async fn execute(
         }
     }
     let timeout = caller.principal.limits.timeout;
-    let mut running = state.queries.spawn(state.lake.query(sql, access));
+    let held = Arc::clone(admission);
+    let query = state.lake.query(sql, access);
+    let mut running = state.queries.spawn(async move {
+        let answer = query.await;
+        drop(held);
+        answer
+    });
     match tokio::time::timeout(timeout, &mut running).await {
         Ok(Ok(Ok(result))) => Ok(result),
         Ok(Ok(Err(e))) => Err(sql_error(&e)),
@@ -391,11 +400,11 @@ async fn query(
         }
     };
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let _permit = match admit(&state, &caller) {
+    let admission = match admit(&state, &caller) {
         Ok(p) => p,
         Err(r) => return *r,
     };
-    match execute(&state, &caller, request.sql).await {
+    match execute(&state, &caller, &admission, request.sql).await {
         Ok(result) => match format.encode(&result) {
             Ok(body) => (
                 StatusCode::OK,
@@ -497,6 +506,11 @@ async fn tables(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
 ) -> Response {
+    // Reading every table's log is work: it counts as a query.
+    let _admission = match admit(&state, &caller) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
     let access = state.auth.access(&caller.principal);
     match state.lake.tables().await {
         Ok(tables) => {

@@ -246,7 +246,7 @@ async fn deliver(
                     pending.len(),
                     text.trim()
                 );
-                tracing::error!(%reason, endpoint, "Alertmanager delivery");
+                tracing::error!(%reason, endpoint = %crate::config::redact_url(&endpoint), "Alertmanager delivery");
                 metrics.alertmanager_errors.fetch_add(1, Ordering::Relaxed);
                 metrics.set_last_error("alertmanager", &reason);
                 pending.clear();
@@ -257,7 +257,12 @@ async fn deliver(
                 let text = r.text().await.unwrap_or_default();
                 Some(format!("Alertmanager answered {status}: {}", text.trim()))
             }
-            Err(e) => Some(format!("sending alerts to Alertmanager: {e}")),
+            // Without the URL, which may hold a password (http://user:secret@host).
+            Err(e) => Some(format!(
+                "sending alerts to Alertmanager at {}: {}",
+                crate::config::redact_url(&endpoint),
+                e.without_url()
+            )),
         };
         match failure {
             None => {
@@ -268,7 +273,7 @@ async fn deliver(
                 backoff = Backoff::new();
             }
             Some(reason) => {
-                tracing::warn!(%reason, endpoint, "Alertmanager delivery failed; retrying");
+                tracing::warn!(%reason, endpoint = %crate::config::redact_url(&endpoint), "Alertmanager delivery failed; retrying");
                 metrics.alertmanager_errors.fetch_add(1, Ordering::Relaxed);
                 metrics.set_last_error("alertmanager", &reason);
                 if !open {

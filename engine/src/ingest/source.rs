@@ -80,7 +80,8 @@ impl NatsConnection {
     /// percent-decoded.
     fn url_credentials(&self) -> (Option<String>, Option<String>) {
         let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            // Percent-decoding: a '+' stays a '+' (form decoding would make it a space).
+            url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
                 .next()
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_default()
