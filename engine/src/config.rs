@@ -577,20 +577,17 @@ impl Config {
                     Err(bad("a NATS URL such as nats://127.0.0.1:4222"))
                 }
             }
-            "nats.tls_cert" | "nats.tls_key" => {
-                let (cert, key) = (self.get("nats.tls_cert"), self.get("nats.tls_key"));
-                if cert.is_empty() == key.is_empty() || origin != "configuration" {
+            // A certificate and its key come together; checked once every layer is applied.
+            "nats.tls_cert" | "nats.tls_key" | "http.tls_cert" | "http.tls_key" => {
+                let section = key.split('.').next().unwrap_or_default();
+                let cert = self.get(&format!("{section}.tls_cert"));
+                let tls_key = self.get(&format!("{section}.tls_key"));
+                if cert.is_empty() == tls_key.is_empty() || origin != "configuration" {
                     Ok(())
-                } else {
+                } else if section == "nats" {
                     Err(bad(
                         "nats.tls_cert and nats.tls_key both set (mutual TLS) or both empty",
                     ))
-                }
-            }
-            "http.tls_cert" | "http.tls_key" => {
-                let (cert, key) = (self.get("http.tls_cert"), self.get("http.tls_key"));
-                if cert.is_empty() == key.is_empty() || origin != "configuration" {
-                    Ok(())
                 } else {
                     Err(bad(
                         "http.tls_cert and http.tls_key both set (HTTPS) or both empty",
