@@ -463,9 +463,17 @@ impl Config {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+        // toml's message quotes the offending line, which may hold a secret: only where and
+        // what kind of mistake.
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            file_error(match line {
+                Some(line) => format!("not valid TOML at line {line}: {}", e.message()),
+                None => format!("not valid TOML: {}", e.message()),
+            })
+        })?;
         let origin = path.display().to_string();
         for (section, body) in &table {
             let toml::Value::Table(body) = body else {
@@ -571,7 +579,7 @@ impl Config {
                 .map(|_| ())
                 .map_err(|_| bad("an address such as 127.0.0.1:8080")),
             "nats.url" => {
-                if value.contains("://") || !value.is_empty() {
+                if !value.trim().is_empty() {
                     Ok(())
                 } else {
                     Err(bad("a NATS URL such as nats://127.0.0.1:4222"))
@@ -952,10 +960,16 @@ pub fn redacted(key: &str, value: &str) -> String {
 }
 
 /// A URL (or comma-separated URLs) with any password in its user part replaced by `<redacted>`;
-/// other text is returned as it is.
+/// other text is returned as it is. A URL that does not parse loses everything between `://`
+/// and its last `@`.
 pub fn redact_url(text: &str) -> String {
     text.split(',')
         .map(|part| match url::Url::parse(part.trim()) {
+            Err(_) if part.contains("://") && part.contains('@') => {
+                let (scheme, rest) = part.split_once("://").expect("checked");
+                let host = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+                format!("{scheme}://<redacted>@{host}")
+            }
             Ok(mut u) if u.password().is_some() => {
                 let _ = u.set_password(Some("<redacted>"));
                 u.to_string().trim_end_matches('/').to_string()
@@ -1038,6 +1052,26 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(!err.contains("not-a-seed-xyz"), "{err}");
+        // Nor a malformed URL's password, nor a broken file's line.
+        let malformed = Config::load(
+            None,
+            Vec::new(),
+            &[(
+                "nats.url".to_string(),
+                "nats://bob:hunter3@[::1".to_string(),
+            )],
+        )
+        .unwrap();
+        let shown = format!("{}{:?}", malformed.describe(), malformed.nats());
+        assert!(!shown.contains("hunter3"), "{shown}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broken.toml");
+        std::fs::write(&file, "[nats]\npassword = \"hunter4\n").unwrap();
+        let err = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter4"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]

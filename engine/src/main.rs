@@ -286,10 +286,44 @@ async fn check(paths: &[PathBuf]) -> Result<(), String> {
     }
 }
 
-/// `fleetlake token …`: works on the tokens file directly.
-fn token(config: &Config, command: &TokenCommand) -> Result<(), String> {
-    use fleetlake::api::auth::{Role, TokenLimits, Tokens};
+/// `fleetlake token …`: works on the tokens file directly; creations and revocations are
+/// recorded in final.audit like those made over HTTP (actor `cli:<user>`).
+async fn token(
+    config: &Config,
+    env: Vec<(String, String)>,
+    command: &TokenCommand,
+) -> Result<(), String> {
+    use fleetlake::api::auth::{Principal, Role, TokenLimits, Tokens};
     let tokens = Tokens::open(std::path::Path::new(config.get("auth.tokens_file")))?;
+    let user = std::env::var("USER").unwrap_or_default();
+    let by = if user.is_empty() {
+        "cli".to_string()
+    } else {
+        format!("cli:{user}")
+    };
+    let actor = Principal {
+        id: "-".into(),
+        name: by.clone(),
+        role: Role::Admin,
+        tenants: None,
+        limits: config.query_limits(),
+    };
+    let audit = |action: &'static str, target: String, detail: String| {
+        let (actor, lake) = (actor.clone(), config.lake(env.clone()));
+        let app_id = config.consumer().to_string();
+        async move {
+            let lake = Lake::open(&lake).map_err(|e| e.to_string())?;
+            fleetlake::api::audit::Audit::new(lake, &app_id)
+                .record(fleetlake::api::audit::Event {
+                    principal: &actor,
+                    address: None,
+                    action,
+                    target: &target,
+                    detail: &detail,
+                })
+                .await
+        }
+    };
     match command {
         TokenCommand::Create {
             name,
@@ -308,14 +342,15 @@ fn token(config: &Config, command: &TokenCommand) -> Result<(), String> {
                 max_concurrent: *max_concurrent,
                 rate_per_minute: *rate_per_minute,
             };
-            let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-            let (record, secret) = tokens.create(
-                name,
-                Role::parse(role)?,
-                tenants.clone(),
-                &format!("cli:{by}"),
-                limits,
-            )?;
+            let (record, secret) =
+                tokens.create(name, Role::parse(role)?, tenants.clone(), &by, limits)?;
+            let detail = format!("role {} tenants {:?}", record.role.as_str(), record.tenants);
+            if let Err(e) = audit("token.create", record.id.clone(), detail).await {
+                let _ = tokens.revoke(&record.id);
+                return Err(format!(
+                    "recording the new token in final.audit failed, so it was not kept: {e}"
+                ));
+            }
             eprintln!(
                 "created token {} ({}, role {}) in {}; it is shown only now:",
                 record.id,
@@ -327,23 +362,41 @@ fn token(config: &Config, command: &TokenCommand) -> Result<(), String> {
             Ok(())
         }
         TokenCommand::List => {
+            use std::io::Write;
             let list: Vec<_> = tokens.list().iter().map(|r| r.public_json()).collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "tokens": list })).expect("JSON")
-            );
+            let text =
+                serde_json::to_string_pretty(&serde_json::json!({ "tokens": list })).expect("JSON");
+            // A closed pipe (`| head`) is not an error.
+            let _ = writeln!(std::io::stdout(), "{text}");
             Ok(())
         }
-        TokenCommand::Revoke { id } => match tokens.revoke(id)? {
-            Some(r) => {
-                eprintln!("revoked token {} ({})", r.id, r.name);
-                Ok(())
+        TokenCommand::Revoke { id } => {
+            let list = tokens.list();
+            let Some(found) = list
+                .iter()
+                .find(|r| &r.id == id)
+                .or_else(|| list.iter().find(|r| &r.name == id))
+                .cloned()
+            else {
+                return Err(format!(
+                    "no token has the id or name {id:?} in {}",
+                    tokens.path().display()
+                ));
+            };
+            // Recorded before it is made, as over HTTP.
+            audit("token.revoke", found.id.clone(), found.name.clone())
+                .await
+                .map_err(|e| {
+                    format!("recording the revocation in final.audit failed: {e}; the token is still valid")
+                })?;
+            match tokens.revoke(&found.id)? {
+                Some(r) => {
+                    eprintln!("revoked token {} ({})", r.id, r.name);
+                    Ok(())
+                }
+                None => Err(format!("token {id:?} was revoked meanwhile")),
             }
-            None => Err(format!(
-                "no token has the id or name {id:?} in {}",
-                tokens.path().display()
-            )),
-        },
+        }
     }
 }
 
@@ -413,7 +466,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             print!("{}", config.describe());
             Ok(())
         }
-        Command::Token(command) => token(&config, command),
+        Command::Token(command) => token(&config, env, command).await,
         Command::Check { paths } => check(paths).await,
         Command::Replay { pipeline, from, to } => {
             let from = from

@@ -148,7 +148,8 @@ impl Engine {
                 "auth.enabled = false: every route is open to anyone who can reach {addr}, with an admin's rights"
             ),
             Some(tokens) if tokens.is_empty() => tracing::warn!(
-                "no tokens in {}: every route but /healthz answers 401 until one is created with `fleetlake token create --name NAME --role admin`",
+                "no tokens in {}: every route but /healthz answers 401 until one is created with `fleetlake token create --name NAME --role admin --set auth.tokens_file={}`",
+                tokens.path().display(),
                 tokens.path().display()
             ),
             Some(_) => {}

@@ -108,6 +108,8 @@ struct TokensFile {
 
 struct Loaded {
     records: Vec<TokenRecord>,
+    /// Why the file does not read now (every token is refused meanwhile).
+    broken: Option<String>,
     /// Modification time and length of the file as last read.
     modified: Option<(SystemTime, u64)>,
     checked: Instant,
@@ -148,6 +150,7 @@ impl Tokens {
             path: path.to_path_buf(),
             loaded: RwLock::new(Loaded {
                 records,
+                broken: None,
                 modified,
                 checked: Instant::now(),
             }),
@@ -186,8 +189,10 @@ impl Tokens {
             Ok((records, modified)) => {
                 loaded.records = records;
                 loaded.modified = modified;
+                loaded.broken = None;
             }
             Err(e) => {
+                loaded.broken = Some(e.clone());
                 // Fail closed: a revocation typed into a broken file must not leave the token
                 // working. Every token is refused until the file reads again.
                 tracing::error!("refusing every token until the tokens file reads again: {e}");
@@ -219,6 +224,11 @@ impl Tokens {
             self.reload_if_changed();
             find()
         })
+    }
+
+    /// Why the tokens file does not read, if it does not (every token is refused meanwhile).
+    pub fn broken(&self) -> Option<String> {
+        self.loaded.read().expect("tokens lock").broken.clone()
     }
 
     pub fn list(&self) -> Vec<TokenRecord> {
@@ -256,6 +266,26 @@ impl Tokens {
             return Err(format!(
                 "token name {name:?} looks like a token id (8 hex digits): choose another, so that revoking by id is never ambiguous"
             ));
+        }
+        if role == Role::Admin && !tenants.is_empty() {
+            return Err(
+                "an admin token cannot be bound to tenants (the admin routes serve what all tenants share): make an analyst or engineer token for a tenant".into(),
+            );
+        }
+        for (what, value) in [
+            ("timeout_s", limits.timeout_s),
+            ("memory_mb", limits.memory_mb),
+            ("max_rows", limits.max_rows),
+            ("max_concurrent", limits.max_concurrent),
+        ] {
+            if value == Some(0) {
+                return Err(format!(
+                    "limit {what} = 0 would refuse every query: expected 1 or more (leave it out for the default)"
+                ));
+            }
+        }
+        if limits.timeout_s.is_some_and(|t| t > 86_400) {
+            return Err("limit timeout_s: expected at most 86400 (a day)".into());
         }
         if let Some(t) = tenants.iter().find(|t| t.trim().is_empty()) {
             return Err(format!("tenant {t:?}: expected a tenant name"));
@@ -613,7 +643,7 @@ impl Auth {
         let Some(value) = authorization else {
             let hint = if tokens.is_empty() {
                 format!(
-                    "no token has been created yet: run `fleetlake token create --name NAME --role admin` (tokens file {})",
+                    "no token has been created yet: run `fleetlake token create --name NAME --role admin --set auth.tokens_file={}` (the file this server reads)",
                     tokens.path().display()
                 )
             } else {
@@ -628,9 +658,19 @@ impl Auth {
             .or_else(|| value.strip_prefix("bearer "))
             .map(str::trim)
             .ok_or_else(|| unauthorized("expected Authorization: Bearer <token>".to_string()))?;
-        let record = tokens
-            .authenticate(presented)
-            .ok_or_else(|| unauthorized("the token is not valid (unknown or revoked)".into()))?;
+        let record = tokens.authenticate(presented).ok_or_else(|| {
+            if let Some(reason) = tokens.broken() {
+                return Denied {
+                    status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    code: "tokens_file_unreadable",
+                    message: format!(
+                        "every token is refused until the tokens file reads again: {reason}"
+                    ),
+                    retry_after: None,
+                };
+            }
+            unauthorized("the token is not valid (unknown or revoked)".into())
+        })?;
         Ok(Principal {
             limits: Limits::resolve(&self.defaults, &record.limits),
             id: record.id,
@@ -658,7 +698,7 @@ impl Auth {
                 )))
             }
             Requirement::Unbound(_) if principal.tenants.is_some() => Err(forbidden(format!(
-                "{} is bound to tenants and may not change what all tenants share",
+                "{} is bound to tenants, and this route serves or changes what all tenants share",
                 principal.describe()
             ))),
             _ => Ok(()),
@@ -713,9 +753,10 @@ impl Auth {
             status: axum::http::StatusCode::TOO_MANY_REQUESTS,
             code: "too_many_concurrent_queries",
             message: format!(
-                "{} already runs {} queries, the most it may run at once (query.max_concurrent): retry when one has answered",
+                "{} already runs {} quer{}, the most it may run at once (query.max_concurrent): retry when one has answered",
                 principal.describe(),
-                limits.max_concurrent
+                limits.max_concurrent,
+                if limits.max_concurrent == 1 { "y" } else { "ies" }
             ),
             retry_after: Some(1),
         })
@@ -823,6 +864,27 @@ mod tests {
         assert!(
             tokens
                 .create("bad name", Role::Admin, vec![], "t", TokenLimits::default())
+                .is_err()
+        );
+        // Tokens that could never do anything are refused.
+        assert!(
+            tokens
+                .create(
+                    "a",
+                    Role::Admin,
+                    vec!["acme".into()],
+                    "t",
+                    TokenLimits::default()
+                )
+                .is_err()
+        );
+        let zero = TokenLimits {
+            max_rows: Some(0),
+            ..Default::default()
+        };
+        assert!(
+            tokens
+                .create("z", Role::Analyst, vec![], "t", zero)
                 .is_err()
         );
         // A name shaped like an id would make revoking by id ambiguous.

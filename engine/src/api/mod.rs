@@ -303,10 +303,15 @@ pub(crate) async fn execute(
     let timeout = caller.principal.limits.timeout;
     let held = Arc::clone(admission);
     let query = state.lake.query(sql, access);
-    let mut running = state.queries.spawn(async move {
-        let answer = query.await;
-        drop(held);
-        answer
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut running = state.queries.spawn({
+        let started = Arc::clone(&started);
+        async move {
+            started.store(true, Ordering::Relaxed);
+            let answer = query.await;
+            drop(held);
+            answer
+        }
     });
     match tokio::time::timeout(timeout, &mut running).await {
         Ok(Ok(Ok(result))) => Ok(result),
@@ -316,6 +321,17 @@ pub(crate) async fn execute(
             "internal",
             &format!("the query's task failed: {e}"),
         )),
+        Err(_) if !started.load(Ordering::Relaxed) => {
+            running.abort();
+            Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queries_busy",
+                &format!(
+                    "the query did not start within {} s: every query thread (query.threads) was busy with other queries; retry later",
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }
         Err(_) => {
             running.abort();
             Err(error_response(
@@ -767,17 +783,22 @@ async fn revoke_token(
         Ok(t) => t,
         Err(r) => return *r,
     };
-    if !tokens.list().iter().any(|r| r.id == id || r.name == id) {
+    let list = tokens.list();
+    let Some(found) = list
+        .iter()
+        .find(|r| r.id == id)
+        .or_else(|| list.iter().find(|r| r.name == id))
+    else {
         return error_response(
             StatusCode::NOT_FOUND,
             "unknown_token",
             &format!("no token has the id or name {id:?}"),
         );
-    }
-    if let Err(r) = record(&state, &caller, "token.revoke", &id, "").await {
+    };
+    if let Err(r) = record(&state, &caller, "token.revoke", &found.id, &found.name).await {
         return r;
     }
-    match tokens.revoke(&id) {
+    match tokens.revoke(&found.id) {
         Ok(Some(r)) => axum::Json(json!({"revoked": r.public_json()})).into_response(),
         Ok(None) => error_response(
             StatusCode::NOT_FOUND,
