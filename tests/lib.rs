@@ -273,6 +273,8 @@ pub struct Nats {
     pub server: NatsServer,
     dir: TestDir,
     args: Vec<String>,
+    /// The port of a stopped server, held until it starts again.
+    held: Vec<tokio::net::TcpSocket>,
 }
 
 impl Nats {
@@ -295,6 +297,7 @@ impl Nats {
             server,
             dir,
             args: args.to_vec(),
+            held: Vec::new(),
         }
     }
 
@@ -311,10 +314,12 @@ impl Nats {
     /// Stops the server (SIGKILL); [`Nats::start_again`] brings it back with its data.
     pub async fn stop(&mut self) {
         self.server.stop().await;
+        self.held = hold_ports(&[self.server.port]);
     }
 
     /// Starts the stopped server again on the same port and store.
     pub async fn start_again(&mut self) {
+        self.held.clear();
         self.server = NatsServer::start_with(
             self.server.port,
             &self.dir.path().join("store"),
@@ -448,6 +453,8 @@ pub struct Seaweed {
     child: Child,
     binary: PathBuf,
     args: Vec<String>,
+    /// The ports of a stopped server, held until it starts again.
+    held: Vec<tokio::net::TcpSocket>,
     pub s3_port: u16,
     pub bucket: String,
     pub access_key: String,
@@ -480,6 +487,7 @@ impl Seaweed {
         let mut server = Self {
             child,
             binary: weed,
+            held: Vec::new(),
             args,
             s3_port,
             bucket: bucket.into(),
@@ -547,13 +555,38 @@ impl Seaweed {
 
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
+        let ports: Vec<u16> = self
+            .args
+            .iter()
+            .filter(|a| a.contains("port"))
+            .filter_map(|a| a.rsplit_once('=')?.1.parse().ok())
+            .filter(|p| *p != 0)
+            .collect();
+        self.held = hold_ports(&ports);
     }
 
     /// Starts the stopped server again on the same ports and data.
     pub async fn start_again(&mut self) {
+        self.held.clear();
         self.child = spawn_weed(&self.binary, &self.args, self._dir.path());
         self.wait_ready().await;
     }
+}
+
+/// Holds `ports` on 127.0.0.1 while their server is stopped: bound but not listening, so a
+/// client still gets "connection refused" (the outage a test wants), yet no other socket of this
+/// machine (another test's server, an outgoing connection) can take a port the server must get
+/// back when it starts again.
+pub fn hold_ports(ports: &[u16]) -> Vec<tokio::net::TcpSocket> {
+    ports
+        .iter()
+        .filter_map(|&port| {
+            let socket = tokio::net::TcpSocket::new_v4().ok()?;
+            socket.set_reuseaddr(true).ok()?;
+            socket.bind(([127, 0, 0, 1], port).into()).ok()?;
+            Some(socket)
+        })
+        .collect()
 }
 
 fn spawn_weed(binary: &Path, args: &[String], dir: &Path) -> Child {
