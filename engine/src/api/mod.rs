@@ -359,6 +359,20 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     )
 }
 
+/// The request's JSON body, or a 400 `bad_request` saying what was `expected`.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    expected: &str,
+) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("expected a JSON body {expected}: {e}"),
+        ))
+    })
+}
+
 /// `{"error":{"code":…,"message":…}}` with a status.
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     (
@@ -405,15 +419,9 @@ async fn query(
     struct Request {
         sql: String,
     }
-    let request: Request = match serde_json::from_slice(&body) {
+    let request: Request = match json_body(&body, "{\"sql\": \"SELECT …\"}") {
         Ok(r) => r,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("expected a JSON body {{\"sql\": \"SELECT …\"}}: {e}"),
-            );
-        }
+        Err(r) => return *r,
     };
     let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let admission = match admit(&state, &caller) {
@@ -736,17 +744,12 @@ async fn create_token(
         Ok(t) => t,
         Err(r) => return *r,
     };
-    let request: Request = match serde_json::from_slice(&body) {
+    let request: Request = match json_body(
+        &body,
+        "{\"name\": \"grafana\", \"role\": \"analyst\", \"tenants\": [\"acme\"]} (limits optional: timeout_s, memory_mb, max_rows, max_concurrent, rate_per_minute)",
+    ) {
         Ok(r) => r,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!(
-                    "expected a JSON body {{\"name\": \"grafana\", \"role\": \"analyst\", \"tenants\": [\"acme\"]}} (limits optional: timeout_s, memory_mb, max_rows, max_concurrent, rate_per_minute): {e}"
-                ),
-            );
-        }
+        Err(r) => return *r,
     };
     let role = match auth::Role::parse(&request.role) {
         Ok(r) => r,
