@@ -237,7 +237,8 @@ impl Tokens {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.list().is_empty()
+        self.refresh();
+        self.loaded.read().expect("tokens lock").records.is_empty()
     }
 
     /// Creates a token and stores its hash; returns the record and the token, which is not

@@ -276,12 +276,17 @@ pub(crate) async fn execute(
     sql: String,
 ) -> Result<QueryResult, Response> {
     let access = state.auth.access(&caller.principal);
-    let raw: Vec<String> = fleetlake_sql::query::tables_named(&sql)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|t| t.zone == fleetlake_zones::Zone::Raw && access.check_table(t).is_ok())
-        .map(|t| t.to_string())
-        .collect();
+    // Only a caller who may read raw can read it: nobody else's statements are parsed here.
+    let raw: Vec<String> = if access.zones.contains(&fleetlake_zones::Zone::Raw) {
+        fleetlake_sql::query::tables_named(&sql)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| t.zone == fleetlake_zones::Zone::Raw && access.check_table(t).is_ok())
+            .map(|t| t.to_string())
+            .collect()
+    } else {
+        Vec::new()
+    };
     if !raw.is_empty() {
         let event = crate::api::audit::Event {
             principal: &caller.principal,
