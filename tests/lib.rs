@@ -897,25 +897,30 @@ pub fn fleetlake_cli(args: &[&str], env: &[(String, String)]) -> std::process::O
         .expect("running fleetlake")
 }
 
-/// The `fleetlake` binary next to the test executable (`scripts/test.sh` builds it first), or
-/// `FLEETLAKE_BIN`.
+/// The `fleetlake` binary of the running executable's build (`scripts/test.sh` builds it first),
+/// or `FLEETLAKE_BIN`: beside a benchmark (`target/release/suite`), or one folder up from a test
+/// (`target/debug/deps/it-<hash>`).
 pub fn fleetlake_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FLEETLAKE_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/it-<hash> → target/debug/fleetlake
-    let bin = exe
+    let exe = std::env::current_exe().expect("executable path");
+    let beside = exe.parent().map(|d| d.join("fleetlake"));
+    let up = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("fleetlake"))
-        .expect("target directory");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run scripts/test.sh, or cargo build --bin fleetlake before cargo test",
-        bin.display()
-    );
-    bin
+        .map(|d| d.join("fleetlake"));
+    let bin = [beside, up.clone()]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file());
+    bin.unwrap_or_else(|| {
+        panic!(
+            "{} is missing: run scripts/test.sh, or cargo build --bin fleetlake (with --release \
+             for a release benchmark) first",
+            up.unwrap_or_default().display()
+        )
+    })
 }
 
 /// A `fleetlake serve` child process, killed (SIGKILL) when dropped.
@@ -970,6 +975,11 @@ impl EngineProcess {
         })
         .await;
         engine
+    }
+
+    /// The process id, for its memory in `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running child")
     }
 
     /// SIGKILL: no chance to flush or ack.

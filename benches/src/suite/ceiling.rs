@@ -1,0 +1,77 @@
+//! The bare ceiling: the fastest a consumer can read and acknowledge the pre-filled stream on
+//! this machine, doing nothing else. fleetlake's drain rates are stated as ratios to it.
+
+use std::time::Instant;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+
+use crate::progress;
+
+/// How the bare consumer acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// `AckPolicy::All`, acking every 1,000th message (as fleetlake acks once per commit).
+    All,
+    /// `AckPolicy::Explicit`, one ack per message.
+    Explicit,
+}
+
+/// One bare drain.
+pub(crate) struct Run {
+    pub messages: u64,
+    pub seconds: f64,
+    pub messages_per_second: f64,
+}
+
+/// Reads the default stream (`TELEMETRY`) on `nats_url` from its start with a new durable pull
+/// consumer, fetching batches of 1,000 (fleetlake's default `ingest.fetch_batch`) with
+/// fleetlake's default `max_ack_pending` (40,000), until `messages` were read and acknowledged.
+/// The time includes connecting and creating the consumer.
+pub(crate) async fn drain(nats_url: &str, messages: u64, ack: Ack) -> Run {
+    progress!("bare consumer ({ack:?} acks)…");
+    let started = Instant::now();
+    let client = async_nats::connect(nats_url).await.expect("NATS");
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream("TELEMETRY").await.expect("the stream");
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(format!("ceiling-{ack:?}").to_lowercase()),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: match ack {
+                Ack::All => consumer::AckPolicy::All,
+                Ack::Explicit => consumer::AckPolicy::Explicit,
+            },
+            max_ack_pending: 40_000,
+            ..Default::default()
+        })
+        .await
+        .expect("a consumer");
+    let mut batches = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .expect("pulling");
+    let mut read = 0u64;
+    while read < messages {
+        let message = batches
+            .next()
+            .await
+            .expect("the stream ended")
+            .expect("a message");
+        read += 1;
+        if ack == Ack::Explicit || read.is_multiple_of(1000) || read == messages {
+            message.ack().await.expect("ack");
+        }
+    }
+    client.flush().await.expect("flush");
+    let seconds = started.elapsed().as_secs_f64();
+    let rate = messages as f64 / seconds;
+    progress!("bare consumer ({ack:?} acks): {rate:.0} msg/s");
+    Run {
+        messages,
+        seconds,
+        messages_per_second: rate,
+    }
+}

@@ -1,0 +1,395 @@
+//! The suite's report: Markdown (stdout, `suite.md`, optionally spliced into the README) and
+//! JSON (`suite.json`), with each target and whether this run met it.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::latency::{LoadRun, Sustained};
+use crate::{Args, Drain, Fill, Fleet, progress, round};
+
+/// Where the README's generated part begins and ends.
+const BEGIN: &str = "<!-- suite:begin -->";
+const END: &str = "<!-- suite:end -->";
+
+/// Every figure of one run.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    pub command: String,
+    pub date: String,
+    pub commit: String,
+    pub build: &'static str,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub fills: Vec<Fill>,
+    pub drains: Vec<Drain>,
+    pub loads: Vec<LoadRun>,
+    pub sustained: Option<Sustained>,
+    pub fleet: Option<Fleet>,
+    pub targets: Vec<Target>,
+    /// Resident memory after the 1,000-device mixed drain (shipped pipelines, local), MiB.
+    #[serde(skip)]
+    pub mixed_rss_after_mib: Option<f64>,
+}
+
+/// One target of the suite, and what this run measured.
+#[derive(Debug, Serialize)]
+pub(crate) struct Target {
+    pub target: String,
+    pub measured: String,
+    /// `None`: not measured in this run.
+    pub met: Option<bool>,
+}
+
+fn git(args: &[&str]) -> String {
+    std::process::Command::new("git")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+impl Report {
+    pub(crate) fn new() -> Self {
+        let argv: Vec<String> = std::env::args().collect();
+        let exe = Path::new(&argv[0])
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        let command = std::iter::once(format!("target/{profile}/{exe}"))
+            .chain(argv[1..].iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+        let memory_kb: f64 = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0.0);
+        Self {
+            command,
+            date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+            commit: format!(
+                "{}{}",
+                git(&["rev-parse", "--short", "HEAD"]),
+                if dirty {
+                    " (with uncommitted changes)"
+                } else {
+                    ""
+                }
+            ),
+            build: profile,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            memory_gib: round(memory_kb / 1024.0 / 1024.0, 1),
+            fills: Vec::new(),
+            drains: Vec::new(),
+            loads: Vec::new(),
+            sustained: None,
+            fleet: None,
+            targets: Vec::new(),
+            mixed_rss_after_mib: None,
+        }
+    }
+
+    fn drain(&self, input: &str, what: &str, lake: &str) -> Option<&Drain> {
+        self.drains
+            .iter()
+            .find(|d| d.input == input && d.what.starts_with(what) && d.lake == lake)
+    }
+
+    fn load(&self, rate: u64) -> Option<&LoadRun> {
+        self.loads.iter().find(|l| l.offered == rate)
+    }
+
+    /// Each target of issue 12 against this run's figures.
+    fn evaluate(&mut self) {
+        let shipped = "fleetlake: pipelines + final zone + rules";
+        let mut targets = Vec::new();
+        for input in ["envelope", "mixed"] {
+            let d = self.drain(input, shipped, "local folder");
+            targets.push(Target {
+                target: format!(
+                    "{input} fleet, shipped pipelines + final zone + rules: drain ≥ 60% of the AckPolicy::All ceiling"
+                ),
+                measured: d.map_or("—".into(), |d| {
+                    format!("{:.0}% ({} msg/s)", d.ratio_to_ceiling * 100.0, thousands(d.messages_per_second))
+                }),
+                met: d.map(|d| d.ratio_to_ceiling >= 0.6),
+            });
+        }
+        let ours = self.drain("envelope", shipped, "local folder");
+        let diy = self.drain("envelope", "do-it-yourself", "local folder");
+        let times = ours
+            .zip(diy)
+            .map(|(o, d)| o.messages_per_second / d.messages_per_second);
+        targets.push(Target {
+            target: "≥ 5× the do-it-yourself Python consumer (envelope)".into(),
+            measured: times.map_or("—".into(), |t| format!("{t:.1}×")),
+            met: times.map(|t| t >= 5.0),
+        });
+        for (rate, what, limit, pick) in [
+            (20_000, "publish→alert p99 < 10 ms", 10.0, 0),
+            (20_000, "publish→queryable p99 < 500 ms", 500.0, 1),
+        ] {
+            let l = self.load(rate);
+            let p99 = l.map(|l| {
+                if pick == 0 {
+                    l.alert.p99
+                } else {
+                    l.queryable.p99
+                }
+            });
+            targets.push(Target {
+                target: format!("{what} at {} msg/s", thousands(rate as f64)),
+                measured: p99.map_or("—".into(), |p| format!("{p} ms")),
+                met: p99.map(|p| p < limit),
+            });
+        }
+        let fleet = self.fleet.as_ref();
+        targets.push(Target {
+            target: "engine peak RSS ≤ 512 MiB with 1,000,000 devices".into(),
+            measured: fleet.map_or("—".into(), |f| {
+                format!(
+                    "{} MiB with {} devices",
+                    f.peak_rss_mib,
+                    thousands(f.devices as f64)
+                )
+            }),
+            met: fleet
+                .filter(|f| f.devices >= 1_000_000)
+                .map(|f| f.peak_rss_mib <= 512.0),
+        });
+        self.targets = targets;
+    }
+
+    /// The report as Markdown.
+    fn markdown(&self) -> String {
+        let mut m = String::new();
+        let w = &mut m;
+        let _ = writeln!(
+            w,
+            "Generated by `{}` on {}, commit {}, {} build, {} cores, {} GiB. nats-server, SeaweedFS, \
+             the engine and the load all ran on this one machine; only ratios between the figures \
+             of one run are comparable, not absolute rates from different runs.\n",
+            self.command, self.date, self.commit, self.build, self.cores, self.memory_gib
+        );
+        let _ = writeln!(w, "| target | measured | met |\n|---|---|---|");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "not measured",
+            };
+            let _ = writeln!(w, "| {} | {} | {met} |", t.target, t.measured);
+        }
+        if let Some(f) = self.fills.first() {
+            let _ = writeln!(
+                w,
+                "\n**Drain** of a pre-filled stream: {} messages from {} devices ({} replays, {} \
+                 malformed, 5% late), read from the stream's start until every message is \
+                 acknowledged (fleetlake acks only what every table holding it has committed). \
+                 fleetlake runs as `fleetlake serve` with its defaults; the time includes its start.\n",
+                thousands(f.messages as f64),
+                thousands(f.devices as f64),
+                thousands(f.replays as f64),
+                thousands(f.malformed as f64),
+            );
+        }
+        let _ = writeln!(
+            w,
+            "| input | consumer | lake | msg/s | × ceiling | engine peak RSS |\n|---|---|---|---|---|---|"
+        );
+        for d in &self.drains {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {:.2} | {} |",
+                d.input,
+                d.what,
+                d.lake,
+                thousands(d.messages_per_second),
+                d.ratio_to_ceiling,
+                d.peak_rss_mib.map_or("—".into(), |r| format!("{r} MiB")),
+            );
+        }
+        let fills: Vec<String> = self
+            .fills
+            .iter()
+            .map(|f| format!("{} {} msg/s", f.input, thousands(f.publish_rate)))
+            .collect();
+        if !fills.is_empty() {
+            let _ = writeln!(
+                w,
+                "\nFilling the streams (one publisher, per-message acknowledgements, pipelined): {}.",
+                fills.join(", ")
+            );
+        }
+        if !self.loads.is_empty() {
+            let _ = writeln!(
+                w,
+                "\n**Latency** at fixed offered loads (1,000 devices; `benches/src/suite/latency.sql`: \
+                 one source, one usable table, one rule; engine defaults, so commits every second). \
+                 Alert: publish → the alert at a NATS subscriber. Queryable: publish → the reading \
+                 in a `/v1/query` answer (a probe every 100 ms, queried back to back). Lag: messages \
+                 published and not yet acknowledged, mean of the run's second and last quarter.\n"
+            );
+            let _ = writeln!(
+                w,
+                "| offered msg/s | sent msg/s | alert p50 / p99 / max ms | queryable p50 / p99 / max ms | probe query ms | lag | sustained |\n|---|---|---|---|---|---|---|"
+            );
+            let all = self.loads.iter().map(|l| (l, "")).chain(
+                self.sustained
+                    .iter()
+                    .flat_map(|s| s.trials.iter().map(|l| (l, " (search)"))),
+            );
+            for (l, tag) in all {
+                let _ = writeln!(
+                    w,
+                    "| {}{tag} | {} | {} / {} / {} | {} / {} / {} | {} | {} → {} | {} |",
+                    thousands(l.offered as f64),
+                    thousands(l.achieved),
+                    l.alert.p50,
+                    l.alert.p99,
+                    l.alert.max,
+                    l.queryable.p50,
+                    l.queryable.p99,
+                    l.queryable.max,
+                    l.probe_query_ms,
+                    thousands(l.lag_second_quarter),
+                    thousands(l.lag_last_quarter),
+                    if l.sustained { "yes" } else { "no" },
+                );
+            }
+        }
+        if let Some(s) = &self.sustained {
+            let _ = writeln!(
+                w,
+                "\n**Highest load sustained** for {} s (the publisher reached 95% of it, the lag grew \
+                 by less than one second of traffic from the second quarter to the last, and the \
+                 engine caught up within 60 s): {}.",
+                s.seconds,
+                s.highest
+                    .map_or("none of the loads tried".into(), |h| format!(
+                        "{} msg/s",
+                        thousands(h as f64)
+                    ))
+            );
+        }
+        if let Some(f) = &self.fleet {
+            let _ = writeln!(
+                w,
+                "\n**Memory with {} devices** (mixed fleet, {} messages, shipped pipelines + final \
+                 zone + rules, local folder): drained at {} msg/s; engine peak RSS {} MiB, {} MiB \
+                 after the drain.{}{}",
+                thousands(f.devices as f64),
+                thousands(f.messages as f64),
+                thousands(f.messages_per_second),
+                f.peak_rss_mib,
+                f.rss_after_mib,
+                f.rss_per_device_bytes.map_or(String::new(), |b| format!(
+                    " Against the 1,000-device drain of the same number of messages: {} bytes per device (dedup, device state, window and rule state together).",
+                    thousands(b)
+                )),
+                f.dedup_state_bytes_per_device.map_or(String::new(), |b| format!(
+                    " The dedup state alone (`dedup_memory --devices {} --readings 5`): {} bytes per device.",
+                    f.devices,
+                    thousands(b)
+                )),
+            );
+        }
+        m
+    }
+
+    /// Prints the Markdown, writes `suite.md` and `suite.json` into `--out`, and splices the
+    /// Markdown into `--readme`.
+    pub(crate) fn write(&mut self, args: &Args) {
+        self.evaluate();
+        let markdown = self.markdown();
+        println!("{markdown}");
+        std::fs::create_dir_all(&args.out).expect("the --out folder");
+        std::fs::write(args.out.join("suite.md"), &markdown).expect("writing suite.md");
+        std::fs::write(
+            args.out.join("suite.json"),
+            serde_json::to_string_pretty(self).expect("JSON"),
+        )
+        .expect("writing suite.json");
+        progress!("wrote {}", args.out.join("suite.{md,json}").display());
+        if let Some(readme) = &args.readme {
+            match splice(
+                &std::fs::read_to_string(readme).unwrap_or_default(),
+                &markdown,
+            ) {
+                Some(text) => {
+                    std::fs::write(readme, text).expect("writing the README");
+                    progress!("replaced the suite's part of {}", readme.display());
+                }
+                None => progress!(
+                    "{} has no {BEGIN} … {END} part: left unchanged",
+                    readme.display()
+                ),
+            }
+        }
+    }
+}
+
+/// `text` with its part between [`BEGIN`] and [`END`] replaced by `markdown`.
+fn splice(text: &str, markdown: &str) -> Option<String> {
+    let start = text.find(BEGIN)? + BEGIN.len();
+    let end = start + text[start..].find(END)?;
+    Some(format!(
+        "{}\n{}\n{}",
+        &text[..start],
+        markdown.trim_end(),
+        &text[end..]
+    ))
+}
+
+/// `1234567.0` → "1,234,567".
+fn thousands(x: f64) -> String {
+    if !x.is_finite() {
+        return "—".into();
+    }
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if x < 0.0 { format!("-{out}") } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splices_between_the_markers_only() {
+        let text = "intro\n<!-- suite:begin -->\nold\n<!-- suite:end -->\noutro\n";
+        let out = splice(text, "new\n").expect("markers");
+        assert_eq!(
+            out,
+            "intro\n<!-- suite:begin -->\nnew\n<!-- suite:end -->\noutro\n"
+        );
+        assert!(splice("no markers", "x").is_none());
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1_234_567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(-1000.0), "-1,000");
+    }
+}
