@@ -11,7 +11,7 @@ it does less than fleetlake, so the comparison flatters it.
     python diy_consumer.py NATS_URL STREAM TABLE_PATH MESSAGES [--batch-rows 50000]
 
 Consumes until MESSAGES messages were read, then prints one JSON line: messages, rows,
-duplicates, malformed, seconds.
+duplicates, malformed, seconds, cpu_seconds (of this process).
 """
 
 import argparse
@@ -137,6 +137,7 @@ async def main():
                 "duplicates": duplicates,
                 "malformed": malformed,
                 "seconds": round(time.monotonic() - started, 3),
+                "cpu_seconds": round(time.process_time(), 3),
             }
         )
     )

@@ -1,12 +1,11 @@
 //! The bare ceiling: the fastest a consumer can read and acknowledge the pre-filled stream on
 //! this machine, doing nothing else. fleetlake's drain rates are stated as ratios to it.
 
-use std::time::Instant;
-
 use async_nats::jetstream::{self, consumer};
+use fleetlake_tests::Nats;
 use futures::StreamExt;
 
-use crate::progress;
+use crate::{Meter, progress};
 
 /// How the bare consumer acknowledges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,16 +21,19 @@ pub(crate) struct Run {
     pub messages: u64,
     pub seconds: f64,
     pub messages_per_second: f64,
+    /// CPU this process and nats-server used (CPU seconds per second).
+    pub consumer_cores: f64,
+    pub nats_cores: Option<f64>,
 }
 
 /// Reads the default stream (`TELEMETRY`) on `nats_url` from its start with a new durable pull
 /// consumer, fetching batches of 1,000 (fleetlake's default `ingest.fetch_batch`) with
 /// fleetlake's default `max_ack_pending` (40,000), until `messages` were read and acknowledged.
 /// The time includes connecting and creating the consumer.
-pub(crate) async fn drain(nats_url: &str, messages: u64, ack: Ack) -> Run {
+pub(crate) async fn drain(nats: &Nats, messages: u64, ack: Ack) -> Run {
     progress!("bare consumer ({ack:?} acks)…");
-    let started = Instant::now();
-    let client = async_nats::connect(nats_url).await.expect("NATS");
+    let meter = Meter::start(nats);
+    let client = async_nats::connect(nats.url()).await.expect("NATS");
     let js = jetstream::new(client.clone());
     let stream = js.get_stream("TELEMETRY").await.expect("the stream");
     let consumer: consumer::PullConsumer = stream
@@ -66,12 +68,16 @@ pub(crate) async fn drain(nats_url: &str, messages: u64, ack: Ack) -> Run {
         }
     }
     client.flush().await.expect("flush");
-    let seconds = started.elapsed().as_secs_f64();
+    let (seconds, consumer_cores, nats_cores) = meter.stop(None);
     let rate = messages as f64 / seconds;
-    progress!("bare consumer ({ack:?} acks): {rate:.0} msg/s");
+    progress!(
+        "bare consumer ({ack:?} acks): {rate:.0} msg/s, {consumer_cores} cores, nats-server {nats_cores:?}"
+    );
     Run {
         messages,
         seconds,
         messages_per_second: rate,
+        consumer_cores,
+        nats_cores,
     }
 }

@@ -120,6 +120,62 @@ pub(crate) struct Drain {
     pub ratio_to_ceiling: f64,
     /// Peak resident memory of the engine process, MiB (fleetlake runs only).
     pub peak_rss_mib: Option<f64>,
+    /// CPU the consumer (engine, bare consumer or Python process) used: CPU seconds per
+    /// second of the drain.
+    pub consumer_cores: f64,
+    /// CPU nats-server used meanwhile, the same way.
+    pub nats_cores: Option<f64>,
+}
+
+/// Wall-clock and CPU time of a drain: the consumer's and nats-server's.
+pub(crate) struct Meter {
+    started: Instant,
+    nats_pid: Option<u32>,
+    nats_cpu: f64,
+    own_cpu: f64,
+}
+
+impl Meter {
+    pub(crate) fn start(nats: &Nats) -> Self {
+        let nats_pid = nats.server.pid();
+        Self {
+            started: Instant::now(),
+            nats_pid,
+            nats_cpu: nats_pid.map_or(0.0, cpu_seconds),
+            own_cpu: cpu_seconds(std::process::id()),
+        }
+    }
+
+    /// Wall seconds since the start; the cores `consumer` used (a process started after the
+    /// meter; `None`: this process) and nats-server used.
+    pub(crate) fn stop(&self, consumer: Option<u32>) -> (f64, f64, Option<f64>) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let used = match consumer {
+            Some(pid) => cpu_seconds(pid),
+            None => cpu_seconds(std::process::id()) - self.own_cpu,
+        };
+        let nats = self
+            .nats_pid
+            .map(|p| round((cpu_seconds(p) - self.nats_cpu) / seconds, 2));
+        (seconds, round(used / seconds, 2), nats)
+    }
+}
+
+/// CPU time (user + system) process `pid` has used so far, seconds, from `/proc/<pid>/stat`
+/// (Linux; 100 clock ticks a second).
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// What one pre-filled stream was and how fast it was filled.
@@ -161,8 +217,8 @@ async fn main() {
         let nats = Nats::start().await;
         let fill = fill(nats.url(), input, profile, args.messages, args.devices).await;
         report.fills.push(fill);
-        let all = ceiling::drain(nats.url(), args.messages, ceiling::Ack::All).await;
-        let explicit = ceiling::drain(nats.url(), args.messages, ceiling::Ack::Explicit).await;
+        let all = ceiling::drain(&nats, args.messages, ceiling::Ack::All).await;
+        let explicit = ceiling::drain(&nats, args.messages, ceiling::Ack::Explicit).await;
         let base = all.messages_per_second;
         report.drains.push(Drain::ceiling(
             "bare consumer, AckPolicy::All",
@@ -184,16 +240,14 @@ async fn main() {
             runs.push((Pipelines::Shipped, true));
         }
         for (pipelines, s3) in runs {
-            let run = engine_drain(nats.url(), input, args.messages, pipelines, s3, base).await;
+            let run = engine_drain(&nats, input, args.messages, pipelines, s3, base).await;
             if input == "mixed" && pipelines == Pipelines::Shipped && !s3 {
                 report.mixed_rss_after_mib = Some(run.1);
             }
             report.drains.push(run.0);
         }
         if input == "envelope" && !args.no_diy {
-            report
-                .drains
-                .push(diy(nats.url(), args.messages, base).await);
+            report.drains.push(diy(&nats, args.messages, base).await);
         }
     }
 
@@ -226,6 +280,8 @@ impl Drain {
             messages_per_second: run.messages_per_second.round(),
             ratio_to_ceiling: round(run.messages_per_second / base, 3),
             peak_rss_mib: None,
+            consumer_cores: run.consumer_cores,
+            nats_cores: run.nats_cores,
         }
     }
 }
@@ -386,7 +442,7 @@ pub(crate) async fn wait_acked(engine: &EngineProcess, messages: u64, what: &str
 /// fleetlake draining the pre-filled stream on `nats_url` from its start; the drain and the
 /// engine's resident memory after it (MiB).
 async fn engine_drain(
-    nats_url: &str,
+    nats: &Nats,
     input: &'static str,
     messages: u64,
     which: Pipelines,
@@ -407,10 +463,10 @@ async fn engine_drain(
     };
     let pipelines = pipelines_dir(which, dir.path());
     let log = dir.path().join("engine.log");
-    let started = Instant::now();
-    let engine = start_engine(nats_url, dir.path(), &pipelines, seaweed.as_ref(), &[]).await;
+    let meter = Meter::start(nats);
+    let engine = start_engine(nats.url(), dir.path(), &pipelines, seaweed.as_ref(), &[]).await;
     wait_acked(&engine, messages, &format!("{input}: {what}"), &log).await;
-    let seconds = started.elapsed().as_secs_f64();
+    let (seconds, consumer_cores, nats_cores) = meter.stop(Some(engine.pid()));
     let (peak, now) = rss_mib(engine.pid());
     let status = engine.terminate().await;
     assert!(status.success(), "{what}: exit {status}:\n{}", tail(&log));
@@ -419,7 +475,8 @@ async fn engine_drain(
     }
     let rate = messages as f64 / seconds;
     progress!(
-        "{input}: {what}, {lake}: {rate:.0} msg/s ({:.2} of the ceiling), peak {peak} MiB",
+        "{input}: {what}, {lake}: {rate:.0} msg/s ({:.2} of the ceiling), peak {peak} MiB, \
+         engine {consumer_cores} cores, nats-server {nats_cores:?}",
         rate / base
     );
     (
@@ -432,21 +489,24 @@ async fn engine_drain(
             messages_per_second: rate.round(),
             ratio_to_ceiling: round(rate / base, 3),
             peak_rss_mib: Some(peak),
+            consumer_cores,
+            nats_cores,
         },
         now,
     )
 }
 
 /// The Python do-it-yourself consumer draining the envelope stream on `nats_url`.
-async fn diy(nats_url: &str, messages: u64, base: f64) -> Drain {
+async fn diy(nats: &Nats, messages: u64, base: f64) -> Drain {
     progress!("envelope: the do-it-yourself Python consumer (nats-py + deltalake)…");
     let dir = TestDir::new();
+    let meter = Meter::start(nats);
     let out = tokio::process::Command::new(python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/python/diy_consumer.py"
         ))
-        .args([nats_url, "TELEMETRY"])
+        .args([nats.url(), "TELEMETRY"])
         .arg(dir.path().join("readings"))
         .arg(messages.to_string())
         .output()
@@ -459,7 +519,9 @@ async fn diy(nats_url: &str, messages: u64, base: f64) -> Drain {
     );
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("JSON from diy_consumer.py");
+    let (_, _, nats_cores) = meter.stop(None);
     let seconds = v["seconds"].as_f64().expect("seconds");
+    let cpu = v["cpu_seconds"].as_f64().expect("cpu_seconds");
     let rate = messages as f64 / seconds;
     progress!(
         "envelope: do-it-yourself: {rate:.0} msg/s ({} rows)",
@@ -474,6 +536,8 @@ async fn diy(nats_url: &str, messages: u64, base: f64) -> Drain {
         messages_per_second: rate.round(),
         ratio_to_ceiling: round(rate / base, 3),
         peak_rss_mib: None,
+        consumer_cores: round(cpu / seconds, 2),
+        nats_cores,
     }
 }
 

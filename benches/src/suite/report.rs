@@ -209,17 +209,19 @@ impl Report {
         }
         let _ = writeln!(
             w,
-            "| input | consumer | lake | msg/s | × ceiling | engine peak RSS |\n|---|---|---|---|---|---|"
+            "| input | consumer | lake | msg/s | × ceiling | CPU cores: consumer / nats-server | engine peak RSS |\n|---|---|---|---|---|---|---|"
         );
         for d in &self.drains {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {:.2} | {} |",
+                "| {} | {} | {} | {} | {:.2} | {:.2} / {} | {} |",
                 d.input,
                 d.what,
                 d.lake,
                 thousands(d.messages_per_second),
                 d.ratio_to_ceiling,
+                d.consumer_cores,
+                d.nats_cores.map_or("—".into(), |c| format!("{c:.2}")),
                 d.peak_rss_mib.map_or("—".into(), |r| format!("{r} MiB")),
             );
         }

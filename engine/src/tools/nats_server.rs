@@ -42,6 +42,11 @@ pub fn find_binary(name: &str, env_var: &str) -> Option<PathBuf> {
 }
 
 impl NatsServer {
+    /// The server's process id (`None` once it has exited), e.g. for its CPU time in `/proc`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Starts `nats-server -js` on 127.0.0.1:`port` with its store in `store_dir`, and waits
     /// (up to 20 s) until it accepts connections.
     pub async fn start(port: u16, store_dir: &Path, log: Option<&Path>) -> Result<Self, String> {
