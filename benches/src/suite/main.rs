@@ -125,6 +125,10 @@ pub(crate) struct Drain {
     pub consumer_cores: f64,
     /// CPU nats-server used meanwhile, the same way.
     pub nats_cores: Option<f64>,
+    /// Share of the drain the engine spent committing (the sum of `fleetlake_commit_seconds`
+    /// over its tables, which one task commits one after another, over the drain's time): near
+    /// 1, the commits are what limits it; well below, ingest's own loop is.
+    pub commit_busy: Option<f64>,
 }
 
 /// Wall-clock and CPU time of a drain: the consumer's and nats-server's.
@@ -282,6 +286,7 @@ impl Drain {
             peak_rss_mib: None,
             consumer_cores: run.consumer_cores,
             nats_cores: run.nats_cores,
+            commit_busy: None,
         }
     }
 }
@@ -439,6 +444,16 @@ pub(crate) async fn wait_acked(engine: &EngineProcess, messages: u64, what: &str
     }
 }
 
+/// Seconds the engine has spent committing, over all its tables (`fleetlake_commit_seconds_sum`).
+async fn commit_seconds(engine: &EngineProcess) -> f64 {
+    let (_, metrics) = engine.api.get("/metrics").await;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("fleetlake_commit_seconds_sum{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
 /// fleetlake draining the pre-filled stream on `nats_url` from its start; the drain and the
 /// engine's resident memory after it (MiB).
 async fn engine_drain(
@@ -468,6 +483,7 @@ async fn engine_drain(
     wait_acked(&engine, messages, &format!("{input}: {what}"), &log).await;
     let (seconds, consumer_cores, nats_cores) = meter.stop(Some(engine.pid()));
     let (peak, now) = rss_mib(engine.pid());
+    let commit_busy = round(commit_seconds(&engine).await / seconds, 2);
     let status = engine.terminate().await;
     assert!(status.success(), "{what}: exit {status}:\n{}", tail(&log));
     if let Some(s) = seaweed.as_mut() {
@@ -476,7 +492,7 @@ async fn engine_drain(
     let rate = messages as f64 / seconds;
     progress!(
         "{input}: {what}, {lake}: {rate:.0} msg/s ({:.2} of the ceiling), peak {peak} MiB, \
-         engine {consumer_cores} cores, nats-server {nats_cores:?}",
+         engine {consumer_cores} cores (committing {commit_busy} of the time), nats-server {nats_cores:?}",
         rate / base
     );
     (
@@ -491,6 +507,7 @@ async fn engine_drain(
             peak_rss_mib: Some(peak),
             consumer_cores,
             nats_cores,
+            commit_busy: Some(commit_busy),
         },
         now,
     )
@@ -538,6 +555,7 @@ async fn diy(nats: &Nats, messages: u64, base: f64) -> Drain {
         peak_rss_mib: None,
         consumer_cores: round(cpu / seconds, 2),
         nats_cores,
+        commit_busy: None,
     }
 }
 
