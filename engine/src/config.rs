@@ -118,8 +118,8 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "ingest.commit_interval_ms",
-        default: "1000",
-        help: "commit at least this often while messages arrive",
+        default: "250",
+        help: "commit at least this often while messages arrive: how long a message waits at most before it is queryable",
     },
     Key {
         name: "ingest.shutdown_grace_s",
