@@ -199,13 +199,23 @@ pub(crate) struct Fill {
 pub(crate) struct Fleet {
     pub devices: u64,
     pub messages: u64,
+    /// With the pipelines only, then with the final zone and rules too.
+    pub runs: Vec<FleetRun>,
+    /// `dedup_memory --devices N --readings 5`: the dedup state alone, bytes per device.
+    pub dedup_state_bytes_per_device: Option<f64>,
+}
+
+/// One engine run of [`Fleet`].
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct FleetRun {
+    /// Which pipelines: as [`Drain::what`].
+    pub what: String,
     pub messages_per_second: f64,
     pub peak_rss_mib: f64,
     pub rss_after_mib: f64,
-    /// The same run's figure minus the 1,000-device mixed run's, per device, bytes.
+    /// Resident memory after the drain minus that after the 1,000-device mixed drain of the
+    /// same pipelines and messages, per device, bytes.
     pub rss_per_device_bytes: Option<f64>,
-    /// `dedup_memory --devices N --readings 5`: the dedup state alone, bytes per device.
-    pub dedup_state_bytes_per_device: Option<f64>,
 }
 
 #[tokio::main]
@@ -245,8 +255,8 @@ async fn main() {
         }
         for (pipelines, s3) in runs {
             let run = engine_drain(&nats, input, args.messages, pipelines, s3, base).await;
-            if input == "mixed" && pipelines == Pipelines::Shipped && !s3 {
-                report.mixed_rss_after_mib = Some(run.1);
+            if input == "mixed" && !s3 {
+                report.mixed_rss_after_mib.push((pipelines, run.1));
             }
             report.drains.push(run.0);
         }
@@ -267,7 +277,7 @@ async fn main() {
         );
     }
     if args.fleet_devices > 0 {
-        report.fleet = Some(fleet(&args, report.mixed_rss_after_mib).await);
+        report.fleet = Some(fleet(&args, &report.mixed_rss_after_mib).await);
     }
 
     report.write(&args);
@@ -354,11 +364,21 @@ async fn fill(
 
 /// Which pipelines an engine run loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pipelines {
+pub(crate) enum Pipelines {
     /// The shipped `pipelines/` without `final.sql` and `rules/`: raw, quarantine, usable.
     WithoutFinal,
     /// The shipped `pipelines/` whole: also the final zone's window tables and the rules.
     Shipped,
+}
+
+impl Pipelines {
+    /// How the report names an engine run with these pipelines.
+    fn label(self) -> &'static str {
+        match self {
+            Self::WithoutFinal => "fleetlake: pipelines (raw, quarantine, usable)",
+            Self::Shipped => "fleetlake: pipelines + final zone + rules",
+        }
+    }
 }
 
 /// The shipped pipelines folder, or a copy of it in `dir` without the final zone and rules.
@@ -464,10 +484,7 @@ async fn engine_drain(
     s3: bool,
     base: f64,
 ) -> (Drain, f64) {
-    let what = match which {
-        Pipelines::WithoutFinal => "fleetlake: pipelines (raw, quarantine, usable)",
-        Pipelines::Shipped => "fleetlake: pipelines + final zone + rules",
-    };
+    let what = which.label();
     let lake = if s3 { "SeaweedFS S3" } else { "local folder" };
     progress!("{input}: {what}, {lake}…");
     let dir = TestDir::new();
@@ -559,41 +576,60 @@ async fn diy(nats: &Nats, messages: u64, base: f64) -> Drain {
     }
 }
 
-/// The engine (shipped pipelines, local folder) draining a mixed fleet of `--fleet-devices`
-/// devices, and the dedup state alone at that size.
-async fn fleet(args: &Args, mixed_rss_after_mib: Option<f64>) -> Fleet {
+/// The engine (local folder) draining a mixed fleet of `--fleet-devices` devices, with the
+/// pipelines only and with the shipped pipelines whole; and the dedup state alone at that size.
+/// `small` is the resident memory after the 1,000-device mixed drains, per pipelines.
+async fn fleet(args: &Args, small: &[(Pipelines, f64)]) -> Fleet {
     let devices = args.fleet_devices;
     let messages = args.messages.max(devices);
     let nats = Nats::start().await;
     fill(nats.url(), "mixed", Profile::Mixed, messages, devices).await;
-    let dir = TestDir::new();
-    let pipelines = pipelines_dir(Pipelines::Shipped, dir.path());
-    let log = dir.path().join("engine.log");
-    progress!("{devices} devices: fleetlake, pipelines + final zone + rules…");
-    let started = Instant::now();
-    let engine = start_engine(nats.url(), dir.path(), &pipelines, None, &[]).await;
-    wait_acked(&engine, messages, &format!("{devices} devices"), &log).await;
-    let seconds = started.elapsed().as_secs_f64();
-    // Let the device state and dedup settle (snapshots, compaction) before reading memory.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (peak, now) = rss_mib(engine.pid());
-    let status = engine.terminate().await;
-    assert!(
-        status.success(),
-        "{devices} devices: exit {status}:\n{}",
-        tail(&log)
-    );
-    let per_device = mixed_rss_after_mib
-        .filter(|_| messages == args.messages)
-        .map(|small| round((now - small) * 1024.0 * 1024.0 / devices as f64, 0));
-    progress!("{devices} devices: peak {peak} MiB, {now} MiB after the drain");
+    let mut runs = Vec::new();
+    for (n, which) in [Pipelines::WithoutFinal, Pipelines::Shipped]
+        .into_iter()
+        .enumerate()
+    {
+        let what = which.label();
+        let dir = TestDir::new();
+        let pipelines = pipelines_dir(which, dir.path());
+        let log = dir.path().join("engine.log");
+        progress!("{devices} devices: {what}…");
+        let started = Instant::now();
+        let consumer = format!("fleet-{n}");
+        let extra = [("FLEETLAKE_NATS_CONSUMER", consumer.as_str())];
+        let engine = start_engine(nats.url(), dir.path(), &pipelines, None, &extra).await;
+        wait_acked(&engine, messages, &format!("{devices} devices"), &log).await;
+        let seconds = started.elapsed().as_secs_f64();
+        // Let the device state and dedup settle (snapshots, compaction) before reading memory.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (peak, now) = rss_mib(engine.pid());
+        let status = engine.terminate().await;
+        assert!(
+            status.success(),
+            "{devices} devices: exit {status}:\n{}",
+            tail(&log)
+        );
+        let per_device = small
+            .iter()
+            .find(|(p, _)| *p == which)
+            .filter(|_| messages == args.messages)
+            .map(|(_, small)| round((now - small) * 1024.0 * 1024.0 / devices as f64, 0));
+        let rate = messages as f64 / seconds;
+        progress!(
+            "{devices} devices: {what}: {rate:.0} msg/s, peak {peak} MiB, {now} MiB after the drain"
+        );
+        runs.push(FleetRun {
+            what: what.to_string(),
+            messages_per_second: rate.round(),
+            peak_rss_mib: peak,
+            rss_after_mib: now,
+            rss_per_device_bytes: per_device,
+        });
+    }
     Fleet {
         devices,
         messages,
-        messages_per_second: (messages as f64 / seconds).round(),
-        peak_rss_mib: peak,
-        rss_after_mib: now,
-        rss_per_device_bytes: per_device,
+        runs,
         dedup_state_bytes_per_device: dedup_memory(devices).await,
     }
 }
