@@ -53,12 +53,12 @@ def decode(payload):
         return None
     if isinstance(ts, str):  # half the fleet sends RFC 3339 text, the rest epoch milliseconds
         try:
-            ts = datetime.fromisoformat(ts).timestamp() * 1000
+            ts = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000
         except ValueError:
             return None
     elif not isinstance(ts, (int, float)) or isinstance(ts, bool):
         return None
-    row = [device, seq, int(ts), v.get("fw"), v.get("hw")]
+    row = [device, seq, round(ts), v.get("fw"), v.get("hw")]
     for name in ("temperature", "humidity", "battery"):
         x = v.get(name)
         if x is not None and not isinstance(x, (int, float)):

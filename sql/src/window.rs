@@ -661,9 +661,11 @@ impl WindowOperator {
             .column(self.group_index(WINDOW_END))
             .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
         let closing: BooleanArray = ends.iter().map(|e| Some(e.is_some_and(closable))).collect();
-        // The ends of the windows that stay open: the new bound. (A NULL end never closes.)
-        self.open_ends_from = ends.iter().flatten().filter(|e| !closable(*e)).min();
+        // The ends of the windows that stay open: the new bound, once they are the state.
+        // (A NULL end never closes.)
+        let open_ends_from = ends.iter().flatten().filter(|e| !closable(*e)).min();
         if closing.true_count() == 0 {
+            self.open_ends_from = open_ends_from;
             return Ok(empty());
         }
         let open = arrow::compute::not(&closing).map_err(internal)?;
@@ -675,6 +677,7 @@ impl WindowOperator {
         } else {
             Vec::new()
         };
+        self.open_ends_from = open_ends_from;
 
         // The template plan with its aggregation replaced by Final over the closed state.
         let input =

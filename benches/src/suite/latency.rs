@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleetlake_tests::{Nats, TestDir, metric, tail};
+use fleetlake_tests::{Api, Nats, TestDir, tail};
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -42,7 +42,7 @@ const PROBE_QUERY_EVERY: Duration = Duration::from_millis(50);
 /// Warm-up not counted, microseconds.
 const WARM_UP_US: i64 = 2_000_000;
 
-/// Latency percentiles, milliseconds (nearest rank).
+/// Latency percentiles, milliseconds: the value at rank round((n − 1)·p) of the sorted values.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Percentiles {
     pub count: usize,
@@ -98,6 +98,8 @@ pub(crate) struct LoadRun {
     /// The publisher reached 95% of the offered load, the lag did not grow by more than one
     /// second of traffic from the second quarter to the last, and the engine caught up.
     pub sustained: bool,
+    /// Why not, when not sustained.
+    pub why_not: Option<String>,
     pub peak_rss_mib: f64,
 }
 
@@ -106,6 +108,9 @@ pub(crate) struct LoadRun {
 pub(crate) struct Sustained {
     /// The highest offered load sustained (`None`: not even the first).
     pub highest: Option<u64>,
+    /// A higher load was tried and not sustained: `highest` is the limit to within 5,000
+    /// msg/s or the last bisection step. Otherwise it is only a lower bound.
+    pub bounded: bool,
     pub seconds: u64,
     pub trials: Vec<LoadRun>,
 }
@@ -197,8 +202,10 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
             while !stop.is_cancelled() {
                 tick.tick().await;
                 let published = sent.load(Ordering::Relaxed);
-                let acked = metric(&api, "fleetlake_messages_acked_total").await;
-                samples.push(published.saturating_sub(acked) as f64);
+                // A failed scrape is no sample (not a lag of everything published).
+                if let Some(acked) = acked(&api).await {
+                    samples.push(published.saturating_sub(acked) as f64);
+                }
             }
             samples
         })
@@ -244,7 +251,7 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
     let ended = Instant::now();
     let mut catch_up = None;
     while ended.elapsed() < Duration::from_secs(60) {
-        if metric(&engine.api, "fleetlake_messages_acked_total").await >= n {
+        if acked(&engine.api).await.is_some_and(|a| a >= n) {
             catch_up = Some(round(ended.elapsed().as_secs_f64(), 2));
             break;
         }
@@ -280,8 +287,18 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
         mean(&lag[(3 * q).min(lag.len())..published_samples.min(lag.len())]),
     );
     let achieved = n as f64 / publish_seconds;
-    let sustained =
-        achieved >= 0.95 * rate as f64 && last <= second + rate as f64 && catch_up.is_some();
+    let why_not = if achieved < 0.95 * rate as f64 {
+        Some(format!(
+            "the publisher sent only {achieved:.0} msg/s (it shares the cores)"
+        ))
+    } else if last > second + rate as f64 {
+        Some("the lag grew".to_string())
+    } else if catch_up.is_none() {
+        Some("not caught up 60 s after publishing ended".to_string())
+    } else {
+        None
+    };
+    let sustained = why_not.is_none();
     let run = LoadRun {
         offered: rate,
         achieved: achieved.round(),
@@ -294,6 +311,7 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
         lag_last_quarter: last.round(),
         catch_up_seconds: catch_up,
         sustained,
+        why_not,
         peak_rss_mib: peak,
     };
     progress!(
@@ -309,6 +327,25 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
         }
     );
     run
+}
+
+/// Messages the engine has acknowledged (`fleetlake_messages_acked_total`); `None` when
+/// `/metrics` did not answer.
+async fn acked(api: &Api) -> Option<u64> {
+    let r = api
+        .http(reqwest::Method::GET, format!("{}/metrics", api.base))
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.text()
+        .await
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetlake_messages_acked_total "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Publishes one reading of the latency pipeline's shape, stamped with the time now.
@@ -359,6 +396,7 @@ pub(crate) async fn highest_sustained(seconds: u64, trials: u32, devices: u64) -
     progress!("sustained: {ok:?} msg/s for {seconds} s");
     Sustained {
         highest: ok,
+        bounded: failed.is_some(),
         seconds,
         trials: runs,
     }

@@ -89,6 +89,10 @@ pub(crate) struct Args {
     readme: Option<PathBuf>,
 }
 
+/// How long after a drain the engine's resident memory is read: the device state and dedup
+/// settle (snapshots, compaction) meanwhile.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// When the suite started, for the progress lines.
 static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
@@ -225,7 +229,7 @@ async fn main() {
     if cfg!(debug_assertions) {
         progress!("warning: a debug build; publish figures from a release build (--release)");
     }
-    let mut report = report::Report::new();
+    let mut report = report::Report::new(args.devices);
 
     for (input, profile) in [("envelope", Profile::Envelope), ("mixed", Profile::Mixed)] {
         let nats = Nats::start().await;
@@ -261,7 +265,10 @@ async fn main() {
             report.drains.push(run.0);
         }
         if input == "envelope" && !args.no_diy {
-            report.drains.push(diy(&nats, args.messages, base).await);
+            let distinct = report.fills.last().map_or(0, |f| f.distinct);
+            report
+                .drains
+                .push(diy(&nats, args.messages, distinct, base).await);
         }
     }
 
@@ -499,6 +506,8 @@ async fn engine_drain(
     let engine = start_engine(nats.url(), dir.path(), &pipelines, seaweed.as_ref(), &[]).await;
     wait_acked(&engine, messages, &format!("{input}: {what}"), &log).await;
     let (seconds, consumer_cores, nats_cores) = meter.stop(Some(engine.pid()));
+    // Memory after the same settling as the many-device runs it is compared with.
+    tokio::time::sleep(SETTLE).await;
     let (peak, now) = rss_mib(engine.pid());
     let commit_busy = round(commit_seconds(&engine).await / seconds, 2);
     let status = engine.terminate().await;
@@ -531,7 +540,7 @@ async fn engine_drain(
 }
 
 /// The Python do-it-yourself consumer draining the envelope stream on `nats_url`.
-async fn diy(nats: &Nats, messages: u64, base: f64) -> Drain {
+async fn diy(nats: &Nats, messages: u64, distinct: u64, base: f64) -> Drain {
     progress!("envelope: the do-it-yourself Python consumer (nats-py + deltalake)…");
     let dir = TestDir::new();
     let meter = Meter::start(nats);
@@ -553,14 +562,17 @@ async fn diy(nats: &Nats, messages: u64, base: f64) -> Drain {
     );
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("JSON from diy_consumer.py");
-    let (_, _, nats_cores) = meter.stop(None);
-    let seconds = v["seconds"].as_f64().expect("seconds");
+    // Timed like fleetlake: from starting the process (the interpreter and its imports too).
+    let (seconds, _, nats_cores) = meter.stop(None);
     let cpu = v["cpu_seconds"].as_f64().expect("cpu_seconds");
     let rate = messages as f64 / seconds;
-    progress!(
-        "envelope: do-it-yourself: {rate:.0} msg/s ({} rows)",
-        v["rows"]
-    );
+    let rows = v["rows"].as_u64().unwrap_or(0);
+    progress!("envelope: do-it-yourself: {rate:.0} msg/s ({rows} rows)");
+    if rows.abs_diff(distinct) > distinct / 100 {
+        progress!(
+            "warning: the do-it-yourself consumer wrote {rows} rows, not about the {distinct} distinct readings sent: it did not do the same work"
+        );
+    }
     Drain {
         what: "do-it-yourself: Python, nats-py + deltalake".to_string(),
         input: "envelope",
@@ -600,8 +612,7 @@ async fn fleet(args: &Args, small: &[(Pipelines, f64)]) -> Fleet {
         let engine = start_engine(nats.url(), dir.path(), &pipelines, None, &extra).await;
         wait_acked(&engine, messages, &format!("{devices} devices"), &log).await;
         let seconds = started.elapsed().as_secs_f64();
-        // Let the device state and dedup settle (snapshots, compaction) before reading memory.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(SETTLE).await;
         let (peak, now) = rss_mib(engine.pid());
         let status = engine.terminate().await;
         assert!(

@@ -24,13 +24,15 @@ pub(crate) struct Report {
     pub build: &'static str,
     pub cores: usize,
     pub memory_gib: f64,
+    /// Devices of the drains and latency runs (`--devices`).
+    pub devices: u64,
     pub fills: Vec<Fill>,
     pub drains: Vec<Drain>,
     pub loads: Vec<LoadRun>,
     pub sustained: Option<Sustained>,
     pub fleet: Option<Fleet>,
     pub targets: Vec<Target>,
-    /// Resident memory after the 1,000-device mixed drains (local folder), MiB.
+    /// Resident memory after the `--devices` mixed drains (local folder), MiB.
     #[serde(skip)]
     pub mixed_rss_after_mib: Vec<(Pipelines, f64)>,
 }
@@ -56,7 +58,7 @@ fn git(args: &[&str]) -> String {
 }
 
 impl Report {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(devices: u64) -> Self {
         let argv: Vec<String> = std::env::args().collect();
         let exe = Path::new(&argv[0])
             .file_name()
@@ -105,6 +107,7 @@ impl Report {
             build: profile,
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
             memory_gib: round(memory_kb / 1024.0 / 1024.0, 1),
+            devices,
             fills: Vec::new(),
             drains: Vec::new(),
             loads: Vec::new(),
@@ -165,7 +168,11 @@ impl Report {
             });
             targets.push(Target {
                 target: format!("{what} at {} msg/s", thousands(rate as f64)),
-                measured: p99.map_or("—".into(), |p| format!("{p} ms")),
+                measured: match p99 {
+                    None => "—".into(),
+                    Some(p) if p.is_nan() => "nothing arrived".into(),
+                    Some(p) => format!("{p} ms"),
+                },
                 met: p99.map(|p| p < limit),
             });
         }
@@ -267,11 +274,13 @@ impl Report {
         if !self.loads.is_empty() {
             let _ = writeln!(
                 w,
-                "\n**Latency** at fixed offered loads (1,000 devices; `benches/src/suite/latency.sql`: \
+                "\n**Latency** at fixed offered loads ({} devices; `benches/src/suite/latency.sql`: \
                  one source, one usable table, one rule; the engine's settings as above). \
                  Alert: publish → the alert at a NATS subscriber. Queryable: publish → the reading \
-                 in a `/v1/query` answer (a probe reading every 100 ms, asked for every 50 ms: an upper bound by up to 50 ms and one query). Lag: messages \
-                 published and not yet acknowledged, mean of the run's second and last quarter.\n"
+                 in a `/v1/query` answer (a probe reading every 100 ms, asked for every 50 ms: an \
+                 upper bound by up to 50 ms and one query). Lag: messages published and not yet \
+                 acknowledged, mean of the run's second and last quarter.\n",
+                thousands(self.devices as f64)
             );
             let _ = writeln!(
                 w,
@@ -310,7 +319,8 @@ impl Report {
                 s.seconds,
                 s.highest
                     .map_or("none of the loads tried".into(), |h| format!(
-                        "{} msg/s",
+                        "{}{} msg/s",
+                        if s.bounded { "" } else { "at least " },
                         thousands(h as f64)
                     ))
             );
@@ -319,10 +329,11 @@ impl Report {
             let _ = writeln!(
                 w,
                 "\n**Memory with {} devices** (mixed fleet, {} messages, local folder; per device: \
-                 resident memory after the drain minus that after the 1,000-device drain of the \
+                 resident memory after the drain minus that after the {}-device drain of the \
                  same pipelines and messages above):\n\n| engine | msg/s | peak RSS | RSS after | per device |\n|---|---|---|---|---|",
                 thousands(f.devices as f64),
                 thousands(f.messages as f64),
+                thousands(self.devices as f64),
             );
             for r in &f.runs {
                 let _ = writeln!(
