@@ -24,6 +24,8 @@ pub(crate) struct Run {
     /// CPU this process and nats-server used (CPU seconds per second).
     pub consumer_cores: f64,
     pub nats_cores: Option<f64>,
+    /// Share of the machine's CPU time stolen meanwhile.
+    pub steal: f64,
 }
 
 /// Reads the default stream (`TELEMETRY`) on `nats_url` from its start with a new durable pull
@@ -69,9 +71,10 @@ pub(crate) async fn drain(nats: &Nats, messages: u64, ack: Ack) -> Run {
     }
     client.flush().await.expect("flush");
     let (seconds, consumer_cores, nats_cores) = meter.stop(None);
+    let steal = meter.steal();
     let rate = messages as f64 / seconds;
     progress!(
-        "bare consumer ({ack:?} acks): {rate:.0} msg/s, {consumer_cores} cores, nats-server {nats_cores:?}"
+        "bare consumer ({ack:?} acks): {rate:.0} msg/s, {consumer_cores} cores, nats-server {nats_cores:?}, steal {steal}"
     );
     Run {
         messages,
@@ -79,5 +82,6 @@ pub(crate) async fn drain(nats: &Nats, messages: u64, ack: Ack) -> Run {
         messages_per_second: rate,
         consumer_cores,
         nats_cores,
+        steal,
     }
 }

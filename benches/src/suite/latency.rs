@@ -100,6 +100,8 @@ pub(crate) struct LoadRun {
     pub sustained: bool,
     /// Why not, when not sustained.
     pub why_not: Option<String>,
+    /// Share of the machine's CPU time stolen while publishing (see [`crate::Steal`]).
+    pub steal: f64,
     pub peak_rss_mib: f64,
 }
 
@@ -212,6 +214,7 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
     };
 
     // The publisher.
+    let steal = crate::Steal::start();
     let total = rate * seconds;
     let tick = Duration::from_millis(5);
     let per_tick = (rate as f64 * tick.as_secs_f64()).max(1.0) as u64;
@@ -245,6 +248,7 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
     }
     client.flush().await.expect("flush");
     let publish_seconds = started.elapsed().as_secs_f64();
+    let steal = steal.share();
     sent.store(n, Ordering::Relaxed);
 
     // Catching up.
@@ -312,6 +316,7 @@ pub(crate) async fn run(rate: u64, seconds: u64, devices: u64) -> LoadRun {
         catch_up_seconds: catch_up,
         sustained,
         why_not,
+        steal,
         peak_rss_mib: peak,
     };
     progress!(

@@ -133,6 +133,8 @@ pub(crate) struct Drain {
     /// over its tables, which one task commits one after another, over the drain's time): near
     /// 1, the commits are what limits it; well below, ingest's own loop is.
     pub commit_busy: Option<f64>,
+    /// Share of the machine's CPU time the hypervisor took meanwhile (see [`Steal`]).
+    pub steal: f64,
 }
 
 /// Wall-clock and CPU time of a drain: the consumer's and nats-server's.
@@ -141,6 +143,40 @@ pub(crate) struct Meter {
     nats_pid: Option<u32>,
     nats_cpu: f64,
     own_cpu: f64,
+    steal: Steal,
+}
+
+/// The machine's CPU time so far, from the first line of `/proc/stat`: (all, stolen) ticks.
+/// Steal is time the hypervisor gave this virtual machine's CPUs to someone else: on a shared
+/// machine it makes every rate lower, and the report says how much there was.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Steal(f64, f64);
+
+impl Steal {
+    pub(crate) fn start() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        Self(ticks.iter().sum(), ticks.get(7).copied().unwrap_or(0.0))
+    }
+
+    /// The share of the CPU time since `self` that was stolen, 0 to 1.
+    pub(crate) fn share(&self) -> f64 {
+        let now = Self::start();
+        let all = now.0 - self.0;
+        if all <= 0.0 {
+            0.0
+        } else {
+            round((now.1 - self.1) / all, 3)
+        }
+    }
 }
 
 impl Meter {
@@ -151,7 +187,13 @@ impl Meter {
             nats_pid,
             nats_cpu: nats_pid.map_or(0.0, cpu_seconds),
             own_cpu: cpu_seconds(std::process::id()),
+            steal: Steal::start(),
         }
+    }
+
+    /// The share of the machine's CPU time stolen since the start (see [`Steal`]).
+    pub(crate) fn steal(&self) -> f64 {
+        self.steal.share()
     }
 
     /// Wall seconds since the start; the cores `consumer` used (a process started after the
@@ -226,6 +268,7 @@ pub(crate) struct FleetRun {
 async fn main() {
     let args = <Args as clap::Parser>::parse();
     STARTED.get_or_init(Instant::now);
+    let steal = Steal::start();
     if cfg!(debug_assertions) {
         progress!("warning: a debug build; publish figures from a release build (--release)");
     }
@@ -287,6 +330,7 @@ async fn main() {
         report.fleet = Some(fleet(&args, &report.mixed_rss_after_mib).await);
     }
 
+    report.steal = steal.share();
     report.write(&args);
 }
 
@@ -304,6 +348,7 @@ impl Drain {
             consumer_cores: run.consumer_cores,
             nats_cores: run.nats_cores,
             commit_busy: None,
+            steal: run.steal,
         }
     }
 }
@@ -506,6 +551,7 @@ async fn engine_drain(
     let engine = start_engine(nats.url(), dir.path(), &pipelines, seaweed.as_ref(), &[]).await;
     wait_acked(&engine, messages, &format!("{input}: {what}"), &log).await;
     let (seconds, consumer_cores, nats_cores) = meter.stop(Some(engine.pid()));
+    let steal = meter.steal();
     // Memory after the same settling as the many-device runs it is compared with.
     tokio::time::sleep(SETTLE).await;
     let (peak, now) = rss_mib(engine.pid());
@@ -517,7 +563,7 @@ async fn engine_drain(
     }
     let rate = messages as f64 / seconds;
     progress!(
-        "{input}: {what}, {lake}: {rate:.0} msg/s ({:.2} of the ceiling), peak {peak} MiB, \
+        "{input}: {what}, {lake}: {rate:.0} msg/s ({:.2} of the ceiling), steal {steal}, peak {peak} MiB, \
          engine {consumer_cores} cores (committing {commit_busy} of the time), nats-server {nats_cores:?}",
         rate / base
     );
@@ -534,6 +580,7 @@ async fn engine_drain(
             consumer_cores,
             nats_cores,
             commit_busy: Some(commit_busy),
+            steal,
         },
         now,
     )
@@ -564,6 +611,7 @@ async fn diy(nats: &Nats, messages: u64, distinct: u64, base: f64) -> Drain {
         serde_json::from_slice(&out.stdout).expect("JSON from diy_consumer.py");
     // Timed like fleetlake: from starting the process (the interpreter and its imports too).
     let (seconds, _, nats_cores) = meter.stop(None);
+    let steal = meter.steal();
     let cpu = v["cpu_seconds"].as_f64().expect("cpu_seconds");
     let rate = messages as f64 / seconds;
     let rows = v["rows"].as_u64().unwrap_or(0);
@@ -585,6 +633,7 @@ async fn diy(nats: &Nats, messages: u64, distinct: u64, base: f64) -> Drain {
         consumer_cores: round(cpu / seconds, 2),
         nats_cores,
         commit_busy: None,
+        steal,
     }
 }
 
