@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release -p fleetlake-benches --bins -p fleetlake --bin fleetlake
-//! target/release/suite --readme README.md      # about 20 minutes on 2 cores
+//! PATH=$PWD/.venv/bin:$PATH target/release/suite --readme README.md   # 15–25 minutes on 2 cores
 //! ```
 //!
 //! Every figure is measured beside the others in this one run, so their ratios are comparable
