@@ -74,7 +74,8 @@ pub(crate) async fn drain(nats: &Nats, messages: u64, ack: Ack) -> Run {
     let steal = meter.steal();
     let rate = messages as f64 / seconds;
     progress!(
-        "bare consumer ({ack:?} acks): {rate:.0} msg/s, {consumer_cores} cores, nats-server {nats_cores:?}, steal {steal}"
+        "bare consumer ({ack:?} acks): {rate:.0} msg/s, {consumer_cores} cores, nats-server {} cores, steal {steal}",
+        nats_cores.map_or("?".into(), |c| c.to_string())
     );
     Run {
         messages,

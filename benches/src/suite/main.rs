@@ -51,7 +51,10 @@ use tokio_util::sync::CancellationToken;
 
 /// One run of every benchmark, side by side, with a Markdown and JSON report.
 #[derive(clap::Parser)]
-#[command(name = "suite", about)]
+#[command(
+    name = "suite",
+    about = "One run of every benchmark side by side: bare-consumer ceilings, fleetlake's drains, a Python baseline, latency at fixed loads, the highest sustained load and memory with many devices"
+)]
 pub(crate) struct Args {
     /// Messages in each pre-filled stream.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -60,7 +63,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(3..))]
     devices: u64,
     /// Offered loads for the latency percentiles, messages per second, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "5000,20000,50000")]
+    #[arg(long, value_delimiter = ',', default_value = "5000,20000,50000", value_parser = clap::value_parser!(u64).range(1..))]
     loads: Vec<u64>,
     /// Seconds of publishing at each offered load.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..))]
@@ -80,7 +83,8 @@ pub(crate) struct Args {
     /// Leave out the Python do-it-yourself baseline.
     #[arg(long)]
     no_diy: bool,
-    /// Folder for suite.md and suite.json.
+    /// Folder for suite.md and suite.json (the default holds the README's run: give another
+    /// for a trial).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
     /// A Markdown file whose `<!-- suite:begin -->` … `<!-- suite:end -->` part is replaced by
@@ -564,8 +568,9 @@ async fn engine_drain(
     let rate = messages as f64 / seconds;
     progress!(
         "{input}: {what}, {lake}: {rate:.0} msg/s ({:.2} of the ceiling), steal {steal}, peak {peak} MiB, \
-         engine {consumer_cores} cores (committing {commit_busy} of the time), nats-server {nats_cores:?}",
-        rate / base
+         engine {consumer_cores} cores (committing {commit_busy} of the time), nats-server {} cores",
+        rate / base,
+        nats_cores.map_or("?".into(), |c| c.to_string())
     );
     (
         Drain {

@@ -284,13 +284,16 @@ impl Report {
                  one source, one usable table, one rule; the engine's settings as above). \
                  Alert: publish → the alert at a NATS subscriber. Queryable: publish → the reading \
                  in a `/v1/query` answer (a probe reading every 100 ms, asked for every 50 ms: an \
-                 upper bound by up to 50 ms and one query). Lag: messages published and not yet \
-                 acknowledged, mean of the run's second and last quarter.\n",
+                 upper bound by up to 50 ms and one query); n: how many alerts and probe readings \
+                 were measured. Lag: messages published and not yet acknowledged, the mean over \
+                 the run's second quarter → the mean over its last quarter. Sustained: the \
+                 publisher reached 95% of the load, the lag grew by less than one second of \
+                 traffic between those two quarters, and the engine caught up within 60 s.\n",
                 thousands(self.devices as f64)
             );
             let _ = writeln!(
                 w,
-                "| offered msg/s | sent msg/s | alert p50 / p99 / max ms | queryable p50 / p99 / max ms | probe query ms | lag | sustained | steal |\n|---|---|---|---|---|---|---|---|"
+                "| offered msg/s | sent msg/s | alert p50 / p99 / max ms (n) | queryable p50 / p99 / max ms (n) | probe query ms | lag | sustained | steal |\n|---|---|---|---|---|---|---|---|"
             );
             let all = self.loads.iter().map(|l| (l, "")).chain(
                 self.sustained
@@ -300,15 +303,17 @@ impl Report {
             for (l, tag) in all {
                 let _ = writeln!(
                     w,
-                    "| {}{tag} | {} | {} / {} / {} | {} / {} / {} | {} | {} → {} | {} | {:.0}% |",
+                    "| {}{tag} | {} | {} / {} / {} ({}) | {} / {} / {} ({}) | {} | {} → {} | {} | {:.0}% |",
                     thousands(l.offered as f64),
                     thousands(l.achieved),
                     l.alert.p50,
                     l.alert.p99,
                     l.alert.max,
+                    l.alert.count,
                     l.queryable.p50,
                     l.queryable.p99,
                     l.queryable.max,
+                    l.queryable.count,
                     l.probe_query_ms,
                     thousands(l.lag_second_quarter),
                     thousands(l.lag_last_quarter),
