@@ -482,15 +482,13 @@ impl WindowOperator {
             let first_end = arrow::compute::min(
                 ends.as_primitive::<arrow::datatypes::TimestampMicrosecondType>(),
             );
-            self.open_ends_from = match (self.open_ends_from, first_end) {
-                (Some(bound), Some(end)) => Some(bound.min(end)),
-                (Some(bound), None) => Some(bound),
+            self.open_ends_from = if self.state.is_empty() {
+                first_end
+            } else {
                 // Unknown stays unknown: the next close looks at the whole state.
-                (None, _) => None,
+                self.open_ends_from
+                    .map(|bound| first_end.map_or(bound, |end| bound.min(end)))
             };
-            if self.state.is_empty() {
-                self.open_ends_from = first_end;
-            }
             self.state.push(partial);
             if let WindowKind::Session { .. } = self.def.kind {
                 self.merge_sessions()?;
