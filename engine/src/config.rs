@@ -104,7 +104,37 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "nats.consumer",
         default: "fleetlake",
-        help: "durable pull consumer name; also the Delta txn application id",
+        help: "durable pull consumer name; also the Delta txn application id (in a cluster, partition N's are <name>-pN)",
+    },
+    Key {
+        name: "nats.replicas",
+        default: "1",
+        help: "replicas of the stream when fleetlake creates it (3 on a 3-node NATS cluster)",
+    },
+    Key {
+        name: "cluster.partitions",
+        default: "0",
+        help: "0 = this instance consumes the whole stream; P > 0 = the stream's subjects are mapped to P partitions (fleetlake sets the mapping when it creates the stream; fixed for the stream's life) and the instances sharing nats.consumer split them",
+    },
+    Key {
+        name: "cluster.instance",
+        default: "",
+        help: "this instance's id in the cluster (empty = host name and process id)",
+    },
+    Key {
+        name: "cluster.lease_bucket",
+        default: "fleetlake_cluster",
+        help: "NATS key-value bucket of the cluster's members and partition leases",
+    },
+    Key {
+        name: "cluster.lease_ttl_s",
+        default: "10",
+        help: "a partition whose owner has not renewed its lease for this long (it died) is taken over by another instance",
+    },
+    Key {
+        name: "cluster.fleet_wide",
+        default: "refuse",
+        help: "window tables not grouped by device_id and rules over them or grouping cohorts, in a cluster: refuse = serve does not start; skip = they are not computed (listed in /v1/cluster)",
     },
     Key {
         name: "ingest.fetch_batch",
@@ -382,6 +412,9 @@ pub const KEYS: &[Key] = &[
 #[derive(Clone)]
 pub struct Config {
     values: HashMap<&'static str, String>,
+    /// The partition a partition's ingest runs for ([`Config::for_partition`]); `None` for the
+    /// instance (and for an instance without partitions).
+    partition: Option<crate::cluster::Partition>,
 }
 
 impl std::fmt::Debug for Config {
@@ -421,6 +454,7 @@ impl Default for Config {
                 .iter()
                 .map(|k| (k.name, k.default.to_string()))
                 .collect(),
+            partition: None,
         }
     }
 }
@@ -539,6 +573,7 @@ impl Config {
             | "maintenance.max_partitions"
             | "maintenance.checkpoint_interval"
             | "maintenance.lease_ttl_s"
+            | "cluster.lease_ttl_s"
             | "query.timeout_s"
             | "query.memory_mb"
             | "query.max_rows"
@@ -547,6 +582,28 @@ impl Config {
                 Ok(n) if n > 0 => Ok(()),
                 _ => Err(bad("a positive integer")),
             },
+            "nats.replicas" => match value.parse::<u64>() {
+                Ok(1..=5) => Ok(()),
+                _ => Err(bad("1 to 5 (NATS allows at most 5 replicas)")),
+            },
+            "cluster.partitions" => match value.parse::<u64>() {
+                Ok(0..=1024) => Ok(()),
+                _ => Err(bad("0 (no partitions) to 1024")),
+            },
+            "cluster.fleet_wide" => match value {
+                "refuse" | "skip" => Ok(()),
+                _ => Err(bad("refuse or skip")),
+            },
+            "cluster.instance" => {
+                let ok = value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if ok {
+                    Ok(())
+                } else {
+                    Err(bad("a name of letters, digits, '_' or '-' (or empty)"))
+                }
+            }
             "maintenance.min_small_files" => match value.parse::<u64>() {
                 Ok(n) if n >= 2 => Ok(()),
                 _ => Err(bad("an integer of at least 2")),
@@ -639,7 +696,11 @@ impl Config {
                     ))
                 }
             }
-            "nats.stream" | "nats.consumer" | "alerts.stream" | "maintenance.lease_bucket" => {
+            "nats.stream"
+            | "nats.consumer"
+            | "alerts.stream"
+            | "maintenance.lease_bucket"
+            | "cluster.lease_bucket" => {
                 let ok = !value.is_empty()
                     && value
                         .chars()
@@ -746,6 +807,51 @@ impl Config {
     }
     pub fn consumer(&self) -> &str {
         self.get("nats.consumer")
+    }
+    /// `nats.replicas`: the stream's replicas when fleetlake creates it.
+    pub fn replicas(&self) -> usize {
+        self.number("nats.replicas") as usize
+    }
+    /// `cluster.partitions`: 0 without partitions.
+    pub fn partitions(&self) -> u32 {
+        self.number("cluster.partitions") as u32
+    }
+    /// The partition this configuration's ingest consumes, when it is one partition's.
+    pub fn partition(&self) -> Option<crate::cluster::Partition> {
+        self.partition
+    }
+    /// The configuration of partition `index`'s ingest: its consumer (and Delta txn application
+    /// id, and the kind of its state snapshots) is `<nats.consumer>-p<index>`.
+    pub fn for_partition(&self, index: u32) -> Config {
+        let mut config = self.clone();
+        let consumer = format!("{}-p{index}", self.consumer());
+        config.values.insert("nats.consumer", consumer);
+        config.partition = Some(crate::cluster::Partition {
+            index,
+            count: self.partitions(),
+        });
+        config
+    }
+    /// `cluster.instance`, or the host name and process id when it is empty.
+    pub fn instance_id(&self) -> String {
+        match self.get("cluster.instance") {
+            "" => format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+                std::process::id()
+            ),
+            id => id.to_string(),
+        }
+    }
+    pub fn cluster_lease_bucket(&self) -> &str {
+        self.get("cluster.lease_bucket")
+    }
+    pub fn cluster_lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.number("cluster.lease_ttl_s"))
+    }
+    /// `cluster.fleet_wide = skip`.
+    pub fn skip_fleet_wide(&self) -> bool {
+        self.get("cluster.fleet_wide") == "skip"
     }
     pub fn subjects(&self) -> Vec<String> {
         self.list("nats.subjects")

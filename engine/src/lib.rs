@@ -37,6 +37,7 @@
 //! Start reading at [`ingest`].
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod ingest;
 pub mod maintenance;

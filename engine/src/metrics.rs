@@ -181,6 +181,10 @@ pub struct Metrics {
     pipelines: Mutex<std::collections::BTreeMap<String, PipelineCounters>>,
     rules: Mutex<std::collections::BTreeMap<String, RuleCounters>>,
     maintenance: Mutex<MaintenanceCounters>,
+    /// The cluster this instance is a member of (`cluster.partitions` > 0), as last seen.
+    cluster: Mutex<Option<crate::cluster::ClusterStatus>>,
+    /// Messages not yet delivered, per partition this instance consumes.
+    partition_lags: Mutex<std::collections::BTreeMap<u32, i64>>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
     last_errors: Mutex<Vec<(&'static str, String, chrono::DateTime<chrono::Utc>)>>,
 }
@@ -208,6 +212,8 @@ impl Default for Metrics {
             source_up: AtomicI64::new(0),
             tables: Mutex::new(Vec::new()),
             last_errors: Mutex::new(Vec::new()),
+            cluster: Mutex::new(None),
+            partition_lags: Mutex::new(std::collections::BTreeMap::new()),
             pipeline_failed: AtomicI64::new(0),
             ingest_stopped: AtomicI64::new(0),
             pipelines: Mutex::new(std::collections::BTreeMap::new()),
@@ -218,6 +224,97 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records the cluster as this instance last saw it; lags of partitions it no longer owns
+    /// are dropped.
+    pub fn set_cluster(&self, status: crate::cluster::ClusterStatus) {
+        let mut lags = self.partition_lags.lock().expect("metrics lock");
+        lags.retain(|p, _| status.owned.iter().any(|o| o.partition == *p));
+        self.consumer_lag
+            .store(lags.values().sum(), Ordering::Relaxed);
+        *self.cluster.lock().expect("metrics lock") = Some(status);
+    }
+
+    /// The cluster as last seen (`None` without partitions).
+    pub fn cluster(&self) -> Option<crate::cluster::ClusterStatus> {
+        self.cluster.lock().expect("metrics lock").clone()
+    }
+
+    /// Records partition `index`'s lag (messages not yet delivered); `fleetlake_consumer_lag`
+    /// is the sum over the partitions this instance consumes.
+    pub fn partition_lag(&self, index: u32, lag: i64) {
+        let mut lags = self.partition_lags.lock().expect("metrics lock");
+        lags.insert(index, lag);
+        self.consumer_lag
+            .store(lags.values().sum(), Ordering::Relaxed);
+    }
+
+    /// Each consumed partition's lag.
+    pub fn partition_lags(&self) -> std::collections::BTreeMap<u32, i64> {
+        self.partition_lags.lock().expect("metrics lock").clone()
+    }
+
+    fn render_cluster(&self, out: &mut String) {
+        let Some(c) = self.cluster() else {
+            return;
+        };
+        let lags = self.partition_lags();
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_partition_owned Partitions of the stream, 1 for those this instance consumes.\n# TYPE fleetlake_partition_owned gauge"
+        );
+        for p in 0..c.partitions {
+            let owned = c.owned.iter().any(|o| o.partition == p);
+            let _ = writeln!(
+                out,
+                "fleetlake_partition_owned{{partition=\"{p}\"}} {}",
+                u8::from(owned)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_partition_lag Messages of a partition this instance consumes not yet delivered to it.\n# TYPE fleetlake_partition_lag gauge"
+        );
+        for o in &c.owned {
+            let lag = lags.get(&o.partition).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "fleetlake_partition_lag{{partition=\"{}\"}} {lag}",
+                o.partition
+            );
+        }
+        for (name, help, kind, value) in [
+            (
+                "fleetlake_cluster_members",
+                "Members of the cluster this instance sees (itself included).",
+                "gauge",
+                c.members.len() as u64,
+            ),
+            (
+                "fleetlake_partition_takeovers_total",
+                "Partitions this instance took a lease on and started consuming (at start, after an owner died, on rebalancing).",
+                "counter",
+                c.takeovers,
+            ),
+            (
+                "fleetlake_partition_released_total",
+                "Partitions this instance handed to another member after committing what it took.",
+                "counter",
+                c.released,
+            ),
+            (
+                "fleetlake_partition_lost_total",
+                "Partition leases this instance lost without handing them back (expired and taken by another member).",
+                "counter",
+                c.lost,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+
     /// Records what maintenance did to one table: its shape after, the files it rewrote
     /// (removed by compaction), vacuumed and the log entries it deleted.
     pub fn table_maintained(
@@ -661,6 +758,7 @@ impl Metrics {
                 &format!("table=\"{}\"", t.table),
             );
         }
+        self.render_cluster(&mut out);
         out
     }
 }

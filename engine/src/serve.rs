@@ -72,6 +72,18 @@ impl Engine {
         } else {
             (Declared::default(), Vec::new())
         };
+        let cluster = ingest && config.partitions() > 0;
+        if cluster && !config.skip_fleet_wide() {
+            let (_, fleet_wide) = crate::cluster::split_fleet_wide(&declared);
+            if !fleet_wide.is_empty() {
+                return Err(StartError::Config(format!(
+                    "cluster.partitions = {}: each instance computes window tables and rules per partition, and these sum up rows of many partitions: {}. \
+                     Group window tables by device_id, or set cluster.fleet_wide = skip to run without them (GET /v1/cluster lists what is skipped)",
+                    config.partitions(),
+                    fleet_wide.join("; ")
+                )));
+            }
+        }
         let runners = &declared.runners;
         let metrics = Arc::new(Metrics::default());
         let addr = config.listen();
@@ -117,13 +129,15 @@ impl Engine {
                         }
                     })
                     .collect();
-                Some(Arc::new(Rules::new(
-                    dir,
-                    lake.clone(),
-                    config.consumer(),
-                    entries,
-                    changes,
-                )))
+                let rules = Rules::new(dir, lake.clone(), config.consumer(), entries, changes);
+                Some(Arc::new(if cluster {
+                    rules.frozen(format!(
+                        "in a cluster (cluster.partitions = {}) each partition runs the rules it started with: the rule file of this instance is changed, and the change applies when each instance restarts with the same file",
+                        config.partitions()
+                    ))
+                } else {
+                    rules
+                }))
             }
             _ => None,
         };
@@ -137,7 +151,8 @@ impl Engine {
         // over /v1/devices.
         let devices: fleetlake_sql::device_state::SharedDeviceState = Default::default();
         let mut engine = QueryEngine::new(lake.clone());
-        if ingest {
+        // In a cluster each partition keeps its devices' state: there is no whole view here.
+        if ingest && !cluster {
             engine = engine.with_live(Arc::new(fleetlake_sql::device_state::DeviceStateTable(
                 devices.clone(),
             )));
@@ -166,7 +181,7 @@ impl Engine {
             max_query_body: config.query_max_body(),
             references: Arc::new(references),
             lake: Arc::new(engine),
-            devices: ingest.then(|| devices.clone()),
+            devices: (ingest && !cluster).then(|| devices.clone()),
             metrics: metrics.clone(),
             ingesting: ingest,
             pipelines: Arc::new(described),
@@ -198,15 +213,25 @@ impl Engine {
         let mut tasks = JoinSet::new();
         let ingest_ended = CancellationToken::new();
         if ingest {
-            let run = tokio::spawn(crate::ingest::run(
-                config.clone(),
-                lake.clone(),
-                declared,
-                rule_changes,
-                metrics.clone(),
-                ingest_stop.clone(),
-                devices,
-            ));
+            let run = if cluster {
+                tokio::spawn(crate::cluster::run(
+                    config.clone(),
+                    lake.clone(),
+                    declared,
+                    metrics.clone(),
+                    ingest_stop.clone(),
+                ))
+            } else {
+                tokio::spawn(crate::ingest::run(
+                    config.clone(),
+                    lake.clone(),
+                    declared,
+                    rule_changes,
+                    metrics.clone(),
+                    ingest_stop.clone(),
+                    devices,
+                ))
+            };
             tasks.spawn(supervise(
                 run,
                 metrics.clone(),
@@ -347,7 +372,7 @@ async fn supervise(
 }
 
 /// The text of a panic's payload (`&str` or `String`, as `panic!` makes them).
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

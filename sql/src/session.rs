@@ -1,6 +1,6 @@
 //! Every DataFusion session fleetlake makes — ad-hoc queries, pipelines and their expectations,
-//! window tables and rules — is made here, so each has the same functions: DataFusion's own and
-//! fleetlake's anomaly functions ([`crate::anomaly`]).
+//! window tables and rules — is made here, so each has the same functions: DataFusion's own,
+//! fleetlake's anomaly functions ([`crate::anomaly`]) and `nats_partition` ([`nats_partition_udf`]).
 
 use datafusion::execution::{FunctionRegistry, SessionStateBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -30,5 +30,52 @@ pub fn context_with_runtime(
             .register_udaf(std::sync::Arc::new(f))
             .expect("registering an aggregate function cannot fail");
     }
+    state
+        .register_udf(std::sync::Arc::new(nats_partition_udf()))
+        .expect("registering a scalar function cannot fail");
     SessionContext::new_with_state(state)
+}
+
+/// `nats_partition(subject VARCHAR, partitions BIGINT) -> BIGINT`: the partition (0-based) NATS
+/// maps `subject` to among `partitions` ([`crate::hash::nats_partition`]); NULL when either is
+/// NULL or `partitions` is not positive. Which instance of a cluster consumes a message:
+/// `SELECT nats_partition(subject, 6) FROM raw.telemetry`.
+pub fn nats_partition_udf() -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::arrow::array::{Array, AsArray, Int64Array};
+    use datafusion::arrow::datatypes::{DataType, Int64Type};
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    let fun = |args: &[ColumnarValue]| -> datafusion::error::Result<ColumnarValue> {
+        let rows = args
+            .iter()
+            .find_map(|a| match a {
+                ColumnarValue::Array(a) => Some(a.len()),
+                ColumnarValue::Scalar(_) => None,
+            })
+            .unwrap_or(1);
+        let arrays = ColumnarValue::values_to_arrays(args)?;
+        let subjects = arrays[0].as_string::<i32>();
+        let counts = arrays[1].as_primitive::<Int64Type>();
+        let out: Int64Array = (0..rows)
+            .map(|i| {
+                if subjects.is_null(i) || counts.is_null(i) {
+                    return None;
+                }
+                let n = u32::try_from(counts.value(i)).ok().filter(|n| *n > 0)?;
+                Some(crate::hash::nats_partition(subjects.value(i), n) as i64)
+            })
+            .collect();
+        if args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) {
+            return Ok(ColumnarValue::Scalar(
+                datafusion::scalar::ScalarValue::try_from_array(&out, 0)?,
+            ));
+        }
+        Ok(ColumnarValue::Array(std::sync::Arc::new(out)))
+    };
+    create_udf(
+        "nats_partition",
+        vec![DataType::Utf8, DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        std::sync::Arc::new(fun),
+    )
 }

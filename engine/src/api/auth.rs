@@ -448,6 +448,7 @@ pub const ROUTES: &[(&str, &str, Requirement)] = &[
     ),
     // Fleet-wide counters and rule texts: not for a token bound to tenants.
     ("GET", "/v1/pipelines", Requirement::Unbound(Role::Engineer)),
+    ("GET", "/v1/cluster", Requirement::Unbound(Role::Engineer)),
     ("GET", "/v1/rules", Requirement::Unbound(Role::Engineer)),
     (
         "GET",

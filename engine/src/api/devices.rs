@@ -22,7 +22,7 @@ fn not_ingesting() -> Response {
     error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "no_device_state",
-        "this process does not ingest, so it keeps no device state; ask the fleetlake that runs ingest",
+        "this process does not ingest, or it is one instance of a cluster (cluster.partitions > 0), whose device state is kept per partition: ask a fleetlake that runs ingest alone, or query the usable tables",
     )
 }
 

@@ -171,6 +171,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/tables", get(tables))
         .route("/v1/pipelines", get(pipelines))
+        .route("/v1/cluster", get(cluster))
         .route(
             "/v1/reference/{table}",
             put(put_reference).layer(axum::extract::DefaultBodyLimit::max(
@@ -562,6 +563,38 @@ async fn tables(
     }
 }
 
+/// `GET /v1/cluster`: this instance's view of its cluster (`cluster.partitions` > 0): its id,
+/// the partitions it consumes with their lag, every partition's holder, the members, what is
+/// not computed in a cluster, and takeovers. 404 for an instance that is not in a cluster.
+async fn cluster(State(state): State<AppState>) -> Response {
+    match cluster_view(&state.metrics) {
+        Some(view) => axum::Json(view).into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "not_a_cluster",
+            "this instance consumes the whole stream (cluster.partitions = 0): there is no cluster to show",
+        ),
+    }
+}
+
+/// The cluster as `/v1/cluster` and `/healthz` show it; `None` without partitions.
+fn cluster_view(m: &crate::metrics::Metrics) -> Option<serde_json::Value> {
+    let c = m.cluster()?;
+    let lags = m.partition_lags();
+    let mut view = json!(c);
+    view["owned"] = json!(
+        c.owned
+            .iter()
+            .map(|o| json!({
+                "partition": o.partition,
+                "since": o.since,
+                "lag": lags.get(&o.partition).copied().unwrap_or(0),
+            }))
+            .collect::<Vec<_>>()
+    );
+    Some(view)
+}
+
 async fn pipelines(State(state): State<AppState>) -> Response {
     let counters = state.metrics.pipelines();
     let list: Vec<serde_json::Value> = state
@@ -837,6 +870,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "pipelines": component(pipelines_up, "pipeline"),
         "ingest": component(ingest_up, "ingest"),
     });
+    let mut body = body;
+    if let Some(view) = cluster_view(m) {
+        body["cluster"] = view;
+    }
     let status = if healthy {
         StatusCode::OK
     } else {

@@ -97,6 +97,9 @@ pub struct Rules {
     lake: Lake,
     app_id: String,
     changes: mpsc::Sender<RuleChange>,
+    /// Why changes are not handed to ingest (in a cluster each partition runs its own rules):
+    /// they apply at the next start.
+    frozen: Option<String>,
     /// One change at a time.
     state: Mutex<State>,
 }
@@ -131,6 +134,7 @@ impl Rules {
             lake,
             app_id: format!("{app_id}-rules"),
             changes,
+            frozen: None,
             state: Mutex::new(State {
                 rules,
                 audit: None,
@@ -438,8 +442,18 @@ impl Rules {
         Ok(())
     }
 
+    /// Changes are written to the rule files but not handed to ingest, for `reason`: they apply
+    /// at the next start.
+    pub fn frozen(mut self, reason: String) -> Self {
+        self.frozen = Some(reason);
+        self
+    }
+
     /// Hands a change to ingest and waits until it is swapped in (or says why it is not yet).
     async fn apply(&self, update: RuleUpdate) -> Result<(), String> {
+        if let Some(reason) = &self.frozen {
+            return Err(reason.clone());
+        }
         let (done, applied) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
         let waited = APPLY_TIMEOUT.as_secs();

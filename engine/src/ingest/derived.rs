@@ -33,6 +33,7 @@ use fleetlake_zones::{Lake, TableId, Zone};
 
 use tokio::sync::oneshot;
 
+use crate::cluster::{Partition, scope};
 use crate::config::Config;
 use crate::ingest::alertmanager::Alertmanager;
 use crate::ingest::commit::Snapshot;
@@ -226,10 +227,11 @@ async fn backfill(
     writer: &mut TableWriter,
     upto: i64,
     references: &[(TableId, Arc<dyn TableProvider>)],
+    partition: Option<Partition>,
 ) -> Result<(), OpenError> {
     let table = op.def.table.clone();
     tracing::info!(%table, input = %op.input, upto, "backfilling a new window table from its input");
-    let closed = derive_window(lake, op, upto, references, |done, rows| {
+    let closed = derive_window(lake, op, upto, references, partition, |done, rows| {
         tracing::info!(%table, stream_seq = done, of = upto, rows, "backfilling");
     })
     .await?;
@@ -249,6 +251,7 @@ pub(crate) async fn derive_window(
     op: &mut WindowOperator,
     upto: i64,
     references: &[(TableId, Arc<dyn TableProvider>)],
+    partition: Option<Partition>,
     mut progress: impl FnMut(i64, usize),
 ) -> Result<RecordBatch, OpenError> {
     let table = op.def.table.clone();
@@ -256,7 +259,7 @@ pub(crate) async fn derive_window(
     let (mut from, mut rows) = (op.position(), 0);
     while from < upto {
         let to = from.saturating_add(BACKFILL_CHUNK).min(upto);
-        for batch in committed_rows(lake, &op.input, from, to).await? {
+        for batch in committed_rows(lake, &op.input, from, to, partition).await? {
             rows += batch.num_rows();
             let out = op.process(&batch, references).await.map_err(|e| {
                 OpenError::Invalid(format!("deriving {table} from {}: {e}", op.input))
@@ -325,6 +328,7 @@ async fn recorded_since(
     name: &str,
     version: &str,
     after: i64,
+    partition: Option<Partition>,
 ) -> Result<Vec<(String, String)>, String> {
     let table = alerts_table();
     if !table_exists(lake, &table).await? {
@@ -334,7 +338,8 @@ async fn recorded_since(
     let rows = QueryEngine::new(lake.clone())
         .query(&format!(
             "SELECT key, state FROM {table} WHERE rule = '{name}' AND rule_version = '{version}' \
-             AND stream_seq > {after} ORDER BY stream_seq, state"
+             AND stream_seq > {after}{} ORDER BY stream_seq, state",
+            scope(partition, "stream_seq", after, i64::MAX)
         ))
         .await
         .map_err(|e| format!("reading {table} to rebuild rule {name}: {e}"))?;
@@ -353,19 +358,22 @@ async fn recorded_since(
     Ok(out)
 }
 
-/// Committed rows of `table` with stream sequences in `(after, upto]`, in stream order.
+/// Committed rows of `table` with stream sequences in `(after, upto]`, in stream order (only
+/// the messages of `partition`, when ingest consumes one).
 async fn committed_rows(
     lake: &Lake,
     table: &TableId,
     after: i64,
     upto: i64,
+    partition: Option<Partition>,
 ) -> Result<Vec<RecordBatch>, String> {
     if upto <= after || !table_exists(lake, table).await? {
         return Ok(Vec::new());
     }
     let rows = QueryEngine::new(lake.clone())
         .query(&format!(
-            "SELECT * FROM {table} WHERE stream_seq > {after} AND stream_seq <= {upto} ORDER BY stream_seq"
+            "SELECT * FROM {table} WHERE stream_seq > {after} AND stream_seq <= {upto}{} ORDER BY stream_seq",
+            scope(partition, "stream_seq", after, upto)
         ))
         .await
         .map_err(|e| format!("reading {table} to rebuild windows and rules: {e}"))?;
@@ -433,7 +441,15 @@ impl DerivedStage {
                 .map(|(_, c)| *c)
                 .unwrap_or(0);
             if writer.committed().is_none() && input_committed > 0 {
-                backfill(lake, &mut op, &mut writer, input_committed, references).await?;
+                backfill(
+                    lake,
+                    &mut op,
+                    &mut writer,
+                    input_committed,
+                    references,
+                    config.partition(),
+                )
+                .await?;
                 let kind = window_kind(&app_id);
                 let bytes = op.encode().map_err(|e| OpenError::Invalid(e.to_string()))?;
                 writer.store_snapshot(&kind, input_committed, bytes).await;
@@ -450,7 +466,7 @@ impl DerivedStage {
             }
             let from = op.position();
             // The windows this closes again are in the table already.
-            derive_window(lake, &mut op, committed, references, |done, rows| {
+            derive_window(lake, &mut op, committed, references, config.partition(), |done, rows| {
                 if committed - from > BACKFILL_CHUNK {
                     tracing::info!(table = %w.def.table, stream_seq = done, of = committed, rows, "rebuilding window state");
                 }
@@ -491,7 +507,9 @@ impl DerivedStage {
                     continue;
                 }
                 let from = rule.position();
-                for batch in committed_rows(lake, &r.input, from, committed).await? {
+                for batch in
+                    committed_rows(lake, &r.input, from, committed, config.partition()).await?
+                {
                     let rebuilt = rule.process(&batch, references).await.map_err(|e| {
                         OpenError::Invalid(format!(
                             "rebuilding rule {} from the rows of {}: {e}",
@@ -502,7 +520,9 @@ impl DerivedStage {
                     rule.route(&rebuilt);
                 }
                 if r.kind == fleetlake_sql::rules::RuleKind::Silence {
-                    let recorded = recorded_since(lake, &r.def.name, &rule.version, from).await?;
+                    let recorded =
+                        recorded_since(lake, &r.def.name, &rule.version, from, config.partition())
+                            .await?;
                     for (key, state) in recorded {
                         rule.recorded(&key, &state);
                     }

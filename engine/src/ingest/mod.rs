@@ -84,8 +84,14 @@ async fn open(
         );
     }
     debug_assert_eq!(writers[RAW].id(), &TableId::raw_telemetry());
-    let (mut stage, pipeline_writers) =
-        PipelineStage::open(lake, &declared.runners, app_id, config.dedup_max_gaps()).await?;
+    let (mut stage, pipeline_writers) = PipelineStage::open(
+        lake,
+        &declared.runners,
+        app_id,
+        config.dedup_max_gaps(),
+        config.partition(),
+    )
+    .await?;
     writers.extend(pipeline_writers);
     let references = stage.refresh_references().await?;
     // What usable.telemetry and the pipelines' tables hold: a new window table is backfilled
@@ -345,7 +351,8 @@ async fn load_dedup(
     if committed > since {
         // In the order they were first seen, so devices' sequences arrive mostly in order.
         let sql = format!(
-            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} AND stream_seq <= {committed} ORDER BY stream_seq"
+            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} AND stream_seq <= {committed}{} ORDER BY stream_seq",
+            crate::cluster::scope(config.partition(), "stream_seq", since, committed)
         );
         let rows = QueryEngine::new(lake.clone())
             .query(&sql)
@@ -416,7 +423,8 @@ async fn load_devices(
                 "SELECT u.*, CAST(r.received_at AS BIGINT) AS __received_us FROM {table} u \
                  LEFT JOIN {raw} r ON r.stream_seq = u.stream_seq \
                  AND r.stream_seq > {from} AND r.stream_seq <= {to} \
-                 WHERE u.stream_seq > {from} AND u.stream_seq <= {to}"
+                 WHERE u.stream_seq > {from} AND u.stream_seq <= {to}{}",
+                crate::cluster::scope(config.partition(), "u.stream_seq", from, to)
             );
             let rows = QueryEngine::new(lake.clone())
                 .query(&sql)
@@ -703,7 +711,7 @@ impl Ingest {
     ) -> Result<bool, String> {
         self.fill_gap(source, &message, buffer, highest_seen)
             .await?;
-        Ok(self.take(message, buffer, highest_seen))
+        Ok(self.take(source, message, buffer, highest_seen))
     }
 
     /// The consumer failed (`reason`): commits what was taken, then reopens it.
@@ -734,6 +742,14 @@ impl Ingest {
         let Ok(info) = message.info() else {
             return Ok(());
         };
+        // A partition's stream sequences have gaps (the other partitions' messages): only a
+        // gap in its deliveries means one was dropped.
+        if source.is_partition()
+            && (source.delivered_in_order(info.consumer_sequence)
+                || info.stream_sequence <= *highest_seen)
+        {
+            return Ok(());
+        }
         self.fetch_before(source, info.stream_sequence, buffer, highest_seen)
             .await
     }
@@ -761,7 +777,7 @@ impl Ingest {
                 Some((at, fetched)) if at < next => (at, Some(fetched)),
                 _ => (next, None),
             };
-            if at > seq {
+            if at > seq && !source.is_partition() {
                 tracing::warn!(
                     from = seq,
                     to = at - 1,
@@ -800,6 +816,7 @@ impl Ingest {
     /// Adds a message to the buffer, unless it is a redelivery of one already taken.
     fn take(
         &self,
+        source: &Source,
         message: jetstream::Message,
         buffer: &mut Buffer,
         highest_seen: &mut u64,
@@ -808,9 +825,13 @@ impl Ingest {
             return false;
         };
         let seq = info.stream_sequence;
-        self.metrics
-            .consumer_lag
-            .store(info.pending as i64, Ordering::Relaxed);
+        match self.config.partition() {
+            Some(p) => self.metrics.partition_lag(p.index, info.pending as i64),
+            None => self
+                .metrics
+                .consumer_lag
+                .store(info.pending as i64, Ordering::Relaxed),
+        }
         if seq <= *highest_seen {
             return false;
         }
@@ -823,7 +844,7 @@ impl Ingest {
             .map(|v| v.as_str().to_string());
         buffer.messages.push(RawMessage {
             payload: message.payload.to_vec(),
-            subject: message.subject.to_string(),
+            subject: source.published(&message.subject).to_string(),
             stream_seq: seq as i64,
             msg_id,
             received_at_us: chrono::Utc::now().timestamp_micros(),

@@ -95,6 +95,8 @@ pub struct PipelineStage {
     declared: Vec<ReferenceDef>,
     references: BTreeMap<TableId, (Option<u64>, Arc<dyn TableProvider>)>,
     app_id: String,
+    /// The partition ingest consumes, if it consumes one: state is rebuilt from its rows only.
+    partition: Option<crate::cluster::Partition>,
 }
 
 fn snapshot_kind(app_id: &str, pipeline: &str) -> String {
@@ -111,6 +113,7 @@ async fn load_dedup(
     p: &mut Pipeline,
     first: &TableWriter,
     upto: i64,
+    partition: Option<crate::cluster::Partition>,
 ) -> Result<(), String> {
     let Some(state) = p.dedup.as_mut() else {
         return Ok(());
@@ -134,7 +137,7 @@ async fn load_dedup(
     }
     if upto > since {
         let query = QueryEngine::new(lake.clone());
-        for raw in raw_rows(&query, &p.runner, since + 1, upto).await? {
+        for raw in raw_rows(&query, &p.runner, since + 1, upto, partition).await? {
             p.runner.observe(&raw, state).map_err(|e| e.to_string())?;
         }
         tracing::info!(pipeline = %p.runner.name, since, upto, "pipeline dedup state rebuilt from raw.telemetry");
@@ -148,6 +151,7 @@ impl PipelineStage {
         runners: &[PipelineRunner],
         app_id: &str,
         max_gaps: usize,
+        partition: Option<crate::cluster::Partition>,
     ) -> Result<(Self, Vec<TableWriter>), String> {
         let mut pipelines = Vec::new();
         let mut all_writers = Vec::new();
@@ -183,6 +187,7 @@ impl PipelineStage {
             declared,
             references: BTreeMap::new(),
             app_id: app_id.to_string(),
+            partition,
         };
         Ok((stage, all_writers))
     }
@@ -197,7 +202,7 @@ impl PipelineStage {
             let Some(writer) = writers.iter().find(|w| w.id() == first) else {
                 continue;
             };
-            load_dedup(&self.lake, &self.app_id, p, writer, upto).await?;
+            load_dedup(&self.lake, &self.app_id, p, writer, upto, self.partition).await?;
         }
         Ok(())
     }
@@ -366,17 +371,23 @@ fn conform(
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| format!("{table}: {e}"))
 }
 
-/// The raw messages of `runner`'s subjects with stream sequences in `[start, end]`, in order.
+/// The raw messages of `runner`'s subjects with stream sequences in `[start, end]`, in order
+/// (only `partition`'s, when ingest consumes one).
 pub async fn raw_rows(
     query: &QueryEngine,
     runner: &PipelineRunner,
     start: i64,
     end: i64,
+    partition: Option<crate::cluster::Partition>,
 ) -> Result<Vec<RecordBatch>, String> {
+    // The partition's own messages: a filter on raw's subjects, not a semi-join.
+    let scope = partition
+        .map(|p| format!(" AND nats_partition(subject, {}) = {}", p.count, p.index))
+        .unwrap_or_default();
     let rows = query
         .query(&format!(
             "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
-             WHERE stream_seq BETWEEN {start} AND {end} ORDER BY stream_seq"
+             WHERE stream_seq BETWEEN {start} AND {end}{scope} ORDER BY stream_seq"
         ))
         .await
         .map_err(|e| e.to_string())?;

@@ -221,7 +221,7 @@ pub async fn run(
         let mut start = 1;
         while start < lo {
             let end = (start + CHUNK - 1).min(lo - 1);
-            for raw in raw_rows(&query, &runner, start, end).await? {
+            for raw in raw_rows(&query, &runner, start, end, None).await? {
                 runner.observe(&raw, state).map_err(|e| e.to_string())?;
             }
             start = end + 1;
@@ -231,7 +231,7 @@ pub async fn run(
     let mut start = lo;
     while start <= hi {
         let end = (start + CHUNK - 1).min(hi);
-        for raw in raw_rows(&query, &runner, start, end).await? {
+        for raw in raw_rows(&query, &runner, start, end, None).await? {
             report.messages += raw.num_rows() as u64;
             let out = runner
                 .run(&raw, &references, dedup.as_mut())
@@ -302,7 +302,7 @@ async fn rederive(
         return Ok(None);
     };
     let table = w.def.table.to_string();
-    let closed = derive_window(lake, &mut op, upto, references, |done, rows| {
+    let closed = derive_window(lake, &mut op, upto, references, None, |done, rows| {
         if progress {
             bar(
                 done as f64 / upto.max(1) as f64,

@@ -169,19 +169,55 @@ pub async fn connect_with(nats: &NatsConnection) -> Result<jetstream::Context, S
     Ok(jetstream::new(client))
 }
 
-/// Creates the stream if absent (`nats.stream` on `nats.subjects`, file storage).
+/// The action of the error [`ensure_stream`] returns for a stream without the partition mapping
+/// the configuration needs: retrying cannot fix it.
+pub const CHECKING_MAPPING: &str = "checking the stream's partition mapping";
+
+/// Creates the stream if absent (`nats.stream` on `nats.subjects`, file storage,
+/// `nats.replicas`), with the partition mapping when `cluster.partitions` is set
+/// ([`crate::cluster::subject_transform`]). An existing stream is used as it is, except that a
+/// cluster refuses one whose subjects are not mapped to the same number of partitions: its
+/// messages would reach no partition's consumer, or move a device to another partition.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
 ) -> Result<stream::Stream, SourceError> {
-    js.get_or_create_stream(stream::Config {
-        name: config.stream().to_string(),
-        subjects: config.subjects(),
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| err("creating the stream")(&e))
+    let transform = crate::cluster::subject_transform(config.partitions());
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: config.stream().to_string(),
+            subjects: config.subjects(),
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas(),
+            subject_transform: transform.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err("creating the stream")(&e))?;
+    if let Some(wanted) = transform {
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| err("reading the stream's configuration")(&e))?;
+        let has = info.config.subject_transform.as_ref();
+        if has.map(|t| (&t.source, &t.destination)) != Some((&wanted.source, &wanted.destination)) {
+            return Err(SourceError {
+                action: CHECKING_MAPPING,
+                reason: format!(
+                    "stream {} maps its subjects {}, but cluster.partitions = {} needs the subject transform {} -> {}; \
+                     fleetlake sets it only on a stream it creates. Create a new stream (nats.stream) for the cluster, \
+                     or consume this one with cluster.partitions = 0",
+                    config.stream(),
+                    has.map(|t| format!("{} -> {}", t.source, t.destination))
+                        .unwrap_or_else(|| "to no partitions".into()),
+                    config.partitions(),
+                    wanted.source,
+                    wanted.destination
+                ),
+            });
+        }
+    }
+    Ok(stream)
 }
 
 /// An open consumer: its message stream.
@@ -197,6 +233,11 @@ pub struct Source {
     /// For JetStream API requests answered here rather than by async-nats.
     client: async_nats::Client,
     stream_name: String,
+    /// The partition consumed, when this is one partition's source: its consumer filters the
+    /// partition's subjects, and stored subjects lose their partition prefix when taken.
+    partition: Option<crate::cluster::Partition>,
+    /// The consumer sequence of the last delivery seen (see [`Source::delivered_in_order`]).
+    last_delivery: std::sync::atomic::AtomicU64,
 }
 
 /// Why the source will not open: the stream is not the one the lake's positions refer to.
@@ -287,6 +328,10 @@ impl Source {
                 ack_wait: config.ack_wait(),
                 // Backpressure: JetStream stops delivering while this many messages are unacked.
                 max_ack_pending: (config.commit_rows() * 2).max(config.fetch_batch() * 2) as i64,
+                filter_subject: config
+                    .partition()
+                    .map(|p| p.filter_subject())
+                    .unwrap_or_default(),
                 ..Default::default()
             })
             .await
@@ -308,7 +353,34 @@ impl Source {
             consumer,
             client: js.client(),
             stream_name: config.stream().to_string(),
+            partition: config.partition(),
+            last_delivery: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Whether this source consumes one partition (a filtered consumer): its stream sequences
+    /// are not contiguous, only its deliveries are.
+    pub fn is_partition(&self) -> bool {
+        self.partition.is_some()
+    }
+
+    /// The subject a message was published on: the stored subject without the partition prefix
+    /// the stream's mapping added (unchanged without partitions).
+    pub fn published<'a>(&self, stored: &'a str) -> &'a str {
+        match &self.partition {
+            Some(p) => p.published(stored),
+            None => stored,
+        }
+    }
+
+    /// For a partition's source: records the delivery with consumer sequence `consumer_seq` and
+    /// says whether it directly follows the previous one (nothing was delivered between them
+    /// that the client library dropped). The consumer is new (see [`Source::open`]), so its
+    /// first delivery is 1.
+    pub fn delivered_in_order(&self, consumer_seq: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.last_delivery.swap(consumer_seq, Ordering::Relaxed);
+        consumer_seq == last + 1
     }
 
     /// The next message, or an error when the consumer is lost.
@@ -329,7 +401,8 @@ impl Source {
             .map_err(|e| err("reading the consumer's state")(&e))
     }
 
-    /// Reads the first message at or after stream sequence `seq` directly (not through the
+    /// Reads the first message at or after stream sequence `seq` (of this source's partition,
+    /// when it is one partition's) directly (not through the
     /// consumer): for messages the client library did not deliver (async-nats drops a delivery
     /// whose subject or headers it cannot parse). The request is JetStream's `STREAM.MSG.GET`
     /// with `next_by_subj: ">"`, and its JSON answer is decoded here, leniently, because
@@ -353,7 +426,11 @@ impl Source {
             #[serde(default)]
             hdrs: Option<String>,
         }
-        let request = serde_json::json!({"seq": seq, "next_by_subj": ">"}).to_string();
+        let filter = self
+            .partition
+            .map(|p| p.filter_subject())
+            .unwrap_or_else(|| ">".into());
+        let request = serde_json::json!({"seq": seq, "next_by_subj": filter}).to_string();
         let reply = self
             .client
             .request(
@@ -390,7 +467,7 @@ impl Source {
         Ok(Some((
             stored.seq,
             Fetched {
-                subject: stored.subject,
+                subject: self.published(&stored.subject).to_string(),
                 payload,
                 msg_id: message_id(&headers),
             },

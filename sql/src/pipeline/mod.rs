@@ -187,6 +187,28 @@ pub struct WindowDef {
     pub query: Box<Query>,
 }
 
+impl WindowDef {
+    /// Whether the query groups by the column `column` (unqualified or qualified, any case): a
+    /// window table grouped by the partition key (`device_id`) is computed whole inside one
+    /// partition of a cluster; one that is not sums up rows of many partitions.
+    pub fn groups_by(&self, column: &str) -> bool {
+        use datafusion::sql::sqlparser::ast::{GroupByExpr, SetExpr};
+        let SetExpr::Select(select) = self.query.body.as_ref() else {
+            return false;
+        };
+        let GroupByExpr::Expressions(exprs, _) = &select.group_by else {
+            return false;
+        };
+        exprs.iter().any(|e| match e {
+            Expr::Identifier(i) => i.value.eq_ignore_ascii_case(column),
+            Expr::CompoundIdentifier(parts) => parts
+                .last()
+                .is_some_and(|i| i.value.eq_ignore_ascii_case(column)),
+            _ => false,
+        })
+    }
+}
+
 /// When a rule's key moves between states, and how often it may repeat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuleDef {

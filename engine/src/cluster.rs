@@ -1,0 +1,565 @@
+//! Scale-out: several instances share one stream and one lake, each partition consumed by one
+//! instance at a time.
+//!
+//! ```text
+//!  publish telemetry.coldchain.d1 ─► stream (subject transform  > → fleetlake.{{partition(P)}}.>)
+//!                                      stored as fleetlake.<p>.telemetry.coldchain.d1
+//!  instance A ── lease partition.0, partition.3 ─► ingest of p0 (consumer <c>-p0, filter fleetlake.0.>)
+//!  instance B ── lease partition.1, partition.4 ─► ingest of p1 …   (txn app id <c>-p1, state <c>-p1)
+//!  instance C ── lease partition.2, partition.5 ─► …
+//!                 ▲ NATS key-value bucket (cluster.lease_bucket): member.<id>, partition.<p>
+//! ```
+//!
+//! - **Partitions**: when fleetlake creates the stream with `cluster.partitions = P`, it maps
+//!   every subject to one of P partitions with NATS's own subject mapping (FNV-1a of the whole
+//!   subject, [`fleetlake_sql::hash::nats_partition`]): a device's messages on its subject stay
+//!   in order in one partition, and so do its dedup, window and rule state.
+//! - **Ownership** without a coordinator of fleetlake's own: a partition is consumed by the
+//!   instance holding its lease, a key in a NATS key-value bucket created with compare-and-set
+//!   and renewed by revision; the bucket's `max_age` (`cluster.lease_ttl_s`) expires the leases of
+//!   an instance that died, and survivors take them. Members announce themselves in the same
+//!   bucket; each takes its share (P / members, the first P mod members one more, by id), and
+//!   one holding more than its share hands the extra back after committing what it took.
+//! - **Exactly once per partition**: a partition's ingest is the single-instance ingest
+//!   ([`crate::ingest::run`]) with its own consumer and Delta `txn` application id
+//!   (`<nats.consumer>-p<p>`, [`Config::for_partition`]); its state snapshots carry the same id
+//!   and its rebuilds read only the partition's rows ([`Partition::scope`]). A takeover resumes
+//!   where the partition's last commit ended, with the partition's state as of it. A previous
+//!   owner that lost its lease without noticing (paused, cut off from NATS) is fenced by Delta:
+//!   a commit carrying a `txn` of an application id another commit advanced since it read the
+//!   table conflicts, and is retried only for the rows above the new position.
+//! - **Fleet-wide results**: window tables not grouped by `device_id`, and rules over them (or
+//!   grouping cohorts), sum up rows of many partitions; a partition cannot compute them alone.
+//!   They are refused in a cluster (`cluster.fleet_wide = refuse`) or not computed (`skip`,
+//!   listed in `GET /v1/cluster`). See the README, "Running several instances".
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use fleetlake_zones::{Lake, TableId};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ingest::pipelines::Declared;
+use crate::metrics::Metrics;
+
+/// The first token of a stored subject, before the partition number.
+pub const PREFIX: &str = "fleetlake";
+
+/// One partition of the stream: `index` of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Partition {
+    /// The stored subjects of this partition: `fleetlake.<index>.>`.
+    pub fn filter_subject(&self) -> String {
+        format!("{PREFIX}.{}.>", self.index)
+    }
+
+    /// The subject a message was published on, from the subject the stream stored
+    /// (`fleetlake.<index>.<published>`); a subject without the prefix is returned as it is.
+    pub fn published<'a>(&self, stored: &'a str) -> &'a str {
+        stored
+            .strip_prefix(PREFIX)
+            .and_then(|s| s.strip_prefix('.'))
+            .and_then(|s| s.split_once('.'))
+            .filter(|(n, _)| n.parse::<u32>().is_ok())
+            .map_or(stored, |(_, rest)| rest)
+    }
+
+    /// A SQL condition (starting with ` AND`) keeping the rows whose `column` (a stream
+    /// sequence) is a message of this partition with a sequence in `(after, upto]`: the
+    /// messages' subjects in raw.telemetry, mapped as NATS maps them (`nats_partition`).
+    pub fn scope(&self, column: &str, after: i64, upto: i64) -> String {
+        format!(
+            " AND {column} IN (SELECT stream_seq FROM raw.telemetry WHERE stream_seq > {after} \
+             AND stream_seq <= {upto} AND nats_partition(subject, {}) = {})",
+            self.count, self.index
+        )
+    }
+}
+
+/// [`Partition::scope`] for an optional partition: empty without one (the whole stream).
+pub fn scope(partition: Option<Partition>, column: &str, after: i64, upto: i64) -> String {
+    partition
+        .map(|p| p.scope(column, after, upto))
+        .unwrap_or_default()
+}
+
+/// The stream's subject mapping for `partitions` partitions (`None` for 0): every subject
+/// `s` is stored as `fleetlake.<nats_partition(s, P)>.s`.
+pub fn subject_transform(partitions: u32) -> Option<jetstream::stream::SubjectTransform> {
+    (partitions > 0).then(|| jetstream::stream::SubjectTransform {
+        source: ">".into(),
+        destination: format!("{PREFIX}.{{{{partition({partitions})}}}}.>"),
+    })
+}
+
+/// What a partition's ingest cannot compute alone: window tables not grouped by `device_id`,
+/// rules over them, and rules keyed by something else than `device_id` or grouping cohorts.
+/// Returns the declared work a partition runs and the names of what was left out.
+pub fn split_fleet_wide(declared: &Declared) -> (Declared, Vec<String>) {
+    let mut local = declared.clone();
+    let mut left_out = Vec::new();
+    let mut fleet_tables: Vec<TableId> = Vec::new();
+    local.windows.retain(|w| {
+        let keep = w.def.groups_by("device_id");
+        if !keep {
+            fleet_tables.push(w.def.table.clone());
+            left_out.push(format!(
+                "window table {} (not grouped by device_id)",
+                w.def.table
+            ));
+        }
+        keep
+    });
+    local.rules.retain(|r| {
+        let per_device = r
+            .def
+            .key
+            .iter()
+            .any(|k| k.eq_ignore_ascii_case("device_id"))
+            && r.def.group_by.is_empty();
+        let keep = per_device && !fleet_tables.contains(&r.input);
+        if !keep {
+            left_out.push(format!(
+                "rule {} (keyed by {}{})",
+                r.def.name,
+                r.def.key.join(", "),
+                if r.def.group_by.is_empty() {
+                    format!(", over {}", r.input)
+                } else {
+                    format!(", grouped by {}", r.def.group_by.join(", "))
+                }
+            ));
+        }
+        keep
+    });
+    (local, left_out)
+}
+
+/// What `GET /v1/cluster` and `/healthz` show of this instance's group.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterStatus {
+    pub instance: String,
+    pub partitions: u32,
+    /// The partitions this instance consumes, with when it took each (RFC 3339).
+    pub owned: Vec<OwnedPartition>,
+    /// Every partition's holder as the lease bucket last said (`None`: nobody holds it).
+    pub holders: BTreeMap<u32, Option<String>>,
+    /// The members seen in the lease bucket, this one included.
+    pub members: Vec<String>,
+    /// Fleet-wide window tables and rules not computed (`cluster.fleet_wide = skip`).
+    pub not_computed: Vec<String>,
+    /// Partitions this instance took a lease on (at start, after an owner died, on rebalancing).
+    pub takeovers: u64,
+    /// Partitions it handed back to balance the group.
+    pub released: u64,
+    /// Partitions whose lease it lost without handing them back (it expired and another
+    /// instance took it): its ingest of them stopped at once.
+    pub lost: u64,
+}
+
+/// One owned partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct OwnedPartition {
+    pub partition: u32,
+    pub since: String,
+}
+
+/// Why the cluster's bucket could not be used.
+fn nats_error(action: &str, e: impl std::fmt::Display) -> String {
+    format!("the cluster's lease bucket: {action}: {e}")
+}
+
+/// A partition this instance consumes.
+struct Owned {
+    revision: u64,
+    renewed: Instant,
+    since: chrono::DateTime<chrono::Utc>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The share of `partitions` that the member at `rank` (0-based, members sorted by id) of
+/// `members` takes: an even split, the first `partitions % members` taking one more.
+pub fn share(partitions: u32, members: usize, rank: usize) -> usize {
+    let (p, n) = (partitions as usize, members.max(1));
+    p / n + usize::from(rank < p % n)
+}
+
+/// The lease key of partition `p`.
+fn lease_key(p: u32) -> String {
+    format!("partition.{p}")
+}
+
+/// The member key of instance `id`.
+fn member_key(id: &str) -> String {
+    format!("member.{id}")
+}
+
+/// Joins the group and consumes the partitions this instance holds leases for until `cancel`
+/// fires; then stops their ingest (committing and acknowledging what was taken) and hands the
+/// leases back so survivors take them at once. A partition's ingest that stops on its own (an
+/// error retrying cannot fix, a panic) stops the instance: it is recorded (`/healthz`) and
+/// every other partition is stopped the same way.
+pub async fn run(
+    config: Config,
+    lake: Lake,
+    declared: Declared,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let id = config.instance_id();
+    let partitions = config.partitions();
+    let ttl = config.cluster_lease_ttl();
+    let (declared, not_computed) = split_fleet_wide(&declared);
+    for what in &not_computed {
+        tracing::warn!("cluster.fleet_wide = skip: not computed in a cluster: {what}");
+    }
+    metrics.set_cluster(ClusterStatus {
+        instance: id.clone(),
+        partitions,
+        not_computed: not_computed.clone(),
+        ..Default::default()
+    });
+    let mut backoff = crate::ingest::commit::Backoff::new();
+    // The stream is created (with its mapping) before any partition is claimed, so a
+    // misconfigured one stops the instance before it takes leases others could use.
+    let (store, ttl) = loop {
+        match open_bucket(&config, ttl).await {
+            Ok(s) => break s,
+            Err(Join::Refused(e)) => {
+                metrics.set_last_error("source", &e);
+                metrics.stop_ingest(&format!("ingest stopped: {e}"));
+                return;
+            }
+            Err(Join::Failed(e)) => {
+                tracing::warn!(error = %e, "joining the cluster failed; retrying");
+                metrics.set_last_error("source", &e);
+                metrics
+                    .source_up
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    };
+    tracing::info!(instance = %id, partitions, ttl_s = ttl.as_secs_f64(), "joined the cluster");
+    let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
+    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(200)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut counts = (0u64, 0u64, 0u64);
+    let member =
+        serde_json::json!({"instance": id, "since": chrono::Utc::now().to_rfc3339()}).to_string();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        // A partition's ingest that ended unasked stops the instance.
+        if let Some((&p, _)) = owned
+            .iter()
+            .find(|(_, o)| o.task.is_finished() && !o.stop.is_cancelled())
+        {
+            let o = owned.remove(&p).expect("found");
+            let reason = match o.task.await {
+                Err(e) if e.is_panic() => format!(
+                    "ingest of partition {p} panicked: {}",
+                    crate::serve::panic_message(&e.into_panic())
+                ),
+                _ => format!("ingest of partition {p} ended without being asked to stop"),
+            };
+            if metrics.stopped_reason().is_none() {
+                metrics.stop_ingest(&reason);
+            }
+            break;
+        }
+        let heartbeat = store.put(member_key(&id), member.clone().into()).await;
+        if let Err(e) = &heartbeat {
+            let e = nats_error("announcing this member", e);
+            tracing::warn!(error = %e, "cluster heartbeat failed");
+            metrics.set_last_error("source", &e);
+        } else if owned.is_empty() {
+            // Nothing consumed: the member being seen is this instance's source being up.
+            metrics
+                .source_up
+                .store(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Renew every lease; one another instance holds now was lost: stop its ingest at once.
+        let mut lost = Vec::new();
+        for (&p, o) in owned.iter_mut() {
+            match store
+                .update(lease_key(p), id.clone().into(), o.revision)
+                .await
+            {
+                Ok(revision) => {
+                    o.revision = revision;
+                    o.renewed = Instant::now();
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => lost.push(p),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "renewing a partition lease failed");
+                    // Unconfirmed for a whole TTL: another instance may hold it now.
+                    if o.renewed.elapsed() >= ttl {
+                        lost.push(p);
+                    }
+                }
+            }
+        }
+        for p in lost {
+            let o = owned.remove(&p).expect("owned");
+            tracing::error!(
+                partition = p,
+                "lost the lease of a partition (it expired and another instance took it); its ingest stops now"
+            );
+            o.stop.cancel();
+            let _ = o.task.await;
+            counts.2 += 1;
+        }
+        let Ok(view) = read_group(&store).await else {
+            continue;
+        };
+        let mut members = view.members.clone();
+        if !members.contains(&id) {
+            members.push(id.clone());
+            members.sort();
+        }
+        let rank = members.iter().position(|m| *m == id).unwrap_or(0);
+        let quota = share(partitions, members.len(), rank);
+        // More than the share (a member joined): hand the highest back, after committing.
+        while owned.len() > quota {
+            let (&p, _) = owned.iter().next_back().expect("more than zero");
+            let o = owned.remove(&p).expect("owned");
+            tracing::info!(
+                partition = p,
+                members = members.len(),
+                "handing a partition to another member"
+            );
+            o.stop.cancel();
+            let _ = o.task.await;
+            if let Err(e) = store
+                .delete_expect_revision(lease_key(p), Some(o.revision))
+                .await
+            {
+                tracing::warn!(partition = p, error = %e, "handing back the lease failed; it expires on its own");
+            }
+            counts.1 += 1;
+        }
+        // Less than the share: take free partitions, starting at this member's place so that
+        // members do not all race for the same one.
+        if owned.len() < quota && !cancel.is_cancelled() {
+            let start = (rank as u32 * partitions) / members.len().max(1) as u32;
+            for k in 0..partitions {
+                if owned.len() >= quota {
+                    break;
+                }
+                let p = (start + k) % partitions;
+                if owned.contains_key(&p) || view.holders.get(&p).is_some_and(Option::is_some) {
+                    continue;
+                }
+                let Ok(revision) = store.create(lease_key(p), id.clone().into()).await else {
+                    continue;
+                };
+                tracing::info!(partition = p, "took the lease of a partition; consuming it");
+                let stop = cancel.child_token();
+                let task = tokio::spawn(run_partition(
+                    config.for_partition(p),
+                    lake.clone(),
+                    declared.clone(),
+                    metrics.clone(),
+                    stop.clone(),
+                ));
+                owned.insert(
+                    p,
+                    Owned {
+                        revision,
+                        renewed: Instant::now(),
+                        since: chrono::Utc::now(),
+                        stop,
+                        task,
+                    },
+                );
+                counts.0 += 1;
+            }
+        }
+        let mut holders = view.holders;
+        for p in owned.keys() {
+            holders.insert(*p, Some(id.clone()));
+        }
+        metrics.set_cluster(ClusterStatus {
+            instance: id.clone(),
+            partitions,
+            owned: owned
+                .iter()
+                .map(|(p, o)| OwnedPartition {
+                    partition: *p,
+                    since: o.since.to_rfc3339(),
+                })
+                .collect(),
+            holders,
+            members,
+            not_computed: not_computed.clone(),
+            takeovers: counts.0,
+            released: counts.1,
+            lost: counts.2,
+        });
+    }
+    // Stopping: every partition commits and acknowledges what it took, then its lease is handed
+    // back so that survivors need not wait for it to expire.
+    for o in owned.values() {
+        o.stop.cancel();
+    }
+    for (p, o) in owned {
+        let _ = o.task.await;
+        let _ = store
+            .delete_expect_revision(lease_key(p), Some(o.revision))
+            .await;
+    }
+    let _ = store.delete(member_key(&id)).await;
+}
+
+/// One partition's ingest: the single-instance ingest with the partition's configuration, its
+/// own device state, and no rule changes over HTTP (see `crate::api::rules`).
+async fn run_partition(
+    config: Config,
+    lake: Lake,
+    declared: Declared,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let (_changes, rule_changes) = tokio::sync::mpsc::channel(1);
+    crate::ingest::run(
+        config,
+        lake,
+        declared,
+        rule_changes,
+        metrics,
+        stop,
+        Default::default(),
+    )
+    .await;
+}
+
+/// The stream (created with its partition mapping when absent; checked when present) and the
+/// lease bucket (created when absent, `max_age` = `ttl`). Returns the bucket and the TTL leases
+/// really have: the bucket's `max_age`, fixed when it was created.
+async fn open_bucket(config: &Config, ttl: Duration) -> Result<(kv::Store, Duration), Join> {
+    let js = crate::ingest::source::connect_with(&config.nats())
+        .await
+        .map_err(|e| Join::Failed(e.to_string()))?;
+    crate::ingest::source::ensure_stream(&js, config)
+        .await
+        .map_err(|e| match e.action {
+            crate::ingest::source::CHECKING_MAPPING => Join::Refused(e.to_string()),
+            _ => Join::Failed(e.to_string()),
+        })?;
+    let bucket = config.cluster_lease_bucket();
+    let store = match js.get_key_value(bucket).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: bucket.to_string(),
+                description: "fleetlake: the members of a cluster and who consumes each partition"
+                    .into(),
+                history: 1,
+                max_age: ttl,
+                num_replicas: config.replicas(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Join::Failed(nats_error("creating it", e)))?,
+    };
+    let ttl = match store.status().await.map(|s| s.info.config.max_age) {
+        Ok(max_age) if !max_age.is_zero() => max_age,
+        _ => ttl,
+    };
+    Ok((store, ttl))
+}
+
+/// Why joining the cluster failed.
+enum Join {
+    /// NATS is unreachable or failing: retried with backoff.
+    Failed(String),
+    /// The stream is not mapped to the partitions the configuration says: retrying cannot help.
+    Refused(String),
+}
+
+/// The group as the bucket says: the members (sorted) and each partition's holder.
+struct Group {
+    members: Vec<String>,
+    holders: BTreeMap<u32, Option<String>>,
+}
+
+async fn read_group(store: &kv::Store) -> Result<Group, String> {
+    let mut keys = store
+        .keys()
+        .await
+        .map_err(|e| nats_error("listing keys", e))?;
+    let mut members = Vec::new();
+    let mut holders = BTreeMap::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| nats_error("listing keys", e))?;
+        if let Some(id) = key.strip_prefix("member.") {
+            members.push(id.to_string());
+        } else if let Some(p) = key.strip_prefix("partition.").and_then(|p| p.parse().ok()) {
+            let holder = store
+                .get(&key)
+                .await
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            holders.insert(p, holder);
+        }
+    }
+    members.sort();
+    Ok(Group { members, holders })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up_to_every_partition() {
+        for partitions in [0u32, 1, 5, 6, 7, 64] {
+            for members in 1..=5 {
+                let total: usize = (0..members).map(|r| share(partitions, members, r)).sum();
+                assert_eq!(total, partitions as usize, "{partitions} over {members}");
+                let most = (0..members).map(|r| share(partitions, members, r)).max();
+                let least = (0..members).map(|r| share(partitions, members, r)).min();
+                assert!(most.unwrap() - least.unwrap() <= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn the_published_subject_is_the_stored_one_without_its_partition() {
+        let p = Partition { index: 3, count: 6 };
+        assert_eq!(p.filter_subject(), "fleetlake.3.>");
+        assert_eq!(
+            p.published("fleetlake.3.telemetry.coldchain.d1"),
+            "telemetry.coldchain.d1"
+        );
+        assert_eq!(p.published("telemetry.d1"), "telemetry.d1");
+        assert_eq!(
+            p.published("fleetlake.x.telemetry"),
+            "fleetlake.x.telemetry"
+        );
+        let t = subject_transform(6).unwrap();
+        assert_eq!(
+            (t.source.as_str(), t.destination.as_str()),
+            (">", "fleetlake.{{partition(6)}}.>")
+        );
+        assert!(subject_transform(0).is_none());
+    }
+}
