@@ -331,6 +331,80 @@ impl Nats {
     }
 }
 
+/// A NATS cluster of `nodes` nats-server processes with JetStream on loopback ports (each its own
+/// client port, route port and store), killed when dropped. Returns once JetStream has a meta
+/// leader: a stream with `replicas` can be created.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    _dir: TestDir,
+}
+
+impl NatsCluster {
+    pub async fn start(nodes: usize) -> Self {
+        let dir = TestDir::new();
+        let clients: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+        let all_routes = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        for (i, (client, route)) in clients.iter().zip(&routes).enumerate() {
+            let args: Vec<String> = [
+                "--name",
+                &format!("n{i}"),
+                "--cluster_name",
+                "fleetlake-test",
+                "--cluster",
+                &format!("nats://127.0.0.1:{route}"),
+                "--routes",
+                &all_routes,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            servers.push(
+                NatsServer::start_with(
+                    *client,
+                    &dir.path().join(format!("n{i}")),
+                    Some(&dir.path().join(format!("n{i}.log"))),
+                    &args,
+                )
+                .await
+                .expect("starting a cluster node"),
+            );
+        }
+        let cluster = Self {
+            nodes: servers,
+            _dir: dir,
+        };
+        let url = cluster.url();
+        wait_for(
+            "the NATS cluster to elect a JetStream leader",
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move {
+                    let js = fleetlake::ingest::source::connect(&url).await.ok()?;
+                    js.query_account().await.ok().map(|_| ())
+                }
+            },
+        )
+        .await;
+        cluster
+    }
+
+    /// Every node's client URL, comma-separated (as `nats.url` takes them).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// A Prometheus Alertmanager of the test's own (Debian's `prometheus-alertmanager`, installed by
 /// `scripts/setup.sh`), clustering off, routing every alert to a webhook served by the test:
 /// [`Alertmanager::notifications`] are the notifications it sent (Alertmanager's webhook JSON).

@@ -258,13 +258,17 @@ pub async fn run(
     let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut counts = (0u64, 0u64, 0u64);
+    let mut counts = Counts::default();
+    let mut first = true;
     let member =
         serde_json::json!({"instance": id, "since": chrono::Utc::now().to_rfc3339()}).to_string();
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
+        let stopping = tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        if stopping {
+            break;
         }
         // A partition's ingest that ended unasked stops the instance.
         if let Some((&p, _)) = owned
@@ -295,37 +299,7 @@ pub async fn run(
                 .source_up
                 .store(1, std::sync::atomic::Ordering::Relaxed);
         }
-        // Renew every lease; one another instance holds now was lost: stop its ingest at once.
-        let mut lost = Vec::new();
-        for (&p, o) in owned.iter_mut() {
-            match store
-                .update(lease_key(p), id.clone().into(), o.revision)
-                .await
-            {
-                Ok(revision) => {
-                    o.revision = revision;
-                    o.renewed = Instant::now();
-                }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => lost.push(p),
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "renewing a partition lease failed");
-                    // Unconfirmed for a whole TTL: another instance may hold it now.
-                    if o.renewed.elapsed() >= ttl {
-                        lost.push(p);
-                    }
-                }
-            }
-        }
-        for p in lost {
-            let o = owned.remove(&p).expect("owned");
-            tracing::error!(
-                partition = p,
-                "lost the lease of a partition (it expired and another instance took it); its ingest stops now"
-            );
-            o.stop.cancel();
-            let _ = o.task.await;
-            counts.2 += 1;
-        }
+        renew(&store, &id, &mut owned, ttl, &mut counts).await;
         let Ok(view) = read_group(&store).await else {
             continue;
         };
@@ -336,31 +310,31 @@ pub async fn run(
         }
         let rank = members.iter().position(|m| *m == id).unwrap_or(0);
         let quota = share(partitions, members.len(), rank);
-        // More than the share (a member joined): hand the highest back, after committing.
-        while owned.len() > quota {
-            let (&p, _) = owned.iter().next_back().expect("more than zero");
-            let o = owned.remove(&p).expect("owned");
+        let active = |owned: &BTreeMap<u32, Owned>| {
+            owned.values().filter(|o| !o.stop.is_cancelled()).count()
+        };
+        // More than the share (a member joined): hand the highest back. Its ingest commits
+        // what it took while the lease is still renewed; the lease goes once it has stopped.
+        while active(&owned) > quota {
+            let (&p, o) = owned
+                .iter()
+                .rev()
+                .find(|(_, o)| !o.stop.is_cancelled())
+                .expect("more than zero");
             tracing::info!(
                 partition = p,
                 members = members.len(),
                 "handing a partition to another member"
             );
             o.stop.cancel();
-            let _ = o.task.await;
-            if let Err(e) = store
-                .delete_expect_revision(lease_key(p), Some(o.revision))
-                .await
-            {
-                tracing::warn!(partition = p, error = %e, "handing back the lease failed; it expires on its own");
-            }
-            counts.1 += 1;
         }
         // Less than the share: take free partitions, starting at this member's place so that
-        // members do not all race for the same one.
-        if owned.len() < quota && !cancel.is_cancelled() {
+        // members do not all race for the same one. Not at the first tick: members starting
+        // together see each other first.
+        if active(&owned) < quota && !first {
             let start = (rank as u32 * partitions) / members.len().max(1) as u32;
             for k in 0..partitions {
-                if owned.len() >= quota {
+                if active(&owned) >= quota {
                     break;
                 }
                 let p = (start + k) % partitions;
@@ -389,9 +363,10 @@ pub async fn run(
                         task,
                     },
                 );
-                counts.0 += 1;
+                counts.takeovers += 1;
             }
         }
+        first = false;
         let mut holders = view.holders;
         for p in owned.keys() {
             holders.insert(*p, Some(id.clone()));
@@ -401,6 +376,7 @@ pub async fn run(
             partitions,
             owned: owned
                 .iter()
+                .filter(|(_, o)| !o.stop.is_cancelled())
                 .map(|(p, o)| OwnedPartition {
                     partition: *p,
                     since: o.since.to_rfc3339(),
@@ -409,23 +385,86 @@ pub async fn run(
             holders,
             members,
             not_computed: not_computed.clone(),
-            takeovers: counts.0,
-            released: counts.1,
-            lost: counts.2,
+            takeovers: counts.takeovers,
+            released: counts.released,
+            lost: counts.lost,
         });
     }
-    // Stopping: every partition commits and acknowledges what it took, then its lease is handed
-    // back so that survivors need not wait for it to expire.
+    // Stopping: every partition commits and acknowledges what it took (its lease still
+    // renewed), then the lease is handed back so that survivors need not wait for it to expire.
     for o in owned.values() {
         o.stop.cancel();
     }
-    for (p, o) in owned {
-        let _ = o.task.await;
-        let _ = store
-            .delete_expect_revision(lease_key(p), Some(o.revision))
-            .await;
+    while !owned.is_empty() {
+        renew(&store, &id, &mut owned, ttl, &mut counts).await;
+        if !owned.is_empty() {
+            tick.tick().await;
+        }
     }
     let _ = store.delete(member_key(&id)).await;
+}
+
+#[derive(Default)]
+struct Counts {
+    takeovers: u64,
+    released: u64,
+    lost: u64,
+}
+
+/// Renews the leases of `owned`. A partition whose ingest was asked to stop and has stopped
+/// is handed back (its lease deleted). A lease another instance holds now was lost: its ingest
+/// is stopped at once (and left to finish on its own; Delta fences what it still commits).
+async fn renew(
+    store: &kv::Store,
+    id: &str,
+    owned: &mut BTreeMap<u32, Owned>,
+    ttl: Duration,
+    counts: &mut Counts,
+) {
+    let mut lost = Vec::new();
+    let mut done = Vec::new();
+    for (&p, o) in owned.iter_mut() {
+        if o.stop.is_cancelled() && o.task.is_finished() {
+            done.push(p);
+            continue;
+        }
+        match store
+            .update(lease_key(p), id.to_string().into(), o.revision)
+            .await
+        {
+            Ok(revision) => {
+                o.revision = revision;
+                o.renewed = Instant::now();
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => lost.push(p),
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "renewing a partition lease failed");
+                // Unconfirmed for a whole TTL: another instance may hold it now.
+                if o.renewed.elapsed() >= ttl {
+                    lost.push(p);
+                }
+            }
+        }
+    }
+    for p in done {
+        let o = owned.remove(&p).expect("owned");
+        if let Err(e) = store
+            .delete_expect_revision(lease_key(p), Some(o.revision))
+            .await
+        {
+            tracing::warn!(partition = p, error = %e, "handing back the lease failed; it expires on its own");
+        }
+        counts.released += 1;
+    }
+    for p in lost {
+        let o = owned.remove(&p).expect("owned");
+        tracing::error!(
+            partition = p,
+            "lost the lease of a partition (it expired and another instance took it); its ingest stops now"
+        );
+        o.stop.cancel();
+        counts.lost += 1;
+    }
 }
 
 /// One partition's ingest: the single-instance ingest with the partition's configuration, its

@@ -44,7 +44,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "nats.url",
         default: "nats://127.0.0.1:4222",
-        help: "NATS server URL",
+        help: "NATS server URL; several (a cluster's seed servers) comma-separated",
     },
     Key {
         name: "nats.user",

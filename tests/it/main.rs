@@ -4,6 +4,7 @@
 mod access;
 mod alertmanager;
 mod alerts;
+mod cluster;
 mod concurrency;
 mod crash;
 mod dedup;

@@ -552,10 +552,10 @@ impl Ingest {
                     }
                     // Idle: did the server deliver messages the client library never handed
                     // over (it drops a delivery it cannot parse, and what came with it)?
-                    let Ok(delivered) = source.delivered().await else {
+                    let Ok(undelivered) = source.undelivered(highest_seen).await else {
                         continue;
                     };
-                    if delivered <= highest_seen {
+                    let Some(delivered) = undelivered else {
                         undelivered_at = None;
                         // The server answered and has nothing more: an observation of a
                         // healthy, caught-up stream, which is how silence rules and the device
@@ -569,7 +569,7 @@ impl Ingest {
                             return Pumped::Stopped;
                         }
                         continue;
-                    }
+                    };
                     // Seen twice, a commit interval apart: not merely still in flight.
                     if undelivered_at != Some(highest_seen) {
                         undelivered_at = Some(highest_seen);

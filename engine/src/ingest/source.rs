@@ -160,7 +160,14 @@ pub async fn connect_with(nats: &NatsConnection) -> Result<jetstream::Context, S
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((100 * attempts as u64).min(1_000))
         })
-        .connect(nats.url.as_str())
+        // A cluster's seed servers, comma-separated (async-nats takes one URL per item).
+        .connect(
+            nats.url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect::<Vec<_>>(),
+        )
         .await
         .map_err(|e| SourceError {
             action: "connecting",
@@ -391,14 +398,27 @@ impl Source {
             .map(|r| r.map_err(|e| err("receiving")(&e)))
     }
 
-    /// The highest stream sequence the server has delivered to this consumer (whether or not
-    /// the client library handed it over).
-    pub async fn delivered(&self) -> Result<u64, SourceError> {
-        self.consumer
+    /// Whether the server delivered messages the client library never handed over, given the
+    /// highest stream sequence taken: `Some(s)`, the highest stream sequence the server has
+    /// delivered (the missing ones are at or below it), or `None` when everything delivered was
+    /// handed over. A partition's consumer is compared by its deliveries (consumer sequences):
+    /// its delivered stream sequence moves past the other partitions' messages.
+    pub async fn undelivered(&self, highest_taken: u64) -> Result<Option<u64>, SourceError> {
+        let info = self
+            .consumer
             .get_info()
             .await
-            .map(|info| info.delivered.stream_sequence)
-            .map_err(|e| err("reading the consumer's state")(&e))
+            .map_err(|e| err("reading the consumer's state")(&e))?;
+        let behind = match self.partition {
+            Some(_) => {
+                let seen = self
+                    .last_delivery
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                info.delivered.consumer_sequence > seen
+            }
+            None => info.delivered.stream_sequence > highest_taken,
+        };
+        Ok(behind.then_some(info.delivered.stream_sequence))
     }
 
     /// Reads the first message at or after stream sequence `seq` (of this source's partition,
