@@ -296,7 +296,7 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         let api = d.api.clone();
         async move {
             let view = cluster_view(&api).await;
-            (view["owned"].as_array()?.len() >= 1).then_some(())
+            (!view["owned"].as_array()?.is_empty()).then_some(())
         }
     })
     .await;
