@@ -18,6 +18,7 @@
 //!  HTTP (axum) ──► api ──► Lakehouse trait ──► fleetlake_sql::QueryEngine ──► zones
 //!       └── api::rules ──► RuleChange ──► ingest (between micro-batches)
 //!  maintenance (a second writer, under a lease in NATS KV) ──► zones: retention, compaction, checkpoints, vacuum
+//!  cluster (cluster.partitions > 0): one ingest per partition this instance holds a NATS KV lease on
 //!  serve: wires them, supervises ingest (a panic or a stop is /healthz 503 and a non-zero exit)
 //! ```
 //!
@@ -30,8 +31,9 @@
 //! | [`progress`] | the progress bar of long commands | – |
 //! | [`ingest`] | the stage from JetStream to the lake: [`ingest::source`], the micro-batch loop, [`ingest::pipelines`], [`ingest::derived`], [`ingest::commit`], [`ingest::replay`] | config, metrics |
 //! | [`api`] | the HTTP routes, [`api::format`], [`api::reference`], [`api::rules`] | metrics, the rule-change message of ingest |
+//! | [`cluster`] | partitions of the stream, their leases, one ingest per owned partition | ingest, config, metrics |
 //! | [`maintenance`] | which tables are maintained, with which policy, under which lease (the steps are `fleetlake_zones::maintain`'s) | config, metrics, ingest::source (to reach NATS) |
-//! | [`serve`] | wiring, supervision and ordered shutdown | ingest, api, maintenance, config, metrics |
+//! | [`serve`] | wiring, supervision and ordered shutdown | ingest, cluster, api, maintenance, config, metrics |
 //! | [`tools`] | [`tools::simulate`], [`tools::nats_server`], [`tools::demo`] | serve, ingest::source |
 //!
 //! Start reading at [`ingest`].

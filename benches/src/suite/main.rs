@@ -39,6 +39,9 @@
 mod ceiling;
 mod latency;
 mod report;
+#[path = "../rss.rs"]
+#[allow(dead_code)]
+mod rss;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -46,6 +49,7 @@ use std::time::{Duration, Instant};
 use fleetlake::config::Config;
 use fleetlake::tools::simulate::{self, Profile, SimConfig};
 use fleetlake_tests::{EngineProcess, Nats, Seaweed, TestDir, metric, python, tail};
+pub(crate) use rss::cpu_seconds;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -213,23 +217,6 @@ impl Meter {
             .map(|p| round((cpu_seconds(p) - self.nats_cpu) / seconds, 2));
         (seconds, round(used / seconds, 2), nats)
     }
-}
-
-/// CPU time (user + system) process `pid` has used so far, seconds, from `/proc/<pid>/stat`
-/// (Linux; 100 clock ticks a second).
-pub(crate) fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name in parentheses: state is field 3, utime 14, stime 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// What one pre-filled stream was and how fast it was filled.

@@ -114,6 +114,12 @@ pub async fn run(
     to: Option<DateTime<Utc>>,
     progress: bool,
 ) -> Result<ReplayReport, String> {
+    if config.partitions() > 0 {
+        return Err(format!(
+            "cluster.partitions = {}: replay rewrites a pipeline's tables as of one consumer's positions, and a cluster's are per partition (<consumer>-p<N>); replaying a cluster's lake is not supported yet",
+            config.partitions()
+        ));
+    }
     let Some((dir, _)) = config.pipelines_dir() else {
         return Err("pipelines.dir is empty: there are no pipelines to replay".into());
     };
