@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
-use fleetlake_zones::{Lake, TableId};
+use fleetlake_zones::Lake;
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -103,34 +103,44 @@ pub fn subject_transform(partitions: u32) -> Option<jetstream::stream::SubjectTr
     })
 }
 
-/// What a partition's ingest cannot compute alone: window tables not grouped by `device_id`,
-/// rules over them, and rules keyed by something else than `device_id` or grouping cohorts.
-/// Returns the declared work a partition runs and the names of what was left out.
-pub fn split_fleet_wide(declared: &Declared) -> (Declared, Vec<String>) {
+/// Splits the declared work between the partitions and the fleet-wide stage
+/// ([`crate::ingest::fleet`]): window tables not grouped by `device_id`, rules over them, and
+/// rules keyed by something else than `device_id` or grouping cohorts cannot be computed by a
+/// partition alone. Returns what a partition runs, what the fleet-wide stage runs (with every
+/// pipeline, for their reference tables) and the fleet-wide work's names.
+pub fn split_fleet_wide(declared: &Declared) -> (Declared, Declared, Vec<String>) {
     let mut local = declared.clone();
-    let mut left_out = Vec::new();
-    let mut fleet_tables: Vec<TableId> = Vec::new();
-    local.windows.retain(|w| {
-        let keep = w.def.groups_by("device_id");
-        if !keep {
-            fleet_tables.push(w.def.table.clone());
-            left_out.push(format!(
+    let mut fleet = Declared {
+        runners: declared.runners.clone(),
+        ..Default::default()
+    };
+    let mut names = Vec::new();
+    let (windows, rules) = (
+        std::mem::take(&mut local.windows),
+        std::mem::take(&mut local.rules),
+    );
+    for w in windows {
+        if w.def.groups_by("device_id") {
+            local.windows.push(w);
+        } else {
+            names.push(format!(
                 "window table {} (not grouped by device_id)",
                 w.def.table
             ));
+            fleet.windows.push(w);
         }
-        keep
-    });
-    local.rules.retain(|r| {
+    }
+    for r in rules {
         let per_device = r
             .def
             .key
             .iter()
             .any(|k| k.eq_ignore_ascii_case("device_id"))
             && r.def.group_by.is_empty();
-        let keep = per_device && !fleet_tables.contains(&r.input);
-        if !keep {
-            left_out.push(format!(
+        if per_device && !fleet.windows.iter().any(|w| w.def.table == r.input) {
+            local.rules.push(r);
+        } else {
+            names.push(format!(
                 "rule {} (keyed by {}{})",
                 r.def.name,
                 r.def.key.join(", "),
@@ -140,10 +150,10 @@ pub fn split_fleet_wide(declared: &Declared) -> (Declared, Vec<String>) {
                     format!(", grouped by {}", r.def.group_by.join(", "))
                 }
             ));
+            fleet.rules.push(r);
         }
-        keep
-    });
-    (local, left_out)
+    }
+    (local, fleet, names)
 }
 
 /// What `GET /v1/cluster` and `/healthz` show of this instance's group.
@@ -157,7 +167,13 @@ pub struct ClusterStatus {
     pub holders: BTreeMap<u32, Option<String>>,
     /// The members seen in the lease bucket, this one included.
     pub members: Vec<String>,
-    /// Fleet-wide window tables and rules not computed (`cluster.fleet_wide = skip`).
+    /// The fleet-wide window tables and rules: computed by one elected instance
+    /// (`cluster.fleet_wide = merge`) or not at all (`skip`).
+    pub fleet_wide: Vec<String>,
+    /// Who computes them (the holder of the lease `fleet`); `None` with `skip`, or while
+    /// nobody does.
+    pub fleet_wide_by: Option<String>,
+    /// The fleet-wide window tables and rules not computed (`cluster.fleet_wide = skip`).
     pub not_computed: Vec<String>,
     /// Partitions this instance took a lease on (at start, after an owner died, on rebalancing).
     pub takeovers: u64,
@@ -196,6 +212,9 @@ pub fn share(partitions: u32, members: usize, rank: usize) -> usize {
     p / n + usize::from(rank < p % n)
 }
 
+/// The lease key of the fleet-wide windows and rules ([`crate::ingest::fleet`]).
+const FLEET_KEY: &str = "fleet";
+
 /// The lease key of partition `p`.
 fn lease_key(p: u32) -> String {
     format!("partition.{p}")
@@ -221,13 +240,20 @@ pub async fn run(
     let id = config.instance_id();
     let partitions = config.partitions();
     let ttl = config.cluster_lease_ttl();
-    let (declared, not_computed) = split_fleet_wide(&declared);
+    let (declared, fleet_declared, fleet_wide) = split_fleet_wide(&declared);
+    let merge = !fleet_wide.is_empty() && !config.skip_fleet_wide();
+    let not_computed = if merge {
+        Vec::new()
+    } else {
+        fleet_wide.clone()
+    };
     for what in &not_computed {
         tracing::warn!("cluster.fleet_wide = skip: not computed in a cluster: {what}");
     }
     metrics.set_cluster(ClusterStatus {
         instance: id.clone(),
         partitions,
+        fleet_wide: fleet_wide.clone(),
         not_computed: not_computed.clone(),
         ..Default::default()
     });
@@ -256,6 +282,8 @@ pub async fn run(
     };
     tracing::info!(instance = %id, partitions, ttl_s = ttl.as_secs_f64(), "joined the cluster");
     let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
+    // The fleet-wide stage, when this instance holds the lease "fleet".
+    let mut fleet: BTreeMap<u32, Owned> = BTreeMap::new();
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut counts = Counts::default();
@@ -270,18 +298,25 @@ pub async fn run(
         if stopping {
             break;
         }
-        // A partition's ingest that ended unasked stops the instance.
-        if let Some((&p, _)) = owned
-            .iter()
-            .find(|(_, o)| o.task.is_finished() && !o.stop.is_cancelled())
-        {
-            let o = owned.remove(&p).expect("found");
+        // A partition's (or the fleet-wide) ingest that ended unasked stops the instance.
+        let ended = |m: &BTreeMap<u32, Owned>| {
+            m.iter()
+                .find(|(_, o)| o.task.is_finished() && !o.stop.is_cancelled())
+                .map(|(p, _)| *p)
+        };
+        let ended = ended(&owned)
+            .map(|p| (p, format!("partition {p}"), &mut owned))
+            .or_else(|| {
+                ended(&fleet).map(|p| (p, "fleet-wide windows and rules".into(), &mut fleet))
+            });
+        if let Some((p, what, map)) = ended {
+            let o = map.remove(&p).expect("found");
             let reason = match o.task.await {
                 Err(e) if e.is_panic() => format!(
-                    "ingest of partition {p} panicked: {}",
+                    "ingest of {what} panicked: {}",
                     crate::serve::panic_message(&e.into_panic())
                 ),
-                _ => format!("ingest of partition {p} ended without being asked to stop"),
+                _ => format!("ingest of {what} ended without being asked to stop"),
             };
             if metrics.stopped_reason().is_none() {
                 metrics.stop_ingest(&reason);
@@ -299,10 +334,46 @@ pub async fn run(
                 .source_up
                 .store(1, std::sync::atomic::Ordering::Relaxed);
         }
-        renew(&store, &id, &mut owned, ttl, &mut counts).await;
+        renew(&store, &id, &mut owned, lease_key, ttl, &mut counts).await;
+        renew(
+            &store,
+            &id,
+            &mut fleet,
+            |_| FLEET_KEY.into(),
+            ttl,
+            &mut counts,
+        )
+        .await;
         let Ok(view) = read_group(&store).await else {
             continue;
         };
+        // The fleet-wide stage: whoever takes its free lease first runs it.
+        if merge
+            && fleet.is_empty()
+            && view.fleet.is_none()
+            && !first
+            && let Ok(revision) = store.create(FLEET_KEY, id.clone().into()).await
+        {
+            tracing::info!("took the lease of the fleet-wide windows and rules; computing them");
+            let stop = cancel.child_token();
+            let task = tokio::spawn(crate::ingest::fleet::run(
+                config.clone(),
+                lake.clone(),
+                fleet_declared.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+            fleet.insert(
+                0,
+                Owned {
+                    revision,
+                    renewed: Instant::now(),
+                    since: chrono::Utc::now(),
+                    stop,
+                    task,
+                },
+            );
+        }
         let mut members = view.members.clone();
         if !members.contains(&id) {
             members.push(id.clone());
@@ -384,6 +455,12 @@ pub async fn run(
                 .collect(),
             holders,
             members,
+            fleet_wide: fleet_wide.clone(),
+            fleet_wide_by: if fleet.is_empty() {
+                view.fleet.clone()
+            } else {
+                Some(id.clone())
+            },
             not_computed: not_computed.clone(),
             takeovers: counts.takeovers,
             released: counts.released,
@@ -392,12 +469,21 @@ pub async fn run(
     }
     // Stopping: every partition commits and acknowledges what it took (its lease still
     // renewed), then the lease is handed back so that survivors need not wait for it to expire.
-    for o in owned.values() {
+    for o in owned.values().chain(fleet.values()) {
         o.stop.cancel();
     }
-    while !owned.is_empty() {
-        renew(&store, &id, &mut owned, ttl, &mut counts).await;
-        if !owned.is_empty() {
+    while !owned.is_empty() || !fleet.is_empty() {
+        renew(&store, &id, &mut owned, lease_key, ttl, &mut counts).await;
+        renew(
+            &store,
+            &id,
+            &mut fleet,
+            |_| FLEET_KEY.into(),
+            ttl,
+            &mut counts,
+        )
+        .await;
+        if !owned.is_empty() || !fleet.is_empty() {
             tick.tick().await;
         }
     }
@@ -418,6 +504,7 @@ async fn renew(
     store: &kv::Store,
     id: &str,
     owned: &mut BTreeMap<u32, Owned>,
+    key: impl Fn(u32) -> String,
     ttl: Duration,
     counts: &mut Counts,
 ) {
@@ -429,7 +516,7 @@ async fn renew(
             continue;
         }
         match store
-            .update(lease_key(p), id.to_string().into(), o.revision)
+            .update(key(p), id.to_string().into(), o.revision)
             .await
         {
             Ok(revision) => {
@@ -448,10 +535,7 @@ async fn renew(
     }
     for p in done {
         let o = owned.remove(&p).expect("owned");
-        if let Err(e) = store
-            .delete_expect_revision(lease_key(p), Some(o.revision))
-            .await
-        {
+        if let Err(e) = store.delete_expect_revision(key(p), Some(o.revision)).await {
             tracing::warn!(partition = p, error = %e, "handing back the lease failed; it expires on its own");
         }
         counts.released += 1;
@@ -537,6 +621,8 @@ enum Join {
 struct Group {
     members: Vec<String>,
     holders: BTreeMap<u32, Option<String>>,
+    /// Who computes the fleet-wide windows and rules.
+    fleet: Option<String>,
 }
 
 async fn read_group(store: &kv::Store) -> Result<Group, String> {
@@ -546,9 +632,17 @@ async fn read_group(store: &kv::Store) -> Result<Group, String> {
         .map_err(|e| nats_error("listing keys", e))?;
     let mut members = Vec::new();
     let mut holders = BTreeMap::new();
+    let mut fleet = None;
     while let Some(key) = keys.next().await {
         let key = key.map_err(|e| nats_error("listing keys", e))?;
-        if let Some(id) = key.strip_prefix("member.") {
+        if key == FLEET_KEY {
+            fleet = store
+                .get(&key)
+                .await
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+        } else if let Some(id) = key.strip_prefix("member.") {
             members.push(id.to_string());
         } else if let Some(p) = key.strip_prefix("partition.").and_then(|p| p.parse().ok()) {
             let holder = store
@@ -561,7 +655,11 @@ async fn read_group(store: &kv::Store) -> Result<Group, String> {
         }
     }
     members.sort();
-    Ok(Group { members, holders })
+    Ok(Group {
+        members,
+        holders,
+        fleet,
+    })
 }
 
 #[cfg(test)]

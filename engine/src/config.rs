@@ -133,8 +133,8 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "cluster.fleet_wide",
-        default: "refuse",
-        help: "window tables not grouped by device_id and rules over them or grouping cohorts, in a cluster: refuse = serve does not start; skip = they are not computed (listed in /v1/cluster)",
+        default: "merge",
+        help: "window tables not grouped by device_id and rules over them or grouping cohorts, in a cluster: merge = one elected instance computes them over every partition's committed rows, in stream order; skip = they are not computed (listed in /v1/cluster)",
     },
     Key {
         name: "ingest.fetch_batch",
@@ -591,8 +591,8 @@ impl Config {
                 _ => Err(bad("0 (no partitions) to 1024")),
             },
             "cluster.fleet_wide" => match value {
-                "refuse" | "skip" => Ok(()),
-                _ => Err(bad("refuse or skip")),
+                "merge" | "skip" => Ok(()),
+                _ => Err(bad("merge or skip")),
             },
             "cluster.instance" => {
                 let ok = value
@@ -824,13 +824,16 @@ impl Config {
     /// id, and the kind of its state snapshots) is `<nats.consumer>-p<index>`.
     pub fn for_partition(&self, index: u32) -> Config {
         let mut config = self.clone();
-        let consumer = format!("{}-p{index}", self.consumer());
-        config.values.insert("nats.consumer", consumer);
+        config.set_consumer(&format!("{}-p{index}", self.consumer()));
         config.partition = Some(crate::cluster::Partition {
             index,
             count: self.partitions(),
         });
         config
+    }
+    /// Another consumer name (and Delta txn application id) for a stage of this instance.
+    pub fn set_consumer(&mut self, name: &str) {
+        self.values.insert("nats.consumer", name.to_string());
     }
     /// `cluster.instance`, or the host name and process id when it is empty.
     pub fn instance_id(&self) -> String {

@@ -183,6 +183,9 @@ pub struct Metrics {
     maintenance: Mutex<MaintenanceCounters>,
     /// The cluster this instance is a member of (`cluster.partitions` > 0), as last seen.
     cluster: Mutex<Option<crate::cluster::ClusterStatus>>,
+    /// The stream sequence up to which this instance's fleet-wide windows and rules have
+    /// committed (`crate::ingest::fleet`); 0 when it does not compute them.
+    pub fleet_wide_position: AtomicI64,
     /// Messages not yet delivered, per partition this instance consumes.
     partition_lags: Mutex<std::collections::BTreeMap<u32, i64>>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
@@ -214,6 +217,7 @@ impl Default for Metrics {
             last_errors: Mutex::new(Vec::new()),
             cluster: Mutex::new(None),
             partition_lags: Mutex::new(std::collections::BTreeMap::new()),
+            fleet_wide_position: AtomicI64::new(0),
             pipeline_failed: AtomicI64::new(0),
             ingest_stopped: AtomicI64::new(0),
             pipelines: Mutex::new(std::collections::BTreeMap::new()),

@@ -73,17 +73,6 @@ impl Engine {
             (Declared::default(), Vec::new())
         };
         let cluster = ingest && config.partitions() > 0;
-        if cluster && !config.skip_fleet_wide() {
-            let (_, fleet_wide) = crate::cluster::split_fleet_wide(&declared);
-            if !fleet_wide.is_empty() {
-                return Err(StartError::Config(format!(
-                    "cluster.partitions = {}: each instance computes window tables and rules per partition, and these sum up rows of many partitions: {}. \
-                     Group window tables by device_id, or set cluster.fleet_wide = skip to run without them (GET /v1/cluster lists what is skipped)",
-                    config.partitions(),
-                    fleet_wide.join("; ")
-                )));
-            }
-        }
         let runners = &declared.runners;
         let metrics = Arc::new(Metrics::default());
         let addr = config.listen();

@@ -592,6 +592,7 @@ fn cluster_view(m: &crate::metrics::Metrics) -> Option<serde_json::Value> {
             }))
             .collect::<Vec<_>>()
     );
+    view["fleet_wide_position"] = json!(m.fleet_wide_position.load(Ordering::Relaxed));
     Some(view)
 }
 

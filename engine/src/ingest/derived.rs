@@ -360,7 +360,7 @@ async fn recorded_since(
 
 /// Committed rows of `table` with stream sequences in `(after, upto]`, in stream order (only
 /// the messages of `partition`, when ingest consumes one).
-async fn committed_rows(
+pub(crate) async fn committed_rows(
     lake: &Lake,
     table: &TableId,
     after: i64,
@@ -552,6 +552,24 @@ impl DerivedStage {
 
     pub fn is_empty(&self) -> bool {
         self.windows.is_empty() && self.rules.is_empty()
+    }
+
+    /// The tables the windows and rules read that none of the windows makes (the usable
+    /// tables they start from), each once.
+    pub fn inputs(&self) -> Vec<TableId> {
+        let made: Vec<&TableId> = self.windows.iter().map(|w| &w.def.table).collect();
+        let mut out: Vec<TableId> = Vec::new();
+        let read = self
+            .windows
+            .iter()
+            .map(|w| &w.input)
+            .chain(self.rules.iter().map(|r| &r.input));
+        for t in read {
+            if !made.contains(&t) && !out.contains(t) {
+                out.push(t.clone());
+            }
+        }
+        out
     }
 
     /// Adds a rule, or replaces the one of the same name, starting after stream sequence

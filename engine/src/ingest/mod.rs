@@ -28,6 +28,7 @@
 pub mod alertmanager;
 pub mod commit;
 pub mod derived;
+pub mod fleet;
 pub mod pipelines;
 pub mod replay;
 pub mod source;

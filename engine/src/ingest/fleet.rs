@@ -1,0 +1,296 @@
+//! A cluster's fleet-wide windows and rules: the window tables not grouped by `device_id`, and
+//! the rules over them (or grouping cohorts), which no partition can compute alone.
+//!
+//! ```text
+//!  partitions' ingest ──► usable.<table> (committed, acked) ──┐
+//!  every partition's consumer: acked up to / caught up at ────┴─► safe position S
+//!  fleet ingest (one instance, under the lease "fleet") ── rows (done, S] in stream order ─►
+//!      windows ─► final.<table>;  rules ─► alerts.<rule>.<key>, final.alerts   (txn <consumer>-fleet, S)
+//! ```
+//!
+//! The elected instance ([`crate::cluster`]) reads the committed rows of the usable tables these
+//! windows and rules read, in stream order, up to the highest stream sequence every partition
+//! has committed entirely (its consumer's acknowledgement floor, or the stream's end when it has
+//! nothing pending or unacknowledged: fleetlake acknowledges only what every table holds). A
+//! single instance runs its windows and rules over the same rows in the same order, with the
+//! same watermark (the whole fleet's), so the rows and alerts are the same; they come later,
+//! by the time the slowest partition takes to commit. Its progress is its own Delta `txn`
+//! application id (`<nats.consumer>-fleet`), its state is snapshotted beside its tables, and a
+//! takeover resumes where its last commit ended.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::RecordBatch;
+use async_nats::jetstream;
+use datafusion::datasource::TableProvider;
+use fleetlake_zones::{Lake, TableId};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ingest::commit::{Backoff, Committer, Effects, Job, storage_failed};
+use crate::ingest::derived::{DerivedStage, OpenError, committed_rows};
+use crate::ingest::pipelines::{Declared, load_reference};
+use crate::metrics::Metrics;
+
+/// Stream sequences read per step.
+const STEP: i64 = 200_000;
+
+/// The highest stream sequence S such that every one of the `partitions` consumers
+/// (`<base>-p<N>`) has committed all of its partition's messages up to S: its acknowledgement
+/// floor, or the stream's last sequence when nothing is pending or unacknowledged. 0 while a
+/// partition has no consumer yet.
+pub async fn safe_position(
+    js: &jetstream::Context,
+    stream: &str,
+    base: &str,
+    partitions: u32,
+) -> Result<u64, String> {
+    let mut stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| format!("reading the stream: {e}"))?;
+    // Read before the consumers: a message stored after it is counted as pending by them.
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| format!("reading the stream: {e}"))?
+        .state
+        .last_sequence;
+    let mut safe = last;
+    for p in 0..partitions {
+        let consumer: Result<jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&format!("{base}-p{p}")).await;
+        let Ok(mut consumer) = consumer else {
+            return Ok(0);
+        };
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| format!("reading partition {p}'s consumer: {e}"))?;
+        let done = if info.num_pending == 0 && info.num_ack_pending == 0 {
+            last
+        } else {
+            info.ack_floor.stream_sequence
+        };
+        safe = safe.min(done);
+    }
+    Ok(safe)
+}
+
+/// The reference tables the fleet-wide windows' pipelines declare, as of now.
+async fn references(
+    lake: &Lake,
+    declared: &Declared,
+) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, String> {
+    let mut out: Vec<(TableId, Arc<dyn TableProvider>)> = Vec::new();
+    for def in declared.runners.iter().flat_map(|r| r.references()) {
+        if out.iter().any(|(t, _)| *t == def.table) {
+            continue;
+        }
+        let exists = lake
+            .describe(&def.table)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some();
+        out.push((def.table.clone(), load_reference(lake, def, exists).await?));
+    }
+    Ok(out)
+}
+
+/// Runs the fleet-wide windows and rules of `declared` (only those: see
+/// [`crate::cluster::split_fleet_wide`]) until `cancel` fires. `config` is the instance's; the
+/// partitions' consumers are `<nats.consumer>-p<N>`, this stage's progress is
+/// `<nats.consumer>-fleet`. A failure retrying cannot fix stops ingest (`/healthz`).
+pub async fn run(
+    config: Config,
+    lake: Lake,
+    declared: Declared,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let base = config.consumer().to_string();
+    let partitions = config.partitions();
+    let mut own = config.clone();
+    own.set_consumer(&format!("{base}-fleet"));
+    let mut backoff = Backoff::new();
+    let (mut stage, mut committer, js, mut references) = loop {
+        match open(&own, &lake, &declared, &metrics, &cancel, &base, partitions).await {
+            Ok(opened) => break opened,
+            Err(OpenError::Invalid(e)) => {
+                metrics.stop_ingest(&format!(
+                    "ingest stopped: fleet-wide windows and rules: {e}"
+                ));
+                return;
+            }
+            Err(OpenError::Storage(e)) => {
+                storage_failed(&metrics, &e);
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    };
+    let mut done = committer.resume_at() as i64 - 1;
+    let position = |done: i64| {
+        metrics
+            .fleet_wide_position
+            .store(done, std::sync::atomic::Ordering::Relaxed)
+    };
+    position(done);
+    tracing::info!(from = done, "fleet-wide windows and rules running");
+    let mut last_snapshot = Instant::now();
+    let mut backoff = Backoff::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(config.commit_interval()) => {}
+        }
+        let safe = match safe_position(&js, config.stream(), &base, partitions).await {
+            Ok(s) => s as i64,
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet-wide windows: reading the partitions' progress failed");
+                continue;
+            }
+        };
+        if safe <= done {
+            continue;
+        }
+        let upto = safe.min(done.saturating_add(STEP));
+        let started = Instant::now();
+        let step = async {
+            references = self::references(&lake, &declared).await?;
+            let mut tables: Vec<(TableId, RecordBatch)> = Vec::new();
+            for input in stage.inputs() {
+                if tables.iter().any(|(t, _)| *t == input) {
+                    continue;
+                }
+                let batches = committed_rows(&lake, &input, done, upto, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(first) = batches.first() {
+                    let rows = arrow::compute::concat_batches(&first.schema(), &batches)
+                        .map_err(|e| e.to_string())?;
+                    tables.push((input, rows));
+                }
+            }
+            Ok::<_, String>(tables)
+        };
+        let tables = match step.await {
+            Ok(t) => t,
+            Err(e) => {
+                storage_failed(&metrics, &e);
+                if !backoff.wait(&cancel).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        backoff = Backoff::new();
+        stage.observe();
+        let out = match stage.process(&tables, &references, upto).await {
+            Ok(o) => o,
+            Err(e) => {
+                metrics.stop_ingest(&format!(
+                    "ingest stopped: fleet-wide window or rule failed: {e}"
+                ));
+                return;
+            }
+        };
+        metrics
+            .late_rows
+            .fetch_add(out.late, std::sync::atomic::Ordering::Relaxed);
+        while let Err(e) = stage.publish(&out.publish).await {
+            tracing::warn!(error = %e, "publishing fleet-wide alerts failed; retrying");
+            if !backoff.wait(&cancel).await {
+                // Not committed: the next owner derives and publishes them again (same ids).
+                return;
+            }
+        }
+        metrics.alerts_published.fetch_add(
+            out.publish.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let rows = stage.flush_rows(std::slice::from_ref(&out.windows), &out.transitions);
+        let snapshots = if last_snapshot.elapsed() >= config.dedup_snapshot_interval() {
+            last_snapshot = Instant::now();
+            stage.snapshots()
+        } else {
+            Vec::new()
+        };
+        let job = Job {
+            rows,
+            version: upto,
+            last: None,
+            messages: 0,
+            started,
+            snapshots,
+            effects: Effects {
+                dedup_keys: metrics
+                    .dedup_keys
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                ..Default::default()
+            },
+        };
+        if !committer.run(job).await {
+            return;
+        }
+        done = upto;
+        position(done);
+    }
+    // Stopping: the state as of the last commit, so the next owner need not rebuild it.
+    committer.store(stage.snapshots()).await;
+    position(0);
+}
+
+type Opened = (
+    DerivedStage,
+    Committer,
+    jetstream::Context,
+    Vec<(TableId, Arc<dyn TableProvider>)>,
+);
+
+/// Opens the fleet-wide window tables and final.alerts with this stage's application id, and
+/// rebuilds their state as of what they committed. A window table new to it is first filled
+/// from the usable rows every partition has committed.
+async fn open(
+    config: &Config,
+    lake: &Lake,
+    declared: &Declared,
+    metrics: &Arc<Metrics>,
+    cancel: &CancellationToken,
+    base: &str,
+    partitions: u32,
+) -> Result<Opened, OpenError> {
+    let js = crate::ingest::source::connect_with(&config.nats())
+        .await
+        .map_err(|e| OpenError::Storage(e.to_string()))?;
+    let safe = safe_position(&js, config.stream(), base, partitions)
+        .await
+        .map_err(OpenError::Storage)? as i64;
+    let references = references(lake, declared)
+        .await
+        .map_err(OpenError::Storage)?;
+    let inputs: Vec<(TableId, i64)> = declared
+        .windows
+        .iter()
+        .map(|w| (w.input.clone(), safe))
+        .collect();
+    let (stage, writers) = DerivedStage::open(
+        lake,
+        config,
+        metrics,
+        &declared.windows,
+        &declared.rules,
+        &references,
+        &inputs,
+    )
+    .await?;
+    let committer = Committer::new(
+        writers,
+        metrics.clone(),
+        cancel.clone(),
+        config.shutdown_grace(),
+    );
+    Ok((stage, committer, js, references))
+}
