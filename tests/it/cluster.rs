@@ -216,34 +216,39 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         })
     };
 
-    let a = EngineProcess::start(&instance("a"), &log("a")).await;
-    let b = EngineProcess::start(&instance("b"), &log("b")).await;
-    let c = EngineProcess::start(&instance("c"), &log("c")).await;
-    // Three members, two partitions each.
-    wait_for(
+    let mut engines: BTreeMap<&str, EngineProcess> = BTreeMap::new();
+    for id in ["a", "b", "c"] {
+        engines.insert(id, EngineProcess::start(&instance(id), &log(id)).await);
+    }
+    let api = |engines: &BTreeMap<&str, EngineProcess>, id: &str| engines[id].api.clone();
+    // Three members, two partitions each, and one of them computing the fleet-wide results.
+    let first = api(&engines, "a");
+    let view = wait_for(
         "the partitions to be spread",
         Duration::from_secs(60),
         || {
-            let api = a.api.clone();
+            let api = first.clone();
             async move {
+                let view = cluster_view(&api).await;
                 let h = holders(&api).await;
                 let per: Vec<usize> = ["a", "b", "c"]
                     .iter()
                     .map(|i| h.values().filter(|v| v == i).count())
                     .collect();
-                (h.len() == PARTITIONS as usize && per == [2, 2, 2]).then_some(())
+                let spread = h.len() == PARTITIONS as usize && per == [2, 2, 2];
+                (spread && view["fleet_wide_by"].is_string()).then_some(view)
             }
         },
     )
     .await;
-    let (_, health) = a.api.get("/healthz").await;
+    let (_, health) = first.get("/healthz").await;
     let health: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(
         health["cluster"]["owned"].as_array().unwrap().len(),
         2,
         "{health}"
     );
-    let (_, metrics) = a.api.get("/metrics").await;
+    let (_, metrics) = first.get("/metrics").await;
     assert!(
         metrics.contains("fleetlake_partition_owned{partition=\""),
         "{metrics}"
@@ -252,33 +257,6 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         metrics.contains("fleetlake_partition_lag{partition=\""),
         "{metrics}"
     );
-
-    // Mid-run: b dies without a chance to commit or ack; a and c take its partitions.
-    wait_for("b to have consumed some", Duration::from_secs(120), || {
-        let api = b.api.clone();
-        async move { (metric(&api, "fleetlake_messages_acked_total").await > 3_000).then_some(()) }
-    })
-    .await;
-    let killed = Instant::now();
-    b.kill().await;
-    wait_for(
-        "b's partitions to be taken over",
-        Duration::from_secs(60),
-        || {
-            let api = a.api.clone();
-            async move {
-                let h = holders(&api).await;
-                (h.len() == PARTITIONS as usize && !h.values().any(|v| v == "b")).then_some(())
-            }
-        },
-    )
-    .await;
-    println!(
-        "b's partitions consumed again {:?} after its SIGKILL",
-        killed.elapsed()
-    );
-    let view = cluster_view(&a.api).await;
-    assert!(view["takeovers"].as_u64().unwrap() >= 3, "{view}");
     // The fleet-wide windows and rules, and who computes them, where operators look.
     let fleet_wide = view["fleet_wide"].to_string();
     for what in [
@@ -289,12 +267,50 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         assert!(fleet_wide.contains(what), "{view}");
     }
     assert_eq!(view["not_computed"], serde_json::json!([]), "{view}");
-    assert!(view["fleet_wide_by"].is_string(), "{view}");
+
+    // Mid-run, the instance computing the fleet-wide results dies without a chance to commit
+    // or ack; the others take its partitions and the fleet-wide results.
+    let victim = view["fleet_wide_by"].as_str().unwrap().to_string();
+    let survivor = ["a", "b", "c"].into_iter().find(|i| *i != victim).unwrap();
+    let victim_api = api(&engines, &victim);
+    wait_for("the victim to have consumed some", Duration::from_secs(120), || {
+        let api = victim_api.clone();
+        async move { (metric(&api, "fleetlake_messages_acked_total").await > 3_000).then_some(()) }
+    })
+    .await;
+    let killed = Instant::now();
+    engines.remove(victim.as_str()).unwrap().kill().await;
+    let survivor_api = api(&engines, survivor);
+    wait_for(
+        "the victim's work to be taken over",
+        Duration::from_secs(60),
+        || {
+            let api = survivor_api.clone();
+            let victim = victim.clone();
+            async move {
+                let view = cluster_view(&api).await;
+                let h = holders(&api).await;
+                let taken = h.len() == PARTITIONS as usize && !h.values().any(|v| *v == victim);
+                let fleet = view["fleet_wide_by"]
+                    .as_str()
+                    .is_some_and(|by| by != victim);
+                (taken && fleet).then_some(())
+            }
+        },
+    )
+    .await;
+    println!(
+        "{victim}'s partitions and fleet-wide results taken over {:?} after its SIGKILL",
+        killed.elapsed()
+    );
+    let view = cluster_view(&survivor_api).await;
+    assert!(view["takeovers"].as_u64().unwrap() >= 3, "{view}");
 
     // A new member joins and is given its share.
-    let d = EngineProcess::start(&instance("d"), &log("d")).await;
+    engines.insert("d", EngineProcess::start(&instance("d"), &log("d")).await);
+    let joined = api(&engines, "d");
     wait_for("d to be given partitions", Duration::from_secs(60), || {
-        let api = d.api.clone();
+        let api = joined.clone();
         async move {
             let view = cluster_view(&api).await;
             (!view["owned"].as_array()?.is_empty()).then_some(())
@@ -321,7 +337,7 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         "the fleet-wide windows to catch up",
         Duration::from_secs(300),
         || {
-            let apis = [a.api.clone(), c.api.clone(), d.api.clone()];
+            let apis: Vec<Api> = engines.values().map(|e| e.api.clone()).collect();
             async move {
                 let mut by = None;
                 for api in apis {
@@ -335,7 +351,7 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         },
     )
     .await;
-    for (id, engine) in [("a", a), ("c", c), ("d", d)] {
+    for (id, engine) in engines {
         let status = engine.terminate().await;
         assert!(status.success(), "instance {id} exited with {status}");
     }
