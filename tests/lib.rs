@@ -405,6 +405,32 @@ impl NatsCluster {
     }
 }
 
+/// The durable consumers of partition `p` of stream TELEMETRY for consumer name `base`
+/// (`<base>-p<p>-<lease revision>`: one per owner; an owner deletes its predecessors').
+pub async fn partition_consumers(
+    js: &async_nats::jetstream::Context,
+    base: &str,
+    p: u32,
+) -> Vec<async_nats::jetstream::consumer::PullConsumer> {
+    use futures::StreamExt;
+    let Ok(stream) = js.get_stream("TELEMETRY").await else {
+        return Vec::new();
+    };
+    let prefix = format!("{base}-p{p}-");
+    let mut names = stream.consumer_names();
+    let mut out = Vec::new();
+    while let Some(Ok(name)) = names.next().await {
+        if name
+            .strip_prefix(&prefix)
+            .is_some_and(|r| r.parse::<u64>().is_ok())
+            && let Ok(c) = stream.get_consumer(&name).await
+        {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A Prometheus Alertmanager of the test's own (Debian's `prometheus-alertmanager`, installed by
 /// `scripts/setup.sh`), clustering off, routing every alert to a webhook served by the test:
 /// [`Alertmanager::notifications`] are the notifications it sent (Alertmanager's webhook JSON).

@@ -18,8 +18,8 @@
 //!
 //! Takeover: three instances drain a fresh consumer; once the partitions are spread, one is
 //! killed; measured are the time until the survivors hold its partitions (their leases) and until
-//! each of its partitions' consumers delivers again (recreated by the new owner at the lake's
-//! position), for each `--ttl` (`cluster.lease_ttl_s`).
+//! each of its partitions is consumed again (the new owner's consumer, made at the lake's
+//! position when it starts consuming, exists), for each `--ttl` (`cluster.lease_ttl_s`).
 
 #[path = "rss.rs"]
 #[allow(dead_code)]
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use fleetlake::tools::simulate::{self, Profile, SimConfig};
-use fleetlake_tests::{EngineProcess, NatsCluster, TestDir, wait_for};
+use fleetlake_tests::{EngineProcess, NatsCluster, TestDir, partition_consumers, wait_for};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Parser)]
@@ -102,23 +102,31 @@ impl Bench {
     /// Whether every partition's consumer of `consumer` exists and has consumed and
     /// acknowledged the whole stream.
     async fn drained(&self, js: &jetstream::Context, consumer: &str) -> bool {
-        let Ok(stream) = js.get_stream("TELEMETRY").await else {
-            return false;
-        };
         for p in 0..self.partitions {
-            let Ok(mut c) = stream
-                .get_consumer::<jetstream::consumer::pull::Config>(&format!("{consumer}-p{p}"))
-                .await
-            else {
+            let consumers = partition_consumers(js, consumer, p).await;
+            if consumers.is_empty() {
                 return false;
-            };
-            match c.info().await {
-                Ok(i) if i.num_pending == 0 && i.num_ack_pending == 0 => {}
-                _ => return false,
+            }
+            for mut c in consumers {
+                match c.info().await {
+                    Ok(i) if i.num_pending == 0 && i.num_ack_pending == 0 => {}
+                    _ => return false,
+                }
             }
         }
         true
     }
+}
+
+/// The names of partition `p`'s consumers (one per owner).
+async fn consumer_names(js: &jetstream::Context, consumer: &str, p: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for mut c in partition_consumers(js, consumer, p).await {
+        if let Ok(i) = c.info().await {
+            out.push(i.name.clone());
+        }
+    }
+    out
 }
 
 fn cpu(pids: &[u32]) -> f64 {
@@ -253,14 +261,9 @@ async fn main() {
             .filter(|(_, who)| who == "i2")
             .map(|(p, _)| *p)
             .collect();
-        let stream = js.get_stream("TELEMETRY").await.expect("stream");
         let mut before = Vec::new();
         for p in &victim {
-            let mut c: jetstream::consumer::PullConsumer = stream
-                .get_consumer(&format!("{consumer}-p{p}"))
-                .await
-                .expect("consumer");
-            before.push(c.info().await.expect("info").delivered.consumer_sequence);
+            before.push(consumer_names(&js, &consumer, *p).await);
         }
         let killed = Instant::now();
         engines.pop().expect("three").kill().await;
@@ -272,23 +275,11 @@ async fn main() {
                     taken = Some(killed.elapsed());
                 }
             }
-            // Recreated by the new owner (its deliveries counted from 1 again) and delivering.
+            // The new owner consumes under a name of its own, made when it starts consuming.
             let mut all = true;
             for (p, old) in victim.iter().zip(&before) {
-                let c: Result<jetstream::consumer::PullConsumer, _> =
-                    stream.get_consumer(&format!("{consumer}-p{p}")).await;
-                let again = match c {
-                    Ok(mut c) => c
-                        .info()
-                        .await
-                        .map(|i| {
-                            let d = i.delivered.consumer_sequence;
-                            d > 0 && d < *old
-                        })
-                        .unwrap_or(false),
-                    Err(_) => false,
-                };
-                all &= again;
+                let now = consumer_names(&js, &consumer, *p).await;
+                all &= now.iter().any(|n| !old.contains(n));
             }
             if all && taken.is_some() {
                 break killed.elapsed();

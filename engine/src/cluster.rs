@@ -7,7 +7,9 @@
 //!  instance A ── lease partition.0, partition.3 ─► ingest of p0 (consumer <c>-p0, filter fleetlake.0.>)
 //!  instance B ── lease partition.1, partition.4 ─► ingest of p1 …   (txn app id <c>-p1, state <c>-p1)
 //!  instance C ── lease partition.2, partition.5 ─► …
-//!                 ▲ NATS key-value bucket (cluster.lease_bucket): member.<id>, partition.<p>
+//!             └── lease fleet ─► ingest::fleet: fleet-wide windows and rules over the committed
+//!                                usable rows of every partition (txn app id <c>-fleet)
+//!                 ▲ NATS key-value bucket (cluster.lease_bucket): member.<id>, partition.<p>, fleet
 //! ```
 //!
 //! - **Partitions**: when fleetlake creates the stream with `cluster.partitions = P`, it maps
@@ -30,8 +32,9 @@
 //!   table conflicts, and is retried only for the rows above the new position.
 //! - **Fleet-wide results**: window tables not grouped by `device_id`, and rules over them (or
 //!   grouping cohorts), sum up rows of many partitions; a partition cannot compute them alone.
-//!   They are refused in a cluster (`cluster.fleet_wide = refuse`) or not computed (`skip`,
-//!   listed in `GET /v1/cluster`). See the README, "Running several instances".
+//!   One instance, the holder of the lease `fleet`, computes them over every partition's
+//!   committed rows in stream order ([`crate::ingest::fleet`]); `cluster.fleet_wide = skip`
+//!   leaves them out (listed in `GET /v1/cluster`). See the README, "Running several instances".
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -203,6 +206,9 @@ struct Owned {
     since: chrono::DateTime<chrono::Utc>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// Whether this loop asked it to stop (handing it back, shutting down); ingest cancels
+    /// its own token when it fails, which is not a hand-back.
+    asked: bool,
 }
 
 /// The share of `partitions` that the member at `rank` (0-based, members sorted by id) of
@@ -284,6 +290,8 @@ pub async fn run(
     let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
     // The fleet-wide stage, when this instance holds the lease "fleet".
     let mut fleet: BTreeMap<u32, Owned> = BTreeMap::new();
+    // Ingest of partitions whose lease was lost, still stopping: not taken again until done.
+    let mut draining: BTreeMap<u32, JoinHandle<()>> = BTreeMap::new();
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut counts = Counts::default();
@@ -301,7 +309,7 @@ pub async fn run(
         // A partition's (or the fleet-wide) ingest that ended unasked stops the instance.
         let ended = |m: &BTreeMap<u32, Owned>| {
             m.iter()
-                .find(|(_, o)| o.task.is_finished() && !o.stop.is_cancelled())
+                .find(|(_, o)| o.task.is_finished() && !o.asked)
                 .map(|(p, _)| *p)
         };
         let ended = ended(&owned)
@@ -334,7 +342,11 @@ pub async fn run(
                 .source_up
                 .store(1, std::sync::atomic::Ordering::Relaxed);
         }
-        renew(&store, &id, &mut owned, lease_key, ttl, &mut counts).await;
+        draining.retain(|_, task| !task.is_finished());
+        for (p, task) in renew(&store, &id, &mut owned, lease_key, ttl, &mut counts).await {
+            draining.insert(p, task);
+        }
+        // The fleet-wide stage resumes from the lake: a second one beside it is only wasted work.
         renew(
             &store,
             &id,
@@ -371,6 +383,7 @@ pub async fn run(
                     since: chrono::Utc::now(),
                     stop,
                     task,
+                    asked: false,
                 },
             );
         }
@@ -381,22 +394,21 @@ pub async fn run(
         }
         let rank = members.iter().position(|m| *m == id).unwrap_or(0);
         let quota = share(partitions, members.len(), rank);
-        let active = |owned: &BTreeMap<u32, Owned>| {
-            owned.values().filter(|o| !o.stop.is_cancelled()).count()
-        };
+        let active = |owned: &BTreeMap<u32, Owned>| owned.values().filter(|o| !o.asked).count();
         // More than the share (a member joined): hand the highest back. Its ingest commits
         // what it took while the lease is still renewed; the lease goes once it has stopped.
         while active(&owned) > quota {
             let (&p, o) = owned
-                .iter()
+                .iter_mut()
                 .rev()
-                .find(|(_, o)| !o.stop.is_cancelled())
+                .find(|(_, o)| !o.asked)
                 .expect("more than zero");
             tracing::info!(
                 partition = p,
                 members = members.len(),
                 "handing a partition to another member"
             );
+            o.asked = true;
             o.stop.cancel();
         }
         // Less than the share: take free partitions, starting at this member's place so that
@@ -409,7 +421,11 @@ pub async fn run(
                     break;
                 }
                 let p = (start + k) % partitions;
-                if owned.contains_key(&p) || view.holders.get(&p).is_some_and(Option::is_some) {
+                // Not one whose ingest here is still stopping after its lease was lost.
+                if owned.contains_key(&p)
+                    || draining.contains_key(&p)
+                    || view.holders.get(&p).is_some_and(Option::is_some)
+                {
                     continue;
                 }
                 let Ok(revision) = store.create(lease_key(p), id.clone().into()).await else {
@@ -418,7 +434,7 @@ pub async fn run(
                 tracing::info!(partition = p, "took the lease of a partition; consuming it");
                 let stop = cancel.child_token();
                 let task = tokio::spawn(run_partition(
-                    config.for_partition(p),
+                    config.for_partition(p, revision),
                     lake.clone(),
                     declared.clone(),
                     metrics.clone(),
@@ -432,6 +448,7 @@ pub async fn run(
                         since: chrono::Utc::now(),
                         stop,
                         task,
+                        asked: false,
                     },
                 );
                 counts.takeovers += 1;
@@ -469,7 +486,8 @@ pub async fn run(
     }
     // Stopping: every partition commits and acknowledges what it took (its lease still
     // renewed), then the lease is handed back so that survivors need not wait for it to expire.
-    for o in owned.values().chain(fleet.values()) {
+    for o in owned.values_mut().chain(fleet.values_mut()) {
+        o.asked = true;
         o.stop.cancel();
     }
     while !owned.is_empty() || !fleet.is_empty() {
@@ -507,11 +525,11 @@ async fn renew(
     key: impl Fn(u32) -> String,
     ttl: Duration,
     counts: &mut Counts,
-) {
+) -> Vec<(u32, JoinHandle<()>)> {
     let mut lost = Vec::new();
     let mut done = Vec::new();
     for (&p, o) in owned.iter_mut() {
-        if o.stop.is_cancelled() && o.task.is_finished() {
+        if o.asked && o.task.is_finished() {
             done.push(p);
             continue;
         }
@@ -523,7 +541,20 @@ async fn renew(
                 o.revision = revision;
                 o.renewed = Instant::now();
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => lost.push(p),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // The last renewal may have landed with its answer lost: still ours if the
+                // entry says so.
+                match store.entry(key(p)).await {
+                    Ok(Some(entry))
+                        if entry.operation == kv::Operation::Put
+                            && entry.value.as_ref() == id.as_bytes() =>
+                    {
+                        o.revision = entry.revision;
+                        o.renewed = Instant::now();
+                    }
+                    _ => lost.push(p),
+                }
+            }
             Err(e) => {
                 tracing::warn!(partition = p, error = %e, "renewing a partition lease failed");
                 // Unconfirmed for a whole TTL: another instance may hold it now.
@@ -540,15 +571,19 @@ async fn renew(
         }
         counts.released += 1;
     }
+    let mut stopping = Vec::new();
     for p in lost {
-        let o = owned.remove(&p).expect("owned");
+        let mut o = owned.remove(&p).expect("owned");
         tracing::error!(
             partition = p,
             "lost the lease of a partition (it expired and another instance took it); its ingest stops now"
         );
+        o.asked = true;
         o.stop.cancel();
         counts.lost += 1;
+        stopping.push((p, o.task));
     }
+    stopping
 }
 
 /// One partition's ingest: the single-instance ingest with the partition's configuration, its

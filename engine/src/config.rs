@@ -415,6 +415,8 @@ pub struct Config {
     /// The partition a partition's ingest runs for ([`Config::for_partition`]); `None` for the
     /// instance (and for an instance without partitions).
     partition: Option<crate::cluster::Partition>,
+    /// The durable consumer's name when it is not `nats.consumer` (a partition's, per lease).
+    durable: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -455,6 +457,7 @@ impl Default for Config {
                 .map(|k| (k.name, k.default.to_string()))
                 .collect(),
             partition: None,
+            durable: None,
         }
     }
 }
@@ -820,16 +823,26 @@ impl Config {
     pub fn partition(&self) -> Option<crate::cluster::Partition> {
         self.partition
     }
-    /// The configuration of partition `index`'s ingest: its consumer (and Delta txn application
-    /// id, and the kind of its state snapshots) is `<nats.consumer>-p<index>`.
-    pub fn for_partition(&self, index: u32) -> Config {
+    /// The configuration of partition `index`'s ingest under the lease taken at revision
+    /// `lease`: its Delta txn application id (and the kind of its state snapshots) is
+    /// `<nats.consumer>-p<index>`, its durable consumer `<nats.consumer>-p<index>-<lease>` (one
+    /// per owner: see `ingest::source::Source::open`).
+    pub fn for_partition(&self, index: u32, lease: u64) -> Config {
         let mut config = self.clone();
-        config.set_consumer(&format!("{}-p{index}", self.consumer()));
+        let app_id = format!("{}-p{index}", self.consumer());
+        config.durable = Some(format!("{app_id}-{lease}"));
+        config.set_consumer(&app_id);
         config.partition = Some(crate::cluster::Partition {
             index,
             count: self.partitions(),
         });
         config
+    }
+    /// The durable consumer's name: `nats.consumer`, or a partition owner's own.
+    pub fn durable_name(&self) -> String {
+        self.durable
+            .clone()
+            .unwrap_or_else(|| self.consumer().to_string())
     }
     /// Another consumer name (and Delta txn application id) for a stage of this instance.
     pub fn set_consumer(&mut self, name: &str) {

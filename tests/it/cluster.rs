@@ -14,7 +14,8 @@ use fleetlake::tools::simulate::{self, Faults, Profile, SimConfig};
 use fleetlake_sql::QueryEngine;
 use fleetlake_sql::hash::nats_partition;
 use fleetlake_tests::{
-    Api, EngineProcess, Nats, NatsCluster, Seaweed, TestDir, metric, wait_for, wait_stream_acked,
+    Api, EngineProcess, Nats, NatsCluster, Seaweed, TestDir, metric, partition_consumers, wait_for,
+    wait_stream_acked,
 };
 use fleetlake_zones::{Lake, LakeConfig};
 use serde_json::Value;
@@ -112,13 +113,16 @@ async fn wait_partitions_acked(url: &str, limit: Duration) {
     wait_for("every partition to be acked", limit, || {
         let js = js.clone();
         async move {
-            let stream = js.get_stream("TELEMETRY").await.ok()?;
             for p in 0..PARTITIONS {
-                let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-                    stream.get_consumer(&format!("fleetlake-p{p}")).await.ok()?;
-                let info = consumer.info().await.ok()?;
-                if info.num_pending > 0 || info.num_ack_pending > 0 {
+                let consumers = partition_consumers(&js, "fleetlake", p).await;
+                if consumers.is_empty() {
                     return None;
+                }
+                for mut consumer in consumers {
+                    let info = consumer.info().await.ok()?;
+                    if info.num_pending > 0 || info.num_ack_pending > 0 {
+                        return None;
+                    }
                 }
             }
             Some(())

@@ -418,6 +418,54 @@ fn create_dir(path: &Path) -> Result<()> {
 
 /// Appends to one table exactly once per progress version.
 ///
+/// Reads the progress (Delta `txn` versions) other writers record in tables, again and again:
+/// each table is loaded once and then brought up to date with the log entries added since.
+#[derive(Default)]
+pub struct ProgressReader {
+    tables: std::collections::HashMap<TableId, DeltaTable>,
+}
+
+impl ProgressReader {
+    /// The progress each of `app_ids` has recorded in table `id`, as of its latest version:
+    /// `None` for an application id that never committed to it, all `None` when the table does
+    /// not exist.
+    pub async fn progress(
+        &mut self,
+        lake: &Lake,
+        id: &TableId,
+        app_ids: &[String],
+    ) -> Result<Vec<Option<i64>>> {
+        let delta = |action, source| Error::Delta {
+            action,
+            table: id.to_string(),
+            source: Box::new(source),
+        };
+        let fresh = match self.tables.get_mut(id) {
+            // Log entries since cleaned away (maintenance): load it again.
+            Some(table) => table.update_state().await.is_ok(),
+            None => false,
+        };
+        if !fresh {
+            let Some(table) = lake.load(id).await? else {
+                return Ok(vec![None; app_ids.len()]);
+            };
+            self.tables.insert(id.clone(), table);
+        }
+        let table = &self.tables[id];
+        let snapshot = table.snapshot().map_err(|e| delta("reading", e))?;
+        let mut out = Vec::new();
+        for app_id in app_ids {
+            out.push(
+                snapshot
+                    .transaction_version(table.log_store().as_ref(), app_id)
+                    .await
+                    .map_err(|e| delta("reading progress of", e))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// Rows carry a monotonically increasing progress column (`stream_seq`); a commit covering
 /// progress up to `version` records `txn(app_id, version)`, and any later commit drops rows at or
 /// below the recorded version before writing.

@@ -124,6 +124,8 @@ pub struct Committer {
     /// The end of the grace period, set at the first commit attempt after cancellation: one
     /// deadline for every table and job of the shutdown.
     deadline: Option<Instant>,
+    /// The position the state kept in memory is as of: the last job's version.
+    position: i64,
 }
 
 impl Committer {
@@ -133,12 +135,18 @@ impl Committer {
         cancel: CancellationToken,
         grace: Duration,
     ) -> Self {
+        let position = writers
+            .iter()
+            .filter_map(|w| w.committed())
+            .max()
+            .unwrap_or(0);
         Self {
             writers,
             metrics,
             cancel,
             grace,
             deadline: None,
+            position,
         }
     }
 
@@ -191,6 +199,7 @@ impl Committer {
                 return false;
             }
         }
+        self.position = job.version;
         self.store(job.snapshots).await;
         let m = &self.metrics;
         for counts in &job.effects.pipelines {
@@ -239,6 +248,22 @@ impl Committer {
     /// Stores snapshots beside their tables. A failure only means a longer rebuild after a
     /// restart, so it is logged, not retried.
     pub async fn store(&self, snapshots: Vec<Snapshot>) {
+        // A table another writer with the same application id moved past this state (an earlier
+        // owner of a partition that had not yet noticed it lost it): a snapshot would be labelled
+        // with a position its state is not as of.
+        if let Some(w) = self
+            .writers
+            .iter()
+            .find(|w| w.committed().is_some_and(|c| c > self.position))
+        {
+            tracing::warn!(
+                table = %w.id(),
+                committed = w.committed(),
+                state = self.position,
+                "another writer committed past this state: its snapshots are not stored"
+            );
+            return;
+        }
         for s in snapshots {
             let writers: Vec<&TableWriter> = s
                 .tables

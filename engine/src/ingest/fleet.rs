@@ -3,15 +3,15 @@
 //!
 //! ```text
 //!  partitions' ingest ──► usable.<table> (committed, acked) ──┐
-//!  every partition's consumer: acked up to / caught up at ────┴─► safe position S
+//!  each partition's txn progress + its next message ──────────┴─► safe position S
 //!  fleet ingest (one instance, under the lease "fleet") ── rows (done, S] in stream order ─►
 //!      windows ─► final.<table>;  rules ─► alerts.<rule>.<key>, final.alerts   (txn <consumer>-fleet, S)
 //! ```
 //!
 //! The elected instance ([`crate::cluster`]) reads the committed rows of the usable tables these
 //! windows and rules read, in stream order, up to the highest stream sequence every partition
-//! has committed entirely (its consumer's acknowledgement floor, or the stream's end when it has
-//! nothing pending or unacknowledged: fleetlake acknowledges only what every table holds). A
+//! has committed entirely ([`safe_position`]: each partition's progress in those tables, and its
+//! next message in the stream after it). A
 //! single instance runs its windows and rules over the same rows in the same order, with the
 //! same watermark (the whole fleet's), so the rows and alerts are the same; they come later,
 //! by the time the slowest partition takes to commit. Its progress is its own Delta `txn`
@@ -24,6 +24,7 @@ use std::time::Instant;
 use arrow::array::RecordBatch;
 use async_nats::jetstream;
 use datafusion::datasource::TableProvider;
+use fleetlake_zones::lake::ProgressReader;
 use fleetlake_zones::{Lake, TableId};
 use tokio_util::sync::CancellationToken;
 
@@ -36,44 +37,57 @@ use crate::metrics::Metrics;
 /// Stream sequences read per step.
 const STEP: i64 = 200_000;
 
-/// The highest stream sequence S such that every one of the `partitions` consumers
-/// (`<base>-p<N>`) has committed all of its partition's messages up to S: its acknowledgement
-/// floor, or the stream's last sequence when nothing is pending or unacknowledged. 0 while a
-/// partition has no consumer yet.
+/// The highest stream sequence S such that every one of the `partitions` partitions has
+/// committed all of its messages up to S to every table of `inputs`: the lowest progress V its
+/// application id (`<base>-p<N>`) records in them, and then the partition's first message after
+/// V in the stream, F (`STREAM.MSG.GET` by its subjects): the partition has nothing uncommitted
+/// before F. S is the lowest F − 1, or the stream's last sequence (read first) where a partition
+/// has nothing after V. Exact: it relies on the lake and the stream, not on consumer counters.
 pub async fn safe_position(
     js: &jetstream::Context,
+    lake: &Lake,
+    reader: &mut ProgressReader,
     stream: &str,
     base: &str,
     partitions: u32,
+    inputs: &[TableId],
 ) -> Result<u64, String> {
-    let mut stream = js
+    let last = js
         .get_stream(stream)
         .await
-        .map_err(|e| format!("reading the stream: {e}"))?;
-    // Read before the consumers: a message stored after it is counted as pending by them.
-    let last = stream
+        .map_err(|e| format!("reading the stream: {e}"))?
         .info()
         .await
         .map_err(|e| format!("reading the stream: {e}"))?
         .state
         .last_sequence;
-    let mut safe = last;
-    for p in 0..partitions {
-        let consumer: Result<jetstream::consumer::PullConsumer, _> =
-            stream.get_consumer(&format!("{base}-p{p}")).await;
-        let Ok(mut consumer) = consumer else {
-            return Ok(0);
-        };
-        let info = consumer
-            .info()
+    let app_ids: Vec<String> = (0..partitions).map(|p| format!("{base}-p{p}")).collect();
+    let mut done = vec![i64::MAX; partitions as usize];
+    for table in inputs {
+        let progress = reader
+            .progress(lake, table, &app_ids)
             .await
-            .map_err(|e| format!("reading partition {p}'s consumer: {e}"))?;
-        let done = if info.num_pending == 0 && info.num_ack_pending == 0 {
-            last
-        } else {
-            info.ack_floor.stream_sequence
-        };
-        safe = safe.min(done);
+            .map_err(|e| e.to_string())?;
+        for (d, v) in done.iter_mut().zip(progress) {
+            *d = (*d).min(v.unwrap_or(0));
+        }
+    }
+    let client = js.client();
+    let mut safe = last;
+    for (p, d) in done.iter().enumerate() {
+        let filter = crate::cluster::Partition {
+            index: p as u32,
+            count: partitions,
+        }
+        .filter_subject();
+        let after = (*d).clamp(0, last as i64) as u64;
+        if let Some((next, _)) =
+            crate::ingest::source::next_message(&client, stream, after + 1, &filter)
+                .await
+                .map_err(|e| e.to_string())?
+        {
+            safe = safe.min(next - 1);
+        }
     }
     Ok(safe)
 }
@@ -141,12 +155,23 @@ pub async fn run(
     tracing::info!(from = done, "fleet-wide windows and rules running");
     let mut last_snapshot = Instant::now();
     let mut backoff = Backoff::new();
+    let mut reader = ProgressReader::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(config.commit_interval()) => {}
         }
-        let safe = match safe_position(&js, config.stream(), &base, partitions).await {
+        let inputs = stage.inputs();
+        let safe = safe_position(
+            &js,
+            &lake,
+            &mut reader,
+            config.stream(),
+            &base,
+            partitions,
+            &inputs,
+        );
+        let safe = match safe.await {
             Ok(s) => s as i64,
             Err(e) => {
                 tracing::warn!(error = %e, "fleet-wide windows: reading the partitions' progress failed");
@@ -265,9 +290,24 @@ async fn open(
     let js = crate::ingest::source::connect_with(&config.nats())
         .await
         .map_err(|e| OpenError::Storage(e.to_string()))?;
-    let safe = safe_position(&js, config.stream(), base, partitions)
-        .await
-        .map_err(OpenError::Storage)? as i64;
+    let inputs: Vec<TableId> = declared
+        .windows
+        .iter()
+        .map(|w| w.input.clone())
+        .chain(declared.rules.iter().map(|r| r.input.clone()))
+        .filter(|t| !declared.windows.iter().any(|w| w.def.table == *t))
+        .collect();
+    let safe = safe_position(
+        &js,
+        lake,
+        &mut ProgressReader::default(),
+        config.stream(),
+        base,
+        partitions,
+        &inputs,
+    )
+    .await
+    .map_err(OpenError::Storage)? as i64;
     let references = references(lake, declared)
         .await
         .map_err(OpenError::Storage)?;

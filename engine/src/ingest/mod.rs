@@ -745,11 +745,19 @@ impl Ingest {
         };
         // A partition's stream sequences have gaps (the other partitions' messages): only a
         // gap in its deliveries means one was dropped.
-        if source.is_partition()
-            && (source.delivered_in_order(info.consumer_sequence)
-                || info.stream_sequence <= *highest_seen)
-        {
-            return Ok(());
+        if source.is_partition() {
+            let in_order = source.delivered_in_order(info.consumer_sequence);
+            if info.stream_sequence <= *highest_seen {
+                // A redelivery says nothing of a delivery dropped before it: the next new
+                // message is checked by sequence.
+                if !in_order {
+                    source.mark_suspect();
+                }
+                return Ok(());
+            }
+            if in_order && !source.take_suspect() {
+                return Ok(());
+            }
         }
         self.fetch_before(source, info.stream_sequence, buffer, highest_seen)
             .await

@@ -245,6 +245,9 @@ pub struct Source {
     partition: Option<crate::cluster::Partition>,
     /// The consumer sequence of the last delivery seen (see [`Source::delivered_in_order`]).
     last_delivery: std::sync::atomic::AtomicU64,
+    /// A delivery came out of order as a redelivery: one may have been dropped before it, so
+    /// the next new message is checked by sequence ([`Source::take_suspect`]).
+    suspect: std::sync::atomic::AtomicBool,
 }
 
 /// Why the source will not open: the stream is not the one the lake's positions refer to.
@@ -318,8 +321,31 @@ impl Source {
         }
         tracing::debug!(elapsed = ?started.elapsed(), "stream ready");
         // Deleting a consumer that does not exist is fine: the lake decides where to start.
-        let deleted = stream.delete_consumer(config.consumer()).await;
+        let durable = config.durable_name();
+        let deleted = stream.delete_consumer(&durable).await;
         tracing::debug!(elapsed = ?started.elapsed(), deleted = deleted.is_ok(), "old consumer deleted");
+        if let Some(p) = config.partition() {
+            // A partition's earlier owners consumed it under other names (one per lease): their
+            // consumers go, so an owner that has not noticed it lost the lease gets nothing more
+            // (sharing one consumer, each would skip what the other took).
+            let prefix = format!("{}-", config.consumer());
+            let mut names = stream.consumer_names();
+            let mut stale = Vec::new();
+            while let Some(name) = names.next().await {
+                let name = name.map_err(|e| err("listing consumers")(&e))?;
+                if name != durable
+                    && name
+                        .strip_prefix(&prefix)
+                        .is_some_and(|r| r.parse::<u64>().is_ok())
+                {
+                    stale.push(name);
+                }
+            }
+            for name in stale {
+                tracing::info!(partition = p.index, consumer = %name, "deleting an earlier owner's consumer");
+                let _ = stream.delete_consumer(&name).await;
+            }
+        }
         let deliver_policy = if start <= 1 {
             consumer::DeliverPolicy::All
         } else {
@@ -329,7 +355,7 @@ impl Source {
         };
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
-                durable_name: Some(config.consumer().to_string()),
+                durable_name: Some(durable.clone()),
                 deliver_policy,
                 ack_policy: consumer::AckPolicy::All,
                 ack_wait: config.ack_wait(),
@@ -362,6 +388,7 @@ impl Source {
             stream_name: config.stream().to_string(),
             partition: config.partition(),
             last_delivery: std::sync::atomic::AtomicU64::new(0),
+            suspect: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -388,6 +415,19 @@ impl Source {
         use std::sync::atomic::Ordering;
         let last = self.last_delivery.swap(consumer_seq, Ordering::Relaxed);
         consumer_seq == last + 1
+    }
+
+    /// Marks that a delivery out of order was a redelivery, which says nothing of what was
+    /// dropped before it: the next new message is to be checked by sequence.
+    pub fn mark_suspect(&self) {
+        self.suspect
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a check by sequence is owed (see [`Source::mark_suspect`]); clears it.
+    pub fn take_suspect(&self) -> bool {
+        self.suspect
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The next message, or an error when the consumer is lost.
@@ -422,77 +462,88 @@ impl Source {
     }
 
     /// Reads the first message at or after stream sequence `seq` (of this source's partition,
-    /// when it is one partition's) directly (not through the
-    /// consumer): for messages the client library did not deliver (async-nats drops a delivery
-    /// whose subject or headers it cannot parse). The request is JetStream's `STREAM.MSG.GET`
-    /// with `next_by_subj: ">"`, and its JSON answer is decoded here, leniently, because
-    /// async-nats's own `get_raw_message` refuses the same headers. Returns the message's
-    /// sequence and contents, or `None` when the stream holds nothing at or after `seq`; a
-    /// sequence below the one returned is no longer in the stream (deleted, purged or removed by
-    /// its limits).
+    /// when it is one partition's) directly, not through the consumer: for messages the client
+    /// library did not deliver (async-nats drops a delivery whose subject or headers it cannot
+    /// parse). See [`next_message`]. Returns the message's sequence and contents (the subject as
+    /// published), or `None` when the stream holds nothing at or after `seq`; in the whole
+    /// stream, a sequence below the one returned is no longer in the stream (deleted, purged or
+    /// removed by its limits).
     pub async fn fetch(&self, seq: u64) -> Result<Option<(u64, Fetched)>, SourceError> {
-        use base64::Engine as _;
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            message: Option<Stored>,
-            error: Option<serde_json::Value>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Stored {
-            subject: String,
-            seq: u64,
-            #[serde(default)]
-            data: String,
-            #[serde(default)]
-            hdrs: Option<String>,
-        }
         let filter = self
             .partition
             .map(|p| p.filter_subject())
             .unwrap_or_else(|| ">".into());
-        let request = serde_json::json!({"seq": seq, "next_by_subj": filter}).to_string();
-        let reply = self
-            .client
-            .request(
-                format!("$JS.API.STREAM.MSG.GET.{}", self.stream_name),
-                request.into(),
-            )
-            .await
-            .map_err(|e| err("reading a message by its sequence")(&e))?;
-        let answer: Answer = serde_json::from_slice(&reply.payload)
-            .map_err(|e| err("reading a message by its sequence")(&e))?;
-        let Some(stored) = answer.message else {
-            let code = answer
-                .error
-                .as_ref()
-                .and_then(|e| e["code"].as_u64())
-                .unwrap_or(0);
-            if code == 404 {
-                return Ok(None);
-            }
-            return Err(SourceError {
-                action: "reading a message by its sequence",
-                reason: answer.error.map(|e| e.to_string()).unwrap_or_default(),
-            });
-        };
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let payload = b64
-            .decode(stored.data.as_bytes())
-            .map_err(|e| err("decoding a message read by its sequence")(&e))?;
-        let headers = stored
-            .hdrs
-            .as_deref()
-            .and_then(|h| b64.decode(h.as_bytes()).ok())
-            .unwrap_or_default();
-        Ok(Some((
-            stored.seq,
-            Fetched {
-                subject: self.published(&stored.subject).to_string(),
-                payload,
-                msg_id: message_id(&headers),
-            },
-        )))
+        let found = next_message(&self.client, &self.stream_name, seq, &filter).await?;
+        Ok(found.map(|(at, mut fetched)| {
+            fetched.subject = self.published(&fetched.subject).to_string();
+            (at, fetched)
+        }))
     }
+}
+
+/// The first message of `stream` at or after sequence `seq` on a subject matching `filter`:
+/// JetStream's `STREAM.MSG.GET` with `next_by_subj`, its JSON answer decoded here, leniently
+/// (async-nats's own `get_raw_message` refuses headers a device's client may send). Returns its
+/// sequence and contents (the subject as stored), or `None` when there is none.
+pub async fn next_message(
+    client: &async_nats::Client,
+    stream: &str,
+    seq: u64,
+    filter: &str,
+) -> Result<Option<(u64, Fetched)>, SourceError> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        message: Option<Stored>,
+        error: Option<serde_json::Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        subject: String,
+        seq: u64,
+        #[serde(default)]
+        data: String,
+        #[serde(default)]
+        hdrs: Option<String>,
+    }
+    let request = serde_json::json!({"seq": seq, "next_by_subj": filter}).to_string();
+    let reply = client
+        .request(format!("$JS.API.STREAM.MSG.GET.{stream}"), request.into())
+        .await
+        .map_err(|e| err("reading a message by its sequence")(&e))?;
+    let answer: Answer = serde_json::from_slice(&reply.payload)
+        .map_err(|e| err("reading a message by its sequence")(&e))?;
+    let Some(stored) = answer.message else {
+        let code = answer
+            .error
+            .as_ref()
+            .and_then(|e| e["code"].as_u64())
+            .unwrap_or(0);
+        if code == 404 {
+            return Ok(None);
+        }
+        return Err(SourceError {
+            action: "reading a message by its sequence",
+            reason: answer.error.map(|e| e.to_string()).unwrap_or_default(),
+        });
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let payload = b64
+        .decode(stored.data.as_bytes())
+        .map_err(|e| err("decoding a message read by its sequence")(&e))?;
+    let headers = stored
+        .hdrs
+        .as_deref()
+        .and_then(|h| b64.decode(h.as_bytes()).ok())
+        .unwrap_or_default();
+    Ok(Some((
+        stored.seq,
+        Fetched {
+            subject: stored.subject,
+            payload,
+            msg_id: message_id(&headers),
+        },
+    )))
 }
 
 /// The `Nats-Msg-Id` of a header block (`NATS/1.0` line, then `Name: value` lines), read
