@@ -4,7 +4,7 @@
 //! ```text
 //!  publish telemetry.coldchain.d1 ─► stream (subject transform  > → fleetlake.{{partition(P)}}.>)
 //!                                      stored as fleetlake.<p>.telemetry.coldchain.d1
-//!  instance A ── lease partition.0, partition.3 ─► ingest of p0 (consumer <c>-p0, filter fleetlake.0.>)
+//!  instance A ── lease partition.0, partition.3 ─► ingest of p0 (consumer <c>-p0-<lease>, filter fleetlake.0.>)
 //!  instance B ── lease partition.1, partition.4 ─► ingest of p1 …   (txn app id <c>-p1, state <c>-p1)
 //!  instance C ── lease partition.2, partition.5 ─► …
 //!             └── lease fleet ─► ingest::fleet: fleet-wide windows and rules over the committed
@@ -23,8 +23,9 @@
 //!   bucket; each takes its share (P / members, the first P mod members one more, by id), and
 //!   one holding more than its share hands the extra back after committing what it took.
 //! - **Exactly once per partition**: a partition's ingest is the single-instance ingest
-//!   ([`crate::ingest::run`]) with its own consumer and Delta `txn` application id
-//!   (`<nats.consumer>-p<p>`, [`Config::for_partition`]); its state snapshots carry the same id
+//!   ([`crate::ingest::run`]) with its own Delta `txn` application id (`<nats.consumer>-p<p>`)
+//!   and a durable consumer per owner (`<nats.consumer>-p<p>-<lease revision>`, deleting its
+//!   predecessors': [`Config::for_partition`]); its state snapshots carry the same id
 //!   and its rebuilds read only the partition's rows ([`Partition::scope`]). A takeover resumes
 //!   where the partition's last commit ended, with the partition's state as of it. A previous
 //!   owner that lost its lease without noticing (paused, cut off from NATS) is fenced by Delta:
@@ -221,6 +222,11 @@ pub fn share(partitions: u32, members: usize, rank: usize) -> usize {
 /// The lease key of the fleet-wide windows and rules ([`crate::ingest::fleet`]).
 const FLEET_KEY: &str = "fleet";
 
+/// The lease key of the fleet-wide stage (its map of one is keyed 0).
+fn fleet_key(_: u32) -> String {
+    FLEET_KEY.into()
+}
+
 /// The lease key of partition `p`.
 fn lease_key(p: u32) -> String {
     format!("partition.{p}")
@@ -347,15 +353,7 @@ pub async fn run(
             draining.insert(p, task);
         }
         // The fleet-wide stage resumes from the lake: a second one beside it is only wasted work.
-        renew(
-            &store,
-            &id,
-            &mut fleet,
-            |_| FLEET_KEY.into(),
-            ttl,
-            &mut counts,
-        )
-        .await;
+        renew(&store, &id, &mut fleet, fleet_key, ttl, &mut counts).await;
         let Ok(view) = read_group(&store).await else {
             continue;
         };
@@ -492,15 +490,7 @@ pub async fn run(
     }
     while !owned.is_empty() || !fleet.is_empty() {
         renew(&store, &id, &mut owned, lease_key, ttl, &mut counts).await;
-        renew(
-            &store,
-            &id,
-            &mut fleet,
-            |_| FLEET_KEY.into(),
-            ttl,
-            &mut counts,
-        )
-        .await;
+        renew(&store, &id, &mut fleet, fleet_key, ttl, &mut counts).await;
         if !owned.is_empty() || !fleet.is_empty() {
             tick.tick().await;
         }

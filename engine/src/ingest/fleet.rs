@@ -114,7 +114,7 @@ async fn references(
 
 /// Runs the fleet-wide windows and rules of `declared` (only those: see
 /// [`crate::cluster::split_fleet_wide`]) until `cancel` fires. `config` is the instance's; the
-/// partitions' consumers are `<nats.consumer>-p<N>`, this stage's progress is
+/// partitions' application ids are `<nats.consumer>-p<N>`, this stage's progress is
 /// `<nats.consumer>-fleet`. A failure retrying cannot fix stops ingest (`/healthz`).
 pub async fn run(
     config: Config,
