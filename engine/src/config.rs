@@ -109,7 +109,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "nats.replicas",
         default: "1",
-        help: "replicas of the stream when fleetlake creates it (3 on a 3-node NATS cluster)",
+        help: "replicas of the streams (telemetry, alerts) and the cluster's lease bucket when fleetlake creates them (3 on a 3-node NATS cluster)",
     },
     Key {
         name: "cluster.partitions",
@@ -119,7 +119,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "cluster.instance",
         default: "",
-        help: "this instance's id in the cluster (empty = host name and process id)",
+        help: "this instance's id in the cluster, unique among its members (empty = $HOSTNAME, else localhost, and the process id)",
     },
     Key {
         name: "cluster.lease_bucket",

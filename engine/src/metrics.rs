@@ -294,6 +294,12 @@ impl Metrics {
                 c.members.len() as u64,
             ),
             (
+                "fleetlake_fleet_wide_position",
+                "Stream sequence up to which this instance's fleet-wide windows and rules have committed (0 on the instances that do not compute them).",
+                "gauge",
+                self.fleet_wide_position.load(Ordering::Relaxed).max(0) as u64,
+            ),
+            (
                 "fleetlake_partition_takeovers_total",
                 "Partitions this instance took a lease on and started consuming (at start, after an owner died, on rebalancing).",
                 "counter",

@@ -563,3 +563,65 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         );
     }
 }
+
+/// A stream mapped to partitions is read only with the same number of partitions: without
+/// partitions its stored subjects would match no pipeline, with another number a device would
+/// move. Either way ingest stops and says so, and consumes nothing.
+#[tokio::test]
+async fn a_stream_mapped_to_other_partitions_is_refused_loudly() {
+    let nats = Nats::start().await;
+    let dir = TestDir::new();
+    let lake = dir.path().join("lake").display().to_string();
+    let partitioned =
+        fleetlake_tests::test_config(nats.url(), &lake, &[("cluster.partitions", "4")]);
+    let js = fleetlake::ingest::source::connect(nats.url())
+        .await
+        .unwrap();
+    fleetlake::ingest::source::ensure_stream(&js, &partitioned)
+        .await
+        .unwrap();
+    js.publish("telemetry.coldchain.d1", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for (partitions, wanted) in [("0", "no subject transform"), ("6", "partition(6)")] {
+        let config =
+            fleetlake_tests::test_config(nats.url(), &lake, &[("cluster.partitions", partitions)]);
+        let e = fleetlake::ingest::source::ensure_stream(&js, &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partition(4)") && e.contains(wanted), "{e}");
+        assert!(e.contains("fixed for a stream's life"), "{e}");
+    }
+    // A single instance started on it stops ingest, says why, and writes nothing.
+    let single = fleetlake_tests::test_config(nats.url(), &lake, &[]);
+    let engine = fleetlake::serve::Engine::start(single, Vec::new(), true)
+        .await
+        .unwrap();
+    let api = Api::new(engine.addr);
+    let body = wait_for(
+        "/healthz to refuse the stream",
+        Duration::from_secs(60),
+        || {
+            let api = api.clone();
+            async move {
+                let (status, body) = api.get("/healthz").await;
+                (status == 503 && body.contains("subject transform")).then_some(body)
+            }
+        },
+    )
+    .await;
+    assert!(body.contains("cluster.partitions"), "{body}");
+    let reason = engine.ingest_failed().await;
+    assert!(reason.contains("partition(4)"), "{reason}");
+    let _ = engine.shutdown().await;
+    let lake = Lake::open(&LakeConfig {
+        location: lake,
+        storage_options: Default::default(),
+    })
+    .unwrap();
+    let progress = fleetlake_tests::txn_progress(&lake).await;
+    assert!(progress.iter().all(|(_, v)| v.is_none()), "{progress:?}");
+}

@@ -141,8 +141,33 @@ async fn crash_run(disruption: Disruption, seed: u64) {
     });
 
     let mut pauses = Pauses(seed);
+    let stream_done = |url: String| async move {
+        // Everything published so far is acknowledged: there is nothing left to commit.
+        let js = fleetlake::ingest::source::connect(&url).await.ok()?;
+        let mut stream = js.get_stream("TELEMETRY").await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("fleetlake").await.ok()?;
+        let floor = consumer.info().await.ok()?.ack_floor.stream_sequence;
+        (last > 0 && floor >= last).then_some(())
+    };
     for round in 0..KILLS {
         let engine = EngineProcess::start(&env, &log).await;
+        if round > 0 {
+            // The first engine may die anywhere; the others only once they have committed
+            // something, so that the next ones resume mid-stream (on a loaded machine the
+            // first commits to fresh tables on SeaweedFS take longer than a pause).
+            wait_for("the engine to commit", Duration::from_secs(120), || {
+                let (api, url) = (engine.api.clone(), nats.url().to_string());
+                async move {
+                    if fleetlake_tests::metric(&api, "fleetlake_messages_acked_total").await > 0 {
+                        return Some(());
+                    }
+                    stream_done(url).await
+                }
+            })
+            .await;
+        }
         tokio::time::sleep(pauses.next()).await;
         if round == 2 {
             match disruption {

@@ -572,7 +572,7 @@ async fn cluster(State(state): State<AppState>) -> Response {
         None => error_response(
             StatusCode::NOT_FOUND,
             "not_a_cluster",
-            "this instance consumes the whole stream (cluster.partitions = 0): there is no cluster to show",
+            "this instance is not in a cluster (cluster.partitions = 0, or it does not ingest): there is no cluster to show",
         ),
     }
 }
@@ -872,8 +872,13 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "ingest": component(ingest_up, "ingest"),
     });
     let mut body = body;
-    if let Some(view) = cluster_view(m) {
-        body["cluster"] = view;
+    // Public: only which partitions this instance consumes (GET /v1/cluster has the rest).
+    if let Some(c) = m.cluster() {
+        body["cluster"] = json!({
+            "partitions": c.partitions,
+            "owned": c.owned.iter().map(|o| o.partition).collect::<Vec<_>>(),
+            "members": c.members.len(),
+        });
     }
     let status = if healthy {
         StatusCode::OK

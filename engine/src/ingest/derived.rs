@@ -164,6 +164,8 @@ pub struct DerivedStage {
     stream: String,
     duplicate_window: Duration,
     nats: crate::ingest::source::NatsConnection,
+    /// Replicas of the alerts stream when it is created (`nats.replicas`).
+    replicas: usize,
     /// Observed stream time, which silence rules measure silence with.
     clock: StreamClock,
     /// Where published transitions also go (`alerts.alertmanager_url`).
@@ -424,6 +426,7 @@ impl DerivedStage {
             stream: config.alerts_stream().to_string(),
             duplicate_window: config.alerts_duplicate_window(),
             nats: config.nats(),
+            replicas: config.replicas(),
             clock: StreamClock::new(config.silence_max_gap_us()),
             alertmanager: None,
         };
@@ -746,6 +749,7 @@ impl DerivedStage {
                 subjects: vec!["alerts.>".into()],
                 storage: jetstream::stream::StorageType::File,
                 duplicate_window: self.duplicate_window,
+                num_replicas: self.replicas,
                 ..Default::default()
             })
             .await

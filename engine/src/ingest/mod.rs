@@ -213,9 +213,13 @@ pub async fn run(
         let (start, committed) = (committer.resume_at(), committer.highest_committed());
         let mut source = match Source::open(&ingest.config, start, committed).await {
             Ok(source) => source,
-            Err(crate::ingest::source::OpenError::Mismatch(e)) => {
-                // Consuming would silently skip the new stream's first messages: say so and
-                // wait for an operator (`serve` exits non-zero).
+            Err(
+                e @ (crate::ingest::source::OpenError::Mismatch(_)
+                | crate::ingest::source::OpenError::Mapping(_)),
+            ) => {
+                // Consuming would silently skip the new stream's first messages, or read a
+                // partitioned stream's subjects as no pipeline's: say so and wait for an
+                // operator (`serve` exits non-zero).
                 ingest.metrics.set_last_error("source", &e.to_string());
                 ingest.metrics.source_up.store(0, Ordering::Relaxed);
                 ingest.metrics.stop_ingest(&format!("ingest stopped: {e}"));

@@ -114,10 +114,24 @@ pub async fn run(
     to: Option<DateTime<Utc>>,
     progress: bool,
 ) -> Result<ReplayReport, String> {
-    if config.partitions() > 0 {
+    // A cluster's lake: its positions are per partition (<consumer>-p<N>), whatever this
+    // configuration says.
+    let partitioned = fleetlake_zones::lake::ProgressReader::default()
+        .progress(
+            &lake,
+            &fleetlake_zones::TableId::raw_telemetry(),
+            &[format!("{}-p0", config.consumer())],
+        )
+        .await
+        .map_err(|e| e.to_string())?[0]
+        .is_some();
+    if config.partitions() > 0 || partitioned {
         return Err(format!(
-            "cluster.partitions = {}: replay rewrites a pipeline's tables as of one consumer's positions, and a cluster's are per partition (<consumer>-p<N>); replaying a cluster's lake is not supported yet",
-            config.partitions()
+            "{} is a cluster's lake (cluster.partitions > 0): replay rewrites a pipeline's tables as of one consumer's positions, \
+             and a cluster's are per partition ({}-p<N>). Replaying a cluster's lake is not supported yet; \
+             a pipeline change applies to the messages ingested after it",
+            lake.root(),
+            config.consumer()
         ));
     }
     let Some((dir, _)) = config.pipelines_dir() else {

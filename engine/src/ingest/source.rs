@@ -201,28 +201,39 @@ pub async fn ensure_stream(
         })
         .await
         .map_err(|e| err("creating the stream")(&e))?;
-    if let Some(wanted) = transform {
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| err("reading the stream's configuration")(&e))?;
-        let has = info.config.subject_transform.as_ref();
-        if has.map(|t| (&t.source, &t.destination)) != Some((&wanted.source, &wanted.destination)) {
-            return Err(SourceError {
-                action: CHECKING_MAPPING,
-                reason: format!(
-                    "stream {} maps its subjects {}, but cluster.partitions = {} needs the subject transform {} -> {}; \
-                     fleetlake sets it only on a stream it creates. Create a new stream (nats.stream) for the cluster, \
-                     or consume this one with cluster.partitions = 0",
-                    config.stream(),
-                    has.map(|t| format!("{} -> {}", t.source, t.destination))
-                        .unwrap_or_else(|| "to no partitions".into()),
-                    config.partitions(),
-                    wanted.source,
-                    wanted.destination
-                ),
-            });
-        }
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| err("reading the stream's configuration")(&e))?;
+    let has = info
+        .config
+        .subject_transform
+        .as_ref()
+        .map(|t| (t.source.clone(), t.destination.clone()));
+    let wanted = transform.map(|t| (t.source, t.destination));
+    let partitioned = |t: &Option<(String, String)>| {
+        t.as_ref()
+            .is_some_and(|(_, dest)| dest.starts_with(&format!("{}.", crate::cluster::PREFIX)))
+    };
+    // Without partitions a stream fleetlake partitioned must not be read either: its stored
+    // subjects carry the partition, so no pipeline would match them.
+    if has != wanted && (wanted.is_some() || partitioned(&has)) {
+        let describe = |t: &Option<(String, String)>| match t {
+            Some((src, dest)) => format!("the subject transform {src} -> {dest}"),
+            None => "no subject transform (no partitions)".to_string(),
+        };
+        return Err(SourceError {
+            action: CHECKING_MAPPING,
+            reason: format!(
+                "stream {} has {}, but cluster.partitions = {} needs {}. The number of partitions is fixed for a stream's life, \
+                 and fleetlake sets the mapping only on a stream it creates: set cluster.partitions to the stream's, or give the \
+                 cluster a new stream (nats.stream, with subjects no other stream has, and a new nats.consumer for its positions)",
+                config.stream(),
+                describe(&has),
+                config.partitions(),
+                describe(&wanted),
+            ),
+        });
     }
     Ok(stream)
 }
@@ -271,6 +282,9 @@ pub enum OpenError {
     /// NATS is unreachable or failing: retried with backoff.
     #[error(transparent)]
     Nats(#[from] SourceError),
+    /// The stream's partition mapping is not the configuration's: retrying cannot help.
+    #[error("{0}")]
+    Mapping(SourceError),
     /// Retrying cannot help: ingest stops.
     #[error(transparent)]
     Mismatch(#[from] StreamMismatch),
@@ -295,7 +309,12 @@ impl Source {
     pub async fn open(config: &Config, start: u64, committed: u64) -> Result<Self, OpenError> {
         let started = std::time::Instant::now();
         let js = connect_with(&config.nats()).await?;
-        let mut stream = ensure_stream(&js, config).await?;
+        let mut stream = ensure_stream(&js, config)
+            .await
+            .map_err(|e| match e.action {
+                CHECKING_MAPPING => OpenError::Mapping(e),
+                _ => OpenError::Nats(e),
+            })?;
         let state = stream
             .info()
             .await
