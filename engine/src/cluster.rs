@@ -292,6 +292,28 @@ pub async fn run(
             }
         }
     };
+    // Two members with one id would both take its leases for theirs: a previous incarnation's
+    // announcement (a crash) is waited out; one renewed meanwhile is a live instance.
+    if let Ok(Some(seen)) = store.entry(member_key(&id)).await
+        && seen.operation == kv::Operation::Put
+    {
+        tracing::warn!(instance = %id, "a member with this id was seen within the lease TTL: waiting for it to expire before joining");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(ttl + ttl / 2) => {}
+        }
+        if let Ok(Some(again)) = store.entry(member_key(&id)).await
+            && again.operation == kv::Operation::Put
+            && again.revision != seen.revision
+        {
+            let e = format!(
+                "another instance is running with cluster.instance = {id}: each member of a cluster needs its own id"
+            );
+            metrics.set_last_error("source", &e);
+            metrics.stop_ingest(&format!("ingest stopped: {e}"));
+            return;
+        }
+    }
     tracing::info!(instance = %id, partitions, ttl_s = ttl.as_secs_f64(), "joined the cluster");
     let mut owned: BTreeMap<u32, Owned> = BTreeMap::new();
     // The fleet-wide stage, when this instance holds the lease "fleet".
@@ -556,6 +578,7 @@ async fn renew(
     }
     for p in done {
         let o = owned.remove(&p).expect("owned");
+        tracing::info!(lease = %key(p), "handed back, after committing what it took");
         if let Err(e) = store.delete_expect_revision(key(p), Some(o.revision)).await {
             tracing::warn!(partition = p, error = %e, "handing back the lease failed; it expires on its own");
         }
@@ -605,7 +628,10 @@ async fn open_bucket(config: &Config, ttl: Duration) -> Result<(kv::Store, Durat
     let js = crate::ingest::source::connect_with(&config.nats())
         .await
         .map_err(|e| Join::Failed(e.to_string()))?;
-    crate::ingest::source::ensure_stream(&js, config)
+    let mut stream = crate::ingest::source::ensure_stream(&js, config)
+        .await
+        .map_err(|e| Join::Failed(e.to_string()))?;
+    crate::ingest::source::check_mapping(&mut stream, config)
         .await
         .map_err(|e| match e.action {
             crate::ingest::source::CHECKING_MAPPING => Join::Refused(e.to_string()),

@@ -541,6 +541,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     // Exiting non-zero lets a supervisor restart the engine; what was not
                     // acknowledged is redelivered then.
                     let _ = engine.shutdown().await;
+                    let reason = reason.strip_prefix("ingest stopped: ").unwrap_or(&reason);
                     Err(format!("ingest stopped: {reason}"))
                 }
             }

@@ -186,6 +186,9 @@ pub struct Metrics {
     /// The stream sequence up to which this instance's fleet-wide windows and rules have
     /// committed (`crate::ingest::fleet`); 0 when it does not compute them.
     pub fleet_wide_position: AtomicI64,
+    /// The owned partitions whose ingest has opened its tables, rebuilt its state and started
+    /// its consumer (a partition just taken over is not, for a while).
+    partitions_consuming: Mutex<std::collections::BTreeSet<u32>>,
     /// Messages not yet delivered, per partition this instance consumes.
     partition_lags: Mutex<std::collections::BTreeMap<u32, i64>>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
@@ -217,6 +220,7 @@ impl Default for Metrics {
             last_errors: Mutex::new(Vec::new()),
             cluster: Mutex::new(None),
             partition_lags: Mutex::new(std::collections::BTreeMap::new()),
+            partitions_consuming: Mutex::new(std::collections::BTreeSet::new()),
             fleet_wide_position: AtomicI64::new(0),
             pipeline_failed: AtomicI64::new(0),
             ingest_stopped: AtomicI64::new(0),
@@ -231,8 +235,13 @@ impl Metrics {
     /// Records the cluster as this instance last saw it; lags of partitions it no longer owns
     /// are dropped.
     pub fn set_cluster(&self, status: crate::cluster::ClusterStatus) {
+        let owned = |p: &u32| status.owned.iter().any(|o| o.partition == *p);
+        self.partitions_consuming
+            .lock()
+            .expect("metrics lock")
+            .retain(owned);
         let mut lags = self.partition_lags.lock().expect("metrics lock");
-        lags.retain(|p, _| status.owned.iter().any(|o| o.partition == *p));
+        lags.retain(|p, _| owned(p));
         self.consumer_lag
             .store(lags.values().sum(), Ordering::Relaxed);
         *self.cluster.lock().expect("metrics lock") = Some(status);
@@ -250,6 +259,22 @@ impl Metrics {
         lags.insert(index, lag);
         self.consumer_lag
             .store(lags.values().sum(), Ordering::Relaxed);
+    }
+
+    /// Partition `index`'s ingest has started its consumer.
+    pub fn partition_consuming(&self, index: u32) {
+        self.partitions_consuming
+            .lock()
+            .expect("metrics lock")
+            .insert(index);
+    }
+
+    /// Whether partition `index`'s ingest has started its consumer.
+    pub fn is_partition_consuming(&self, index: u32) -> bool {
+        self.partitions_consuming
+            .lock()
+            .expect("metrics lock")
+            .contains(&index)
     }
 
     /// Each consumed partition's lag.
@@ -272,6 +297,18 @@ impl Metrics {
                 out,
                 "fleetlake_partition_owned{{partition=\"{p}\"}} {}",
                 u8::from(owned)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleetlake_partition_consuming Partitions this instance owns, 1 once its ingest consumes it (0 while a partition just taken opens its tables and rebuilds its state).\n# TYPE fleetlake_partition_consuming gauge"
+        );
+        for o in &c.owned {
+            let _ = writeln!(
+                out,
+                "fleetlake_partition_consuming{{partition=\"{}\"}} {}",
+                o.partition,
+                u8::from(self.is_partition_consuming(o.partition))
             );
         }
         let _ = writeln!(

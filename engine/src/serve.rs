@@ -75,6 +75,14 @@ impl Engine {
         let cluster = ingest && config.partitions() > 0;
         let runners = &declared.runners;
         let metrics = Arc::new(Metrics::default());
+        if cluster {
+            // From the first request on, /v1/cluster says this is a member (joining yet).
+            metrics.set_cluster(crate::cluster::ClusterStatus {
+                instance: config.instance_id(),
+                partitions: config.partitions(),
+                ..Default::default()
+            });
+        }
         let addr = config.listen();
         let listener = tokio::net::TcpListener::bind(addr)
             .await

@@ -588,7 +588,11 @@ async fn a_stream_mapped_to_other_partitions_is_refused_loudly() {
     for (partitions, wanted) in [("0", "no subject transform"), ("6", "partition(6)")] {
         let config =
             fleetlake_tests::test_config(nats.url(), &lake, &[("cluster.partitions", partitions)]);
-        let e = fleetlake::ingest::source::ensure_stream(&js, &config)
+        // A publisher may use it; a consumer may not.
+        let mut stream = fleetlake::ingest::source::ensure_stream(&js, &config)
+            .await
+            .unwrap();
+        let e = fleetlake::ingest::source::check_mapping(&mut stream, &config)
             .await
             .unwrap_err()
             .to_string();
@@ -624,4 +628,59 @@ async fn a_stream_mapped_to_other_partitions_is_refused_loudly() {
     .unwrap();
     let progress = fleetlake_tests::txn_progress(&lake).await;
     assert!(progress.iter().all(|(_, v)| v.is_none()), "{progress:?}");
+}
+
+/// Two members with one `cluster.instance` would both take its leases for theirs: the second
+/// one waits out the id's announcement and, seeing it renewed, refuses to join.
+#[tokio::test]
+async fn a_second_instance_with_the_same_id_refuses_to_join() {
+    let nats = Nats::start().await;
+    let dir = TestDir::new();
+    let env = env(&[
+        ("FLEETLAKE_NATS_URL", nats.url().to_string()),
+        (
+            "FLEETLAKE_LAKE_LOCATION",
+            dir.path().join("lake").display().to_string(),
+        ),
+        ("FLEETLAKE_PIPELINES_DIR", String::new()),
+        ("FLEETLAKE_CLUSTER_PARTITIONS", "2".into()),
+        ("FLEETLAKE_CLUSTER_LEASE_TTL_S", "2".into()),
+        ("FLEETLAKE_CLUSTER_INSTANCE", "same".into()),
+        ("FLEETLAKE_MAINTENANCE_ENABLED", "false".into()),
+    ]);
+    let first = EngineProcess::start(&env, &dir.path().join("first.log")).await;
+    wait_for(
+        "the first to own both partitions",
+        Duration::from_secs(60),
+        || {
+            let api = first.api.clone();
+            async move {
+                let view = cluster_view(&api).await;
+                (view["owned"].as_array()?.len() == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    let log = dir.path().join("second.log");
+    let second = EngineProcess::start(&env, &log).await;
+    // It says why in /healthz while it stops, and in its log (it exits non-zero).
+    wait_for("the second to refuse", Duration::from_secs(60), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("another instance is running with cluster.instance = same: each member of a cluster needs its own id")
+                .then_some(())
+        }
+    })
+    .await;
+    // The first kept its partitions.
+    assert_eq!(
+        cluster_view(&first.api).await["owned"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    second.kill().await;
+    assert!(first.terminate().await.success());
 }

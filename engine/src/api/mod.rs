@@ -589,6 +589,7 @@ fn cluster_view(m: &crate::metrics::Metrics) -> Option<serde_json::Value> {
                 "partition": o.partition,
                 "since": o.since,
                 "lag": lags.get(&o.partition).copied().unwrap_or(0),
+                "consuming": m.is_partition_consuming(o.partition),
             }))
             .collect::<Vec<_>>()
     );

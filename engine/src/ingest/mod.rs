@@ -234,6 +234,9 @@ pub async fn run(
             }
         };
         tracing::info!(start, "consuming");
+        if let Some(p) = ingest.config.partition() {
+            ingest.metrics.partition_consuming(p.index);
+        }
         ingest.metrics.source_up.store(1, Ordering::Relaxed);
         backoff = Backoff::new();
         match ingest.pump(&mut source, &mut stages).await {

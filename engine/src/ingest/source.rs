@@ -182,25 +182,33 @@ pub const CHECKING_MAPPING: &str = "checking the stream's partition mapping";
 
 /// Creates the stream if absent (`nats.stream` on `nats.subjects`, file storage,
 /// `nats.replicas`), with the partition mapping when `cluster.partitions` is set
-/// ([`crate::cluster::subject_transform`]). An existing stream is used as it is, except that a
-/// cluster refuses one whose subjects are not mapped to the same number of partitions: its
-/// messages would reach no partition's consumer, or move a device to another partition.
+/// ([`crate::cluster::subject_transform`]); an existing stream is returned as it is (a consumer
+/// checks its mapping with [`check_mapping`]; a publisher need not).
 pub async fn ensure_stream(
     js: &jetstream::Context,
     config: &Config,
 ) -> Result<stream::Stream, SourceError> {
+    js.get_or_create_stream(stream::Config {
+        name: config.stream().to_string(),
+        subjects: config.subjects(),
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas(),
+        subject_transform: crate::cluster::subject_transform(config.partitions()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| err("creating the stream")(&e))
+}
+
+/// Refuses (action [`CHECKING_MAPPING`]) to consume a stream whose partition mapping is not the
+/// configuration's: with `cluster.partitions` set, one not mapped to as many partitions (its
+/// messages would reach no partition, or a device would move); without, one fleetlake mapped
+/// (its stored subjects carry the partition, so no pipeline would match them).
+pub async fn check_mapping(
+    stream: &mut stream::Stream,
+    config: &Config,
+) -> Result<(), SourceError> {
     let transform = crate::cluster::subject_transform(config.partitions());
-    let mut stream = js
-        .get_or_create_stream(stream::Config {
-            name: config.stream().to_string(),
-            subjects: config.subjects(),
-            storage: stream::StorageType::File,
-            num_replicas: config.replicas(),
-            subject_transform: transform.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err("creating the stream")(&e))?;
     let info = stream
         .info()
         .await
@@ -235,7 +243,7 @@ pub async fn ensure_stream(
             ),
         });
     }
-    Ok(stream)
+    Ok(())
 }
 
 /// An open consumer: its message stream.
@@ -309,7 +317,8 @@ impl Source {
     pub async fn open(config: &Config, start: u64, committed: u64) -> Result<Self, OpenError> {
         let started = std::time::Instant::now();
         let js = connect_with(&config.nats()).await?;
-        let mut stream = ensure_stream(&js, config)
+        let mut stream = ensure_stream(&js, config).await?;
+        check_mapping(&mut stream, config)
             .await
             .map_err(|e| match e.action {
                 CHECKING_MAPPING => OpenError::Mapping(e),
