@@ -212,6 +212,20 @@ struct Owned {
     asked: bool,
 }
 
+impl Owned {
+    /// A lease just taken at `revision`, and the task working under it.
+    fn new(revision: u64, stop: CancellationToken, task: JoinHandle<()>) -> Self {
+        Self {
+            revision,
+            renewed: Instant::now(),
+            since: chrono::Utc::now(),
+            stop,
+            task,
+            asked: false,
+        }
+    }
+}
+
 /// The share of `partitions` that the member at `rank` (0-based, members sorted by id) of
 /// `members` takes: an even split, the first `partitions % members` taking one more.
 pub fn share(partitions: u32, members: usize, rank: usize) -> usize {
@@ -395,17 +409,7 @@ pub async fn run(
                 metrics.clone(),
                 stop.clone(),
             ));
-            fleet.insert(
-                0,
-                Owned {
-                    revision,
-                    renewed: Instant::now(),
-                    since: chrono::Utc::now(),
-                    stop,
-                    task,
-                    asked: false,
-                },
-            );
+            fleet.insert(0, Owned::new(revision, stop, task));
         }
         let mut members = view.members.clone();
         if !members.contains(&id) {
@@ -460,17 +464,7 @@ pub async fn run(
                     metrics.clone(),
                     stop.clone(),
                 ));
-                owned.insert(
-                    p,
-                    Owned {
-                        revision,
-                        renewed: Instant::now(),
-                        since: chrono::Utc::now(),
-                        stop,
-                        task,
-                        asked: false,
-                    },
-                );
+                owned.insert(p, Owned::new(revision, stop, task));
                 counts.takeovers += 1;
             }
         }
