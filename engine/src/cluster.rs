@@ -625,12 +625,11 @@ async fn open_bucket(config: &Config, ttl: Duration) -> Result<(kv::Store, Durat
     let mut stream = crate::ingest::source::ensure_stream(&js, config)
         .await
         .map_err(|e| Join::Failed(e.to_string()))?;
-    crate::ingest::source::check_mapping(&mut stream, config)
+    let info = stream
+        .info()
         .await
-        .map_err(|e| match e.action {
-            crate::ingest::source::CHECKING_MAPPING => Join::Refused(e.to_string()),
-            _ => Join::Failed(e.to_string()),
-        })?;
+        .map_err(|e| Join::Failed(format!("reading the stream's configuration: {e}")))?;
+    crate::ingest::source::check_mapping(info, config).map_err(|e| Join::Refused(e.to_string()))?;
     let bucket = config.cluster_lease_bucket();
     let store = match js.get_key_value(bucket).await {
         Ok(store) => store,

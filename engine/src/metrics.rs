@@ -190,7 +190,7 @@ pub struct Metrics {
     /// its consumer (a partition just taken over is not, for a while).
     partitions_consuming: Mutex<std::collections::BTreeSet<u32>>,
     /// Messages not yet delivered, per partition this instance consumes.
-    partition_lags: Mutex<std::collections::BTreeMap<u32, i64>>,
+    partition_lags: Mutex<std::collections::BTreeMap<u32, std::sync::Arc<AtomicI64>>>,
     /// The last error of each component ("storage", "source"), for `/healthz`.
     last_errors: Mutex<Vec<(&'static str, String, chrono::DateTime<chrono::Utc>)>>,
 }
@@ -240,10 +240,10 @@ impl Metrics {
             .lock()
             .expect("metrics lock")
             .retain(owned);
-        let mut lags = self.partition_lags.lock().expect("metrics lock");
-        lags.retain(|p, _| owned(p));
-        self.consumer_lag
-            .store(lags.values().sum(), Ordering::Relaxed);
+        self.partition_lags
+            .lock()
+            .expect("metrics lock")
+            .retain(|p, _| owned(p));
         *self.cluster.lock().expect("metrics lock") = Some(status);
     }
 
@@ -252,13 +252,16 @@ impl Metrics {
         self.cluster.lock().expect("metrics lock").clone()
     }
 
-    /// Records partition `index`'s lag (messages not yet delivered); `fleetlake_consumer_lag`
-    /// is the sum over the partitions this instance consumes.
-    pub fn partition_lag(&self, index: u32, lag: i64) {
-        let mut lags = self.partition_lags.lock().expect("metrics lock");
-        lags.insert(index, lag);
-        self.consumer_lag
-            .store(lags.values().sum(), Ordering::Relaxed);
+    /// The gauge of partition `index`'s lag (messages not yet delivered), for its ingest to
+    /// set with each message (no lock); `fleetlake_consumer_lag` is then the sum over the
+    /// partitions this instance consumes.
+    pub fn partition_lag(&self, index: u32) -> std::sync::Arc<AtomicI64> {
+        self.partition_lags
+            .lock()
+            .expect("metrics lock")
+            .entry(index)
+            .or_default()
+            .clone()
     }
 
     /// Partition `index`'s ingest has started its consumer.
@@ -279,7 +282,12 @@ impl Metrics {
 
     /// Each consumed partition's lag.
     pub fn partition_lags(&self) -> std::collections::BTreeMap<u32, i64> {
-        self.partition_lags.lock().expect("metrics lock").clone()
+        self.partition_lags
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|(p, lag)| (*p, lag.load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn render_cluster(&self, out: &mut String) {
@@ -603,7 +611,11 @@ impl Metrics {
             "fleetlake_consumer_lag",
             "Messages in the stream not yet delivered to fleetlake's consumer.",
             "gauge",
-            self.consumer_lag.load(Ordering::Relaxed).to_string(),
+            match self.cluster.lock().expect("metrics lock").is_some() {
+                true => self.partition_lags().values().sum::<i64>(),
+                false => self.consumer_lag.load(Ordering::Relaxed),
+            }
+            .to_string(),
         );
         counter(
             "fleetlake_messages_refetched_total",

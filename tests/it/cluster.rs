@@ -592,8 +592,8 @@ async fn a_stream_mapped_to_other_partitions_is_refused_loudly() {
         let mut stream = fleetlake::ingest::source::ensure_stream(&js, &config)
             .await
             .unwrap();
-        let e = fleetlake::ingest::source::check_mapping(&mut stream, &config)
-            .await
+        let info = stream.info().await.unwrap();
+        let e = fleetlake::ingest::source::check_mapping(info, &config)
             .unwrap_err()
             .to_string();
         assert!(e.contains("partition(4)") && e.contains(wanted), "{e}");

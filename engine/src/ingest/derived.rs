@@ -557,24 +557,6 @@ impl DerivedStage {
         self.windows.is_empty() && self.rules.is_empty()
     }
 
-    /// The tables the windows and rules read that none of the windows makes (the usable
-    /// tables they start from), each once.
-    pub fn inputs(&self) -> Vec<TableId> {
-        let made: Vec<&TableId> = self.windows.iter().map(|w| &w.def.table).collect();
-        let mut out: Vec<TableId> = Vec::new();
-        let read = self
-            .windows
-            .iter()
-            .map(|w| &w.input)
-            .chain(self.rules.iter().map(|r| &r.input));
-        for t in read {
-            if !made.contains(&t) && !out.contains(t) {
-                out.push(t.clone());
-            }
-        }
-        out
-    }
-
     /// Adds a rule, or replaces the one of the same name, starting after stream sequence
     /// `position` with no state (as a new rule does at start). Returns the new rule's snapshot,
     /// to store at once, and the writer of final.alerts when it was not open yet (it goes last

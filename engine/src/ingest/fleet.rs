@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use async_nats::jetstream;
-use datafusion::datasource::TableProvider;
 use fleetlake_zones::lake::ProgressReader;
 use fleetlake_zones::{Lake, TableId};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::ingest::commit::{Backoff, Committer, Effects, Job, storage_failed};
 use crate::ingest::derived::{DerivedStage, OpenError, committed_rows};
-use crate::ingest::pipelines::{Declared, load_reference};
+use crate::ingest::pipelines::{Declared, References};
 use crate::metrics::Metrics;
 
 /// Stream sequences read per step.
@@ -92,26 +91,6 @@ pub async fn safe_position(
     Ok(safe)
 }
 
-/// The reference tables the fleet-wide windows' pipelines declare, as of now.
-async fn references(
-    lake: &Lake,
-    declared: &Declared,
-) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, String> {
-    let mut out: Vec<(TableId, Arc<dyn TableProvider>)> = Vec::new();
-    for def in declared.runners.iter().flat_map(|r| r.references()) {
-        if out.iter().any(|(t, _)| *t == def.table) {
-            continue;
-        }
-        let exists = lake
-            .describe(&def.table)
-            .await
-            .map_err(|e| e.to_string())?
-            .is_some();
-        out.push((def.table.clone(), load_reference(lake, def, exists).await?));
-    }
-    Ok(out)
-}
-
 /// Runs the fleet-wide windows and rules of `declared` (only those: see
 /// [`crate::cluster::split_fleet_wide`]) until `cancel` fires. `config` is the instance's; the
 /// partitions' application ids are `<nats.consumer>-p<N>`, this stage's progress is
@@ -128,7 +107,7 @@ pub async fn run(
     let mut own = config.clone();
     own.set_consumer(&format!("{base}-fleet"));
     let mut backoff = Backoff::new();
-    let (mut stage, mut committer, js, mut references) = loop {
+    let (mut stage, mut committer, js, mut references, inputs) = loop {
         match open(&own, &lake, &declared, &metrics, &cancel, &base, partitions).await {
             Ok(opened) => break opened,
             Err(OpenError::Invalid(e)) => {
@@ -161,7 +140,6 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(config.commit_interval()) => {}
         }
-        let inputs = stage.inputs();
         let safe = safe_position(
             &js,
             &lake,
@@ -184,24 +162,21 @@ pub async fn run(
         let upto = safe.min(done.saturating_add(STEP));
         let started = Instant::now();
         let step = async {
-            references = self::references(&lake, &declared).await?;
+            let references = references.refresh().await?;
             let mut tables: Vec<(TableId, RecordBatch)> = Vec::new();
-            for input in stage.inputs() {
-                if tables.iter().any(|(t, _)| *t == input) {
-                    continue;
-                }
-                let batches = committed_rows(&lake, &input, done, upto, None)
+            for input in &inputs {
+                let batches = committed_rows(&lake, input, done, upto, None)
                     .await
                     .map_err(|e| e.to_string())?;
                 if let Some(first) = batches.first() {
                     let rows = arrow::compute::concat_batches(&first.schema(), &batches)
                         .map_err(|e| e.to_string())?;
-                    tables.push((input, rows));
+                    tables.push((input.clone(), rows));
                 }
             }
-            Ok::<_, String>(tables)
+            Ok::<_, String>((tables, references))
         };
-        let tables = match step.await {
+        let (tables, loaded) = match step.await {
             Ok(t) => t,
             Err(e) => {
                 storage_failed(&metrics, &e);
@@ -213,7 +188,7 @@ pub async fn run(
         };
         backoff = Backoff::new();
         stage.observe();
-        let out = match stage.process(&tables, &references, upto).await {
+        let out = match stage.process(&tables, &loaded, upto).await {
             Ok(o) => o,
             Err(e) => {
                 metrics.stop_ingest(&format!(
@@ -272,7 +247,8 @@ type Opened = (
     DerivedStage,
     Committer,
     jetstream::Context,
-    Vec<(TableId, Arc<dyn TableProvider>)>,
+    References,
+    Vec<TableId>,
 );
 
 /// Opens the fleet-wide window tables and final.alerts with this stage's application id, and
@@ -290,13 +266,14 @@ async fn open(
     let js = crate::ingest::source::connect_with(&config.nats())
         .await
         .map_err(|e| OpenError::Storage(e.to_string()))?;
-    let inputs: Vec<TableId> = declared
-        .windows
-        .iter()
-        .map(|w| w.input.clone())
-        .chain(declared.rules.iter().map(|r| r.input.clone()))
-        .filter(|t| !declared.windows.iter().any(|w| w.def.table == *t))
-        .collect();
+    // The tables read that none of these windows makes (the usable tables), each once.
+    let mut inputs: Vec<TableId> = Vec::new();
+    let read = declared.windows.iter().map(|w| &w.input);
+    for t in read.chain(declared.rules.iter().map(|r| &r.input)) {
+        if !declared.windows.iter().any(|w| w.def.table == *t) && !inputs.contains(t) {
+            inputs.push(t.clone());
+        }
+    }
     let safe = safe_position(
         &js,
         lake,
@@ -308,10 +285,9 @@ async fn open(
     )
     .await
     .map_err(OpenError::Storage)? as i64;
-    let references = references(lake, declared)
-        .await
-        .map_err(OpenError::Storage)?;
-    let inputs: Vec<(TableId, i64)> = declared
+    let mut references = References::new(lake, &declared.runners);
+    let loaded = references.refresh().await.map_err(OpenError::Storage)?;
+    let backfill_upto: Vec<(TableId, i64)> = declared
         .windows
         .iter()
         .map(|w| (w.input.clone(), safe))
@@ -322,8 +298,8 @@ async fn open(
         metrics,
         &declared.windows,
         &declared.rules,
-        &references,
-        &inputs,
+        &loaded,
+        &backfill_upto,
     )
     .await?;
     let committer = Committer::new(
@@ -332,5 +308,5 @@ async fn open(
         cancel.clone(),
         config.shutdown_grace(),
     );
-    Ok((stage, committer, js, references))
+    Ok((stage, committer, js, references, inputs))
 }

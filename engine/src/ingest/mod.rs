@@ -194,9 +194,11 @@ pub async fn run(
     metrics.storage_up.store(1, Ordering::Relaxed);
     metrics.record_rules(&[], &stages.derived.firing());
     stages.changes = Some(changes);
+    let lag = config.partition().map(|p| metrics.partition_lag(p.index));
     let mut ingest = Ingest {
         config,
         metrics,
+        lag,
         cancel,
         dedup,
         last_snapshot: Instant::now(),
@@ -285,6 +287,8 @@ struct Ingest {
     /// Transitions published while idle and not yet recorded in final.alerts, kept across a
     /// consumer that is reopened (they go with the next commit).
     unrecorded: Vec<fleetlake_sql::rules::Transition>,
+    /// A partition's lag gauge (`None`: the whole stream's is `consumer_lag`).
+    lag: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 /// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
@@ -841,8 +845,8 @@ impl Ingest {
             return false;
         };
         let seq = info.stream_sequence;
-        match self.config.partition() {
-            Some(p) => self.metrics.partition_lag(p.index, info.pending as i64),
+        match &self.lag {
+            Some(lag) => lag.store(info.pending as i64, Ordering::Relaxed),
             None => self
                 .metrics
                 .consumer_lag

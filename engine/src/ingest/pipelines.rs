@@ -88,12 +88,60 @@ pub struct Declared {
     pub rules: Vec<fleetlake_sql::pipeline::CheckedRule>,
 }
 
+/// The reference tables the pipelines declare, each loaded into memory and loaded again only
+/// when its Delta version changes.
+pub struct References {
+    lake: Lake,
+    declared: Vec<ReferenceDef>,
+    loaded: BTreeMap<TableId, (Option<u64>, Arc<dyn TableProvider>)>,
+}
+
+impl References {
+    /// The reference tables `runners` declare (each once); nothing is loaded yet.
+    pub fn new(lake: &Lake, runners: &[PipelineRunner]) -> Self {
+        let mut declared: Vec<ReferenceDef> = Vec::new();
+        for r in runners.iter().flat_map(|r| r.references()) {
+            if !declared.iter().any(|d| d.table == r.table) {
+                declared.push(r.clone());
+            }
+        }
+        Self {
+            lake: lake.clone(),
+            declared,
+            loaded: BTreeMap::new(),
+        }
+    }
+
+    /// Brings the reference tables up to their latest Delta versions.
+    pub async fn refresh(&mut self) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, String> {
+        for def in &self.declared {
+            let info = self
+                .lake
+                .describe(&def.table)
+                .await
+                .map_err(|e| e.to_string())?;
+            let version = info.map(|i| i.version);
+            let current = self.loaded.get(&def.table).map(|(v, _)| *v);
+            if current == Some(version) {
+                continue;
+            }
+            let provider = load_reference(&self.lake, def, version.is_some()).await?;
+            tracing::info!(table = %def.table, ?version, "reference table loaded");
+            self.loaded.insert(def.table.clone(), (version, provider));
+        }
+        Ok(self
+            .loaded
+            .iter()
+            .map(|(id, (_, p))| (id.clone(), p.clone()))
+            .collect())
+    }
+}
+
 /// All declared pipelines, their writers and the reference tables they read.
 pub struct PipelineStage {
     pub pipelines: Vec<Pipeline>,
     lake: Lake,
-    declared: Vec<ReferenceDef>,
-    references: BTreeMap<TableId, (Option<u64>, Arc<dyn TableProvider>)>,
+    references: References,
     app_id: String,
     /// The partition ingest consumes, if it consumes one: state is rebuilt from its rows only.
     partition: Option<crate::cluster::Partition>,
@@ -155,7 +203,6 @@ impl PipelineStage {
     ) -> Result<(Self, Vec<TableWriter>), String> {
         let mut pipelines = Vec::new();
         let mut all_writers = Vec::new();
-        let mut declared: Vec<ReferenceDef> = Vec::new();
         for runner in runners {
             let mut writers = Vec::new();
             for table in &runner.tables {
@@ -170,11 +217,6 @@ impl PipelineStage {
                     .map_err(|e| e.to_string())?,
                 );
             }
-            for r in runner.references() {
-                if !declared.iter().any(|d| d.table == r.table) {
-                    declared.push(r.clone());
-                }
-            }
             pipelines.push(Pipeline {
                 runner: runner.clone(),
                 dedup: runner.new_dedup_state(max_gaps),
@@ -184,8 +226,7 @@ impl PipelineStage {
         let stage = Self {
             pipelines,
             lake: lake.clone(),
-            declared,
-            references: BTreeMap::new(),
+            references: References::new(lake, runners),
             app_id: app_id.to_string(),
             partition,
         };
@@ -240,27 +281,7 @@ impl PipelineStage {
     pub async fn refresh_references(
         &mut self,
     ) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, String> {
-        for def in &self.declared {
-            let info = self
-                .lake
-                .describe(&def.table)
-                .await
-                .map_err(|e| e.to_string())?;
-            let version = info.map(|i| i.version);
-            let current = self.references.get(&def.table).map(|(v, _)| *v);
-            if current == Some(version) {
-                continue;
-            }
-            let provider = load_reference(&self.lake, def, version.is_some()).await?;
-            tracing::info!(table = %def.table, ?version, "reference table loaded");
-            self.references
-                .insert(def.table.clone(), (version, provider));
-        }
-        Ok(self
-            .references
-            .iter()
-            .map(|(id, (_, p))| (id.clone(), p.clone()))
-            .collect())
+        self.references.refresh().await
     }
 
     /// Runs every pipeline over the rows of `raw` it claims. `Err` is an outside failure (the

@@ -178,7 +178,7 @@ pub async fn connect_with(nats: &NatsConnection) -> Result<jetstream::Context, S
 
 /// The action of the error [`ensure_stream`] returns for a stream without the partition mapping
 /// the configuration needs: retrying cannot fix it.
-pub const CHECKING_MAPPING: &str = "checking the stream's partition mapping";
+const CHECKING_MAPPING: &str = "checking the stream's partition mapping";
 
 /// Creates the stream if absent (`nats.stream` on `nats.subjects`, file storage,
 /// `nats.replicas`), with the partition mapping when `cluster.partitions` is set
@@ -204,15 +204,8 @@ pub async fn ensure_stream(
 /// configuration's: with `cluster.partitions` set, one not mapped to as many partitions (its
 /// messages would reach no partition, or a device would move); without, one fleetlake mapped
 /// (its stored subjects carry the partition, so no pipeline would match them).
-pub async fn check_mapping(
-    stream: &mut stream::Stream,
-    config: &Config,
-) -> Result<(), SourceError> {
+pub fn check_mapping(info: &stream::Info, config: &Config) -> Result<(), SourceError> {
     let transform = crate::cluster::subject_transform(config.partitions());
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| err("reading the stream's configuration")(&e))?;
     let has = info
         .config
         .subject_transform
@@ -318,18 +311,12 @@ impl Source {
         let started = std::time::Instant::now();
         let js = connect_with(&config.nats()).await?;
         let mut stream = ensure_stream(&js, config).await?;
-        check_mapping(&mut stream, config)
-            .await
-            .map_err(|e| match e.action {
-                CHECKING_MAPPING => OpenError::Mapping(e),
-                _ => OpenError::Nats(e),
-            })?;
-        let state = stream
+        let info = stream
             .info()
             .await
-            .map_err(|e| err("reading the stream's state")(&e))?
-            .state
-            .clone();
+            .map_err(|e| err("reading the stream's state")(&e))?;
+        check_mapping(info, config).map_err(OpenError::Mapping)?;
+        let state = info.state.clone();
         if committed > state.last_sequence {
             return Err(StreamMismatch {
                 stream: config.stream().to_string(),
