@@ -440,6 +440,14 @@ async fn each_query_limit_answers_its_error_while_ingest_keeps_acknowledging() {
                "limits": {"memory_mb": 16, "timeout_s": 2, "max_rows": 100, "max_concurrent": 1}}),
     )
     .await;
+    // The memory limit alone: on a loaded machine the grouping below can outlast 2 s before it
+    // outgrows 16 MiB, and the time limit would answer first.
+    let hungry = token(
+        &admin,
+        json!({"name": name("hungry"), "role": "analyst",
+               "limits": {"memory_mb": 16, "timeout_s": 120, "max_rows": 100, "max_concurrent": 1}}),
+    )
+    .await;
     let chatty = token(
         &admin,
         json!({"name": name("chatty"), "role": "analyst", "limits": {"rate_per_minute": 3}}),
@@ -467,7 +475,7 @@ async fn each_query_limit_answers_its_error_while_ingest_keeps_acknowledging() {
     let before = acked().await;
 
     // Memory: a grouping into millions of groups needs far more than 16 MiB.
-    let (status, body) = heavy
+    let (status, body) = hungry
         .query("SELECT v % 5000000 AS k, count(*) AS n FROM generate_series(1, 20000000) t(v) GROUP BY k ORDER BY n DESC LIMIT 3")
         .await;
     assert_eq!(
