@@ -432,11 +432,12 @@ impl std::fmt::Debug for Config {
 /// A configuration mistake: which key, what was wrong, what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unknown configuration key {key:?} (from {origin}); known keys: {known}")]
+    #[error("unknown configuration key {key:?} (from {origin}); {hint}")]
     UnknownKey {
         key: String,
         origin: String,
-        known: String,
+        /// A did-you-mean, or the keys of the same section.
+        hint: String,
     },
     #[error("configuration key {key} = {value:?} (from {origin}): expected {expected}")]
     BadValue {
@@ -462,9 +463,43 @@ impl Default for Config {
     }
 }
 
-fn known_keys() -> String {
-    KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+/// The built-in default of a key (empty for an unknown key).
+pub fn default_of(key: &str) -> &'static str {
+    KEYS.iter()
+        .find(|k| k.name == key)
+        .map_or("", |k| k.default)
 }
+
+/// What to say about an unknown key: the closest known key when one is near (Jaro-Winkler
+/// similarity of at least 0.85, as `strsim` computes it), else the keys of the same section, else
+/// where the list is.
+fn hint(unknown: &str) -> String {
+    let closest = KEYS
+        .iter()
+        .map(|k| (strsim::jaro_winkler(unknown, k.name), k.name))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((score, name)) = closest
+        && score >= 0.85
+    {
+        return format!("did you mean \"{name}\"? (`fleetlake config` lists every key)");
+    }
+    let section = unknown.split('.').next().unwrap_or_default();
+    let same: Vec<&str> = KEYS
+        .iter()
+        .map(|k| k.name)
+        .filter(|n| n.split('.').next() == Some(section))
+        .collect();
+    if same.is_empty() {
+        "`fleetlake config` lists every key".to_string()
+    } else {
+        format!("the {section} keys are {}", same.join(", "))
+    }
+}
+
+/// `FLEETLAKE_*` environment variables that are not configuration keys: the configuration
+/// file's path, the log filter, the demo's NATS server binary, and the token clients send
+/// (`export FLEETLAKE_TOKEN=…`, as the demo prints it).
+const NOT_KEYS: [&str; 4] = ["CONFIG", "LOG", "NATS_SERVER", "TOKEN"];
 
 impl Config {
     /// Defaults → `file` (if given) → `FLEETLAKE_*` from `env` → `overrides` (flags).
@@ -481,7 +516,7 @@ impl Config {
             let Some(rest) = name.strip_prefix("FLEETLAKE_") else {
                 continue;
             };
-            if rest == "CONFIG" || rest == "LOG" || rest == "NATS_SERVER" {
+            if NOT_KEYS.contains(&rest) {
                 continue;
             }
             let key = env_to_key(rest);
@@ -517,7 +552,7 @@ impl Config {
                 return Err(ConfigError::UnknownKey {
                     key: section.clone(),
                     origin,
-                    known: known_keys(),
+                    hint: hint(section),
                 });
             };
             for (name, value) in body {
@@ -546,7 +581,7 @@ impl Config {
             return Err(ConfigError::UnknownKey {
                 key: key.to_string(),
                 origin: origin.to_string(),
-                known: known_keys(),
+                hint: hint(key),
             });
         };
         self.values.insert(known.name, value.to_string());
@@ -1226,7 +1261,19 @@ mod tests {
             err.contains("unknown configuration key \"nats.straem\""),
             "{err}"
         );
-        assert!(err.contains("nats.stream"), "{err}");
+        assert!(err.contains("did you mean \"nats.stream\""), "{err}");
+        assert!(
+            !err.contains("query.timeout_s"),
+            "no list of every key: {err}"
+        );
+        // A client's token in the environment is not a key (the demo prints the export).
+        let env = vec![("FLEETLAKE_TOKEN".to_string(), "flk_x".to_string())];
+        assert!(Config::load(None, env, &[]).is_ok());
+        let err = Config::load(None, vec![], &[("ingest.zzz".into(), "1".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the ingest keys are"), "{err}");
+        assert!(err.contains("ingest.commit_rows"), "{err}");
 
         let env = vec![(
             "FLEETLAKE_INGEST_COMMIT_ROWS".to_string(),

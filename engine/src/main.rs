@@ -180,9 +180,14 @@ struct SimArgs {
     /// Set Nats-Msg-Id to <device_id>-<seq> on every message.
     #[arg(long)]
     msg_ids: bool,
-    /// Device clock of the first reading, epoch milliseconds (default: now).
+    /// Device clock of the first reading, epoch milliseconds (default: now; the demo's: 15
+    /// minutes ago, or just after the newest reading already in the lake).
     #[arg(long)]
     start_ms: Option<i64>,
+    /// How far each device's clock advances per reading, in milliseconds (default: 1000; the
+    /// demo's: 5000, so its windows close and its rules fire within its first minute).
+    #[arg(long)]
+    reading_interval_ms: Option<i64>,
     /// Faults to plant, with a known answer in the report: `demo` (one of each), `none`, or
     /// a comma-separated list of drift=N (drifting temperature sensors), crash=FW/HW_REV
     /// (a crashing firmware × hardware revision), noisy=MODEL (a noisy but healthy model),
@@ -222,6 +227,11 @@ impl SimArgs {
             subject_prefix: self.subject_prefix.clone(),
             msg_ids: self.msg_ids,
             start_ms: self.start_ms,
+            reading_interval_ms: self
+                .reading_interval_ms
+                .unwrap_or(if demo { 5000 } else { 1000 }),
+            // The demo's fleet starts in the past and catches up with the present.
+            not_after_now: demo,
             faults: simulate::Faults::parse(self.faults.as_deref().unwrap_or(if demo {
                 "demo"
             } else {

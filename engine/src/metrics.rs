@@ -14,6 +14,8 @@ pub struct PipelineCounts {
     pub name: String,
     pub rows_in: u64,
     pub deduplicated: u64,
+    /// Devices seen restarting their sequence numbers (readings kept).
+    pub restarts: u64,
     pub rows_out: u64,
     pub quarantined: u64,
     pub dropped: u64,
@@ -92,6 +94,8 @@ pub struct TableMetrics {
 pub struct PipelineCounters {
     pub rows_in: u64,
     pub deduplicated: u64,
+    /// Devices seen restarting their sequence numbers (a reboot); their readings are kept.
+    pub restarts: u64,
     pub rows_out: u64,
     pub quarantined: u64,
     pub dropped: u64,
@@ -155,10 +159,15 @@ pub struct Metrics {
     pub alerts_published: AtomicU64,
     /// Alerts sent to Alertmanager (`alerts.alertmanager_url`), re-sends of firing ones included.
     pub alertmanager_sent: AtomicU64,
+    /// -1 without an Alertmanager; 1 while deliveries succeed; 0 while they fail (alerts waiting
+    /// or refused).
+    pub alertmanager_up: AtomicI64,
     /// Failed requests to Alertmanager (each is retried).
     pub alertmanager_errors: AtomicU64,
     /// Old intervals of dedup state forgotten (a replay of those readings would pass).
     pub dedup_forgotten: AtomicU64,
+    /// Devices seen restarting their sequence numbers, in every dedup state (readings kept).
+    pub dedup_restarts: AtomicU64,
     /// Devices (or message ids) the dedup state remembers.
     pub dedup_keys: AtomicI64,
     pub batch_latency: Histogram,
@@ -205,8 +214,10 @@ impl Default for Metrics {
             late_rows: AtomicU64::new(0),
             alerts_published: AtomicU64::new(0),
             alertmanager_sent: AtomicU64::new(0),
+            alertmanager_up: AtomicI64::new(-1),
             alertmanager_errors: AtomicU64::new(0),
             dedup_forgotten: AtomicU64::new(0),
+            dedup_restarts: AtomicU64::new(0),
             dedup_keys: AtomicI64::new(0),
             batch_latency: Histogram::new(),
             consumer_lag: AtomicI64::new(0),
@@ -468,6 +479,9 @@ impl Metrics {
         let p = pipelines.entry(counts.name.clone()).or_default();
         p.rows_in += counts.rows_in;
         p.deduplicated += counts.deduplicated;
+        p.restarts += counts.restarts;
+        self.dedup_restarts
+            .fetch_add(counts.restarts, Ordering::Relaxed);
         p.rows_out += counts.rows_out;
         p.quarantined += counts.quarantined;
         p.dropped += counts.dropped;
@@ -589,6 +603,15 @@ impl Metrics {
             "counter",
             load(&self.alertmanager_sent),
         );
+        let am_up = self.alertmanager_up.load(Ordering::Relaxed);
+        if am_up >= 0 {
+            counter(
+                "fleetlake_alertmanager_up",
+                "1 while alerts reach Alertmanager, 0 while deliveries fail (retried) or are refused.",
+                "gauge",
+                am_up.to_string(),
+            );
+        }
         counter(
             "fleetlake_alertmanager_errors_total",
             "Failed requests to Alertmanager (retried with backoff).",
@@ -600,6 +623,12 @@ impl Metrics {
             "Dedup intervals forgotten because a device exceeded dedup.max_gaps.",
             "counter",
             load(&self.dedup_forgotten),
+        );
+        counter(
+            "fleetlake_dedup_restarts_total",
+            "Devices seen restarting their sequence numbers (a reboot: seq at or below the high-water mark with a newer event time); their readings are kept.",
+            "counter",
+            load(&self.dedup_restarts),
         );
         counter(
             "fleetlake_dedup_keys",

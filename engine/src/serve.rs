@@ -236,6 +236,13 @@ impl Engine {
                 ingest_ended.clone(),
             ));
         }
+        if ingest {
+            tasks.spawn(crate::ingest::heartbeat::beat(
+                lake.clone(),
+                config.consumer().to_string(),
+                ingest_stop.clone(),
+            ));
+        }
         if ingest && config.maintenance_enabled() {
             tasks.spawn(crate::maintenance::schedule(
                 lake.clone(),

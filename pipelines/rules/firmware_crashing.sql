@@ -2,8 +2,10 @@
 -- CREATE RULE per file, named like the file. Each transition (firing, resolved) is published to
 -- alerts.<rule>.<key> on NATS and recorded in final.alerts (see pipelines/README.md, "Rules").
 
--- A firmware cohort is crashing: more than 5 crashes in an hour on one firmware. (Rules see
--- rows; aggregation belongs to window tables, here final.firmware_hour.)
+-- A firmware cohort is crashing: in an hour, more than 2% of its health reports are crashes (four
+-- times the fleet's usual 0.5%) over at least 50 reports. A rate, not a count: a count grows with
+-- the fleet and the hour's traffic, and then fires for every firmware. (Rules see rows;
+-- aggregation belongs to window tables, here final.firmware_hour.)
 CREATE RULE firmware_crashing
 WITH (severity = 'warning', key = 'fw', event_time = 'window_end')
 AS SELECT
@@ -11,6 +13,7 @@ AS SELECT
     window_start,
     window_end,
     crashes,
+    reports,
     devices,
-    crashes > 5 AS firing
+    reports >= 50 AND CAST(crashes AS DOUBLE) / reports > 0.02 AS firing
 FROM final.firmware_hour;

@@ -9,6 +9,24 @@
 //!   replayed reading adds one gap. At most `max_gaps` gaps are kept per device: beyond that the
 //!   oldest interval is forgotten, so a replay of those oldest readings would pass (counted in
 //!   [`DedupStats::forgotten`]); nothing new is ever dropped by mistake.
+//!
+//!   **Restarts.** A device that reboots (or is re-flashed) often starts counting at 1 again
+//!   (LoRaWAN servers know it as a "frame counter reset"). With an event-time column
+//!   ([`DedupState::with_event_time`]) such a restart is recognised: a reading whose sequence
+//!   number is at or below the device's high-water mark but whose event time is newer than every
+//!   reading of the device's current run starts a new *run* (counted in
+//!   [`DedupStats::restarts`]). The earlier runs are kept (at most [`MAX_EARLIER_RUNS`]), each
+//!   with the newest event time it had when it ended, and a later reading goes to the run its
+//!   event time falls in: a replay of a reading from before the reboot still finds, and is
+//!   dropped by, the run it belongs to. A reading dated between the end of the last earlier run
+//!   and the oldest reading of the current one goes to the earlier run when its number continues
+//!   that run's counter (taken before the reboot, delivered late), else to the current run (taken
+//!   after the reboot, delivered out of order). What this relies on: a replay carries the event time the
+//!   reading was taken at (devices that buffer do). A gateway that re-stamps a replay with the
+//!   time of sending makes it look like a restart and it is kept; for such fleets use
+//!   `dedup_key = 'msg_id'`. A device whose clock also restarts (no real-time clock) cannot be
+//!   told from a replay by `(device, seq, time)`: its readings are dropped until the new counter
+//!   passes the old high-water mark, as without event time.
 //! - [`DedupKey::MsgId`]: the `Nats-Msg-Id` header (rows without one pass), remembered for
 //!   `window` of received time as 64-bit hashes in per-minute buckets.
 //!
@@ -51,8 +69,11 @@ impl DedupKey {
 pub struct DedupStats {
     /// Rows dropped as replays.
     pub dropped: u64,
-    /// Intervals forgotten because a device had more than `max_gaps` gaps.
+    /// Intervals forgotten because a device had more than `max_gaps` gaps, or runs forgotten
+    /// because it restarted more than [`MAX_EARLIER_RUNS`] times.
     pub forgotten: u64,
+    /// Devices seen restarting their sequence numbers (a reboot): their readings are kept.
+    pub restarts: u64,
 }
 
 /// Seen sequence numbers of one device: sorted, disjoint, non-adjacent inclusive intervals.
@@ -106,6 +127,14 @@ impl Seen {
         (true, forgotten)
     }
 
+    /// The highest sequence number seen.
+    fn high(&self) -> i64 {
+        match self {
+            Seen::One(_, b) => *b,
+            Seen::Many(v) => v.last().map_or(i64::MIN, |(_, b)| *b),
+        }
+    }
+
     fn from_vec(v: Vec<(i64, i64)>) -> Self {
         if v.len() == 1 {
             Seen::One(v[0].0, v[0].1)
@@ -122,14 +151,132 @@ impl Seen {
     }
 }
 
+/// Earlier runs (before a restart) remembered per device; beyond this the oldest is forgotten
+/// (counted in [`DedupStats::forgotten`]).
+pub const MAX_EARLIER_RUNS: usize = 4;
+
+/// Event time not known (no event-time column, or a NULL time).
+const UNKNOWN_TIME: i64 = i64::MIN;
+
+/// One device's state: the sequence numbers of its current run, the oldest and newest event
+/// times of that run (µs since the epoch, [`UNKNOWN_TIME`] when none was seen), and its earlier
+/// runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Device {
+    seen: Seen,
+    oldest_us: i64,
+    newest_us: i64,
+    /// Runs before restarts, oldest first: the newest event time each had when it ended, and
+    /// its sequence numbers. `None` for a device that never restarted; a boxed slice (one word
+    /// here), rebuilt at a restart, which is rare.
+    earlier: Option<Box<[(i64, Seen)]>>,
+}
+
+/// What recording one reading did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Marked {
+    new: bool,
+    forgotten: u64,
+    restarted: bool,
+}
+
+impl Device {
+    fn first(seq: i64, time_us: i64) -> Self {
+        Self {
+            seen: Seen::One(seq, seq),
+            oldest_us: time_us,
+            newest_us: time_us,
+            earlier: None,
+        }
+    }
+
+    /// Records reading `seq` taken at `time_us` (or [`UNKNOWN_TIME`]).
+    fn insert(&mut self, seq: i64, time_us: i64, max_gaps: usize) -> Marked {
+        let known = time_us != UNKNOWN_TIME;
+        if let (true, Some(earlier)) = (known, self.earlier.as_deref_mut()) {
+            // A reading from before the current run's restart belongs to the run its time falls
+            // in; one between the last earlier run and the current run's oldest reading to the
+            // earlier run when it continues that run's counter (taken before the reboot,
+            // delivered late), else to the current run (taken after the reboot, out of order).
+            let within = (0..earlier.len())
+                .rev()
+                .take_while(|k| time_us <= earlier[*k].0)
+                .last();
+            let last = earlier.len() - 1;
+            let run = within.or_else(|| {
+                (self.oldest_us != UNKNOWN_TIME
+                    && time_us < self.oldest_us
+                    && seq > earlier[last].1.high())
+                .then_some(last)
+            });
+            if let Some(run) = run {
+                let (new, forgotten) = earlier[run].1.insert(seq, max_gaps);
+                return Marked {
+                    new,
+                    forgotten,
+                    restarted: false,
+                };
+            }
+        }
+        if known
+            && self.newest_us != UNKNOWN_TIME
+            && time_us > self.newest_us
+            && seq <= self.seen.high()
+        {
+            // Counted again from below the high-water mark, later than anything of this run:
+            // the device restarted. The run so far becomes an earlier one.
+            let ended = std::mem::replace(&mut self.seen, Seen::One(seq, seq));
+            let mut earlier = self.earlier.take().map(Vec::from).unwrap_or_default();
+            earlier.push((self.newest_us, ended));
+            let mut forgotten = 0;
+            if earlier.len() > MAX_EARLIER_RUNS {
+                earlier.remove(0);
+                forgotten = 1;
+            }
+            self.earlier = Some(earlier.into_boxed_slice());
+            self.oldest_us = time_us;
+            self.newest_us = time_us;
+            return Marked {
+                new: true,
+                forgotten,
+                restarted: true,
+            };
+        }
+        let (new, forgotten) = self.seen.insert(seq, max_gaps);
+        if new && known {
+            if time_us > self.newest_us {
+                self.newest_us = time_us;
+            }
+            if self.oldest_us == UNKNOWN_TIME || time_us < self.oldest_us {
+                self.oldest_us = time_us;
+            }
+        }
+        Marked {
+            new,
+            forgotten,
+            restarted: false,
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.seen.heap_bytes()
+            + self.earlier.as_ref().map_or(0, |e| {
+                e.len() * std::mem::size_of::<(i64, Seen)>()
+                    + e.iter().map(|(_, s)| s.heap_bytes()).sum::<usize>()
+            })
+    }
+}
+
 /// Deduplication state for one consumer.
 #[derive(Debug, Clone)]
 pub struct DedupState {
     key: DedupKey,
     /// DeviceSeq: the columns holding the device and its sequence number.
     columns: (String, String),
+    /// DeviceSeq: the event-time column, when restarts are recognised.
+    event_time: Option<String>,
     max_gaps: usize,
-    devices: HashMap<Box<str>, Seen>,
+    devices: HashMap<Box<str>, Device>,
     /// MsgId mode: buckets of hashes per received minute, oldest first.
     buckets: VecDeque<(i64, HashSet<u64>)>,
     window_minutes: i64,
@@ -144,6 +291,7 @@ impl DedupState {
         Self {
             key,
             columns: ("device_id".into(), "seq".into()),
+            event_time: None,
             max_gaps,
             devices: HashMap::new(),
             buckets: VecDeque::new(),
@@ -159,6 +307,13 @@ impl DedupState {
     /// DeviceSeq over other columns: `device` (any type, compared as text) and `seq` (an integer).
     pub fn with_columns(mut self, device: &str, seq: &str) -> Self {
         self.columns = (device.to_string(), seq.to_string());
+        self
+    }
+
+    /// DeviceSeq: recognise restarted sequences by the event time in column `time` (a
+    /// timestamp); see the module docs for what this guarantees.
+    pub fn with_event_time(mut self, time: &str) -> Self {
+        self.event_time = Some(time.to_string());
         self
     }
 
@@ -181,7 +336,7 @@ impl DedupState {
 
     /// Heap bytes held, estimated from capacities (the measured figure is in the README).
     pub fn estimated_bytes(&self) -> usize {
-        let slot = std::mem::size_of::<(Box<str>, Seen)>() + 1;
+        let slot = std::mem::size_of::<(Box<str>, Device)>() + 1;
         let devices = self.devices.capacity() * slot
             + self
                 .devices
@@ -247,12 +402,20 @@ impl DedupState {
                 )
                 .map_err(|e| Error::Internal(e.to_string()))?;
                 let seqs = seqs.as_primitive::<Int64Type>();
+                let times = match &self.event_time {
+                    Some(name) => Some(event_times(column(name)?)?),
+                    None => None,
+                };
                 for i in 0..n {
                     if devices.is_null(i) || seqs.is_null(i) {
                         keep.push(true);
                         continue;
                     }
                     let (device, seq) = (devices.value(i), seqs.value(i));
+                    let time = match &times {
+                        Some(t) if t.is_valid(i) => t.value(i),
+                        _ => UNKNOWN_TIME,
+                    };
                     // Rebuilding (observing committed rows) never forgets: rows may come in any
                     // order, and the state must end up holding all of them.
                     let max_gaps = if count_forgotten {
@@ -260,17 +423,22 @@ impl DedupState {
                     } else {
                         usize::MAX
                     };
-                    let (new, forgotten) = match self.devices.get_mut(device) {
-                        Some(seen) => seen.insert(seq, max_gaps),
+                    let marked = match self.devices.get_mut(device) {
+                        Some(state) => state.insert(seq, time, max_gaps),
                         None => {
-                            self.devices.insert(device.into(), Seen::One(seq, seq));
-                            (true, 0)
+                            self.devices.insert(device.into(), Device::first(seq, time));
+                            Marked {
+                                new: true,
+                                forgotten: 0,
+                                restarted: false,
+                            }
                         }
                     };
                     if count_forgotten {
-                        self.stats.forgotten += forgotten;
+                        self.stats.forgotten += marked.forgotten;
+                        self.stats.restarts += u64::from(marked.restarted);
                     }
-                    keep.push(new);
+                    keep.push(marked.new);
                 }
             }
             DedupKey::MsgId => {
@@ -318,24 +486,38 @@ impl DedupState {
         true
     }
 
-    /// Serializes the state (snapshot format version 1, little-endian).
+    /// Serializes the state (snapshot format version 2, little-endian): per device its name,
+    /// the oldest and newest event times of its current run, the run's intervals, then its earlier runs
+    /// (end time and intervals each). Version 1 snapshots (no times) are refused by
+    /// [`DedupState::decode`], so the engine rebuilds the state from the usable rows once.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.devices.len() * 32);
-        out.extend_from_slice(b"FLDEDUP1");
+        let mut out = Vec::with_capacity(16 + self.devices.len() * 40);
+        out.extend_from_slice(b"FLDEDUP2");
         out.push(match self.key {
             DedupKey::DeviceSeq => 0,
             DedupKey::MsgId => 1,
             DedupKey::None => 2,
         });
         out.extend_from_slice(&(self.devices.len() as u64).to_le_bytes());
-        for (device, seen) in &self.devices {
-            out.extend_from_slice(&(device.len() as u32).to_le_bytes());
-            out.extend_from_slice(device.as_bytes());
+        let put_seen = |out: &mut Vec<u8>, seen: &Seen| {
             let intervals = seen_vec(seen);
             out.extend_from_slice(&(intervals.len() as u32).to_le_bytes());
             for (a, b) in intervals {
                 out.extend_from_slice(&a.to_le_bytes());
                 out.extend_from_slice(&b.to_le_bytes());
+            }
+        };
+        for (name, device) in &self.devices {
+            out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&device.oldest_us.to_le_bytes());
+            out.extend_from_slice(&device.newest_us.to_le_bytes());
+            put_seen(&mut out, &device.seen);
+            let earlier = device.earlier.as_deref().unwrap_or_default();
+            out.extend_from_slice(&(earlier.len() as u32).to_le_bytes());
+            for (ended, seen) in earlier {
+                out.extend_from_slice(&ended.to_le_bytes());
+                put_seen(&mut out, seen);
             }
         }
         out.extend_from_slice(&(self.buckets.len() as u64).to_le_bytes());
@@ -359,6 +541,7 @@ impl DedupState {
             ));
         }
         state.columns = self.columns.clone();
+        state.event_time = self.event_time.clone();
         Ok(state)
     }
 
@@ -366,8 +549,10 @@ impl DedupState {
     pub fn decode(bytes: &[u8], max_gaps: usize, window_minutes: i64) -> Result<Self> {
         let bad = |what: &str| Error::Internal(format!("dedup snapshot is damaged: {what}"));
         let mut r = Reader { bytes, pos: 0 };
-        if r.take(8).ok_or_else(|| bad("too short"))? != b"FLDEDUP1" {
-            return Err(bad("unknown format"));
+        match r.take(8).ok_or_else(|| bad("too short"))? {
+            b"FLDEDUP2" => {}
+            b"FLDEDUP1" => return Err(bad("version 1 (without event times): rebuilt once")),
+            _ => return Err(bad("unknown format")),
         }
         let key = match r.take(1).ok_or_else(|| bad("no key"))?[0] {
             0 => DedupKey::DeviceSeq,
@@ -381,17 +566,22 @@ impl DedupState {
             let len = r.u32().ok_or_else(|| bad("device"))? as usize;
             let name = std::str::from_utf8(r.take(len).ok_or_else(|| bad("device"))?)
                 .map_err(|_| bad("device id"))?;
-            let count = r.u32().ok_or_else(|| bad("intervals"))? as usize;
-            let mut v = Vec::with_capacity(count);
-            for _ in 0..count {
-                let a = r.i64().ok_or_else(|| bad("interval"))?;
-                let b = r.i64().ok_or_else(|| bad("interval"))?;
-                v.push((a, b));
+            let oldest_us = r.i64().ok_or_else(|| bad("oldest time"))?;
+            let newest_us = r.i64().ok_or_else(|| bad("newest time"))?;
+            let seen = read_seen(&mut r).ok_or_else(|| bad("intervals"))?;
+            let runs = r.u32().ok_or_else(|| bad("earlier runs"))? as usize;
+            let mut earlier = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                let ended = r.i64().ok_or_else(|| bad("earlier run"))?;
+                earlier.push((ended, read_seen(&mut r).ok_or_else(|| bad("earlier run"))?));
             }
-            if v.is_empty() {
-                return Err(bad("device without intervals"));
-            }
-            state.devices.insert(name.into(), Seen::from_vec(v));
+            let device = Device {
+                seen,
+                oldest_us,
+                newest_us,
+                earlier: (!earlier.is_empty()).then(|| earlier.into_boxed_slice()),
+            };
+            state.devices.insert(name.into(), device);
         }
         let buckets = r.u64().ok_or_else(|| bad("no bucket count"))?;
         for _ in 0..buckets {
@@ -408,6 +598,27 @@ impl DedupState {
         }
         Ok(state)
     }
+}
+
+/// Intervals as [`DedupState::encode`] writes them: a count, then `(from, to)` pairs; `None`
+/// when damaged or empty.
+fn read_seen(r: &mut Reader<'_>) -> Option<Seen> {
+    let count = r.u32()? as usize;
+    let mut v = Vec::with_capacity(count.min(1 << 16));
+    for _ in 0..count {
+        v.push((r.i64()?, r.i64()?));
+    }
+    (!v.is_empty()).then(|| Seen::from_vec(v))
+}
+
+/// An event-time column as microseconds since the epoch (any timestamp unit or zone).
+fn event_times(column: &arrow::array::ArrayRef) -> Result<arrow::array::Int64Array> {
+    use arrow::datatypes::{DataType, TimeUnit};
+    let internal = |e: arrow::error::ArrowError| Error::Internal(e.to_string());
+    let micros = arrow::compute::cast(column, &DataType::Timestamp(TimeUnit::Microsecond, None))
+        .map_err(internal)?;
+    let ints = arrow::compute::cast(&micros, &DataType::Int64).map_err(internal)?;
+    Ok(ints.as_primitive::<Int64Type>().clone())
 }
 
 fn seen_vec(seen: &Seen) -> Vec<(i64, i64)> {
@@ -502,7 +713,7 @@ mod tests {
         );
         assert_eq!(s.stats().dropped, 4);
         // b is contiguous again: one interval, no heap.
-        assert_eq!(s.devices["b"], Seen::One(1, 5));
+        assert_eq!(s.devices["b"].seen, Seen::One(1, 5));
     }
 
     #[test]
@@ -528,7 +739,7 @@ mod tests {
             .collect();
         let rows: Vec<(&str, i64)> = order.iter().map(|i| ("a", *i)).collect();
         s.observe(&batch(&rows)).unwrap();
-        assert_eq!(s.devices["a"], Seen::One(1, 40));
+        assert_eq!(s.devices["a"].seen, Seen::One(1, 40));
         assert_eq!(kept(&mut s, &[("a", 7), ("a", 40), ("a", 41)]), vec![41]);
     }
 
@@ -578,5 +789,122 @@ mod tests {
             vec![i64::MIN, i64::MIN + 1]
         );
         assert_eq!(kept(&mut state, &[("n", i64::MIN)]), Vec::<i64>::new());
+    }
+
+    /// Rows `(device, seq, event time in seconds)` with an event-time column `ts`.
+    fn timed(rows: &[(&str, i64, i64)]) -> RecordBatch {
+        let schema = Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("seq", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                true,
+            ),
+        ]);
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(
+                    arrow::array::TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| r.2 * 1000),
+                    )
+                    .with_timezone("UTC"),
+                ),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn kept_timed(state: &mut DedupState, rows: &[(&str, i64, i64)]) -> Vec<(i64, i64)> {
+        let out = state.filter(&timed(rows)).unwrap();
+        let seqs = out.column(1).as_primitive::<Int64Type>().values().to_vec();
+        let times = out
+            .column(2)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        seqs.into_iter()
+            .zip(times.values().iter().map(|t| t / 1000))
+            .collect()
+    }
+
+    #[test]
+    fn a_device_that_restarts_its_sequence_keeps_its_readings_and_replays_are_still_dropped() {
+        let mut s = DedupState::new(DedupKey::DeviceSeq, 8, 60).with_event_time("ts");
+        // Boot 1: seq 1..=5 at t = 100..=104.
+        let boot1: Vec<_> = (1..=5).map(|i| ("d", i, 99 + i)).collect();
+        assert_eq!(kept_timed(&mut s, &boot1).len(), 5);
+        // Reboot: seq 1..=3 again, later in time; a replay of boot 1 in between.
+        assert_eq!(
+            kept_timed(
+                &mut s,
+                &[("d", 1, 200), ("d", 3, 102), ("d", 2, 201), ("d", 3, 202)]
+            ),
+            vec![(1, 200), (2, 201), (3, 202)]
+        );
+        assert_eq!(s.stats().restarts, 1);
+        // Replays of either run are dropped; a reading of boot 1 never seen is kept.
+        assert_eq!(
+            kept_timed(
+                &mut s,
+                &[("d", 2, 101), ("d", 2, 201), ("d", 6, 105), ("d", 4, 203)]
+            ),
+            vec![(6, 105), (4, 203)]
+        );
+        assert_eq!(s.stats().dropped, 3);
+        assert_eq!(s.stats().restarts, 1);
+        // The state survives a snapshot, runs and all.
+        let mut back = s.restore(&s.encode()).unwrap();
+        assert_eq!(back.devices, s.devices);
+        assert_eq!(
+            kept_timed(&mut back, &[("d", 3, 102), ("d", 4, 203), ("d", 5, 204)]),
+            vec![(5, 204)]
+        );
+    }
+
+    #[test]
+    fn late_readings_out_of_order_are_not_restarts() {
+        let mut s = DedupState::new(DedupKey::DeviceSeq, 8, 60).with_event_time("ts");
+        // seq 3 arrives before 2 (older time): a late reading, then its replay.
+        assert_eq!(
+            kept_timed(
+                &mut s,
+                &[("d", 1, 10), ("d", 3, 12), ("d", 2, 11), ("d", 2, 11)]
+            ),
+            vec![(1, 10), (3, 12), (2, 11)]
+        );
+        // A replay re-sent with the same time is a replay, not a restart.
+        assert_eq!(kept_timed(&mut s, &[("d", 3, 12)]), vec![]);
+        assert_eq!(s.stats().restarts, 0);
+        // After a reboot the first readings may arrive out of order too.
+        assert_eq!(
+            kept_timed(&mut s, &[("d", 2, 21), ("d", 1, 20), ("d", 3, 22)]),
+            vec![(2, 21), (1, 20), (3, 22)]
+        );
+        assert_eq!(s.stats().restarts, 1);
+    }
+
+    #[test]
+    fn earlier_runs_are_bounded() {
+        let mut s = DedupState::new(DedupKey::DeviceSeq, 8, 60).with_event_time("ts");
+        for boot in 0..(MAX_EARLIER_RUNS as i64 + 3) {
+            let rows: Vec<_> = (1..=3).map(|i| ("d", i, boot * 100 + i)).collect();
+            assert_eq!(kept_timed(&mut s, &rows).len(), 3);
+        }
+        let device = &s.devices["d"];
+        assert_eq!(device.earlier.as_ref().unwrap().len(), MAX_EARLIER_RUNS);
+        assert_eq!(s.stats().forgotten, 2);
+        assert_eq!(s.stats().restarts, MAX_EARLIER_RUNS as u64 + 2);
+    }
+
+    #[test]
+    fn version_1_snapshots_are_refused_so_the_state_is_rebuilt() {
+        let mut v1 = b"FLDEDUP1".to_vec();
+        v1.push(0);
+        v1.extend_from_slice(&0u64.to_le_bytes());
+        v1.extend_from_slice(&0u64.to_le_bytes());
+        let err = DedupState::decode(&v1, 8, 60).unwrap_err().to_string();
+        assert!(err.contains("version 1"), "{err}");
     }
 }

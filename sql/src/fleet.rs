@@ -345,11 +345,18 @@ impl Outliers {
 
 impl RootCause {
     /// The statement: one row per combination of `dimensions` with `devices`,
-    /// `affected_devices` (with at least one event), `events`, `reports`, `rate`
-    /// (affected / devices), `fleet_rate`, `lift` (rate / fleet rate) and `z`: the two-proportion
-    /// z-test of the combination's rate against the rest of the fleet's, pooled
+    /// `affected_devices` (with at least one event), `events`, `reports`, `device_rate`
+    /// (affected / devices), `rate`, `fleet_rate`, `lift` (rate / fleet rate) and `z`: the
+    /// two-proportion z-test of the combination's rate against the rest of the fleet's, pooled
     /// (z = (p₁ − p₂) / √(p(1 − p)(1/n₁ + 1/n₂)), p the fleet rate). Ranked by z, so three devices
     /// with two crashes do not outrank three thousand with six hundred.
+    ///
+    /// `rate` is per report for events read from the table's rows (events / reports, n the
+    /// reports): a share of devices with at least one event saturates at 1.0 once events are
+    /// common, and then ranks nothing (every combination at rate 1, z undefined). For
+    /// device-level events (`rule:`, `expectation:`) there is no count per report, and `rate` is
+    /// the share of devices (n the devices). Reports of one device are not independent, so `z`
+    /// overstates significance for a fleet whose devices differ much; it ranks, it is not a test.
     ///
     /// The unit is a device in a combination: a device that reported with two firmware versions
     /// in the range counts once in each (the fleet's totals are the sums over combinations), so
@@ -369,7 +376,8 @@ impl RootCause {
         }
         let mut sql = self.scope.ctes(&columns, None);
         // `hits`: the rows of the range, each with whether it is (or its device had) an event.
-        let events = match self.event.devices(&self.scope) {
+        // (events, the successes counted, the trials they are counted of)
+        let (events, hits, trials) = match self.event.devices(&self.scope) {
             Some(devices) => {
                 write!(
                     sql,
@@ -378,11 +386,11 @@ impl RootCause {
                 )
                 .expect("string");
                 // A device either had the event or not: no rows to count.
-                "CAST(NULL AS BIGINT)"
+                ("CAST(NULL AS BIGINT)", "affected_devices", "devices")
             }
             None => {
                 sql.push_str(",\nhits AS (SELECT * FROM recent)");
-                "sum(CASE WHEN hit THEN 1 ELSE 0 END)"
+                ("sum(CASE WHEN hit THEN 1 ELSE 0 END)", "events", "reports")
             }
         };
         let group = dims.join(", ");
@@ -391,16 +399,17 @@ impl RootCause {
             ",\ncohorts AS (\n  SELECT {group},\n    count(DISTINCT device_id) AS devices,\n    \
              count(DISTINCT CASE WHEN hit THEN device_id END) AS affected_devices,\n    \
              {events} AS events,\n    count(*) AS reports\n  FROM hits GROUP BY {group}\n),\n\
-             fleet AS (\n  SELECT *, sum(devices) OVER () AS fleet_devices, sum(affected_devices) OVER () AS fleet_affected\n  \
-             FROM cohorts\n),\n\
-             rates AS (\n  SELECT *,\n    CAST(affected_devices AS DOUBLE) / devices AS rate,\n    \
-             CAST(fleet_affected AS DOUBLE) / fleet_devices AS fleet_rate\n  FROM fleet\n)\n\
-             SELECT {group}, devices, affected_devices, events, reports, rate, fleet_rate,\n  \
+             fleet AS (\n  SELECT *, {hits} AS __k, {trials} AS __n,\n    \
+             sum({hits}) OVER () AS __fleet_k, sum({trials}) OVER () AS __fleet_n\n  FROM cohorts\n),\n\
+             rates AS (\n  SELECT *,\n    CAST(affected_devices AS DOUBLE) / devices AS device_rate,\n    \
+             CAST(__k AS DOUBLE) / __n AS rate,\n    \
+             CAST(__fleet_k AS DOUBLE) / __fleet_n AS fleet_rate\n  FROM fleet\n)\n\
+             SELECT {group}, devices, affected_devices, events, reports, device_rate, rate, fleet_rate,\n  \
              CASE WHEN fleet_rate > 0 THEN rate / fleet_rate END AS lift,\n  \
-             CASE WHEN fleet_devices > devices AND fleet_rate > 0 AND fleet_rate < 1 THEN\n    \
-             (rate - CAST(fleet_affected - affected_devices AS DOUBLE) / (fleet_devices - devices))\n    \
-             / sqrt(fleet_rate * (1 - fleet_rate) * (1.0 / devices + 1.0 / (fleet_devices - devices)))\n  END AS z\n\
-             FROM rates\nWHERE devices >= {}\nORDER BY z DESC NULLS LAST, affected_devices DESC, {group}",
+             CASE WHEN __fleet_n > __n AND fleet_rate > 0 AND fleet_rate < 1 THEN\n    \
+             (rate - CAST(__fleet_k - __k AS DOUBLE) / (__fleet_n - __n))\n    \
+             / sqrt(fleet_rate * (1 - fleet_rate) * (1.0 / __n + 1.0 / (__fleet_n - __n)))\n  END AS z\n\
+             FROM rates\nWHERE devices >= {}\nORDER BY z DESC NULLS LAST, {hits} DESC, {group}",
             self.min_devices,
         )
         .expect("string");
@@ -461,5 +470,123 @@ mod tests {
         let err = scope().check_columns(["hw_rev"], &columns).unwrap_err();
         assert!(err.contains("no column \"hw_rev\""), "{err}");
         assert!(err.contains("device_id, ts, tenant"), "{err}");
+    }
+
+    /// 300 devices in six fw × hw combinations, 100 reports each; 90% of devices crash at least
+    /// once (1–2 crashes), and the planted 2.0.1 × B devices crash in 8% of their reports. A
+    /// share of devices with an event is ~1.0 everywhere; the rate per report still finds it.
+    #[tokio::test]
+    async fn root_cause_ranks_the_planted_combination_first_when_most_devices_have_events() {
+        use arrow::array::{BooleanArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+        use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+        use datafusion::prelude::SessionContext;
+        use std::sync::Arc;
+
+        let combos = [
+            ("1.0", "A"),
+            ("1.0", "B"),
+            ("2.0", "A"),
+            ("2.0.1", "A"),
+            ("2.0.1", "B"),
+            ("2.1", "B"),
+        ];
+        let (mut device, mut fw, mut hw, mut ts, mut crashed) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let mut with_events = 0;
+        for d in 0..300usize {
+            let (f, h) = combos[d % combos.len()];
+            let planted = (f, h) == ("2.0.1", "B");
+            // Every tenth device of the others never crashes; the rest crash once or twice.
+            let crashes = if planted {
+                8
+            } else if d % 10 == 0 {
+                0
+            } else {
+                1 + d % 2
+            };
+            with_events += usize::from(crashes > 0);
+            for r in 0..100usize {
+                device.push(format!("dev-{d}"));
+                fw.push(f);
+                hw.push(h);
+                ts.push(1_763_900_000_000_000 + (r as i64) * 60_000_000);
+                crashed.push(r < crashes);
+            }
+        }
+        assert!(with_events * 10 >= 300 * 9, "90% of devices have an event");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("fw", DataType::Utf8, false),
+            Field::new("hw_rev", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("crashed", DataType::Boolean, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(device)),
+                Arc::new(StringArray::from(fw)),
+                Arc::new(StringArray::from(hw)),
+                Arc::new(TimestampMicrosecondArray::from(ts).with_timezone("UTC")),
+                Arc::new(BooleanArray::from(crashed)),
+            ],
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        ctx.sql("CREATE SCHEMA usable").await.unwrap();
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]]).unwrap();
+        ctx.register_table("usable.device_health", Arc::new(table))
+            .unwrap();
+        let sql = RootCause {
+            scope: Scope {
+                table: TableId::parse("usable.device_health").unwrap(),
+                device_column: "device_id".into(),
+                time_column: "ts".into(),
+                filters: vec![],
+                range: TimeRange::default(),
+            },
+            event: Event::True("crashed".into()),
+            dimensions: vec!["fw".into(), "hw_rev".into()],
+            min_devices: 1,
+            limit: 10,
+            offset: 0,
+        }
+        .sql();
+        let rows = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&rows)
+            .unwrap()
+            .to_string();
+        let first = &rows[0];
+        let col = |name: &str| first.column_by_name(name).unwrap().clone();
+        let fw = col("fw");
+        let hw = col("hw_rev");
+        let fw = fw.as_any().downcast_ref::<StringArray>().unwrap();
+        let hw = hw.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!((fw.value(0), hw.value(0)), ("2.0.1", "B"), "{text}");
+        let z = col("z");
+        let z = z
+            .as_any()
+            .downcast_ref::<arrow::array::Float64Array>()
+            .unwrap();
+        assert!(
+            arrow::array::Array::is_valid(z, 0) && z.value(0) > 3.0,
+            "{text}"
+        );
+        let rate = col("rate");
+        let rate = rate
+            .as_any()
+            .downcast_ref::<arrow::array::Float64Array>()
+            .unwrap();
+        assert!((rate.value(0) - 0.08).abs() < 1e-9, "per report: {text}");
+        let device_rate = col("device_rate");
+        let device_rate = device_rate
+            .as_any()
+            .downcast_ref::<arrow::array::Float64Array>()
+            .unwrap();
+        assert_eq!(device_rate.value(0), 1.0, "{text}");
     }
 }

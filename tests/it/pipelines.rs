@@ -472,6 +472,16 @@ async fn replay_reproduces_a_pipeline_table_and_applies_a_changed_definition() {
         Duration::from_secs(60),
     )
     .await;
+    // Replay refuses while the engine writes the same tables (its heartbeat is in the lake).
+    let live = fleetlake_zones::Lake::open(&config.lake(Vec::new())).unwrap();
+    let refused = fleetlake::ingest::replay::run(&config, live, "cold_chain", None, None, false)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("an engine is running"), "{refused}");
+    assert!(
+        refused.contains(&std::process::id().to_string()),
+        "names the engine's pid: {refused}"
+    );
     engine.shutdown().await.expect("a clean shutdown");
 
     let lake = fleetlake_zones::Lake::open(&config.lake(Vec::new())).unwrap();

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
@@ -302,6 +303,56 @@ impl Lake {
         self.describe(id)
             .await?
             .ok_or_else(|| Error::UnknownTable(id.to_string()))
+    }
+
+    /// The object store at the lake's root.
+    fn root_store(&self, action: &'static str) -> Result<Arc<dyn object_store::ObjectStore>> {
+        Ok(DeltaTableBuilder::from_url(self.root.clone())
+            .map(|b| b.with_storage_options(self.storage_options.clone()))
+            .and_then(|b| b.build_storage())
+            .map_err(|source| Error::Delta {
+                action,
+                table: SIDE_DIR.to_string(),
+                source: Box::new(source),
+            })?
+            .object_store(None))
+    }
+
+    /// Writes (or replaces) fleetlake's own file `name` at `<lake>/_fleetlake/<name>`: state
+    /// of the lake as a whole (the running engine's heartbeat), hidden from every table.
+    pub async fn put_lake_file(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let store = self.root_store("writing")?;
+        let path = object_store::path::Path::from(format!("{SIDE_DIR}/{name}"));
+        object_store::ObjectStoreExt::put(store.as_ref(), &path, bytes.into())
+            .await
+            .map_err(|e| lake_file_error("writing", e))?;
+        Ok(())
+    }
+
+    /// Reads fleetlake's own file `name` (see [`Lake::put_lake_file`]); `None` when absent.
+    pub async fn get_lake_file(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let store = self.root_store("reading")?;
+        let path = object_store::path::Path::from(format!("{SIDE_DIR}/{name}"));
+        match object_store::ObjectStoreExt::get(store.as_ref(), &path).await {
+            Ok(got) => Ok(Some(
+                got.bytes()
+                    .await
+                    .map_err(|e| lake_file_error("reading", e))?
+                    .to_vec(),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(lake_file_error("reading", e)),
+        }
+    }
+
+    /// Deletes fleetlake's own file `name`; absent is fine.
+    pub async fn delete_lake_file(&self, name: &str) -> Result<()> {
+        let store = self.root_store("deleting")?;
+        let path = object_store::path::Path::from(format!("{SIDE_DIR}/{name}"));
+        match object_store::ObjectStoreExt::delete(store.as_ref(), &path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(lake_file_error("deleting", e)),
+        }
     }
 
     /// The tables of a zone that exist in the lake, by name.
@@ -758,8 +809,17 @@ fn retry_at_once(e: &deltalake::DeltaTableError) -> bool {
     )
 }
 
-/// Folder of fleetlake's own files beside a table's data (a leading `_` hides it from Delta).
+/// Folder of fleetlake's own files beside a table's data, and at the lake's root (a leading `_`
+/// hides it from Delta and from the zones' listings).
 const SIDE_DIR: &str = "_fleetlake";
+
+fn lake_file_error(action: &'static str, source: object_store::Error) -> Error {
+    Error::Delta {
+        action,
+        table: SIDE_DIR.to_string(),
+        source: Box::new(deltalake::DeltaTableError::ObjectStore { source }),
+    }
+}
 
 /// Keeps the rows whose `column` (Int64) is greater than `after`.
 fn rows_after(

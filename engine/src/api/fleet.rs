@@ -272,6 +272,7 @@ const ROOT_CAUSE_COLUMNS: &[&str] = &[
     "affected_devices",
     "events",
     "reports",
+    "device_rate",
     "rate",
     "fleet_rate",
     "lift",
@@ -279,6 +280,10 @@ const ROOT_CAUSE_COLUMNS: &[&str] = &[
     "fleet_devices",
     "fleet_affected",
     "__device",
+    "__k",
+    "__n",
+    "__fleet_k",
+    "__fleet_n",
 ];
 
 /// The table's columns, by a query that reads no rows.

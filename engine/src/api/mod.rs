@@ -610,6 +610,7 @@ async fn pipelines(State(state): State<AppState>) -> Response {
                 "in": c.rows_in, "deduplicated": c.deduplicated, "out": c.rows_out, "quarantined": c.quarantined,
                 "dropped": c.dropped, "warned": c.warned,
             });
+            p["sequence_restarts"] = json!(c.restarts);
             p["expectations"] = json!(c.expectations.values().collect::<Vec<_>>());
             p
         })
@@ -864,7 +865,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
     };
     let pipelines_up = m.pipeline_failed.load(Ordering::Relaxed) == 0;
     let ingest_up = m.ingest_stopped.load(Ordering::Relaxed) == 0;
-    let healthy = storage_up && source_up && pipelines_up && ingest_up;
+    // Alerts that cannot reach Alertmanager are a publish that does not succeed (DESIGN:
+    // "Health tells the truth"); ingest goes on meanwhile.
+    let alertmanager = m.alertmanager_up.load(Ordering::Relaxed);
+    let healthy = storage_up && source_up && pipelines_up && ingest_up && alertmanager != 0;
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "storage": component(storage_up, "storage"),
@@ -873,6 +877,9 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "ingest": component(ingest_up, "ingest"),
     });
     let mut body = body;
+    if alertmanager >= 0 {
+        body["alertmanager"] = component(alertmanager == 1, "alertmanager");
+    }
     // Public: only which partitions this instance consumes (GET /v1/cluster has the rest).
     if let Some(c) = m.cluster() {
         body["cluster"] = json!({

@@ -16,6 +16,17 @@
 //! Delivery never holds ingest back: transitions are handed over on a channel, and a failing
 //! Alertmanager only delays them (`/healthz` names the error, `fleetlake_alertmanager_errors_total`
 //! counts it).
+//!
+//! Times are what Alertmanager accepts, not what devices claim: it refuses a firing alert whose
+//! `startsAt` lies after now + its `resolve_timeout` ("start time must be before end time",
+//! prometheus/alertmanager #1191), and keeps an alert with a future `endsAt` active until then.
+//! So `startsAt` is the event time clamped to the moment fleetlake first saw the transition,
+//! `endsAt` is the moment the resolution was seen, and the event time as the device reported it
+//! is kept in the `event_time` annotation. Answers are classified by status: 2xx delivered;
+//! 400, 413 and 422 refuse the alerts as they are (logged, counted, dropped: JetStream and
+//! `final.alerts` keep them); every other answer (408, 429, 5xx, 401/403 from a proxy whose
+//! credentials are being fixed) and every connection error is retried with backoff until
+//! delivered.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -46,6 +57,7 @@ impl Alertmanager {
     pub fn start(url: &str, resend: Duration, lake: Lake, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let endpoint = format!("{}/api/v2/alerts", url.trim_end_matches('/'));
+        metrics.alertmanager_up.store(1, Ordering::Relaxed);
         tokio::spawn(deliver(endpoint, resend, lake, metrics, rx));
         Self { tx }
     }
@@ -78,15 +90,41 @@ fn rfc3339(us: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// One alert in Alertmanager's API (`postableAlert`): labels, annotations, `startsAt`, and
-/// `endsAt` once resolved.
-fn alert(t: &Transition, ends_at: Option<i64>) -> Value {
+/// True when Alertmanager (or a proxy before it) refused the alerts as they are: retrying the
+/// same request cannot succeed. Every other answer is transient (see the module docs).
+fn refused(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 413 | 422)
+}
+
+/// A firing transition and when Alertmanager is told it started (µs).
+#[derive(Debug, Clone)]
+struct Firing {
+    transition: Transition,
+    starts_at: i64,
+}
+
+impl Firing {
+    /// `startsAt` is the event time, but never later than `now` (a device clock running ahead).
+    fn new(transition: Transition, now: i64) -> Self {
+        let starts_at = transition.event_time.min(now);
+        Self {
+            transition,
+            starts_at,
+        }
+    }
+}
+
+/// One alert in Alertmanager's API (`postableAlert`): labels, annotations (with the event time
+/// as reported), `startsAt` (µs), and `endsAt` (µs) once resolved.
+fn alert(f: &Firing, ends_at: Option<i64>) -> Value {
+    let t = &f.transition;
     let mut annotations = serde_json::Map::new();
     annotations.insert(
         "summary".into(),
         json!(format!("{} {} for {}", t.rule, t.state, t.key)),
     );
     annotations.insert("alert_id".into(), json!(t.alert_id));
+    annotations.insert("event_time".into(), json!(rfc3339(t.event_time)));
     annotations.insert(
         "values".into(),
         json!(Value::Object(t.values.clone()).to_string()),
@@ -102,7 +140,7 @@ fn alert(t: &Transition, ends_at: Option<i64>) -> Value {
     let mut a = json!({
         "labels": labels(&t.rule, &t.key, &t.severity, t.cohort.as_deref()),
         "annotations": annotations,
-        "startsAt": rfc3339(t.event_time),
+        "startsAt": rfc3339(f.starts_at),
     });
     if let Some(end) = ends_at {
         a["endsAt"] = json!(rfc3339(end));
@@ -193,14 +231,16 @@ async fn deliver(
         .build()
         .expect("an HTTP client");
     // Firing alerts by their labels, and what is to be sent now.
-    let mut firing: BTreeMap<BTreeMap<String, String>, Transition> = BTreeMap::new();
+    let mut firing: BTreeMap<BTreeMap<String, String>, Firing> = BTreeMap::new();
     let mut pending: BTreeMap<BTreeMap<String, String>, Value> = BTreeMap::new();
     let identity = |t: &Transition| labels(&t.rule, &t.key, &t.severity, t.cohort.as_deref());
     match firing_at_start(&lake).await {
         Ok(restored) => {
+            let now = chrono::Utc::now().timestamp_micros();
             for t in restored {
-                pending.insert(identity(&t), alert(&t, None));
-                firing.insert(identity(&t), t);
+                let f = Firing::new(t, now);
+                pending.insert(identity(&f.transition), alert(&f, None));
+                firing.insert(identity(&f.transition), f);
             }
         }
         Err(e) => {
@@ -221,8 +261,8 @@ async fn deliver(
                     None => open = false,
                 },
                 _ = tokio::time::sleep_until(next_resend) => {
-                    for (l, t) in &firing {
-                        pending.insert(l.clone(), alert(t, None));
+                    for (l, f) in &firing {
+                        pending.insert(l.clone(), alert(f, None));
                     }
                     next_resend = tokio::time::Instant::now() + resend;
                 }
@@ -237,7 +277,7 @@ async fn deliver(
         let sent = client.post(&endpoint).json(&body).send().await;
         let failure = match sent {
             Ok(r) if r.status().is_success() => None,
-            Ok(r) if r.status().is_client_error() => {
+            Ok(r) if refused(r.status()) => {
                 // Retrying cannot help: Alertmanager refuses these alerts as they are.
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
@@ -249,6 +289,7 @@ async fn deliver(
                 tracing::error!(%reason, endpoint = %crate::config::redact_url(&endpoint), "Alertmanager delivery");
                 metrics.alertmanager_errors.fetch_add(1, Ordering::Relaxed);
                 metrics.set_last_error("alertmanager", &reason);
+                metrics.alertmanager_up.store(0, Ordering::Relaxed);
                 pending.clear();
                 continue;
             }
@@ -269,13 +310,18 @@ async fn deliver(
                 metrics
                     .alertmanager_sent
                     .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                metrics.alertmanager_up.store(1, Ordering::Relaxed);
                 pending.clear();
                 backoff = Backoff::new();
             }
             Some(reason) => {
                 tracing::warn!(%reason, endpoint = %crate::config::redact_url(&endpoint), "Alertmanager delivery failed; retrying");
                 metrics.alertmanager_errors.fetch_add(1, Ordering::Relaxed);
-                metrics.set_last_error("alertmanager", &reason);
+                metrics.set_last_error(
+                    "alertmanager",
+                    &format!("{reason} ({} alerts waiting, retried)", pending.len()),
+                );
+                metrics.alertmanager_up.store(0, Ordering::Relaxed);
                 if !open {
                     // Stopping: one attempt was made; Alertmanager gets them at the next start.
                     return;
@@ -296,7 +342,7 @@ async fn deliver(
 /// Folds transitions into the firing set and the alerts to send: a firing one is sent and kept
 /// (to re-send), a resolved one is sent with `endsAt` and forgotten.
 fn merge(
-    firing: &mut BTreeMap<BTreeMap<String, String>, Transition>,
+    firing: &mut BTreeMap<BTreeMap<String, String>, Firing>,
     pending: &mut BTreeMap<BTreeMap<String, String>, Value>,
     transitions: Vec<Transition>,
     identity: impl Fn(&Transition) -> BTreeMap<String, String>,
@@ -305,15 +351,19 @@ fn merge(
     for t in transitions {
         let id = identity(&t);
         if t.state == "firing" {
-            pending.insert(id.clone(), alert(&t, None));
-            firing.insert(id, t);
+            let f = Firing::new(t, now);
+            pending.insert(id.clone(), alert(&f, None));
+            firing.insert(id, f);
         } else {
-            let started = firing.remove(&id);
             // startsAt stays the firing's, so Alertmanager sees one alert that ended; endsAt is
-            // never before it (Alertmanager refuses such an alert).
-            let from = started.as_ref().unwrap_or(&t);
-            let mut a = alert(from, Some(now.max(t.event_time).max(from.event_time)));
+            // now (never before startsAt, which is at most now): a future endsAt would keep the
+            // alert active in Alertmanager until then.
+            let from = firing
+                .remove(&id)
+                .unwrap_or_else(|| Firing::new(t.clone(), now));
+            let mut a = alert(&from, Some(now.max(from.starts_at)));
             a["annotations"]["summary"] = json!(format!("{} resolved for {}", t.rule, t.key));
+            a["annotations"]["event_time"] = json!(rfc3339(t.event_time));
             pending.insert(id, a);
         }
     }
@@ -369,5 +419,56 @@ mod tests {
         );
         assert_eq!(sent["startsAt"], "2023-11-14T22:13:20.000Z");
         assert!(sent["endsAt"].as_str().unwrap() > "2023-11-14T22:14:20");
+    }
+
+    #[test]
+    fn a_device_clock_ahead_is_clamped_to_now_and_kept_in_an_annotation() {
+        let (mut firing, mut pending) = (BTreeMap::new(), BTreeMap::new());
+        let id = |t: &Transition| labels(&t.rule, &t.key, &t.severity, t.cohort.as_deref());
+        let ahead = chrono::Utc::now().timestamp_micros() + 2 * 3_600_000_000;
+        let mut t = transition("firing", "d1");
+        t.event_time = ahead;
+        let before = rfc3339(chrono::Utc::now().timestamp_micros());
+        merge(&mut firing, &mut pending, vec![t.clone()], id);
+        let sent = pending.values().next().unwrap().clone();
+        let starts = sent["startsAt"].as_str().unwrap();
+        assert!(
+            starts >= before.as_str() && starts < rfc3339(ahead).as_str(),
+            "{sent}"
+        );
+        assert_eq!(sent["annotations"]["event_time"], rfc3339(ahead));
+        pending.clear();
+        t.state = "resolved".into();
+        t.event_time = ahead + 60_000_000;
+        merge(&mut firing, &mut pending, vec![t], id);
+        let sent = pending.values().next().unwrap();
+        assert_eq!(sent["startsAt"], starts, "the same alert ended");
+        let ends = sent["endsAt"].as_str().unwrap();
+        assert!(ends >= starts && ends < rfc3339(ahead).as_str(), "{sent}");
+    }
+
+    #[test]
+    fn only_answers_that_refuse_the_alerts_are_permanent() {
+        use reqwest::StatusCode as S;
+        for s in [
+            S::BAD_REQUEST,
+            S::PAYLOAD_TOO_LARGE,
+            S::UNPROCESSABLE_ENTITY,
+        ] {
+            assert!(refused(s), "{s}");
+        }
+        for s in [
+            S::REQUEST_TIMEOUT,
+            S::TOO_MANY_REQUESTS,
+            S::UNAUTHORIZED,
+            S::FORBIDDEN,
+            S::NOT_FOUND,
+            S::INTERNAL_SERVER_ERROR,
+            S::BAD_GATEWAY,
+            S::SERVICE_UNAVAILABLE,
+            S::GATEWAY_TIMEOUT,
+        ] {
+            assert!(!refused(s), "{s}");
+        }
     }
 }

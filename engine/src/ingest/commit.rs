@@ -97,6 +97,7 @@ pub struct Effects {
     pub pipelines: Vec<PipelineCounts>,
     pub duplicates_dropped: u64,
     pub dedup_forgotten: u64,
+    pub dedup_restarts: u64,
     pub dedup_keys: i64,
     pub quarantined: u64,
 }
@@ -210,6 +211,8 @@ impl Committer {
             .fetch_add(e.duplicates_dropped, Ordering::Relaxed);
         m.dedup_forgotten
             .fetch_add(e.dedup_forgotten, Ordering::Relaxed);
+        m.dedup_restarts
+            .fetch_add(e.dedup_restarts, Ordering::Relaxed);
         m.dedup_keys.store(e.dedup_keys, Ordering::Relaxed);
         m.quarantined.fetch_add(e.quarantined, Ordering::Relaxed);
         if let Some(last) = job.last {

@@ -26,9 +26,11 @@
 //! [`crate::config`], `fleetlake_sql` and `fleetlake_zones`; never the API.
 
 pub mod alertmanager;
+mod budget;
 pub mod commit;
 pub mod derived;
 pub mod fleet;
+pub mod heartbeat;
 pub mod pipelines;
 pub mod replay;
 pub mod source;
@@ -195,6 +197,11 @@ pub async fn run(
     metrics.record_rules(&[], &stages.derived.firing());
     stages.changes = Some(changes);
     let lag = config.partition().map(|p| metrics.partition_lag(p.index));
+    let budget = budget::Budget::new(
+        config.commit_interval(),
+        config.fetch_batch(),
+        config.commit_rows(),
+    );
     let mut ingest = Ingest {
         config,
         metrics,
@@ -206,6 +213,7 @@ pub async fn run(
         lake,
         devices,
         unrecorded: Vec::new(),
+        budget,
     };
     loop {
         if ingest.cancel.is_cancelled() {
@@ -289,6 +297,8 @@ struct Ingest {
     unrecorded: Vec<fleetlake_sql::rules::Transition>,
     /// A partition's lag gauge (`None`: the whole stream's is `consumer_lag`).
     lag: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// Messages one micro-batch may take, so commits keep their interval during a catch-up.
+    budget: budget::Budget,
 }
 
 /// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
@@ -340,7 +350,8 @@ async fn load_dedup(
         config.dedup_max_gaps(),
         config.dedup_window_minutes(),
     );
-    let mut state = DedupState::new(key, gaps, window);
+    // The envelope's `ts` is its event time: a device that restarts its sequence is recognised.
+    let mut state = DedupState::new(key, gaps, window).with_event_time("ts");
     if key == DedupKey::None {
         return Ok(state);
     }
@@ -351,19 +362,18 @@ async fn load_dedup(
         .map_err(|e| e.to_string())?;
     let mut since = 0;
     if let Some((v, bytes)) = snapshot {
-        match DedupState::decode(&bytes, gaps, window) {
-            Ok(s) if s.key() == key => {
+        match state.restore(&bytes) {
+            Ok(s) => {
                 state = s;
                 since = v;
             }
-            Ok(_) => tracing::warn!("dedup snapshot was taken with another dedup.key; rebuilding"),
-            Err(e) => tracing::warn!(error = %e, "ignoring a damaged dedup snapshot; rebuilding"),
+            Err(e) => tracing::warn!(error = %e, "ignoring a dedup snapshot; rebuilding"),
         }
     }
     if committed > since {
         // In the order they were first seen, so devices' sequences arrive mostly in order.
         let sql = format!(
-            "SELECT device_id, seq, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} AND stream_seq <= {committed}{} ORDER BY stream_seq",
+            "SELECT device_id, seq, ts, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} AND stream_seq <= {committed}{} ORDER BY stream_seq",
             crate::cluster::scope(config.partition(), "stream_seq", since, committed)
         );
         let rows = QueryEngine::new(lake.clone())
@@ -485,6 +495,7 @@ struct Buffer {
     quarantine: Vec<arrow::array::RecordBatch>,
     duplicates_dropped: u64,
     dedup_forgotten: u64,
+    dedup_restarts: u64,
     /// Rows of closed windows per window table, per micro-batch.
     windows: Vec<Vec<arrow::array::RecordBatch>>,
     transitions: Vec<fleetlake_sql::rules::Transition>,
@@ -619,8 +630,11 @@ impl Ingest {
                         Ok(false) => continue,
                         Err(e) => return self.lose_source(&mut buffer, stages, e).await,
                     }
-                    // The rest of what was fetched, without waiting: one micro-batch.
-                    while buffer.messages.len() < self.config.commit_rows() {
+                    // The rest of what was fetched, without waiting: one micro-batch, as large
+                    // as processing it within half the commit interval allows.
+                    let limit =
+                        (buffer.processed + self.budget.rows()).min(self.config.commit_rows());
+                    while buffer.messages.len() < limit {
                         match tokio::time::timeout(Duration::ZERO, source.next()).await {
                             Ok(Some(Ok(message))) => {
                                 let taken = self
@@ -642,10 +656,16 @@ impl Ingest {
                         }
                     }
                     // Rules see every micro-batch now, not at the commit cadence.
+                    let (rows, started) =
+                        (buffer.messages.len() - buffer.processed, Instant::now());
                     if !self.process(&mut buffer, stages).await {
                         return Pumped::Stopped;
                     }
-                    if buffer.messages.len() >= self.config.commit_rows()
+                    self.budget.record(rows, started.elapsed());
+                    // Commit on time also when messages are always ready (a catch-up), where
+                    // the receive above never times out.
+                    let due = buffer.first_at.is_some_and(|t| t.elapsed() >= interval);
+                    if (due || buffer.messages.len() >= self.config.commit_rows())
                         && !self.flush(&mut buffer, stages).await
                     {
                         return Pumped::Stopped;
@@ -936,6 +956,7 @@ impl Ingest {
         let after = self.dedup.stats();
         buffer.duplicates_dropped += after.dropped - before.dropped;
         buffer.dedup_forgotten += after.forgotten - before.forgotten;
+        buffer.dedup_restarts += after.restarts - before.restarts;
         // The micro-batch is an observation of the stream (silence rules, device state).
         let observed = stages.derived.observe();
         let mut tables = vec![(TableId::usable_telemetry(), usable.clone())];
@@ -1058,6 +1079,7 @@ impl Ingest {
             pipelines: stage.iter().flat_map(|s| s.counts.clone()).collect(),
             duplicates_dropped: buffer.duplicates_dropped,
             dedup_forgotten: buffer.dedup_forgotten,
+            dedup_restarts: buffer.dedup_restarts,
             dedup_keys: self.dedup.len() as i64,
             quarantined: quarantine.num_rows() as u64,
         };

@@ -320,6 +320,7 @@ impl PipelineStage {
                 name: p.runner.name.clone(),
                 rows_in: output.rows_in,
                 deduplicated: output.deduplicated,
+                restarts: output.restarts,
                 rows_out: output.tables.iter().map(|t| t.rows.num_rows() as u64).sum(),
                 quarantined: output.quarantine.num_rows() as u64,
                 dropped: output.tables.iter().map(|t| t.dropped).sum(),

@@ -134,6 +134,7 @@ pub async fn run(
             config.consumer()
         ));
     }
+    crate::ingest::heartbeat::refuse_if_running(&lake, config.consumer(), "replaying").await?;
     let Some((dir, _)) = config.pipelines_dir() else {
         return Err("pipelines.dir is empty: there are no pipelines to replay".into());
     };

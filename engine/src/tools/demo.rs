@@ -41,11 +41,67 @@ fn demo_token(config: &Config) -> Result<String, String> {
     Ok(secret)
 }
 
+/// Where the demo keeps what it needs besides the lake (the NATS store, its log, the tokens).
+const DEMO_DIR: &str = ".fleetlake-demo";
+
+/// How far back the demo fleet's clocks start, so windows close and rules fire at once.
+const HISTORY_MS: i64 = 15 * 60 * 1000;
+
+/// The newest event time (ms) already in the shipped pipelines' usable tables, if any: a demo
+/// run again in the same folder continues after it, as devices' clocks do (its devices start
+/// counting at 1 again, like devices that rebooted).
+async fn newest_reading_ms(lake: &fleetlake_zones::Lake) -> Option<i64> {
+    let engine = fleetlake_sql::QueryEngine::new(lake.clone());
+    let mut newest = None;
+    for table in [
+        "usable.telemetry",
+        "usable.cold_chain",
+        "usable.device_health",
+    ] {
+        let sql = format!("SELECT CAST(max(ts) AS BIGINT) FROM {table}");
+        let Ok(result) = engine.query(&sql).await else {
+            continue;
+        };
+        let Some(batch) = result.batches.first() else {
+            continue;
+        };
+        let Ok(micros) = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64)
+        else {
+            continue;
+        };
+        let micros = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&micros);
+        if !micros.is_empty() && arrow::array::Array::is_valid(micros, 0) {
+            newest = newest.max(Some(micros.value(0) / 1000));
+        }
+    }
+    newest
+}
+
+/// Seconds of wall time until the fleet's device clocks have advanced `device_s` seconds.
+fn wall_seconds(sim: &SimConfig, device_s: f64) -> Option<f64> {
+    (sim.rate > 0.0).then(|| {
+        let device_s_per_s =
+            sim.reading_interval_ms as f64 / 1000.0 * sim.rate / sim.devices as f64;
+        device_s / device_s_per_s
+    })
+}
+
 pub async fn run(
     mut config: Config,
     env: Vec<(String, String)>,
-    options: DemoOptions,
+    mut options: DemoOptions,
 ) -> Result<(), String> {
+    // The demo's tokens live in its own folder, not in the directory it was started from.
+    if config.get("auth.tokens_file") == crate::config::default_of("auth.tokens_file") {
+        std::fs::create_dir_all(DEMO_DIR).map_err(|e| format!("creating {DEMO_DIR}: {e}"))?;
+        config
+            .set(
+                "auth.tokens_file",
+                &format!("{DEMO_DIR}/tokens.toml"),
+                "demo",
+            )
+            .map_err(|e| e.to_string())?;
+    }
     let url = crate::config::redact_url(config.nats_url());
     let mut child: Option<NatsServer> = None;
     if crate::ingest::source::connect_with(&config.nats())
@@ -57,7 +113,7 @@ pub async fn run(
             .next()
             .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
             .unwrap_or(4222);
-        let dir = PathBuf::from(".fleetlake-demo");
+        let dir = PathBuf::from(DEMO_DIR);
         eprintln!(
             "· no NATS server at {url}: starting nats-server on 127.0.0.1:{port} (store in {}/nats)",
             dir.display()
@@ -87,10 +143,45 @@ pub async fn run(
     let addr = engine.addr;
     eprintln!("· lake at {}", engine.lake.root());
     eprintln!("· HTTP API on http://{addr}");
+    if options.sim.start_ms.is_none() {
+        let now = chrono::Utc::now().timestamp_millis();
+        let start = match newest_reading_ms(&engine.lake).await {
+            Some(newest) => (now - HISTORY_MS).max(newest + 1000),
+            None => now - HISTORY_MS,
+        };
+        options.sim.start_ms = Some(start.min(now));
+    }
+    let start = options.sim.start_ms.unwrap_or_default();
+    eprintln!(
+        "· device clocks start at {} ({} min ago) and advance {} s a reading, never past now",
+        chrono::DateTime::from_timestamp_millis(start)
+            .unwrap_or_default()
+            .format("%H:%M:%S UTC"),
+        (chrono::Utc::now().timestamp_millis() - start) / 60_000,
+        options.sim.reading_interval_ms as f64 / 1000.0
+    );
+    // Windows close once device time passes their end plus the watermark (1 min + 30 s);
+    // trailer_too_warm needs 5 minutes of warm readings from a drifting sensor.
+    if let (Some(windows), Some(alert)) = (
+        wall_seconds(&options.sim, 90.0),
+        wall_seconds(&options.sim, 330.0),
+    ) {
+        eprintln!(
+            "· expect the first final.device_minute rows after about {windows:.0} s and the first trailer_too_warm alert after about {alert:.0} s"
+        );
+    }
     let token = demo_token(&config)?;
+    let cli = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "fleetlake".into());
+    let lake_location = match engine.lake.root().to_file_path() {
+        Ok(path) => path.display().to_string(),
+        Err(()) => engine.lake.root().to_string(),
+    };
     eprintln!();
     eprintln!("Try, in another terminal (the token is an admin's, made for this demo run):");
     eprintln!("  export FLEETLAKE_TOKEN={token}");
+    eprintln!("  export FLEETLAKE_LAKE_LOCATION={lake_location}");
     eprintln!("  alias curl='curl -H \"Authorization: Bearer $FLEETLAKE_TOKEN\"'");
     eprintln!("  curl -s http://{addr}/v1/tables");
     eprintln!(
@@ -100,7 +191,7 @@ pub async fn run(
         "  curl -s http://{addr}/v1/query -H 'Accept: text/csv' -d '{{\"sql\": \"SELECT reason, count(*) FROM raw.quarantine GROUP BY reason\"}}'"
     );
     eprintln!(
-        "  cargo run -q -- query \"SELECT fw, hw, count(*) FROM usable.telemetry GROUP BY fw, hw ORDER BY 1, 2\""
+        "  {cli} query \"SELECT fw, hw, count(*) FROM usable.telemetry GROUP BY fw, hw ORDER BY 1, 2\""
     );
     eprintln!(
         "  curl -s http://{addr}/v1/query -d '{{\"sql\": \"SELECT window_start, device_id, readings, temperature_max FROM final.device_minute ORDER BY window_start DESC LIMIT 5\"}}'"

@@ -77,6 +77,11 @@ pub struct SimConfig {
     pub msg_ids: bool,
     /// Device clock at the first message, epoch milliseconds; `None` = now.
     pub start_ms: Option<i64>,
+    /// How far a device's clock advances per reading, milliseconds (default 1,000).
+    pub reading_interval_ms: i64,
+    /// Never stamp a reading later than the wall clock: a fleet started in the past catches up
+    /// with the present, then reports at the pace of real time (the demo's history).
+    pub not_after_now: bool,
     /// Faults planted in the fleet, with a known answer in the report.
     pub faults: Faults,
 }
@@ -196,6 +201,8 @@ impl Default for SimConfig {
             subject_prefix: "telemetry".into(),
             msg_ids: false,
             start_ms: None,
+            reading_interval_ms: 1000,
+            not_after_now: false,
             faults: Faults::default(),
         }
     }
@@ -218,6 +225,12 @@ impl SimConfig {
         }
         if self.devices == 0 {
             return Err("--devices must be at least 1".into());
+        }
+        if !(1..=86_400_000).contains(&self.reading_interval_ms) {
+            return Err(format!(
+                "--reading-interval-ms is {}: expected milliseconds between 1 and 86400000 (a day)",
+                self.reading_interval_ms
+            ));
         }
         if !(self.rate >= 0.0 && self.rate.is_finite()) {
             return Err(format!(
@@ -474,8 +487,14 @@ impl Simulator {
         dev.lon += drift.1 * 0.001;
         dev.uptime_s = if reboot { 0 } else { dev.uptime_s + 60 };
         let seq = dev.seq;
-        // Device clocks advance 1 s per reading; late readings lag 30 s to 10 min behind.
-        let mut ts_ms = self.start_ms + seq as i64 * 1000 + (d as i64 % 1000);
+        // Device clocks advance `reading_interval_ms` (1 s) per reading, never past the wall
+        // clock with `not_after_now`; late readings lag 30 s to 10 min behind.
+        let mut ts_ms = self.start_ms
+            + (seq as i64).saturating_mul(self.config.reading_interval_ms)
+            + (d as i64 % 1000);
+        if self.config.not_after_now {
+            ts_ms = ts_ms.min(chrono::Utc::now().timestamp_millis());
+        }
         if late {
             ts_ms -= 30_000 + self.rng.below(570_000) as i64;
         }

@@ -269,6 +269,8 @@ pub struct PipelineOutput {
     pub rows_in: u64,
     /// Replays dropped before the query.
     pub deduplicated: u64,
+    /// Devices seen restarting their sequence numbers (their readings kept).
+    pub restarts: u64,
     pub tables: Vec<TableOutput>,
     /// `raw.quarantine` rows: undecodable messages and rows that failed a `QUARANTINE`
     /// expectation.
@@ -377,14 +379,19 @@ impl PipelineRunner {
                 max_gaps,
                 self.source.dedup_window_minutes,
             )),
-            DedupSpec::Columns(c) => Some(
-                DedupState::new(
+            DedupSpec::Columns(c) => {
+                let state = DedupState::new(
                     DedupKey::DeviceSeq,
                     max_gaps,
                     self.source.dedup_window_minutes,
                 )
-                .with_columns(&c[0], &c[1]),
-            ),
+                .with_columns(&c[0], &c[1]);
+                // With an event time, a device that restarts its sequence keeps its readings.
+                Some(match &self.source.event_time {
+                    Some((time, _)) => state.with_event_time(time),
+                    None => state,
+                })
+            }
         }
     }
 
@@ -426,6 +433,7 @@ impl PipelineRunner {
     ) -> Result<Result<PipelineOutput, PipelineFailure>> {
         // Replays by message id are known before decoding.
         let mut deduplicated = 0u64;
+        let restarts_before = dedup.as_deref().map_or(0, |s| s.stats().restarts);
         let filtered;
         let raw = match dedup.as_deref_mut() {
             Some(state) if state.key() == DedupKey::MsgId => {
@@ -438,7 +446,10 @@ impl PipelineRunner {
         };
         let (json, mut keep) = self.decode_required(raw)?;
         let mut rejected = json.rejected.clone();
-        if let Some(state) = dedup.filter(|s| s.key() == DedupKey::DeviceSeq) {
+        if let Some(state) = dedup
+            .as_deref_mut()
+            .filter(|s| s.key() == DedupKey::DeviceSeq)
+        {
             let candidates = filter_record_batch(&json.decoded, &BooleanArray::from(keep.clone()))
                 .map_err(internal)?;
             let mut fresh = state.keep_mask(&candidates)?.into_iter();
@@ -449,6 +460,7 @@ impl PipelineRunner {
                 }
             }
         }
+        let restarts = dedup.as_deref().map_or(0, |s| s.stats().restarts) - restarts_before;
         let keep_mask = BooleanArray::from(keep.clone());
         let decoded = filter_record_batch(&json.decoded, &keep_mask).map_err(internal)?;
         let raw_rows: Vec<u32> = json
@@ -501,6 +513,7 @@ impl PipelineRunner {
         let quarantine = quarantine_rows(raw, &rejected)?;
         Ok(Ok(PipelineOutput {
             deduplicated,
+            restarts,
             rows_in: raw.num_rows() as u64 + deduplicated,
             tables: outputs,
             quarantine,
