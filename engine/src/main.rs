@@ -302,6 +302,36 @@ async fn check(paths: &[PathBuf]) -> Result<(), String> {
     }
 }
 
+/// Who runs this command, for the audit: `$USER`, else `$LOGNAME`, else the user id's name in
+/// `/etc/passwd`, else `uid:<n>` (containers and services often set neither variable).
+fn os_user() -> String {
+    for var in ["USER", "LOGNAME"] {
+        if let Ok(v) = std::env::var(var)
+            && !v.trim().is_empty()
+        {
+            return v.trim().to_string();
+        }
+    }
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next().map(str::to_string))
+        })
+        .unwrap_or_else(|| "?".into());
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                (f.nth(1)? == uid).then(|| name.to_string())
+            })
+        })
+        .unwrap_or_else(|| format!("uid:{uid}"))
+}
+
 /// `fleetlake token …`: works on the tokens file directly; creations and revocations are
 /// recorded in final.audit like those made over HTTP (actor `cli:<user>`).
 async fn token(
@@ -311,12 +341,7 @@ async fn token(
 ) -> Result<(), String> {
     use fleetlake::api::auth::{Principal, Role, TokenLimits, Tokens};
     let tokens = Tokens::open(std::path::Path::new(config.get("auth.tokens_file")))?;
-    let user = std::env::var("USER").unwrap_or_default();
-    let by = if user.is_empty() {
-        "cli".to_string()
-    } else {
-        format!("cli:{user}")
-    };
+    let by = format!("cli:{}", os_user());
     let actor = Principal {
         id: "-".into(),
         name: by.clone(),

@@ -160,9 +160,15 @@ impl Engine {
                 "auth.enabled = false: every route is open to anyone who can reach {addr}, with an admin's rights"
             ),
             Some(tokens) if tokens.is_empty() => tracing::warn!(
-                "no tokens in {}: every route but /healthz answers 401 until one is created with `fleetlake token create --name NAME --role admin --set auth.tokens_file={}`",
+                "no tokens in {}: every route but /healthz answers 401 until one is created with `fleetlake token create --name NAME --role admin --set auth.tokens_file={} --set lake.location={}` (the lake is where the creation is audited)",
                 tokens.path().display(),
-                tokens.path().display()
+                std::fs::canonicalize(tokens.path())
+                    .unwrap_or_else(|_| tokens.path().to_path_buf())
+                    .display(),
+                match lake.root().to_file_path() {
+                    Ok(p) => p.display().to_string(),
+                    Err(()) => lake.root().to_string(),
+                }
             ),
             Some(_) => {}
         }

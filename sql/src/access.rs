@@ -266,6 +266,19 @@ impl ExecutionPlan for SealedScan {
         Ok(self)
     }
 
+    /// Hidden from the optimizer, the inner plan must still be reset like any other before it
+    /// runs again: a recursive CTE re-executes its recursive term once per step
+    /// (`RecursiveQueryExec` calls `reset_plan_states`), and a scan keeps per-execution state
+    /// (the files still to read). Without this, every step after the first read nothing.
+    fn reset_state(self: Arc<Self>) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let inner =
+            datafusion::physical_plan::execution_plan::reset_plan_states(Arc::clone(&self.inner))?;
+        Ok(Arc::new(Self {
+            inner,
+            properties: Arc::clone(&self.properties),
+        }))
+    }
+
     fn execute(
         &self,
         partition: usize,

@@ -41,16 +41,20 @@ pub enum Stat {
     Median,
     Min,
     Max,
+    /// The sample standard deviation of a device's readings: a noisy sensor that is right on
+    /// average stands out by its spread, not its mean.
+    Stddev,
 }
 
 impl Stat {
-    /// `avg`, `median`, `min` or `max`.
+    /// `avg` (`mean`), `median`, `min`, `max` or `stddev`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "avg" | "mean" => Some(Self::Avg),
             "median" => Some(Self::Median),
             "min" => Some(Self::Min),
             "max" => Some(Self::Max),
+            "stddev" => Some(Self::Stddev),
             _ => None,
         }
     }
@@ -61,6 +65,7 @@ impl Stat {
             Self::Median => "median",
             Self::Min => "min",
             Self::Max => "max",
+            Self::Stddev => "stddev",
         }
     }
 }

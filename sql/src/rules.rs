@@ -646,6 +646,8 @@ impl RuleRunner {
     }
 }
 
+/// One value of an alert's `values`: integers as JSON integers (exact, also beyond 2^53, where a
+/// double would round), floats as numbers (NULL for NaN and infinities), the rest as text.
 fn json_value(c: &dyn Array, i: usize) -> serde_json::Value {
     use serde_json::Value;
     if c.is_null(i) {
@@ -653,7 +655,15 @@ fn json_value(c: &dyn Array, i: usize) -> serde_json::Value {
     }
     match c.data_type() {
         DataType::Boolean => Value::Bool(c.as_boolean().value(i)),
-        t if t.is_integer() || t.is_floating() => cast(&c.slice(i, 1), &DataType::Float64)
+        t if t.is_signed_integer() => cast(&c.slice(i, 1), &DataType::Int64)
+            .ok()
+            .map(|v| Value::from(v.as_primitive::<arrow::datatypes::Int64Type>().value(0)))
+            .unwrap_or(Value::Null),
+        t if t.is_unsigned_integer() => cast(&c.slice(i, 1), &DataType::UInt64)
+            .ok()
+            .map(|v| Value::from(v.as_primitive::<arrow::datatypes::UInt64Type>().value(0)))
+            .unwrap_or(Value::Null),
+        t if t.is_floating() => cast(&c.slice(i, 1), &DataType::Float64)
             .ok()
             .and_then(|f| {
                 serde_json::Number::from_f64(
@@ -1281,5 +1291,20 @@ mod tests {
         // Re-fed from the start, as after a restart: rows at or below the position are skipped.
         got.extend(second.process(&all, &[]).await.unwrap());
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn integer_values_are_exact_beyond_two_to_the_53() {
+        let big = arrow::array::Int64Array::from(vec![9_007_199_254_740_993i64]);
+        assert_eq!(
+            json_value(&big, 0).to_string(),
+            "9007199254740993",
+            "not rounded to a double"
+        );
+        let small = arrow::array::UInt8Array::from(vec![7u8]);
+        assert_eq!(json_value(&small, 0), serde_json::json!(7));
+        let float = arrow::array::Float64Array::from(vec![2.5, f64::NAN]);
+        assert_eq!(json_value(&float, 0), serde_json::json!(2.5));
+        assert_eq!(json_value(&float, 1), serde_json::Value::Null);
     }
 }

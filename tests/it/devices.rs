@@ -173,6 +173,11 @@ async fn check(api: &Api) {
         body.contains("not_found"),
         "an unknown route answers in the error shape: {body}"
     );
+    // A route asked with a method it does not take says which it takes.
+    let (status, body) = api.get("/v1/query").await;
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("method_not_allowed"), "{body}");
+    assert!(body.contains("POST /v1/query"), "{body}");
     let (status, body) = api.get("/v1/devices?silent_for=soon").await;
     assert_eq!(status, 400);
     assert!(body.contains("silent_for"), "{body}");

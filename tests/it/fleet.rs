@@ -229,6 +229,30 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
     }
     assert_ne!(page1["rows"][0], page2["rows"][0]);
 
+    // The noisy model is right on average but not in its spread: ranked by the standard deviation
+    // of each device's readings against the whole fleet, the top outliers are all RT-300s.
+    let noisy: HashSet<String> = (0..10_000u64)
+        .filter(|d| d % 3 == 1)
+        .map(|d| simulator.device_info(d))
+        .filter(|i| i.model == "RT-300")
+        .map(|i| i.device_id)
+        .collect();
+    assert!(!noisy.is_empty());
+    let (status, spread) = get_json(
+        &api,
+        "/v1/fleet/outliers?table=usable.cold_chain&metric=temperature_c&stat=stddev&by=&window=all&limit=20",
+    )
+    .await;
+    assert_eq!(status, 200, "{spread}");
+    let spread = rows(&spread);
+    assert_eq!(spread.len(), 20, "{spread:?}");
+    assert!(
+        spread
+            .iter()
+            .all(|r| noisy.contains(r["device_id"].as_str().unwrap())),
+        "{spread:?}"
+    );
+
     // Root cause: the defaults count usable.device_health's crashes by fw × hw_rev.
     let (status, answer) = get_json(&api, "/v1/fleet/root-cause?window=all").await;
     assert_eq!(status, 200, "{answer}");

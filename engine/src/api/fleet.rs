@@ -444,8 +444,11 @@ fn outliers_query(request: &Request, defaults: &FleetDefaults) -> Result<Outlier
     let (scope, limit, offset) = request.scope(defaults, &defaults.metrics_table, "1h")?;
     let stat = match request.get("stat") {
         None => Stat::Avg,
-        Some(s) => Stat::parse(s)
-            .ok_or_else(|| refuse(format!("stat={s}: expected avg, median, min or max")))?,
+        Some(s) => Stat::parse(s).ok_or_else(|| {
+            refuse(format!(
+                "stat={s}: expected avg, median, min, max or stddev"
+            ))
+        })?,
     };
     let threshold: f64 = request.number(
         "threshold",

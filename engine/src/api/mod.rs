@@ -196,7 +196,41 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             authenticate,
         ))
+        .layer(axum::middleware::from_fn(explain_method_not_allowed))
         .with_state(state)
+}
+
+/// A route asked with a method it does not take answers 405 in the API's error shape, naming the
+/// methods it takes (also in `Allow`), instead of an empty body.
+async fn explain_method_not_allowed(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let response = next.run(request).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let allowed = allow
+        .as_ref()
+        .and_then(|a| a.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let hint = if path == "/v1/query" {
+        r#": send the SQL as POST /v1/query with the body {"sql": "SELECT …"}"#
+    } else {
+        ""
+    };
+    let mut answer = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{path} does not take {method}; it takes {allowed}{hint}"),
+    );
+    if let Some(allow) = allow {
+        answer.headers_mut().insert(header::ALLOW, allow);
+    }
+    answer
 }
 
 /// Every request: the route's requirement ([`auth::requirement`]) is met or the request is
@@ -475,20 +509,47 @@ async fn put_reference(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let rows = match crate::api::reference::parse_rows(content_type, &body) {
-        Ok(rows) => rows,
-        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_rows", &message),
-    };
     let id = format!("reference.{table}");
-    if let Some(def) = state.references.iter().find(|d| d.table.to_string() == id)
-        && let Err(message) = crate::api::reference::check_declared(&rows, &def.schema())
-    {
+    let declared = state
+        .references
+        .iter()
+        .find(|d| d.table.to_string() == id)
+        .map(|d| d.schema());
+    // Where the pipelines declare reference tables, an upload to another name is a typo far
+    // more often than a new table: it would create a table nothing reads.
+    if declared.is_none() && !state.references.is_empty() {
+        let names: Vec<String> = state
+            .references
+            .iter()
+            .map(|d| d.table.to_string())
+            .collect();
+        let closest = names
+            .iter()
+            .map(|n| (strsim::jaro_winkler(&id, n), n))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .filter(|(score, _)| *score >= 0.85)
+            .map(|(_, n)| format!("did you mean {n}? "))
+            .unwrap_or_default();
         return error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_rows",
-            &format!("{id} is declared in the pipelines: {message}"),
+            StatusCode::NOT_FOUND,
+            "unknown_reference_table",
+            &format!(
+                "{id} is not declared in the pipelines: {closest}the declared reference tables are {} (declare a new one with CREATE REFERENCE TABLE in a pipeline file)",
+                names.join(", ")
+            ),
         );
     }
+    let rows = match crate::api::reference::parse_rows(content_type, &body, declared.as_ref()) {
+        Ok(rows) => rows,
+        Err(message) if declared.is_some() => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_rows",
+                &format!("{id} is declared in the pipelines: {message}"),
+            );
+        }
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_rows", &message),
+    };
     if let Err(r) = record(
         &state,
         &caller,

@@ -1,28 +1,37 @@
 //! Reference data uploads: `PUT /v1/reference/{table}` turns a body of rows (CSV with a header,
 //! a JSON array of objects, or NDJSON) into an Arrow batch that replaces `reference.{table}`.
 //!
-//! Column types are inferred from the rows (integers, floats, booleans, strings); a value that
-//! does not fit the inferred type is an error naming the problem. For a table a pipeline declares
-//! (`CREATE REFERENCE TABLE`), [`check_declared`] then holds every value to the declared type.
+//! For a table a pipeline declares (`CREATE REFERENCE TABLE`), the declared columns of a CSV are
+//! read as the text written and then converted to their declared types ([`apply_declared`]), so
+//! nothing inference would change survives into the table changed: `007` stays `007` in a
+//! `VARCHAR` column, `2.10` stays `2.10`. Other columns, and every column of an undeclared table,
+//! are typed by inference (integers, floats, booleans, strings); a value that does not fit is an
+//! error naming the problem. JSON numbers are numbers: a declared `VARCHAR` takes them as JSON
+//! writes them back (`2.10` becomes `2.1`); send such values as JSON strings.
 
 use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 
 /// The largest body accepted: reference tables are small, slowly changing context.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Parses an upload by its `Content-Type` (`text/csv`, `application/json`,
-/// `application/x-ndjson`; JSON when absent).
-pub fn parse_rows(content_type: Option<&str>, body: &[u8]) -> Result<RecordBatch, String> {
+/// `application/x-ndjson`; JSON when absent). With `declared` (the table's declaration), its
+/// columns are converted to their declared types (see [`apply_declared`]).
+pub fn parse_rows(
+    content_type: Option<&str>,
+    body: &[u8],
+    declared: Option<&SchemaRef>,
+) -> Result<RecordBatch, String> {
     let media = content_type
         .and_then(|c| c.split(';').next())
         .map(|c| c.trim().to_ascii_lowercase())
         .unwrap_or_else(|| "application/json".into());
     let batch = match media.as_str() {
-        "text/csv" => parse_csv(body)?,
+        "text/csv" => parse_csv(body, declared)?,
         "application/json" | "application/x-ndjson" | "application/jsonl" => parse_json(body)?,
         other => {
             return Err(format!(
@@ -48,15 +57,44 @@ pub fn parse_rows(content_type: Option<&str>, body: &[u8]) -> Result<RecordBatch
             return Err(format!("column {name:?} appears twice"));
         }
     }
-    Ok(batch)
+    match declared {
+        Some(declared) => apply_declared(&batch, declared),
+        None => Ok(batch),
+    }
 }
 
-/// Checks an upload against the table's `CREATE REFERENCE TABLE` declaration: every value of a
-/// declared column must be of the declared type as it is (`abc` is not a `DOUBLE`, `2.5` is not
-/// a `BIGINT`: nothing is truncated or read as NULL), and a `NOT NULL` column must be present and
-/// hold no NULL. Columns the declaration does not name are kept as uploaded. The error names the
-/// column, the row (1-based, the header not counted) and the value.
-pub fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), String> {
+/// Holds an upload to the table's `CREATE REFERENCE TABLE` declaration and converts it: every
+/// value of a declared column must be of the declared type as it is (`abc` is not a `DOUBLE`,
+/// `2.5` is not a `BIGINT`: nothing is truncated or read as NULL), and a `NOT NULL` column must be
+/// present and hold no NULL. Returns the rows with each declared column in its declared type;
+/// columns the declaration does not name are kept as uploaded. The error names the column, the
+/// row (1-based, the header not counted) and the value.
+pub fn apply_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<RecordBatch, String> {
+    check_declared(rows, declared)?;
+    let mut fields = Vec::with_capacity(rows.num_columns());
+    let mut columns = Vec::with_capacity(rows.num_columns());
+    for (field, column) in rows.schema().fields().iter().zip(rows.columns()) {
+        match declared.field_with_name(field.name()) {
+            Ok(d) if d.data_type() != column.data_type() => {
+                let cast = arrow::compute::cast(column, d.data_type())
+                    .map_err(|e| format!("column {}: {e}", field.name()))?;
+                fields.push(arrow::datatypes::Field::new(
+                    field.name(),
+                    d.data_type().clone(),
+                    true,
+                ));
+                columns.push(cast);
+            }
+            _ => {
+                fields.push(field.as_ref().clone());
+                columns.push(column.clone());
+            }
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| e.to_string())
+}
+
+fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), String> {
     use arrow::array::{Array, AsArray};
     use arrow::compute::{CastOptions, cast_with_options};
     use arrow::datatypes::DataType;
@@ -135,11 +173,23 @@ pub fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), St
     Ok(())
 }
 
-fn parse_csv(body: &[u8]) -> Result<RecordBatch, String> {
+/// Reads a CSV with a header; the columns `declared` names as their text (converted later), the
+/// others by inference.
+fn parse_csv(body: &[u8], declared: Option<&SchemaRef>) -> Result<RecordBatch, String> {
     let format = arrow::csv::reader::Format::default().with_header(true);
-    let (schema, _) = format
+    let (inferred, _) = format
         .infer_schema(Cursor::new(body), None)
         .map_err(|e| format!("reading the CSV header and rows: {e}"))?;
+    let schema = Schema::new(
+        inferred
+            .fields()
+            .iter()
+            .map(|f| match declared.map(|d| d.field_with_name(f.name())) {
+                Some(Ok(_)) => Arc::new(f.as_ref().clone().with_data_type(DataType::Utf8)),
+                _ => f.clone(),
+            })
+            .collect::<Vec<_>>(),
+    );
     let reader = arrow::csv::ReaderBuilder::new(Arc::new(schema.clone()))
         .with_format(format)
         .build(Cursor::new(body))
@@ -238,11 +288,11 @@ mod tests {
     #[test]
     fn csv_and_json_give_the_same_rows() {
         let csv = b"device_id,tenant,site,model,hw_rev\ndev-000001,acme,berlin,T-200,rev-B\ndev-000002,acme,paris,T-300,rev-C\n";
-        let a = parse_rows(Some("text/csv"), csv).unwrap();
+        let a = parse_rows(Some("text/csv"), csv, None).unwrap();
         assert_eq!(a.num_rows(), 2);
         let json = br#"[{"device_id":"dev-000001","tenant":"acme","site":"berlin","model":"T-200","hw_rev":"rev-B"},
                         {"device_id":"dev-000002","tenant":"acme","site":"paris","model":"T-300","hw_rev":"rev-C"}]"#;
-        let b = parse_rows(Some("application/json"), json).unwrap();
+        let b = parse_rows(Some("application/json"), json, None).unwrap();
         assert_eq!(b.num_rows(), 2);
         let names = |b: &RecordBatch| {
             b.schema()
@@ -252,7 +302,12 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(names(&a), names(&b));
-        let nd = parse_rows(Some("application/x-ndjson"), b"{\"a\":1}\n\n{\"a\":2.5}\n").unwrap();
+        let nd = parse_rows(
+            Some("application/x-ndjson"),
+            b"{\"a\":1}\n\n{\"a\":2.5}\n",
+            None,
+        )
+        .unwrap();
         assert_eq!(nd.num_rows(), 2);
     }
 
@@ -270,7 +325,7 @@ mod tests {
             (Some("text/csv"), b"a,a\n1,2\n", "appears twice"),
             (Some("text/csv"), b"bad name,b\n1,2\n", "not allowed"),
         ] {
-            let err = parse_rows(ct, body).unwrap_err();
+            let err = parse_rows(ct, body, None).unwrap_err();
             assert!(
                 err.contains(needle),
                 "{ct:?} {:?}: {err}",
@@ -287,12 +342,8 @@ mod tests {
             Field::new("max_c", DataType::Float64, true),
             Field::new("slots", DataType::Int64, true),
         ]));
-        let check = |csv: &str| {
-            check_declared(
-                &parse_rows(Some("text/csv"), csv.as_bytes()).unwrap(),
-                &declared,
-            )
-        };
+        let check =
+            |csv: &str| parse_rows(Some("text/csv"), csv.as_bytes(), Some(&declared)).map(|_| ());
         assert_eq!(
             check("device_id,max_c,slots,extra\nd1,5,2,x\nd2,7.5,,y\n"),
             Ok(())
@@ -305,5 +356,35 @@ mod tests {
         assert!(err.contains("column max_c, row 1"), "{err}");
         let err = check("max_c\n5\n").unwrap_err();
         assert!(err.contains("device_id is declared NOT NULL"), "{err}");
+    }
+
+    #[test]
+    fn declared_text_keeps_what_was_written() {
+        use arrow::array::AsArray;
+        use arrow::datatypes::Field;
+        let declared: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("fw", DataType::Utf8, true),
+            Field::new("slots", DataType::Int64, true),
+        ]));
+        let csv = b"device_id,fw,slots,site\n007,2.10,3,0042\n010,1.0,,0043\n";
+        let rows = parse_rows(Some("text/csv"), csv, Some(&declared)).unwrap();
+        let text = |name: &str| -> Vec<String> {
+            rows.column_by_name(name)
+                .unwrap()
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.unwrap_or_default().to_string())
+                .collect()
+        };
+        assert_eq!(text("device_id"), ["007", "010"]);
+        assert_eq!(text("fw"), ["2.10", "1.0"]);
+        let slots = rows.column_by_name("slots").unwrap();
+        assert_eq!(slots.data_type(), &DataType::Int64);
+        // An undeclared column is typed by inference, as for an undeclared table.
+        assert_eq!(
+            rows.column_by_name("site").unwrap().data_type(),
+            &DataType::Int64
+        );
     }
 }

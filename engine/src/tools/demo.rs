@@ -77,12 +77,20 @@ async fn newest_reading_ms(lake: &fleetlake_zones::Lake) -> Option<i64> {
     newest
 }
 
-/// Seconds of wall time until the fleet's device clocks have advanced `device_s` seconds.
-fn wall_seconds(sim: &SimConfig, device_s: f64) -> Option<f64> {
+/// Seconds of wall time until the fleet's device clocks have advanced `device_s` seconds from
+/// `start_ms` (they run at their own pace while behind the present, at the present's after).
+fn wall_seconds(sim: &SimConfig, start_ms: i64, device_s: f64) -> Option<f64> {
     (sim.rate > 0.0).then(|| {
         let device_s_per_s =
             sim.reading_interval_ms as f64 / 1000.0 * sim.rate / sim.devices as f64;
-        device_s / device_s_per_s
+        let behind_s =
+            ((chrono::Utc::now().timestamp_millis() - start_ms) as f64 / 1000.0).max(0.0);
+        if device_s <= behind_s || device_s_per_s <= 1.0 {
+            device_s / device_s_per_s
+        } else {
+            // Catches up with the present at its own pace, then goes at the present's.
+            behind_s / device_s_per_s + (device_s - behind_s)
+        }
     })
 }
 
@@ -132,7 +140,7 @@ pub async fn run(
         .map_err(|e| e.to_string())?;
     // The fleet's registry gives pipelines their cohort columns (tenant, site, model, hw_rev).
     let registry = simulate::Simulator::new(options.sim.clone()).registry_csv();
-    let rows = crate::api::reference::parse_rows(Some("text/csv"), registry.as_bytes())?;
+    let rows = crate::api::reference::parse_rows(Some("text/csv"), registry.as_bytes(), None)?;
     let devices =
         fleetlake_zones::TableId::parse("reference.devices").map_err(|e| e.to_string())?;
     engine
@@ -144,12 +152,15 @@ pub async fn run(
     eprintln!("· lake at {}", engine.lake.root());
     eprintln!("· HTTP API on http://{addr}");
     if options.sim.start_ms.is_none() {
+        // A run again in the same folder starts at the present: every reading of an earlier
+        // run (also one still waiting in the stream) was stamped at or before the moment it was
+        // published, so the new run's readings are later, as a rebooted device's are.
         let now = chrono::Utc::now().timestamp_millis();
         let start = match newest_reading_ms(&engine.lake).await {
-            Some(newest) => (now - HISTORY_MS).max(newest + 1000),
+            Some(_) => now,
             None => now - HISTORY_MS,
         };
-        options.sim.start_ms = Some(start.min(now));
+        options.sim.start_ms = Some(start);
     }
     let start = options.sim.start_ms.unwrap_or_default();
     eprintln!(
@@ -163,8 +174,8 @@ pub async fn run(
     // Windows close once device time passes their end plus the watermark (1 min + 30 s);
     // trailer_too_warm needs 5 minutes of warm readings from a drifting sensor.
     if let (Some(windows), Some(alert)) = (
-        wall_seconds(&options.sim, 90.0),
-        wall_seconds(&options.sim, 330.0),
+        wall_seconds(&options.sim, start, 90.0),
+        wall_seconds(&options.sim, start, 330.0),
     ) {
         eprintln!(
             "· expect the first final.device_minute rows after about {windows:.0} s and the first trailer_too_warm alert after about {alert:.0} s"
