@@ -1,6 +1,7 @@
 -- The final zone: window tables over the usable tables of cold_chain.sql and device_health.sql.
 -- Each row is written once, when the watermark closes its window (see pipelines/README.md,
--- "Windows").
+-- "Windows"). Every table carries the tenant of its rows (from reference.devices), so a token
+-- bound to a tenant reads its own rows of each (NULL for a device the registry does not know).
 
 -- Per trailer and minute: count, min, max, avg and last of each metric.
 CREATE WINDOW TABLE final.device_minute
@@ -9,6 +10,7 @@ AS SELECT
     window_start,
     window_end,
     device_id,
+    tenant,
     count(*)                                AS readings,
     min(temperature_c)                      AS temperature_min,
     max(temperature_c)                      AS temperature_max,
@@ -19,7 +21,7 @@ AS SELECT
     sum(CASE WHEN door_open THEN 1 ELSE 0 END) AS door_open_readings,
     max(ts)                                 AS last_seen
 FROM usable.cold_chain
-GROUP BY window_start, window_end, device_id;
+GROUP BY window_start, window_end, device_id, tenant;
 
 -- Per trailer and hour, the same.
 CREATE WINDOW TABLE final.device_hour
@@ -28,6 +30,7 @@ AS SELECT
     window_start,
     window_end,
     device_id,
+    tenant,
     count(*)                                AS readings,
     min(temperature_c)                      AS temperature_min,
     max(temperature_c)                      AS temperature_max,
@@ -39,7 +42,7 @@ AS SELECT
     last_value(battery ORDER BY ts) - first_value(battery ORDER BY ts) AS battery_change,
     max(ts)                                 AS last_seen
 FROM usable.cold_chain
-GROUP BY window_start, window_end, device_id;
+GROUP BY window_start, window_end, device_id, tenant;
 
 -- Fleet KPIs per hour and cohort (tenant, site, model, hardware revision, firmware).
 CREATE WINDOW TABLE final.fleet_hour
@@ -67,6 +70,7 @@ AS SELECT
     window_start,
     window_end,
     device_id,
+    tenant,
     fw,
     count(*)                                        AS reports,
     sum(CASE WHEN rebooted THEN 1 ELSE 0 END)       AS reboots,
@@ -75,7 +79,7 @@ AS SELECT
     max(mem_mb)                                     AS mem_max_mb,
     max(ts)                                         AS last_seen
 FROM usable.device_health
-GROUP BY window_start, window_end, device_id, fw;
+GROUP BY window_start, window_end, device_id, tenant, fw;
 
 -- Per firmware and hour: how many devices report, reboot and crash.
 CREATE WINDOW TABLE final.firmware_hour
@@ -83,13 +87,14 @@ WITH (window = 'tumbling', size = '1h', watermark = '30s', allowed_lateness = '5
 AS SELECT
     window_start,
     window_end,
+    tenant,
     fw,
     approx_distinct(device_id)                      AS devices,
     count(*)                                        AS reports,
     sum(CASE WHEN rebooted THEN 1 ELSE 0 END)       AS reboots,
     sum(CASE WHEN crashed THEN 1 ELSE 0 END)        AS crashes
 FROM usable.device_health
-GROUP BY window_start, window_end, fw;
+GROUP BY window_start, window_end, tenant, fw;
 
 -- Silent devices: a session per trailer ends when it has sent nothing for 10 minutes; its row
 -- says when it went quiet (last_seen) and for how long it had been reporting.
@@ -99,8 +104,9 @@ AS SELECT
     window_start,
     window_end,
     device_id,
+    tenant,
     count(*)    AS readings,
     min(ts)     AS first_seen,
     max(ts)     AS last_seen
 FROM usable.cold_chain
-GROUP BY window_start, window_end, device_id;
+GROUP BY window_start, window_end, device_id, tenant;

@@ -1093,10 +1093,11 @@ impl EngineProcess {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
-        match tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await {
+        // Longer than the largest ingest.shutdown_grace_s a test sets (120 s).
+        match tokio::time::timeout(Duration::from_secs(180), self.child.wait()).await {
             Ok(status) => status.expect("waiting for fleetlake"),
             Err(_) => panic!(
-                "fleetlake did not exit within 60 s of SIGTERM:\n{}",
+                "fleetlake did not exit within 180 s of SIGTERM:\n{}",
                 tail(&self.log)
             ),
         }

@@ -2,13 +2,14 @@
 -- CREATE RULE per file, named like the file. Each transition (firing, resolved) is published to
 -- alerts.<rule>.<key> on NATS and recorded in final.alerts (see pipelines/README.md, "Rules").
 
--- A firmware cohort is crashing: in an hour, more than 2% of its health reports are crashes (four
+-- A tenant's firmware cohort is crashing: in an hour, more than 2% of its health reports are crashes (four
 -- times the fleet's usual 0.5%) over at least 50 reports. A rate, not a count: a count grows with
 -- the fleet and the hour's traffic, and then fires for every firmware. (Rules see rows;
 -- aggregation belongs to window tables, here final.firmware_hour.)
 CREATE RULE firmware_crashing
-WITH (severity = 'warning', key = 'fw', event_time = 'window_end')
+WITH (severity = 'warning', key = 'tenant, fw', event_time = 'window_end')
 AS SELECT
+    tenant,
     fw,
     window_start,
     window_end,

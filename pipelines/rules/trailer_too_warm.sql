@@ -11,6 +11,7 @@ AS SELECT
     device_id,
     ts,
     temperature_c,
+    tenant,
     site,
     temperature_c > 8 AS firing,
     temperature_c < 6 AS resolved

@@ -105,6 +105,10 @@ pub struct Transition {
     /// `emit_time` of the published alert and of its `final.alerts` row alike.
     #[serde(default)]
     pub emitted_us: i64,
+    /// The tenant whose rows raised it: the rule's tenant column (`auth.tenant_column`), among
+    /// its values or its key columns; `None` when the rule does not select one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,9 +186,18 @@ pub struct RuleRunner {
     /// Silence deadlines (observed µs) of the keys that are not firing.
     deadlines: BTreeSet<(i64, String)>,
     groups: group::Grouper,
+    /// The column naming a row's tenant, carried into each transition.
+    tenant_column: String,
 }
 
 impl RuleRunner {
+    /// Names the column that holds a row's tenant (default `tenant`); a transition carries the
+    /// value its row had there, so a token bound to that tenant sees its own alerts.
+    pub fn with_tenant_column(mut self, column: &str) -> Self {
+        self.tenant_column = column.to_string();
+        self
+    }
+
     pub fn new(def: &RuleDef, input: TableId, input_schema: SchemaRef) -> Self {
         Self {
             version: rule_version(def),
@@ -198,6 +211,7 @@ impl RuleRunner {
             clock: 0,
             deadlines: BTreeSet::new(),
             groups: group::Grouper::default(),
+            tenant_column: "tenant".into(),
         }
     }
 
@@ -272,6 +286,21 @@ impl RuleRunner {
         out
     }
 
+    /// The tenant of a transition: its value of the tenant column, or the key's part for it
+    /// when the tenant is one of the key columns (parts are joined with `/`).
+    fn tenant_of(
+        &self,
+        key: &str,
+        values: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<String> {
+        if let Some(v) = values.get(&self.tenant_column) {
+            return v.as_str().map(str::to_string);
+        }
+        let at = self.def.key.iter().position(|k| *k == self.tenant_column)?;
+        let parts: Vec<&str> = key.split('/').collect();
+        (parts.len() == self.def.key.len()).then(|| parts[at].to_string())
+    }
+
     fn transition(
         &self,
         key: String,
@@ -281,7 +310,9 @@ impl RuleRunner {
         values: serde_json::Map<String, serde_json::Value>,
         cohort: Option<String>,
     ) -> Transition {
+        let tenant = self.tenant_of(&key, &values);
         Transition {
+            tenant,
             alert_id: format!(
                 "{}-{:016x}",
                 self.def.name,

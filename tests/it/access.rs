@@ -100,7 +100,51 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let report = fleetlake_tests::simulate(&js, sim.clone()).await;
-    admin.wait_acked(report.total).await;
+    // An hour later, a trailer of each tenant stays warm for six minutes (trailer_too_warm fires)
+    // and a health device of each reports: the first hour's windows and the fleet's sessions
+    // close, so every shipped final table has rows of both tenants.
+    let simulator = Simulator::new(sim.clone());
+    let of_tenant = |tenant: &str, kind: u64| {
+        (0..sim.devices)
+            .filter(|d| d % 3 == kind)
+            .map(|d| simulator.device_info(d))
+            .find(|i| i.tenant == tenant)
+            .unwrap()
+            .device_id
+    };
+    let later = |minute: i64| {
+        chrono::DateTime::from_timestamp_millis(1_764_489_600_000 + 3_600_000 + minute * 60_000)
+            .unwrap()
+            .to_rfc3339()
+    };
+    let mut extra = 0;
+    for tenant in ["acme", "globex"] {
+        let trailer = of_tenant(tenant, 1);
+        for (k, minute) in [0i64, 3, 6].into_iter().enumerate() {
+            let reading = json!({"device_id": trailer, "seq": 1_000_000 + k, "ts": later(minute), "temp_c": 12.0, "fw": "2.0.1"});
+            js.publish(
+                format!("telemetry.coldchain.{trailer}"),
+                reading.to_string().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+            extra += 1;
+        }
+        let health = of_tenant(tenant, 2);
+        let report = json!({"device_id": health, "seq": 1_000_000, "ts": later(7), "cpu_pct": 50.0, "mem_mb": 300.0, "uptime_s": 10, "fw": "1.8.2", "hw": "rev-A"});
+        js.publish(
+            format!("telemetry.health.{health}"),
+            report.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        extra += 1;
+    }
+    admin.wait_acked(report.total + extra).await;
 
     // The truth, as an unbound admin sees it.
     let count = |t: &str| format!("SELECT count(*) FROM usable.cold_chain WHERE tenant = '{t}'");
@@ -178,6 +222,55 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
     assert!(by_hand % 1000 > 1, "the walk recursed: {by_hand}");
     assert_eq!(scalar(&analyst, &walk("")).await, by_hand, "{}", walk(""));
 
+    // Every shipped final table and final.alerts carry the tenant: the bound token reads its own
+    // rows of each, as many as the admin counts for acme, and none of another tenant's.
+    for table in [
+        "final.alerts",
+        "final.device_minute",
+        "final.device_hour",
+        "final.fleet_hour",
+        "final.device_health_hour",
+        "final.firmware_hour",
+        "final.device_sessions",
+    ] {
+        let own = scalar(
+            &admin,
+            &format!("SELECT count(*) FROM {table} WHERE tenant = 'acme'"),
+        )
+        .await;
+        let others = scalar(
+            &admin,
+            &format!("SELECT count(*) FROM {table} WHERE tenant IS DISTINCT FROM 'acme'"),
+        )
+        .await;
+        assert!(
+            own > 0 && others > 0,
+            "{table}: acme {own}, others {others}"
+        );
+        assert_eq!(
+            scalar(&analyst, &format!("SELECT count(*) FROM {table}")).await,
+            own,
+            "{table}"
+        );
+        assert_eq!(
+            scalar(
+                &analyst,
+                &format!("SELECT count(*) FROM {table} WHERE tenant IS DISTINCT FROM 'acme'")
+            )
+            .await,
+            0,
+            "{table}"
+        );
+    }
+    assert_eq!(
+        scalar(
+            &analyst,
+            "SELECT count(*) FROM final.alerts WHERE rule = 'trailer_too_warm' AND state = 'firing'"
+        )
+        .await,
+        1
+    );
+
     // One table named two ways in one statement.
     assert_eq!(
         scalar(
@@ -238,7 +331,6 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
     // column either) — and writes, for everyone.
     for (sql, status, code) in [
         ("SELECT count(*) FROM usable.telemetry", 403, "forbidden"),
-        ("SELECT count(*) FROM final.alerts", 403, "forbidden"),
         (
             "EXPLAIN SELECT count(*) FROM usable.cold_chain",
             403,

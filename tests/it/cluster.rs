@@ -185,6 +185,11 @@ async fn three_instances_share_a_partitioned_stream_exactly_once_through_a_kill_
         ("FLEETLAKE_CLUSTER_PARTITIONS", PARTITIONS.to_string()),
         ("FLEETLAKE_CLUSTER_LEASE_TTL_S", "3".into()),
         ("FLEETLAKE_INGEST_COMMIT_INTERVAL_MS", "500".into()),
+        // Three debug-build engines, a three-node NATS cluster and SeaweedFS share two cores:
+        // while an instance rebuilds the state of partitions it took over, a hand-back's or a
+        // stop's last commit has been seen to take longer than the default 30 s (it then stops
+        // with the messages unacknowledged, nothing lost). The wait is the setting's to give.
+        ("FLEETLAKE_INGEST_SHUTDOWN_GRACE_S", "120".into()),
         ("FLEETLAKE_DEDUP_SNAPSHOT_INTERVAL_S", "1".into()),
         ("FLEETLAKE_MAINTENANCE_ENABLED", "false".into()),
     ]));

@@ -383,3 +383,35 @@ async fn a_site_that_goes_dark_is_one_alert_naming_its_200_devices() {
     drop(fleet);
     engine.terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_whole_fleet_stops_every_firing_is_recorded_at_once_and_only_once() {
+    let nats = Nats::start().await;
+    let dir = fleetlake_tests::TestDir::new();
+    let (env, js) = setup(dir.path(), &nats).await;
+    let log = dir.path().join("engine.log");
+    let mut engine = EngineProcess::start(&env, &log).await;
+    stream_ready(&js).await;
+    let fleet = Fleet::start(&js, &devices("w", "s9", 5), Duration::from_millis(500));
+    wait_reporting(&engine.api, 5).await;
+    // Every device stops: no message follows the firings, yet each is in final.alerts.
+    let all: Vec<String> = (0..5).map(|i| format!("w{i}")).collect();
+    fleet.mute(&all);
+    for d in &all {
+        wait_alert(&js, &format!("alerts.quiet.{d}"), "firing").await;
+    }
+    let recorded = "SELECT count(*) FROM final.alerts WHERE rule = 'quiet' AND state = 'firing'";
+    engine
+        .api
+        .wait_scalar(recorded, 5, Duration::from_secs(30))
+        .await;
+    // Killed and started again while still silent: nothing fires or is recorded twice.
+    engine.kill().await;
+    engine = EngineProcess::start(&env, &log).await;
+    tokio::time::sleep(Duration::from_secs(SILENT_AFTER_S as u64 + 4)).await;
+    assert_eq!(engine.api.scalar(recorded).await, 5, "recorded once");
+    let fired = seen(&js).await;
+    assert_eq!(fired.len(), 5, "each fires once: {fired:?}");
+    drop(fleet);
+    engine.terminate().await;
+}

@@ -596,6 +596,24 @@ impl TableWriter {
         progress_column: &str,
         version: i64,
     ) -> Result<CommitOutcome> {
+        self.commit_retrying(batch, Some(progress_column), version)
+            .await
+    }
+
+    /// Commits every row of `batch` and records `version` as this writer's progress, unless the
+    /// table already recorded `version` or later (then nothing is written). For rows whose own
+    /// positions are not this writer's progress (alerts raised between messages, written under
+    /// an application id of their own whose versions only count such commits).
+    pub async fn commit_all(&mut self, batch: &RecordBatch, version: i64) -> Result<CommitOutcome> {
+        self.commit_retrying(batch, None, version).await
+    }
+
+    async fn commit_retrying(
+        &mut self,
+        batch: &RecordBatch,
+        progress_column: Option<&str>,
+        version: i64,
+    ) -> Result<CommitOutcome> {
         if self.stale {
             self.refresh().await?;
         }
@@ -619,20 +637,19 @@ impl TableWriter {
     async fn commit_once(
         &mut self,
         batch: &RecordBatch,
-        progress_column: &str,
+        progress_column: Option<&str>,
         version: i64,
     ) -> Result<CommitOutcome> {
         if self.committed.is_some_and(|c| c >= version) {
             return Ok(CommitOutcome::AlreadyCommitted);
         }
-        let batch = match self.committed {
-            Some(done) => {
-                rows_after(batch, progress_column, done).map_err(|source| Error::Schema {
+        let batch = match (self.committed, progress_column) {
+            (Some(done), Some(progress_column)) => rows_after(batch, progress_column, done)
+                .map_err(|source| Error::Schema {
                     table: self.id.to_string(),
                     source,
-                })?
-            }
-            None => batch.clone(),
+                })?,
+            _ => batch.clone(),
         };
         let rows = batch.num_rows();
         // A pipeline that starts returning a new column adds it (nullable) to its table.

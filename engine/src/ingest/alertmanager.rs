@@ -205,6 +205,7 @@ async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
                 cohort,
                 members,
                 emitted_us: 0,
+                tenant: None,
             });
         }
     }
@@ -389,6 +390,7 @@ mod tests {
             cohort: None,
             members: Vec::new(),
             emitted_us: 0,
+            tenant: None,
         }
     }
 

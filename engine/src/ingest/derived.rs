@@ -59,6 +59,8 @@ fn alerts_schema() -> SchemaRef {
         Field::new("event_time", ts(), true),
         Field::new("emit_time", ts(), true),
         Field::new("stream_seq", DataType::Int64, false),
+        // Last: added after the table existed (a lake's older table gains it, nullable).
+        Field::new("tenant", DataType::Utf8, true),
     ]))
 }
 
@@ -81,6 +83,7 @@ pub fn alert_json(t: &Transition, emitted_us: i64) -> serde_json::Value {
         "emit_time": time(if t.emitted_us > 0 { t.emitted_us } else { emitted_us }),
         "stream_seq": t.stream_seq,
         "members": (!t.members.is_empty()).then_some(&t.members),
+        "tenant": t.tenant,
     })
 }
 
@@ -170,6 +173,8 @@ pub struct DerivedStage {
     clock: StreamClock,
     /// Where published transitions also go (`alerts.alertmanager_url`).
     alertmanager: Option<Alertmanager>,
+    /// The column naming a row's tenant (`auth.tenant_column`), carried into alerts.
+    tenant_column: String,
 }
 
 /// Publishes each transition and waits until JetStream has stored them all.
@@ -297,6 +302,13 @@ impl From<String> for OpenError {
     fn from(e: String) -> Self {
         OpenError::Storage(e)
     }
+}
+
+/// The writer of alerts raised between messages (silence rules while the stream is idle): its
+/// own application id (`<consumer>-idle`), whose versions count only its commits, so recording
+/// them at once never moves the position of the consumer's own commits.
+pub(crate) async fn open_idle_alerts(lake: &Lake, consumer: &str) -> Result<TableWriter, String> {
+    open_alerts(lake, &format!("{consumer}-idle")).await
 }
 
 async fn open_alerts(lake: &Lake, app_id: &str) -> Result<TableWriter, String> {
@@ -429,6 +441,7 @@ impl DerivedStage {
             replicas: config.replicas(),
             clock: StreamClock::new(config.silence_max_gap_us()),
             alertmanager: None,
+            tenant_column: config.get("auth.tenant_column").to_string(),
         };
         for w in windows {
             let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
@@ -483,7 +496,8 @@ impl DerivedStage {
             let writer = open_alerts(lake, &app_id).await?;
             let committed = writer.committed().unwrap_or(0);
             for r in rules {
-                let mut rule = RuleRunner::new(&r.def, r.input.clone(), r.input_schema.clone());
+                let mut rule = RuleRunner::new(&r.def, r.input.clone(), r.input_schema.clone())
+                    .with_tenant_column(&stage.tenant_column);
                 let kind = rule_kind(&app_id, &r.def.name);
                 let snapshot = writer
                     .latest_side_file(&kind, committed)
@@ -567,7 +581,8 @@ impl DerivedStage {
         rule: &CheckedRule,
         position: i64,
     ) -> Result<(Snapshot, Option<TableWriter>), String> {
-        let mut runner = RuleRunner::new(&rule.def, rule.input.clone(), rule.input_schema.clone());
+        let mut runner = RuleRunner::new(&rule.def, rule.input.clone(), rule.input_schema.clone())
+            .with_tenant_column(&self.tenant_column);
         runner.advance(position);
         runner.observe(self.clock.now());
         let snapshot = Snapshot {
@@ -753,7 +768,7 @@ impl DerivedStage {
     }
 
     /// `final.alerts` rows for transitions (a cohort alert's members go into its values).
-    fn alert_rows(transitions: &[Transition]) -> RecordBatch {
+    pub(crate) fn alert_rows(transitions: &[Transition]) -> RecordBatch {
         let now = chrono::Utc::now().timestamp_micros();
         let s = |f: fn(&Transition) -> &str| {
             Arc::new(StringArray::from_iter_values(transitions.iter().map(f)))
@@ -791,6 +806,9 @@ impl DerivedStage {
                     .collect()),
                 Arc::new(Int64Array::from_iter_values(
                     transitions.iter().map(|t| t.stream_seq),
+                )),
+                Arc::new(StringArray::from_iter(
+                    transitions.iter().map(|t| t.tenant.as_deref()),
                 )),
             ],
         )

@@ -214,6 +214,7 @@ pub async fn run(
         devices,
         unrecorded: Vec::new(),
         budget,
+        idle_alerts: None,
     };
     loop {
         if ingest.cancel.is_cancelled() {
@@ -299,6 +300,8 @@ struct Ingest {
     lag: Option<Arc<std::sync::atomic::AtomicI64>>,
     /// Messages one micro-batch may take, so commits keep their interval during a catch-up.
     budget: budget::Budget,
+    /// The writer of alerts raised while the stream is idle (opened at the first such alert).
+    idle_alerts: Option<fleetlake_zones::lake::TableWriter>,
 }
 
 /// The pipelines' outputs of a flush's micro-batches as one (`None` without pipelines): each
@@ -1055,7 +1058,11 @@ impl Ingest {
     /// back after a restart.
     async fn flush(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
         if buffer.messages.is_empty() {
-            // Idle firings wait for the next message's commit, also across a reopened consumer.
+            if !buffer.transitions.is_empty() && self.record_idle(&buffer.transitions).await {
+                buffer.transitions.clear();
+            }
+            // Idle firings not recorded wait for the next message's commit, also across a
+            // reopened consumer.
             self.unrecorded.append(&mut buffer.transitions);
             return true;
         }
@@ -1109,6 +1116,51 @@ impl Ingest {
         };
         buffer.clear();
         self.commits.submit(job).await
+    }
+
+    /// Records alerts raised while the stream is idle (a silence rule's firings when a whole
+    /// fleet stops) in final.alerts at once, with the idle writer (see
+    /// `derived::open_idle_alerts`; its version is the wall clock in µs, increasing). A restart
+    /// learns from final.alerts that they were recorded (`recorded_since`), so they are not
+    /// raised again. False (they wait for the next message's commit, as before) in a cluster
+    /// partition, whose restore reads only rows of messages it holds, or when the commit fails.
+    async fn record_idle(&mut self, transitions: &[fleetlake_sql::rules::Transition]) -> bool {
+        if self.config.partition().is_some() {
+            return false;
+        }
+        if self.idle_alerts.is_none() {
+            match crate::ingest::derived::open_idle_alerts(&self.lake, self.config.consumer()).await
+            {
+                Ok(w) => self.idle_alerts = Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "alerts raised while idle wait for the next commit");
+                    return false;
+                }
+            }
+        }
+        let writer = self.idle_alerts.as_mut().expect("opened");
+        let rows = crate::ingest::derived::DerivedStage::alert_rows(transitions);
+        let version = chrono::Utc::now()
+            .timestamp_micros()
+            .max(writer.committed().unwrap_or(0) + 1);
+        let started = Instant::now();
+        match writer.commit_all(&rows, version).await {
+            Ok(outcome) => {
+                if let fleetlake_zones::lake::CommitOutcome::Committed { rows, .. } = outcome {
+                    let table = self.metrics.table(&writer.id().to_string());
+                    table.rows.fetch_add(rows as u64, Ordering::Relaxed);
+                    table.commits.fetch_add(1, Ordering::Relaxed);
+                    table.latency.observe(started.elapsed());
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recording alerts raised while idle failed; they go with the next commit");
+                // Read the table again before the next attempt.
+                self.idle_alerts = None;
+                false
+            }
+        }
     }
 
     /// Runs the declared pipelines over a batch, retrying while the reference tables cannot be

@@ -589,8 +589,17 @@ async fn check_table(
                 e.pos
             }
         };
-        let planned = state
-            .create_logical_expr(&e.condition.to_string(), df_schema)
+        let expr = state.create_logical_expr(&e.condition.to_string(), df_schema);
+        if let Ok(expr) = &expr
+            && let Some(problem) = text_compared_with_number(expr, df_schema)
+        {
+            errors.push(PipelineError::new(
+                at,
+                format!("in expectation {}: {problem}", e.name),
+            ));
+            continue;
+        }
+        let planned = expr
             .and_then(|expr| datafusion::logical_expr::ExprSchemable::get_type(&expr, df_schema));
         match planned {
             Ok(DataType::Boolean) => {}
@@ -614,4 +623,47 @@ async fn check_table(
     } else {
         Err(errors)
     }
+}
+
+/// A comparison of a text column with a number (`state > 5` on a `VARCHAR`): DataFusion would
+/// coerce one side and compare as text (`'10' < '9'`) or fail on the first row that is not a
+/// number. The explanation, if `expr` holds one.
+fn text_compared_with_number(
+    expr: &datafusion::logical_expr::Expr,
+    schema: &datafusion::common::DFSchema,
+) -> Option<String> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{BinaryExpr, Expr, ExprSchemable, Operator};
+    let text =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let mut found = None;
+    let _ = expr.apply(|e| {
+        if let Expr::BinaryExpr(BinaryExpr { left, op, right }) = e
+            && matches!(
+                op,
+                Operator::Eq
+                    | Operator::NotEq
+                    | Operator::Lt
+                    | Operator::LtEq
+                    | Operator::Gt
+                    | Operator::GtEq
+            )
+            && let (Ok(l), Ok(r)) = (left.get_type(schema), right.get_type(schema))
+        {
+            let (column, other) = if text(&l) && r.is_numeric() {
+                (left, right)
+            } else if text(&r) && l.is_numeric() {
+                (right, left)
+            } else {
+                return Ok(TreeNodeRecursion::Continue);
+            };
+            found = Some(format!(
+                "{column} is text (VARCHAR) and is compared with the number {other}: text compares as text ('10' < '9') and a value that is not a number fails the batch; compare with text ('{}') or cast it (CAST({column} AS DOUBLE))",
+                other.to_string().trim_matches('\'')
+            ));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }

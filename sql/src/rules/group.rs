@@ -187,5 +187,11 @@ fn cohort_alert(
         ])
     );
     t.members = members.into_iter().collect();
+    // The key is the cohort, not the rule's key columns: the tenant only from the cohort's values.
+    t.tenant = t
+        .values
+        .get(&rule.tenant_column)
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     t
 }
