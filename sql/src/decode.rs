@@ -296,6 +296,57 @@ fn expected_type(data_type: &DataType) -> String {
     }
 }
 
+/// The kind of a quarantine reason: the reason with the values it quotes left out — quoted text
+/// (`"…"`, `'…'`) becomes `…` and a number `N` — so that `GROUP BY reason_kind` counts kinds of
+/// mistakes (`battery is N, expected a value in [N, N]`), not the values devices sent. Digits
+/// inside a name (`temp2`) are kept.
+pub fn reason_kind(reason: &str) -> String {
+    let chars: Vec<char> = reason.chars().collect();
+    let mut out = String::with_capacity(reason.len());
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let word = |k: usize| chars[k].is_alphanumeric() || chars[k] == '_';
+        // Part of a name: `temp2`, `UTF-8`.
+        let after_word = i > 0 && (word(i - 1) || (chars[i - 1] == '-' && i > 1 && word(i - 2)));
+        if c == '"' || (c == '\'' && !after_word) {
+            // To the matching quote (a backslash escapes), or the end.
+            let mut j = i + 1;
+            while j < chars.len() && chars[j] != c {
+                j += if chars[j] == '\\' { 2 } else { 1 };
+            }
+            out.push('…');
+            i = j + 1;
+            continue;
+        }
+        let starts_number = c.is_ascii_digit()
+            || (c == '-' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()));
+        if starts_number && !after_word {
+            let mut j = i + 1;
+            while j < chars.len()
+                && (chars[j].is_ascii_digit()
+                    || chars[j] == '.'
+                    || ((chars[j] == 'e' || chars[j] == 'E')
+                        && chars
+                            .get(j + 1)
+                            .is_some_and(|d| d.is_ascii_digit() || *d == '-' || *d == '+')))
+            {
+                j += if chars[j] == 'e' || chars[j] == 'E' {
+                    2
+                } else {
+                    1
+                };
+            }
+            out.push('N');
+            i = j;
+            continue;
+        }
+        out.push(c);
+        i += 1;
+    }
+    out
+}
+
 /// `raw.quarantine` rows: the given raw rows with their reasons.
 pub fn quarantine_rows(raw: &RecordBatch, rejected: &[(u32, String)]) -> Result<RecordBatch> {
     build_quarantine(raw, rejected).map_err(internal)
@@ -540,11 +591,15 @@ fn build_quarantine(
     let reasons: ArrayRef = Arc::new(StringArray::from_iter_values(
         rejected.iter().map(|(_, r)| r.as_str()),
     ));
+    let kinds: ArrayRef = Arc::new(StringArray::from_iter_values(
+        rejected.iter().map(|(_, r)| reason_kind(r)),
+    ));
     let columns = RAW_QUARANTINE
         .fields()
         .iter()
         .map(|f| match f.name().as_str() {
             "reason" => Ok(reasons.clone()),
+            "reason_kind" => Ok(kinds.clone()),
             name => picked
                 .column_by_name(name)
                 .cloned()
@@ -552,7 +607,7 @@ fn build_quarantine(
         })
         .collect::<Result<Vec<_>, _>>()?;
     debug_assert_eq!(
-        RAW_TELEMETRY.fields().len() + 1,
+        RAW_TELEMETRY.fields().len() + 2,
         RAW_QUARANTINE.fields().len()
     );
     RecordBatch::try_new(RAW_QUARANTINE.clone(), columns)
@@ -561,6 +616,38 @@ fn build_quarantine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reason_kinds_leave_the_values_out() {
+        for (reason, kind) in [
+            (
+                "battery is 250, expected a value in [0, 100]",
+                "battery is N, expected a value in [N, N]",
+            ),
+            (
+                "seq is -2.5e3, expected an integer >= 0",
+                "seq is N, expected an integer >= N",
+            ),
+            (
+                r#"temperature is "hot", expected a number"#,
+                "temperature is …, expected a number",
+            ),
+            (
+                r#"payload is not a JSON object; expected {"device_id": …}, got "garbage-17""#,
+                "payload is not a JSON object; expected {…: …}, got …",
+            ),
+            (
+                "temp2 is 'x\\'y', expected DOUBLE",
+                "temp2 is …, expected DOUBLE",
+            ),
+            (
+                "payload is not valid UTF-8 (invalid byte at offset 0)",
+                "payload is not valid UTF-8 (invalid byte at offset N)",
+            ),
+        ] {
+            assert_eq!(reason_kind(reason), kind, "{reason}");
+        }
+    }
     use fleetlake_zones::schema::{RawMessage, raw_batch};
 
     fn raw(payloads: &[&[u8]]) -> RecordBatch {

@@ -198,7 +198,21 @@ async fn crash_run(disruption: Disruption, seed: u64) {
                     .await;
                 }
                 Disruption::NatsRestart => {
-                    nats.restart().await;
+                    nats.stop().await;
+                    // Told by the connection itself, not by a pull request timing out later.
+                    wait_for(
+                        "/healthz to report NATS down",
+                        Duration::from_secs(60),
+                        || {
+                            let api = engine.api.clone();
+                            async move {
+                                let (status, body) = api.get("/healthz").await;
+                                (status == 503 && body.contains("connection to NATS")).then_some(())
+                            }
+                        },
+                    )
+                    .await;
+                    nats.start_again().await;
                     tokio::time::sleep(pauses.next()).await;
                 }
                 Disruption::None | Disruption::Maintenance { .. } => {}

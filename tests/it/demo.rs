@@ -1,8 +1,8 @@
-//! The demo as a new user meets it: `fleetlake demo` with the README's settings, in a folder of
-//! its own, against a real NATS server; the commands it prints are run in order in a fresh shell
-//! with the printed exports, and each succeeds; final rows and an alert appear while it runs; and
-//! run again in the same folder, its fleet (whose devices count from 1 again, as after a reboot)
-//! still lands in the usable zone.
+//! The demo as a new user meets it: `fleetlake demo --messages 100000` (the README's settings),
+//! in a folder of its own, against a real NATS server; the commands it prints are run in order in
+//! a fresh shell with the printed exports, and each succeeds; final rows and an alert appear while
+//! it runs; and run again in the same folder, its fleet (whose devices count from 1 again, as
+//! after a reboot) still lands in the usable zone.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -22,8 +22,10 @@ impl Demo {
         let port = free_port();
         let log = dir.join(format!("demo-{run}.log"));
         let out = std::fs::File::create(&log).unwrap();
+        // The README's unattended size (its defaults otherwise), without --exit-when-done: the
+        // printed commands are run while it serves.
         let child = Command::new(fleetlake_bin())
-            .arg("demo")
+            .args(["demo", "--messages", "100000"])
             .current_dir(dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -122,6 +122,17 @@ async fn end_to_end(lake_location: &str, env: Vec<(String, String)>) {
             "no quarantine reason {expected:?} in {reasons}"
         );
     }
+    // The kinds of mistakes, without the values: a handful of groups, not one per payload.
+    let kinds = api
+        .scalar("SELECT count(DISTINCT reason_kind) FROM raw.quarantine")
+        .await;
+    let distinct = api
+        .scalar("SELECT count(DISTINCT reason) FROM raw.quarantine")
+        .await;
+    assert!(
+        kinds >= 5 && kinds < distinct && kinds <= 20,
+        "{kinds} kinds, {distinct} reasons"
+    );
 
     // Read again with polars, from the Parquet files the Delta logs list.
     let lake = Lake::open(&config.lake(env.clone())).expect("lake");

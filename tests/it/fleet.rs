@@ -253,6 +253,13 @@ async fn planted_faults_are_found_and_healthy_noise_is_not() {
         "{spread:?}"
     );
 
+    // No outliers because no cohort is big enough: the answer says so.
+    let (status, none) = get_json(&api, "/v1/fleet/outliers?window=all&min_cohort=1000000").await;
+    assert_eq!(status, 200, "{none}");
+    assert_eq!(none["rows"].as_array().unwrap().len(), 0, "{none}");
+    let note = none["note"].as_str().unwrap_or_default();
+    assert!(note.contains("min_cohort = 1000000"), "{none}");
+
     // Root cause: the defaults count usable.device_health's crashes by fw × hw_rev.
     let (status, answer) = get_json(&api, "/v1/fleet/root-cause?window=all").await;
     assert_eq!(status, 200, "{answer}");

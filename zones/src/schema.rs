@@ -117,12 +117,15 @@ pub static RAW_TELEMETRY: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(fields))
 });
 
-/// `raw.quarantine`: the raw columns plus the readable reason the message was refused.
+/// `raw.quarantine`: the raw columns plus the readable reason the message was refused, and
+/// the reason's kind (the reason without the values it quotes, for `GROUP BY`; last: added after
+/// the table existed, so an older table gains it, nullable).
 pub static RAW_QUARANTINE: LazyLock<SchemaRef> = LazyLock::new(|| {
     let mut fields = vec![Field::new("payload", DataType::Binary, false)];
     fields.extend(origin_fields());
     fields.push(Field::new("reason", DataType::Utf8, false));
     fields.push(Field::new("ingest_date", DataType::Date32, false));
+    fields.push(Field::new("reason_kind", DataType::Utf8, true));
     Arc::new(Schema::new(fields))
 });
 

@@ -328,19 +328,49 @@ fn first_rows(result: QueryResult, limit: usize) -> QueryResult {
 
 /// Runs `sql` and answers in the requested format with the statement: in the JSON body
 /// (`sql`, `next_offset`), or as the `Fleetlake-Sql` and `Fleetlake-Next-Offset` headers.
+/// Why an answer may be empty: a statement returning one number, and what to say when it is
+/// below a bound (`(sql, bound, message)`; the message gets the number appended).
+type EmptyNote = Option<(String, u64, String)>;
+
 async fn answer(
     state: &AppState,
     caller: &Caller,
     admission: &crate::api::Admission,
     headers: &HeaderMap,
     sql: String,
-    limit: u64,
-    offset: u64,
+    (limit, offset): (u64, u64),
+    empty_note: EmptyNote,
 ) -> Response {
     let result = match crate::api::execute(state, caller, admission, sql.clone()).await {
         Ok(r) => r,
         Err(response) => return response,
     };
+    // An empty answer says why when it can: e.g. every cohort under min_cohort.
+    let mut note = None;
+    if result.row_count() == 0
+        && let Some((check, bound, message)) = empty_note
+        && let Ok(checked) = crate::api::execute(state, caller, admission, check).await
+    {
+        let largest = checked
+            .batches
+            .first()
+            .filter(|b| b.num_rows() > 0)
+            .and_then(|b| {
+                arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64).ok()
+            })
+            .map(|c| {
+                let c = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(&c);
+                if arrow::array::Array::is_valid(c, 0) {
+                    c.value(0)
+                } else {
+                    0
+                }
+            })
+            .unwrap_or(0);
+        if (largest.max(0) as u64) < bound {
+            note = Some(format!("{message}{largest}"));
+        }
+    }
     let more = result.row_count() as u64 > limit;
     let result = first_rows(result, limit as usize);
     let next_offset = more.then_some(offset + limit);
@@ -349,6 +379,9 @@ async fn answer(
         Format::Json => to_json(&result).map(|mut body| {
             body["sql"] = json!(sql);
             body["next_offset"] = json!(next_offset);
+            if let Some(note) = &note {
+                body["note"] = json!(note);
+            }
             serde_json::to_vec(&body).expect("JSON values")
         }),
         other => other.encode(&result),
@@ -428,14 +461,31 @@ pub async fn outliers(
             query.metric
         ));
     }
+    let every_cohort = Outliers {
+        all: true,
+        limit: 1_000_000_000,
+        offset: 0,
+        ..query.clone()
+    };
+    let note = (
+        format!(
+            "SELECT max(cohort_size) FROM ({}) cohorts",
+            every_cohort.sql()
+        ),
+        query.min_cohort,
+        format!(
+            "no outliers: a cohort needs min_cohort = {} devices with readings in the window to have any, and the largest has ",
+            query.min_cohort
+        ),
+    );
     answer(
         &state,
         &caller,
         &admission,
         &headers,
         query.sql(),
-        query.limit,
-        query.offset,
+        (query.limit, query.offset),
+        Some(note),
     )
     .await
 }
@@ -566,8 +616,8 @@ pub async fn root_cause(
         &admission,
         &headers,
         query.sql(),
-        limit,
-        offset,
+        (limit, offset),
+        None,
     )
     .await
 }

@@ -20,9 +20,11 @@
 
 //!
 //! Layout: [`source`] (the JetStream consumer, reading a message by its sequence), this module
-//! (the micro-batch loop), [`pipelines`] (the declared pipelines' stage), [`derived`] (windows,
-//! rules and alerts), [`commit`] (the tables' writers, committing a flush in the background),
-//! [`replay`] (re-running a pipeline over the raw zone, offline). May call [`crate::metrics`],
+//! (the micro-batch loop), `budget` (how many messages a micro-batch may take, so commits keep
+//! their interval while a backlog is caught up), [`pipelines`] (the declared pipelines' stage),
+//! [`derived`] (windows, rules and alerts), [`commit`] (the tables' writers, committing a flush in
+//! the background), [`heartbeat`] (the engine's heartbeat in the lake), [`replay`] (re-running a
+//! pipeline over the raw zone, offline; refused while a heartbeat is fresh). May call [`crate::metrics`],
 //! [`crate::config`], `fleetlake_sql` and `fleetlake_zones`; never the API.
 
 pub mod alertmanager;
@@ -222,7 +224,8 @@ pub async fn run(
         }
         let (committer, _) = ingest.commits.idle().await;
         let (start, committed) = (committer.resume_at(), committer.highest_committed());
-        let mut source = match Source::open(&ingest.config, start, committed).await {
+        let watched = Some(ingest.metrics.clone());
+        let mut source = match Source::open(&ingest.config, start, committed, watched).await {
             Ok(source) => source,
             Err(
                 e @ (crate::ingest::source::OpenError::Mismatch(_)

@@ -152,9 +152,41 @@ pub async fn connect(url: &str) -> Result<jetstream::Context, SourceError> {
 /// Connects to NATS with `nats`' credentials and TLS settings and returns a JetStream context.
 /// Errors name the server with any password in its URL redacted.
 pub async fn connect_with(nats: &NatsConnection) -> Result<jetstream::Context, SourceError> {
-    let client = nats
-        .options()
-        .await?
+    connect_watched(nats, None).await
+}
+
+/// Like [`connect_with`], and with `metrics` told of the connection's state as the client sees
+/// it: `source_up` 0 (and the source's last error) the moment the connection is lost, 1 when it
+/// is made again. `/healthz` then tells of a NATS outage at once, not when the next pull
+/// request times out (about 10 s later).
+pub async fn connect_watched(
+    nats: &NatsConnection,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+) -> Result<jetstream::Context, SourceError> {
+    let mut options = nats.options().await?;
+    if let Some(metrics) = metrics {
+        let url = crate::config::redact_url(&nats.url);
+        options = options.event_callback(move |event| {
+            let (metrics, url) = (metrics.clone(), url.clone());
+            async move {
+                use std::sync::atomic::Ordering;
+                match event {
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        metrics.source_up.store(0, Ordering::Relaxed);
+                        metrics.set_last_error(
+                            "source",
+                            &format!(
+                                "the connection to NATS at {url} was lost ({event}); reconnecting"
+                            ),
+                        );
+                    }
+                    async_nats::Event::Connected => metrics.source_up.store(1, Ordering::Relaxed),
+                    _ => {}
+                }
+            }
+        });
+    }
+    let client = options
         .connection_timeout(Duration::from_secs(5))
         // Reconnect quickly after a server restart (the default backs off to several seconds).
         .reconnect_delay_callback(|attempts| {
@@ -307,9 +339,14 @@ impl Source {
     /// this stream never held, so it is not the stream the lake's positions
     /// refer to (it was deleted and created again). Messages the stream no longer holds (its
     /// retention removed them before they were consumed) are logged as lost.
-    pub async fn open(config: &Config, start: u64, committed: u64) -> Result<Self, OpenError> {
+    pub async fn open(
+        config: &Config,
+        start: u64,
+        committed: u64,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Result<Self, OpenError> {
         let started = std::time::Instant::now();
-        let js = connect_with(&config.nats()).await?;
+        let js = connect_watched(&config.nats(), metrics).await?;
         let mut stream = ensure_stream(&js, config).await?;
         let info = stream
             .info()

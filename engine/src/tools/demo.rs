@@ -199,7 +199,7 @@ pub async fn run(
         "  curl -s http://{addr}/v1/query -d '{{\"sql\": \"SELECT device_id, count(*) AS n, avg(temperature) AS avg_t FROM usable.telemetry GROUP BY device_id ORDER BY n DESC LIMIT 5\"}}'"
     );
     eprintln!(
-        "  curl -s http://{addr}/v1/query -H 'Accept: text/csv' -d '{{\"sql\": \"SELECT reason, count(*) FROM raw.quarantine GROUP BY reason\"}}'"
+        "  curl -s http://{addr}/v1/query -H 'Accept: text/csv' -d '{{\"sql\": \"SELECT reason_kind, count(*) FROM raw.quarantine GROUP BY reason_kind ORDER BY 2 DESC\"}}'"
     );
     eprintln!(
         "  {cli} query \"SELECT fw, hw, count(*) FROM usable.telemetry GROUP BY fw, hw ORDER BY 1, 2\""
