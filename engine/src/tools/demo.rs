@@ -47,9 +47,10 @@ const DEMO_DIR: &str = ".fleetlake-demo";
 /// How far back the demo fleet's clocks start, so windows close and rules fire at once.
 const HISTORY_MS: i64 = 15 * 60 * 1000;
 
-/// The newest event time (ms) already in the shipped pipelines' usable tables, if any: a demo
-/// run again in the same folder continues after it, as devices' clocks do (its devices start
-/// counting at 1 again, like devices that rebooted).
+/// The newest event time (ms) already in the shipped pipelines' usable tables, if any. The demo
+/// only asks whether there is one: a run again in the same folder then starts its clocks at the
+/// present instead of 15 minutes back (its devices count from 1 again, like devices that
+/// rebooted, and their readings must be newer than the earlier run's).
 async fn newest_reading_ms(lake: &fleetlake_zones::Lake) -> Option<i64> {
     let engine = fleetlake_sql::QueryEngine::new(lake.clone());
     let mut newest = None;
