@@ -337,6 +337,11 @@ pub const KEYS: &[Key] = &[
         help: "memory one query's operators may reserve (DataFusion's memory pool); more fails with 422 query_memory_limit",
     },
     Key {
+        name: "query.total_memory_mb",
+        default: "2048",
+        help: "memory all queries together may reserve; a query within its own limit that finds it spent fails with 503 queries_memory_busy; the rest of the process (ingest) keeps the remainder",
+    },
+    Key {
         name: "query.max_rows",
         default: "1000000",
         help: "rows one answer may hold; more fails with 422 query_row_limit",
@@ -614,6 +619,7 @@ impl Config {
             | "cluster.lease_ttl_s"
             | "query.timeout_s"
             | "query.memory_mb"
+            | "query.total_memory_mb"
             | "query.max_rows"
             | "query.max_body_kb"
             | "query.max_concurrent" => match value.parse::<u64>() {
@@ -798,6 +804,11 @@ impl Config {
             max_concurrent: self.number("query.max_concurrent") as usize,
             rate_per_minute: self.number("query.rate_per_minute"),
         }
+    }
+
+    /// The memory all queries together may reserve (`query.total_memory_mb`), in bytes.
+    pub fn query_total_memory(&self) -> usize {
+        (self.number("query.total_memory_mb") as usize).saturating_mul(1024 * 1024)
     }
 
     /// `auth.tenant_free_tables`, parsed (validated at load).

@@ -147,7 +147,9 @@ impl Engine {
         // The latest state of every device, kept by ingest; queried as final.device_state and
         // over /v1/devices.
         let devices: fleetlake_sql::device_state::SharedDeviceState = Default::default();
-        let mut engine = QueryEngine::new(lake.clone());
+        let mut engine = QueryEngine::new(lake.clone()).with_memory(
+            fleetlake_sql::memory::EngineMemory::new(config.query_total_memory()),
+        );
         // In a cluster each partition keeps its devices' state: there is no whole view here.
         if ingest && !cluster {
             engine = engine.with_live(Arc::new(fleetlake_sql::device_state::DeviceStateTable(

@@ -32,6 +32,10 @@ pub enum Error {
     /// The query needed more memory than the caller's limit (DataFusion's memory pool).
     #[error("{0}")]
     MemoryLimit(String),
+    /// The query stayed within its own limit, but all running queries together hold the memory
+    /// every query may use (`query.total_memory_mb`): retry shortly (HTTP 503).
+    #[error("{0}")]
+    MemoryBusy(String),
     /// The answer holds more rows than the caller's limit.
     #[error("{0}")]
     RowLimit(String),
@@ -65,7 +69,7 @@ impl Error {
             Error::Lake(e) if e.is_transient() => ErrorKind::Unavailable,
             Error::Lake(_) => ErrorKind::User,
             Error::Internal(_) => ErrorKind::Internal,
-            Error::NotReady(_) => ErrorKind::Unavailable,
+            Error::NotReady(_) | Error::MemoryBusy(_) => ErrorKind::Unavailable,
             Error::Forbidden(_) => ErrorKind::Forbidden,
             Error::MemoryLimit(_) | Error::RowLimit(_) => ErrorKind::Limit,
         }
@@ -93,6 +97,7 @@ impl Error {
             Error::NotReady(_) => "not_ready",
             Error::Forbidden(_) => "forbidden",
             Error::MemoryLimit(_) => "query_memory_limit",
+            Error::MemoryBusy(_) => "queries_memory_busy",
             Error::RowLimit(_) => "query_row_limit",
         }
     }

@@ -35,6 +35,7 @@ pub mod device_state;
 pub mod error;
 pub mod fleet;
 pub mod hash;
+pub mod memory;
 pub mod pipeline;
 pub mod prepared;
 pub mod query;

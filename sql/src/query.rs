@@ -16,16 +16,35 @@ use datafusion::sql::parser::Statement;
 use fleetlake_zones::{Lake, TableId, Zone};
 
 use crate::access::Access;
+use crate::memory::{EngineMemory, QueryPool};
 use crate::{Error, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 
-/// The answer to a query: its schema and batches.
+/// The answer to a query: its schema and batches. An answer from [`QueryEngine::query_with`]
+/// keeps its memory reserved in the query's pool (and the engine's budget) until the last clone
+/// is dropped, so an answer being encoded still counts.
 #[derive(Debug, Clone)]
 pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
+    _held: Option<Arc<MemoryReservation>>,
 }
 
 impl QueryResult {
+    /// An answer of `batches`, holding no reservation.
+    pub fn new(schema: SchemaRef, batches: Vec<RecordBatch>) -> Self {
+        Self {
+            schema,
+            batches,
+            _held: None,
+        }
+    }
+
+    /// The same rows' reservation carried over to `batches` (a part of them).
+    pub fn with_batches(self, batches: Vec<RecordBatch>) -> Self {
+        Self { batches, ..self }
+    }
+
     pub fn row_count(&self) -> usize {
         self.batches.iter().map(|b| b.num_rows()).sum()
     }
@@ -45,11 +64,28 @@ pub trait LiveTables: std::fmt::Debug + Send + Sync {
 pub struct QueryEngine {
     lake: Lake,
     live: Option<Arc<dyn LiveTables>>,
+    memory: Option<Arc<EngineMemory>>,
 }
 
 impl QueryEngine {
     pub fn new(lake: Lake) -> Self {
-        Self { lake, live: None }
+        Self {
+            lake,
+            live: None,
+            memory: None,
+        }
+    }
+
+    /// The same engine, every query of which also draws its memory from `memory`, the budget
+    /// all queries share (`query.total_memory_mb`; see [`crate::memory`]).
+    pub fn with_memory(mut self, memory: Arc<EngineMemory>) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// The budget all queries share, if one was set.
+    pub fn memory(&self) -> Option<&Arc<EngineMemory>> {
+        self.memory.as_ref()
     }
 
     /// The same engine, also answering for `live`'s tables (they take precedence over a Delta
@@ -63,28 +99,13 @@ impl QueryEngine {
         &self.lake
     }
 
-    fn context(access: &Access) -> Result<SessionContext> {
+    fn context(&self, pool: Arc<QueryPool>) -> Result<SessionContext> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("datafusion", "public");
-        let ctx = match access.memory_limit {
-            None => crate::session::context(config),
-            Some(bytes) => {
-                // A pool of its own for each query, and no spilling to disk: a query that needs
-                // more fails with query_memory_limit rather than filling the disk.
-                let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-                    .with_memory_limit(bytes, 1.0)
-                    .with_disk_manager_builder(
-                        datafusion::execution::disk_manager::DiskManagerBuilder::default()
-                            .with_mode(
-                                datafusion::execution::disk_manager::DiskManagerMode::Disabled,
-                            ),
-                    )
-                    .build_arc()
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                crate::session::context_with_runtime(config, runtime)
-            }
-        };
+        // A pool for each query within the engine's budget, and no spilling to disk: a query
+        // that needs more fails with query_memory_limit rather than filling the disk.
+        let ctx = crate::session::query_context(config, pool)?;
         let catalog = ctx.catalog("datafusion").expect("default catalog");
         for zone in Zone::ALL {
             catalog
@@ -108,7 +129,8 @@ impl QueryEngine {
     /// `access.memory_limit` bytes reserved by its operators (`query_memory_limit`).
     pub async fn query_with(&self, sql: &str, access: &Access) -> Result<QueryResult> {
         check_size(sql)?;
-        let ctx = Self::context(access)?;
+        let pool = QueryPool::new(access.memory_limit, self.memory.clone());
+        let ctx = self.context(Arc::clone(&pool))?;
         let state = ctx.state();
         let statement = state
             .sql_to_statement(sql, &datafusion::config::Dialect::Generic)
@@ -142,33 +164,39 @@ impl QueryEngine {
             .map_err(|e| Error::Plan(strip(e)))?;
         let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
         let executed = |e: DataFusionError| {
-            if crate::error::is_resources_exhausted(&e) {
-                Error::MemoryLimit(format!(
-                    "the query needs more than the {} MiB of memory {} may use: {}",
-                    access.memory_limit.unwrap_or(0) / (1024 * 1024),
-                    access.who,
+            if !crate::error::is_resources_exhausted(&e) {
+                Error::Execution(e)
+            } else if pool.refused_by_engine() {
+                Error::MemoryBusy(format!(
+                    "the queries running now use all the memory queries may use together; retry shortly: {}",
                     strip(e)
                 ))
             } else {
-                Error::Execution(e)
+                Error::MemoryLimit(format!(
+                    "the query needs more than the {} MiB of memory {} may use: {}",
+                    pool.limit().unwrap_or(0) / (1024 * 1024),
+                    access.who,
+                    strip(e)
+                ))
             }
         };
         let mut stream = frame.execute_stream().await.map_err(executed)?;
         let mut batches = Vec::new();
-        let (mut rows, mut bytes) = (0usize, 0usize);
+        let mut rows = 0usize;
+        // The answer is held in memory too: it is reserved in the same pool.
+        let answer = MemoryConsumer::new("the answer").register(&(pool.clone() as _));
         while let Some(batch) = futures::StreamExt::next(&mut stream).await {
             let batch = batch.map_err(executed)?;
             rows += batch.num_rows();
-            // The answer is held in memory too: it counts against the same limit.
-            bytes += batch.get_array_memory_size();
-            if let Some(max) = access.memory_limit
-                && bytes > max
-            {
-                return Err(Error::MemoryLimit(format!(
-                    "the answer takes more than the {} MiB of memory {} may use: add a LIMIT, select fewer columns, or aggregate",
-                    max / (1024 * 1024),
-                    access.who
-                )));
+            if let Err(e) = answer.try_grow(batch.get_array_memory_size()) {
+                return Err(match executed(e) {
+                    Error::MemoryLimit(_) => Error::MemoryLimit(format!(
+                        "the answer takes more than the {} MiB of memory {} may use: add a LIMIT, select fewer columns, or aggregate",
+                        pool.limit().unwrap_or(0) / (1024 * 1024),
+                        access.who
+                    )),
+                    other => other,
+                });
             }
             if let Some(max) = access.max_rows
                 && rows > max
@@ -180,7 +208,11 @@ impl QueryEngine {
             }
             batches.push(batch);
         }
-        Ok(QueryResult { schema, batches })
+        Ok(QueryResult {
+            schema,
+            batches,
+            _held: Some(Arc::new(answer)),
+        })
     }
 
     /// Registers `<zone>.<table>` if such a Delta table exists; anything else is left for the

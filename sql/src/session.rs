@@ -15,11 +15,50 @@ pub fn context_with_runtime(
     config: SessionConfig,
     runtime: std::sync::Arc<datafusion::execution::runtime_env::RuntimeEnv>,
 ) -> SessionContext {
-    let mut state = SessionStateBuilder::new()
-        .with_config(config)
-        .with_runtime_env(runtime)
-        .with_default_features()
-        .build();
+    SessionContext::new_with_state(with_functions(
+        SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .build(),
+    ))
+}
+
+/// A session for one ad-hoc query whose memory is `pool` ([`crate::memory`]): no spilling to
+/// disk, window operators bounded by the pool ([`crate::memory::BoundBuffering`]) and the
+/// amplifying scalar functions reserving their output first ([`crate::memory::sized_functions`]).
+pub fn query_context(
+    config: SessionConfig,
+    pool: std::sync::Arc<crate::memory::QueryPool>,
+) -> crate::Result<SessionContext> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_pool(pool.clone())
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(|e| crate::Error::Internal(e.to_string()))?;
+    let mut state = with_functions(
+        SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(std::sync::Arc::new(crate::memory::BoundBuffering))
+            .build(),
+    );
+    for f in crate::memory::sized_functions(&state, pool) {
+        state
+            .register_udf(std::sync::Arc::new(f))
+            .expect("registering a scalar function cannot fail");
+    }
+    Ok(SessionContext::new_with_state(state))
+}
+
+/// `state` with fleetlake's functions registered.
+fn with_functions(
+    mut state: datafusion::execution::SessionState,
+) -> datafusion::execution::SessionState {
     for f in crate::anomaly::window_functions() {
         state
             .register_udwf(std::sync::Arc::new(f))
@@ -33,7 +72,7 @@ pub fn context_with_runtime(
     state
         .register_udf(std::sync::Arc::new(nats_partition_udf()))
         .expect("registering a scalar function cannot fail");
-    SessionContext::new_with_state(state)
+    state
 }
 
 /// `nats_partition(subject VARCHAR, partitions BIGINT) -> BIGINT`: the partition (0-based) NATS

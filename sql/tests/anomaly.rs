@@ -82,15 +82,70 @@ async fn anomaly_functions_follow_their_slt_files() {
     files.sort();
     assert!(!files.is_empty(), "no .slt files in {}", dir.display());
     for file in files {
-        let mut runner = sqllogictest::Runner::new(|| async {
-            Ok(Fleetlake {
-                ctx: fleetlake_sql::session::context(
-                    SessionConfig::new().with_target_partitions(1),
-                ),
-            })
-        });
-        if let Err(e) = runner.run_file_async(&file).await {
-            panic!("{}: {e}", file.display());
+        // Each file twice: in the session pipelines and rules get, and in an ad-hoc query's
+        // (window operators under a bounded memory pool, sized scalar functions), which must
+        // answer the same.
+        for bounded in [false, true] {
+            let mut runner = sqllogictest::Runner::new(|| async move {
+                let config = SessionConfig::new().with_target_partitions(1);
+                let ctx = if bounded {
+                    let engine = fleetlake_sql::memory::EngineMemory::new(256 << 20);
+                    let pool = fleetlake_sql::memory::QueryPool::new(Some(64 << 20), Some(engine));
+                    fleetlake_sql::session::query_context(config, pool).expect("query session")
+                } else {
+                    fleetlake_sql::session::context(config)
+                };
+                Ok(Fleetlake { ctx })
+            });
+            if let Err(e) = runner.run_file_async(&file).await {
+                panic!("{} (bounded pool: {bounded}): {e}", file.display());
+            }
         }
     }
+}
+
+/// Under a 16 MiB pool, each allocation DataFusion's pool does not see by itself is refused
+/// before it grows past the pool: window operators buffering their input (DataFusion's own and
+/// fleetlake's anomaly functions) and a scalar function asked for one huge value. The same
+/// statements over small inputs still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffering_operators_and_huge_values_are_held_to_the_query_pool() {
+    let session = || {
+        let engine = fleetlake_sql::memory::EngineMemory::new(1 << 30);
+        let pool = fleetlake_sql::memory::QueryPool::new(Some(16 << 20), Some(engine));
+        // One partition: no repartitioning between the scan and the window (whose buffers
+        // DataFusion reserves itself), as for a table of one file.
+        let config = SessionConfig::new().with_target_partitions(1);
+        fleetlake_sql::session::query_context(config, pool).expect("query session")
+    };
+    let run = |sql: String| async move {
+        let ctx = session();
+        let df = ctx.sql(&sql).await?;
+        let batches = df.collect().await?;
+        let value = arrow::util::pretty::pretty_format_batches(&batches)?.to_string();
+        Ok::<_, datafusion::error::DataFusionError>(value)
+    };
+    let cases = [
+        "SELECT max(s) FROM (SELECT sum(value) OVER () AS s FROM generate_series(1, {n}))",
+        "SELECT max(r) FROM (SELECT row_number() OVER (PARTITION BY value % 3 ORDER BY value) AS r FROM generate_series(1, {n}))",
+        "SELECT max(z) FROM (SELECT robust_zscore(CAST(value AS DOUBLE)) OVER () AS z FROM generate_series(1, {n}))",
+        "SELECT max(z) FROM (SELECT zscore(CAST(value AS DOUBLE)) OVER (PARTITION BY value % 2) AS z FROM generate_series(1, {n}))",
+        "SELECT length(repeat('x', {n} * 100))",
+        "SELECT length(lpad('x', {n} * 100, 'y'))",
+        "SELECT cardinality(range({n} * 1000))",
+        "SELECT length(replace(repeat('a', {n}), 'a', repeat('b', 1000)))",
+    ];
+    let mut failed = Vec::new();
+    for case in cases {
+        let small = run(case.replace("{n}", "1000")).await;
+        assert!(small.is_ok(), "{case} over 1,000: {small:?}");
+        let large = run(case.replace("{n}", "4000000")).await;
+        match large {
+            Err(e) if e.to_string().contains("Resources exhausted") => {
+                eprintln!("{case}: {e}")
+            }
+            other => failed.push(format!("{case} over 4,000,000 was not refused: {other:?}")),
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
 }

@@ -680,6 +680,120 @@ async fn each_query_limit_answers_its_error_while_ingest_keeps_acknowledging() {
     engine.shutdown().await.expect("clean shutdown");
 }
 
+/// This process's resident memory now and at its peak since the last [`reset_peak`], in MiB.
+fn resident_mib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
+            / 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Starts measuring the peak resident memory afresh (`5` to `clear_refs`, proc(5)).
+fn reset_peak() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("/proc/self/clear_refs");
+}
+
+/// Operators that buffer without reserving (window functions, the anomaly functions), scalar
+/// functions asked for one huge value, and a cross join, each run by a token allowed 16 MiB:
+/// each is refused or cut off, the engine's (this process's) resident memory stays within the
+/// pool plus the documented margin (README, "Limits"), and ingest acknowledges throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffering_operators_and_huge_values_stay_within_the_pool_while_ingest_acknowledges() {
+    const POOL_MIB: u64 = 16;
+    const MARGIN_MIB: u64 = 128;
+    let nats = Nats::start().await;
+    let dir = TestDir::new();
+    let lake = dir.path().join("lake").display().to_string();
+    let config = test_config(nats.url(), &lake, &[]);
+    let (engine, admin, js) = start_engine(&config).await;
+    let small = token(
+        &admin,
+        json!({"name": name("small"), "role": "analyst",
+               "limits": {"memory_mb": POOL_MIB, "timeout_s": 120}}),
+    )
+    .await;
+    let brief = token(
+        &admin,
+        json!({"name": name("brief"), "role": "analyst",
+               "limits": {"memory_mb": POOL_MIB, "timeout_s": 2}}),
+    )
+    .await;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            fleetlake_tests::simulate(
+                &js,
+                SimConfig {
+                    devices: 50,
+                    messages: 20_000,
+                    rate: 500.0,
+                    ..Default::default()
+                },
+            )
+            .await
+        })
+    };
+    let acked = || metric(&admin, "fleetlake_messages_acked_total");
+    // Ingest's own memory settles before the peak is measured.
+    admin.wait_acked(2_000).await;
+
+    let refused = [
+        // DataFusion's whole-partition window buffers its input without a reservation.
+        "SELECT max(s) FROM (SELECT sum(v) OVER () AS s FROM generate_series(1, 30000000) t(v))",
+        // fleetlake's anomaly function over the same.
+        "SELECT max(z) FROM (SELECT robust_zscore(CAST(v AS DOUBLE)) OVER () AS z FROM generate_series(1, 30000000) t(v))",
+        // One value of 1.5 GB, and a list of 500 million numbers.
+        "SELECT length(repeat('x', 1500000000))",
+        "SELECT cardinality(range(500000000))",
+        "SELECT length(rpad('x', 400000000, 'yz'))",
+    ];
+    reset_peak();
+    let (baseline, _) = resident_mib();
+    let mut progress = vec![acked().await];
+    for sql in refused {
+        let (status, body) = small.query(sql).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("query_memory_limit")),
+            "{sql}: {body}"
+        );
+        progress.push(acked().await);
+    }
+    // A cross join streams: it is cut off by the time limit, holding little.
+    let (status, body) = brief
+        .query("SELECT count(*) FROM range(100000) a, range(100000) b")
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (408, Some("query_timeout")),
+        "{body}"
+    );
+    let (_, peak) = resident_mib();
+    assert!(
+        peak <= baseline + POOL_MIB + MARGIN_MIB,
+        "resident memory peaked at {peak} MiB from {baseline} MiB: more than the {POOL_MIB} MiB pool and the {MARGIN_MIB} MiB margin"
+    );
+    // Ingest acknowledged messages all along, and lands every one.
+    progress.push(acked().await);
+    assert!(
+        progress.first() < progress.last(),
+        "acked counts while the queries ran: {progress:?}"
+    );
+    let report = publisher.await.unwrap();
+    admin.wait_acked(report.total).await;
+    assert_eq!(
+        scalar(&admin, "SELECT count(*) FROM raw.telemetry").await,
+        report.total as i64
+    );
+    engine.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_is_served_over_https_with_the_configured_certificate() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

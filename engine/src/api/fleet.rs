@@ -312,7 +312,7 @@ async fn columns(
 fn first_rows(result: QueryResult, limit: usize) -> QueryResult {
     let mut left = limit;
     let mut batches = Vec::new();
-    for batch in result.batches {
+    for batch in &result.batches {
         if left == 0 {
             break;
         }
@@ -320,10 +320,7 @@ fn first_rows(result: QueryResult, limit: usize) -> QueryResult {
         batches.push(batch.slice(0, take));
         left -= take;
     }
-    QueryResult {
-        schema: result.schema,
-        batches,
-    }
+    result.with_batches(batches)
 }
 
 /// Runs `sql` and answers in the requested format with the statement: in the JSON body

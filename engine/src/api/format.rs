@@ -230,10 +230,7 @@ mod tests {
             ],
         )
         .unwrap();
-        QueryResult {
-            schema,
-            batches: vec![batch],
-        }
+        QueryResult::new(schema, vec![batch])
     }
 
     #[test]
