@@ -765,6 +765,10 @@ impl DeviceStateTable {
 }
 
 impl crate::query::LiveTables for DeviceStateTable {
+    fn ids(&self) -> Vec<TableId> {
+        vec![Self::id()]
+    }
+
     fn provider(
         &self,
         id: &TableId,

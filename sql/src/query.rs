@@ -56,6 +56,9 @@ pub trait LiveTables: std::fmt::Debug + Send + Sync {
     /// A provider of `id` as it is now; `None` if `id` is not a live table.
     fn provider(&self, id: &TableId)
     -> Option<Result<Arc<dyn datafusion::catalog::TableProvider>>>;
+
+    /// The tables it answers for, listed by `SHOW TABLES` and `information_schema`.
+    fn ids(&self) -> Vec<TableId>;
 }
 
 /// Plans and runs read-only SQL over the lake's zone tables (`usable.telemetry`, …) and any
@@ -142,10 +145,18 @@ impl QueryEngine {
                 access.who
             )));
         }
-        for reference in state
+        let references = state
             .resolve_table_references(&statement)
-            .map_err(|e| Error::Plan(strip(e)))?
+            .map_err(|e| Error::Plan(strip(e)))?;
+        // SHOW TABLES, SHOW COLUMNS and information_schema list what is registered: every
+        // table the caller may read is, for them.
+        if references
+            .iter()
+            .any(|r| r.schema() == Some("information_schema"))
         {
+            self.register_readable(&ctx, access).await?;
+        }
+        for reference in references {
             self.register(&ctx, &reference, access).await?;
         }
         let plan = state
@@ -213,6 +224,23 @@ impl QueryEngine {
             batches,
             _held: Some(Arc::new(answer)),
         })
+    }
+
+    /// Registers every table of the lake (and every live table) that `access` may read, for a
+    /// statement that lists tables: one the caller may not read is left out, not refused.
+    async fn register_readable(&self, ctx: &SessionContext, access: &Access) -> Result<()> {
+        let mut ids = self.lake.all_tables().await?;
+        ids.extend(self.live.iter().flat_map(|l| l.ids()));
+        for id in ids {
+            let reference = TableReference::partial(id.zone.as_str(), id.name.as_str());
+            match self.register(ctx, &reference, access).await {
+                Ok(()) | Err(Error::Forbidden(_)) => {}
+                // A live table still being restored is listed once it is ready.
+                Err(Error::NotReady(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Registers `<zone>.<table>` if such a Delta table exists; anything else is left for the

@@ -20,6 +20,15 @@ async fn token(api: &Api, body: Value) -> Api {
     api.with_token(Some(created["token"].as_str().unwrap()))
 }
 
+/// An analyst bound to acme.
+async fn analyst_of(admin: &Api) -> Api {
+    token(
+        admin,
+        json!({"name": name("acme-lister"), "role": "analyst", "tenants": ["acme"]}),
+    )
+    .await
+}
+
 /// A unique token name for this test process.
 fn name(base: &str) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -173,6 +182,42 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
     )
     .await;
     let unbound_analyst = token(&admin, json!({"name": name("analyst"), "role": "analyst"})).await;
+
+    // SHOW TABLES and information_schema list the lake's tables, each caller the ones it may
+    // read: an admin every zone, an analyst bound to acme neither raw nor a table without a
+    // tenant column (final.audit is an admin's only).
+    let listed = |rows: Vec<String>| -> Vec<String> {
+        rows.chunks(2)
+            .map(|c| format!("{}.{}", c[0], c[1]))
+            .collect()
+    };
+    let tables = "SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema IN ('raw', 'usable', 'final', 'reference') ORDER BY 1, 2";
+    let all = listed(values(&admin, tables).await);
+    for t in [
+        "raw.telemetry",
+        "usable.cold_chain",
+        "final.audit",
+        "final.device_state",
+    ] {
+        assert!(all.contains(&t.to_string()), "{t} not in {all:?}");
+    }
+    let (status, body) = admin.query("SHOW TABLES").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.to_string().contains("cold_chain"), "{body}");
+    let seen = listed(values(&analyst_of(&admin).await, tables).await);
+    assert!(seen.contains(&"usable.cold_chain".to_string()), "{seen:?}");
+    assert!(
+        !seen
+            .iter()
+            .any(|t| t.starts_with("raw.") || t == "final.audit"),
+        "{seen:?}"
+    );
+    let columns = values(
+        &admin,
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'usable' AND table_name = 'cold_chain'",
+    )
+    .await;
+    assert!(columns.contains(&"tenant".to_string()), "{columns:?}");
 
     // Every way of naming the table's rows counts acme's only.
     for sql in [
@@ -376,15 +421,19 @@ async fn a_token_bound_to_a_tenant_never_sees_another_tenants_rows() {
         );
     }
     assert!(!std::path::Path::new("/tmp/fleetlake-leak.csv").exists());
-    // information_schema lists only what the statement names and may read.
-    assert_eq!(
-        scalar(
-            &analyst,
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema IN ('raw', 'usable', 'final', 'reference')",
-        )
-        .await,
-        0
-    );
+    // information_schema lists only what the caller may read: each listed table answers it.
+    let listed = values(
+        &analyst,
+        "SELECT table_schema || '.' || table_name FROM information_schema.tables WHERE table_schema IN ('raw', 'usable', 'final', 'reference')",
+    )
+    .await;
+    assert!(!listed.is_empty());
+    for table in &listed {
+        let (status, body) = analyst
+            .query(&format!("SELECT count(*) FROM {table}"))
+            .await;
+        assert_eq!(status, 200, "{table} is listed: {body}");
+    }
     assert!(
         values(&analyst, "SELECT count(*) FROM generate_series(1, 3)")
             .await
