@@ -128,6 +128,19 @@ async fn retention_run(s3: Option<&Seaweed>) {
     // A dry run says what would go and changes nothing.
     let dry = maintain(true);
     assert_eq!(dry["partitions_expired"], 2, "{dry}");
+    // Each rewrite it plans says how many files it would replace, and by how many.
+    for rewrite in dry["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["rewrites"].as_array().cloned().unwrap_or_default())
+    {
+        assert!(
+            rewrite["files_removed"].as_u64() >= Some(2)
+                && rewrite["files_added"].as_u64() >= Some(1),
+            "{rewrite}"
+        );
+    }
     assert_eq!(
         lake.describe(&TableId::raw_telemetry())
             .await

@@ -118,7 +118,10 @@ pub struct PartitionRewrite {
     pub partition: String,
     pub kind: Rewrite,
     pub files_before: u64,
-    /// Files removed and added by the rewrite (0 in a dry run).
+    /// Files removed and added by the rewrite; in a dry run, the plan's estimate: for a
+    /// compaction the files smaller than the target (when there are two or more) replaced by
+    /// their bytes in files of the target size, for a Z-order every file of the partition
+    /// replaced by its bytes in files of the target size.
     pub files_removed: u64,
     pub files_added: u64,
 }
@@ -186,8 +189,9 @@ pub struct PartitionStats {
     /// Partition column values; `None` when a value is NULL (such partitions are not rewritten).
     pub values: Option<Vec<(String, String)>>,
     pub files: u64,
-    /// Files smaller than the target size.
+    /// Files smaller than the target size, and their bytes.
     pub small_files: u64,
+    pub small_bytes: u64,
     pub bytes: u64,
     /// Modification time of the newest file, ms since the epoch.
     pub newest_ms: i64,
@@ -234,6 +238,7 @@ pub fn partitions(table: &DeltaTable, target_file_size: u64) -> Result<Vec<Parti
             values,
             files: 0,
             small_files: 0,
+            small_bytes: 0,
             bytes: 0,
             newest_ms: i64::MIN,
         });
@@ -241,10 +246,23 @@ pub fn partitions(table: &DeltaTable, target_file_size: u64) -> Result<Vec<Parti
         entry.bytes = entry.bytes.saturating_add(size);
         if size < target_file_size {
             entry.small_files += 1;
+            entry.small_bytes = entry.small_bytes.saturating_add(size);
         }
         entry.newest_ms = entry.newest_ms.max(file.modification_time());
     }
     Ok(by_key.into_values().collect())
+}
+
+/// The files a rewrite of `part` would remove and add (see [`PartitionRewrite::files_removed`]).
+fn planned_files(part: &PartitionStats, kind: Rewrite, target: u64) -> (u64, u64) {
+    let into_files = |bytes: u64| bytes.div_ceil(target.max(1)).max(1);
+    match kind {
+        Rewrite::Compact if part.small_files >= 2 => {
+            (part.small_files, into_files(part.small_bytes))
+        }
+        Rewrite::Compact => (0, 0),
+        Rewrite::ZOrder => (part.files, into_files(part.bytes)),
+    }
 }
 
 /// Decides which partitions to rewrite and how (pure; see the module documentation):
@@ -487,6 +505,7 @@ pub async fn maintain(lake: &Lake, id: &TableId, policy: &Policy) -> Result<Repo
             files_added: 0,
         };
         if policy.dry_run {
+            (rewrite.files_removed, rewrite.files_added) = planned_files(&part, kind, target.get());
             report.rewrites.push(rewrite);
             continue;
         }
@@ -752,6 +771,7 @@ mod tests {
             values: Some(vec![("d".into(), key.into())]),
             files,
             small_files: small,
+            small_bytes: bytes.min(small * 1024),
             bytes,
             newest_ms,
         }
@@ -907,6 +927,8 @@ mod tests {
         assert_eq!(file_count(&table_dir).await, 30);
 
         let report = maintain(&lake, &id, &policy).await.unwrap();
+        // The dry run planned what the run then did, file for file.
+        assert_eq!(dry.rewrites, report.rewrites, "{dry:?} {report:?}");
         assert_eq!(report.rows_before, 60);
         assert_eq!(report.rows_after, 60);
         assert_eq!(report.files_after, 2, "{report:?}");
