@@ -355,6 +355,16 @@ async fn a_message_the_client_library_cannot_parse_is_read_by_its_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_stream_is_reported_and_taken_only_when_an_operator_says_so() {
+    // The new stream holds fewer messages than the lake's position, then more: each is told
+    // apart from the stream the lake consumed.
+    for new_messages in [3, 12] {
+        recreated_stream(new_messages).await;
+    }
+}
+
+/// Five messages consumed, the stream deleted and created again with `new_messages`: ingest
+/// takes none of them until an operator chooses a new consumer name, which takes them all.
+async fn recreated_stream(new_messages: i64) {
     let nats = Nats::start().await;
     let dir = TestDir::new();
     let lake = dir.path().join("lake").display().to_string();
@@ -369,7 +379,7 @@ async fn a_recreated_stream_is_reported_and_taken_only_when_an_operator_says_so(
     fleetlake::ingest::source::ensure_stream(&js, &config)
         .await
         .unwrap();
-    for seq in 6..=8 {
+    for seq in 6..6 + new_messages {
         publish(&js, "telemetry.t1.r", &reading(seq)).await;
     }
     let body = wait_for(
@@ -393,8 +403,12 @@ async fn a_recreated_stream_is_reported_and_taken_only_when_an_operator_says_so(
     let config = test_config(nats.url(), &lake, &[("nats.consumer", "fleetlake-2")]);
     let (engine, api, _js) = start_engine(&config).await;
     fleetlake_tests::wait_stream_acked_by(nats.url(), "fleetlake-2", Duration::from_secs(60)).await;
-    assert_eq!(api.scalar("SELECT count(*) FROM raw.telemetry").await, 8);
-    assert_eq!(api.scalar("SELECT count(*) FROM usable.telemetry").await, 8);
+    let all = 5 + new_messages;
+    assert_eq!(api.scalar("SELECT count(*) FROM raw.telemetry").await, all);
+    assert_eq!(
+        api.scalar("SELECT count(*) FROM usable.telemetry").await,
+        all
+    );
     healthy(&api).await;
     engine.shutdown().await.expect("a clean shutdown");
 }

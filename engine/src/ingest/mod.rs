@@ -225,28 +225,29 @@ pub async fn run(
         let (committer, _) = ingest.commits.idle().await;
         let (start, committed) = (committer.resume_at(), committer.highest_committed());
         let watched = Some(ingest.metrics.clone());
-        let mut source = match Source::open(&ingest.config, start, committed, watched).await {
-            Ok(source) => source,
-            Err(
-                e @ (crate::ingest::source::OpenError::Mismatch(_)
-                | crate::ingest::source::OpenError::Mapping(_)),
-            ) => {
-                // Consuming would silently skip the new stream's first messages, or read a
-                // partitioned stream's subjects as no pipeline's: say so and wait for an
-                // operator (`serve` exits non-zero).
-                ingest.metrics.set_last_error("source", &e.to_string());
-                ingest.metrics.source_up.store(0, Ordering::Relaxed);
-                ingest.metrics.stop_ingest(&format!("ingest stopped: {e}"));
-                return;
-            }
-            Err(e) => {
-                ingest.source_failed(&e.to_string());
-                if !backoff.wait(&ingest.cancel).await {
+        let mut source =
+            match Source::open(&ingest.config, &ingest.lake, start, committed, watched).await {
+                Ok(source) => source,
+                Err(
+                    e @ (crate::ingest::source::OpenError::Mismatch(_)
+                    | crate::ingest::source::OpenError::Mapping(_)),
+                ) => {
+                    // Consuming would silently skip the new stream's first messages, or read a
+                    // partitioned stream's subjects as no pipeline's: say so and wait for an
+                    // operator (`serve` exits non-zero).
+                    ingest.metrics.set_last_error("source", &e.to_string());
+                    ingest.metrics.source_up.store(0, Ordering::Relaxed);
+                    ingest.metrics.stop_ingest(&format!("ingest stopped: {e}"));
                     return;
                 }
-                continue;
-            }
-        };
+                Err(e) => {
+                    ingest.source_failed(&e.to_string());
+                    if !backoff.wait(&ingest.cancel).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
         tracing::info!(start, "consuming");
         if let Some(p) = ingest.config.partition() {
             ingest.metrics.partition_consuming(p.index);

@@ -297,16 +297,84 @@ pub struct Source {
 /// Why the source will not open: the stream is not the one the lake's positions refer to.
 /// Retrying cannot fix it; an operator must decide (see the README, "A recreated stream").
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "stream {stream} ends at sequence {last}, but the lake has committed messages up to sequence {committed} from it: \
-     the stream was deleted and created again (or is another stream), and consuming it would skip its first {committed} messages. \
-     Nothing was consumed. To take the new stream from its start, run serve with a new consumer name \
-     (--set nats.consumer=<new name>): its positions start at sequence 1, the tables keep their rows"
-)]
-pub struct StreamMismatch {
+pub enum StreamMismatch {
+    /// The stream ends before the lake's highest committed position.
+    #[error(
+        "stream {stream} ends at sequence {last}, but the lake has committed messages up to sequence {committed} from it: \
+         the stream was deleted and created again (or is another stream), and consuming it would skip its first {committed} messages. \
+         Nothing was consumed. {REMEDY}"
+    )]
+    EndsBefore {
+        stream: String,
+        last: u64,
+        committed: u64,
+    },
+    /// The stream is not the one whose positions the lake holds (another creation time or
+    /// name), though it may already hold more messages than the lake's position.
+    #[error(
+        "stream {stream} was created at {created}, but the lake's positions (up to sequence {committed}) are of stream {recorded_stream} created at {recorded}: \
+         the stream was deleted and created again (or is another stream), and consuming it would skip its first {committed} messages. \
+         Nothing was consumed. {REMEDY}"
+    )]
+    Recreated {
+        stream: String,
+        created: String,
+        recorded_stream: String,
+        recorded: String,
+        committed: u64,
+    },
+}
+
+const REMEDY: &str = "To take the new stream from its start, run serve with a new consumer name \
+     (--set nats.consumer=<new name>): its positions start at sequence 1, the tables keep their rows";
+
+/// The stream a consumer's positions in the lake are positions of: its name and creation time,
+/// kept at `_fleetlake/stream-<consumer>.json`, written when the consumer first takes the
+/// stream and checked at every open ([`StreamMismatch::Recreated`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamIdentity {
     pub stream: String,
-    pub last: u64,
-    pub committed: u64,
+    /// The stream's creation time as NATS reports it (RFC 3339).
+    pub created: String,
+}
+
+impl StreamIdentity {
+    fn file(consumer: &str) -> String {
+        format!("stream-{consumer}.json")
+    }
+
+    /// Checks the stream `now` against the identity the lake holds for `consumer`, recording
+    /// `now` when there is none yet or nothing has been committed (a new consumer takes the
+    /// stream from its start). Errors: [`OpenError::Mismatch`] for another stream,
+    /// [`OpenError::Lake`] when the lake cannot be read or written (retried).
+    pub async fn check(
+        lake: &fleetlake_zones::Lake,
+        consumer: &str,
+        now: &StreamIdentity,
+        committed: u64,
+    ) -> Result<(), OpenError> {
+        let file = Self::file(consumer);
+        let lake_error = |e: fleetlake_zones::Error| OpenError::Lake(e.to_string());
+        let recorded = lake.get_lake_file(&file).await.map_err(lake_error)?;
+        let recorded: Option<StreamIdentity> =
+            recorded.and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        match recorded {
+            Some(recorded) if recorded == *now => Ok(()),
+            Some(recorded) if committed > 0 => Err(StreamMismatch::Recreated {
+                stream: now.stream.clone(),
+                created: now.created.clone(),
+                recorded_stream: recorded.stream,
+                recorded: recorded.created,
+                committed,
+            }
+            .into()),
+            // First taken by this consumer (or by a version that did not record it).
+            _ => {
+                let bytes = serde_json::to_vec_pretty(now).expect("serializable");
+                lake.put_lake_file(&file, bytes).await.map_err(lake_error)
+            }
+        }
+    }
 }
 
 /// Why [`Source::open`] failed.
@@ -321,6 +389,9 @@ pub enum OpenError {
     /// Retrying cannot help: ingest stops.
     #[error(transparent)]
     Mismatch(#[from] StreamMismatch),
+    /// The lake (where the stream's identity is kept) could not be read or written: retried.
+    #[error("checking which stream the lake's positions belong to: {0}")]
+    Lake(String),
 }
 
 /// A message read by its stream sequence (see [`Source::fetch`]).
@@ -337,10 +408,13 @@ impl Source {
     /// `committed` is the highest stream sequence any table has committed. Refuses
     /// ([`OpenError::Mismatch`]) a stream that ends before it: the lake has committed messages
     /// this stream never held, so it is not the stream the lake's positions
-    /// refer to (it was deleted and created again). Messages the stream no longer holds (its
+    /// refer to (it was deleted and created again); so is a stream created at another time than
+    /// the one the lake recorded for this consumer ([`StreamIdentity`]), which catches a new
+    /// stream that already holds more messages than the lake's position. Messages the stream no longer holds (its
     /// retention removed them before they were consumed) are logged as lost.
     pub async fn open(
         config: &Config,
+        lake: &fleetlake_zones::Lake,
         start: u64,
         committed: u64,
         metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
@@ -355,13 +429,21 @@ impl Source {
         check_mapping(info, config).map_err(OpenError::Mapping)?;
         let state = info.state.clone();
         if committed > state.last_sequence {
-            return Err(StreamMismatch {
+            return Err(StreamMismatch::EndsBefore {
                 stream: config.stream().to_string(),
                 last: state.last_sequence,
                 committed,
             }
             .into());
         }
+        let identity = StreamIdentity {
+            stream: config.stream().to_string(),
+            created: chrono::DateTime::from_timestamp_nanos(
+                i64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            )
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        };
+        StreamIdentity::check(lake, config.consumer(), &identity, committed).await?;
         // Empty after a purge, the stream's first sequence is the next it will store.
         let first = start.max(state.first_sequence);
         if first > start {
