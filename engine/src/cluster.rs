@@ -41,10 +41,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use fleetlake_zones::Lake;
 use futures::StreamExt;
-use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -52,60 +51,7 @@ use crate::config::Config;
 use crate::ingest::pipelines::Declared;
 use crate::metrics::Metrics;
 
-/// The first token of a stored subject, before the partition number.
-pub const PREFIX: &str = "fleetlake";
-
-/// One partition of the stream: `index` of `count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Partition {
-    pub index: u32,
-    pub count: u32,
-}
-
-impl Partition {
-    /// The stored subjects of this partition: `fleetlake.<index>.>`.
-    pub fn filter_subject(&self) -> String {
-        format!("{PREFIX}.{}.>", self.index)
-    }
-
-    /// The subject a message was published on, from the subject the stream stored
-    /// (`fleetlake.<index>.<published>`); a subject without the prefix is returned as it is.
-    pub fn published<'a>(&self, stored: &'a str) -> &'a str {
-        stored
-            .strip_prefix(PREFIX)
-            .and_then(|s| s.strip_prefix('.'))
-            .and_then(|s| s.split_once('.'))
-            .filter(|(n, _)| n.parse::<u32>().is_ok())
-            .map_or(stored, |(_, rest)| rest)
-    }
-
-    /// A SQL condition (starting with ` AND`) keeping the rows whose `column` (a stream
-    /// sequence) is a message of this partition with a sequence in `(after, upto]`: the
-    /// messages' subjects in raw.telemetry, mapped as NATS maps them (`nats_partition`).
-    pub fn scope(&self, column: &str, after: i64, upto: i64) -> String {
-        format!(
-            " AND {column} IN (SELECT stream_seq FROM raw.telemetry WHERE stream_seq > {after} \
-             AND stream_seq <= {upto} AND nats_partition(subject, {}) = {})",
-            self.count, self.index
-        )
-    }
-}
-
-/// [`Partition::scope`] for an optional partition: empty without one (the whole stream).
-pub fn scope(partition: Option<Partition>, column: &str, after: i64, upto: i64) -> String {
-    partition
-        .map(|p| p.scope(column, after, upto))
-        .unwrap_or_default()
-}
-
-/// The stream's subject mapping for `partitions` partitions (`None` for 0): every subject
-/// `s` is stored as `fleetlake.<nats_partition(s, P)>.s`.
-pub fn subject_transform(partitions: u32) -> Option<jetstream::stream::SubjectTransform> {
-    (partitions > 0).then(|| jetstream::stream::SubjectTransform {
-        source: ">".into(),
-        destination: format!("{PREFIX}.{{{{partition({partitions})}}}}.>"),
-    })
-}
+pub use crate::config::partition::{PREFIX, Partition, scope, subject_transform};
 
 /// Splits the declared work between the partitions and the fleet-wide stage
 /// ([`crate::ingest::fleet`]): window tables not grouped by `device_id`, rules over them, and
@@ -160,40 +106,7 @@ pub fn split_fleet_wide(declared: &Declared) -> (Declared, Declared, Vec<String>
     (local, fleet, names)
 }
 
-/// What `GET /v1/cluster` and `/healthz` show of this instance's group.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ClusterStatus {
-    pub instance: String,
-    pub partitions: u32,
-    /// The partitions this instance consumes, with when it took each (RFC 3339).
-    pub owned: Vec<OwnedPartition>,
-    /// Every partition's holder as the lease bucket last said (`None`: nobody holds it).
-    pub holders: BTreeMap<u32, Option<String>>,
-    /// The members seen in the lease bucket, this one included.
-    pub members: Vec<String>,
-    /// The fleet-wide window tables and rules: computed by one elected instance
-    /// (`cluster.fleet_wide = merge`) or not at all (`skip`).
-    pub fleet_wide: Vec<String>,
-    /// Who computes them (the holder of the lease `fleet`); `None` with `skip`, or while
-    /// nobody does.
-    pub fleet_wide_by: Option<String>,
-    /// The fleet-wide window tables and rules not computed (`cluster.fleet_wide = skip`).
-    pub not_computed: Vec<String>,
-    /// Partitions this instance took a lease on (at start, after an owner died, on rebalancing).
-    pub takeovers: u64,
-    /// Partitions it handed back to balance the group.
-    pub released: u64,
-    /// Partitions whose lease it lost without handing them back (it expired and another
-    /// instance took it): its ingest of them stopped at once.
-    pub lost: u64,
-}
-
-/// One owned partition.
-#[derive(Debug, Clone, Serialize)]
-pub struct OwnedPartition {
-    pub partition: u32,
-    pub since: String,
-}
+pub use crate::metrics::{ClusterStatus, OwnedPartition};
 
 /// Why the cluster's bucket could not be used.
 fn nats_error(action: &str, e: impl std::fmt::Display) -> String {
@@ -364,7 +277,7 @@ pub async fn run(
             let reason = match o.task.await {
                 Err(e) if e.is_panic() => format!(
                     "ingest of {what} panicked: {}",
-                    crate::serve::panic_message(&e.into_panic())
+                    crate::metrics::panic_message(&e.into_panic())
                 ),
                 _ => format!("ingest of {what} ended without being asked to stop"),
             };

@@ -24,16 +24,20 @@
 //!
 //! ## Layout
 //!
+//! No module imports one that (directly or not) imports it back: `python3
+//! scripts/module-cycles.py` checks it (and `scripts/test.sh` runs it). Each room may call the
+//! rooms below it in this table, never one above:
+//!
 //! | module | owns | may call |
 //! |---|---|---|
-//! | [`config`] | layered settings (defaults, TOML, environment, flags) | – |
-//! | [`metrics`] | counters, gauges and health facts | – |
+//! | [`config`] | layered settings (defaults, TOML, environment, flags) and their typed sections: [`config::nats`] (how to reach NATS), [`config::partition`] (the stream's partitions), query limits, the fleet endpoints' defaults | – |
+//! | [`metrics`] | counters, gauges, health facts and the cluster's status as `/healthz` shows it | – |
 //! | [`progress`] | the progress bar of long commands | – |
-//! | [`ingest`] | the stage from JetStream to the lake: [`ingest::source`], the micro-batch loop, [`ingest::pipelines`], [`ingest::derived`], [`ingest::commit`], [`ingest::replay`] | config, metrics |
-//! | [`api`] | the HTTP routes, [`api::format`], [`api::reference`], [`api::rules`] | metrics, the rule-change message of ingest |
-//! | [`cluster`] | partitions of the stream, their leases, one ingest per owned partition | ingest, config, metrics |
+//! | [`ingest`] | the stage from JetStream to the lake: [`ingest::source`], the micro-batch loop, [`ingest::pipelines`], [`ingest::derived`] (with [`ingest::alert_table`] and [`ingest::alertmanager`]), [`ingest::commit`], [`ingest::fleet`], [`ingest::replay`] | config, metrics |
+//! | [`cluster`] | leases on the partitions, one ingest per owned partition, the fleet-wide stage's election | ingest, config, metrics |
 //! | [`maintenance`] | which tables are maintained, with which policy, under which lease (the steps are `fleetlake_zones::maintain`'s) | config, metrics, ingest::source (to reach NATS) |
-//! | [`serve`] | wiring, supervision and ordered shutdown | ingest, cluster, api, maintenance, config, metrics |
+//! | [`api`] | the HTTP routes: [`api::state`] (what handlers share), [`api::respond`] (error answers), [`api::query`] (admission and execution), [`api::auth`] and [`api::audit`], one file per resource | config, metrics, the rule-change message of ingest |
+//! | [`serve`] | wiring, supervision and ordered shutdown | every room above |
 //! | [`tools`] | [`tools::simulate`], [`tools::nats_server`], [`tools::demo`] | serve, ingest::source |
 //!
 //! Start reading at [`ingest`].

@@ -191,7 +191,7 @@ pub struct Metrics {
     rules: Mutex<std::collections::BTreeMap<String, RuleCounters>>,
     maintenance: Mutex<MaintenanceCounters>,
     /// The cluster this instance is a member of (`cluster.partitions` > 0), as last seen.
-    cluster: Mutex<Option<crate::cluster::ClusterStatus>>,
+    cluster: Mutex<Option<ClusterStatus>>,
     /// The stream sequence up to which this instance's fleet-wide windows and rules have
     /// committed (`crate::ingest::fleet`); 0 when it does not compute them.
     pub fleet_wide_position: AtomicI64,
@@ -245,7 +245,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Records the cluster as this instance last saw it; lags of partitions it no longer owns
     /// are dropped.
-    pub fn set_cluster(&self, status: crate::cluster::ClusterStatus) {
+    pub fn set_cluster(&self, status: ClusterStatus) {
         let owned = |p: &u32| status.owned.iter().any(|o| o.partition == *p);
         self.partitions_consuming
             .lock()
@@ -259,7 +259,7 @@ impl Metrics {
     }
 
     /// The cluster as last seen (`None` without partitions).
-    pub fn cluster(&self) -> Option<crate::cluster::ClusterStatus> {
+    pub fn cluster(&self) -> Option<ClusterStatus> {
         self.cluster.lock().expect("metrics lock").clone()
     }
 
@@ -888,4 +888,48 @@ mod tests {
             "{text}"
         );
     }
+}
+
+/// What `GET /v1/cluster` and `/healthz` show of this instance's group.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ClusterStatus {
+    pub instance: String,
+    pub partitions: u32,
+    /// The partitions this instance consumes, with when it took each (RFC 3339).
+    pub owned: Vec<OwnedPartition>,
+    /// Every partition's holder as the lease bucket last said (`None`: nobody holds it).
+    pub holders: std::collections::BTreeMap<u32, Option<String>>,
+    /// The members seen in the lease bucket, this one included.
+    pub members: Vec<String>,
+    /// The fleet-wide window tables and rules: computed by one elected instance
+    /// (`cluster.fleet_wide = merge`) or not at all (`skip`).
+    pub fleet_wide: Vec<String>,
+    /// Who computes them (the holder of the lease `fleet`); `None` with `skip`, or while
+    /// nobody does.
+    pub fleet_wide_by: Option<String>,
+    /// The fleet-wide window tables and rules not computed (`cluster.fleet_wide = skip`).
+    pub not_computed: Vec<String>,
+    /// Partitions this instance took a lease on (at start, after an owner died, on rebalancing).
+    pub takeovers: u64,
+    /// Partitions it handed back to balance the group.
+    pub released: u64,
+    /// Partitions whose lease it lost without handing them back (it expired and another
+    /// instance took it): its ingest of them stopped at once.
+    pub lost: u64,
+}
+
+/// One owned partition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OwnedPartition {
+    pub partition: u32,
+    pub since: String,
+}
+
+/// The text of a panic's payload (`&str` or `String`, as `panic!` makes them).
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }

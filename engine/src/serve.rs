@@ -374,22 +374,13 @@ async fn supervise(
         Ok(()) => {}
         Err(e) => {
             let reason = match e.try_into_panic() {
-                Ok(panic) => format!("ingest panicked: {}", panic_message(&panic)),
+                Ok(panic) => format!("ingest panicked: {}", crate::metrics::panic_message(&panic)),
                 Err(e) => format!("ingest task failed: {e}"),
             };
             metrics.stop_ingest(&reason);
         }
     }
     ended.cancel();
-}
-
-/// The text of a panic's payload (`&str` or `String`, as `panic!` makes them).
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.

@@ -9,15 +9,11 @@ use std::sync::Arc;
 
 use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use fleetlake_zones::Lake;
 use fleetlake_zones::lake::TableWriter;
-use fleetlake_zones::{Lake, TableId, Zone};
 
 use crate::api::auth::Principal;
-
-/// `final.audit`.
-pub fn audit_table() -> TableId {
-    TableId::new(Zone::Final, "audit")
-}
+pub use crate::api::auth::audit_table;
 
 /// `at` (UTC µs), `actor`, `token_id`, `role`, `address`, `action`, `target`, `detail`, and
 /// `audit_seq` (strictly increasing; the table's progress column).

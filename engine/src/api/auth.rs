@@ -532,20 +532,17 @@ pub struct Caller {
     pub address: Option<std::net::SocketAddr>,
 }
 
-/// Resolved query limits of one caller.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub timeout: Duration,
-    pub memory_bytes: usize,
-    pub max_rows: usize,
-    pub max_concurrent: usize,
-    /// Requests per minute to the SQL routes; 0 = unlimited.
-    pub rate_per_minute: u64,
+pub use crate::config::Limits;
+
+/// `final.audit`, the admins' record of who did what ([`crate::api::audit`]).
+pub fn audit_table() -> fleetlake_zones::TableId {
+    fleetlake_zones::TableId::new(fleetlake_zones::Zone::Final, "audit")
 }
 
-impl Limits {
-    /// The configured defaults with `token`'s overrides.
-    pub fn resolve(defaults: &Limits, token: &TokenLimits) -> Limits {
+impl TokenLimits {
+    /// The configured defaults with this token's overrides.
+    pub fn resolve(&self, defaults: &Limits) -> Limits {
+        let token = self;
         Limits {
             timeout: token
                 .timeout_s
@@ -674,7 +671,7 @@ impl Auth {
             unauthorized("the token is not valid (unknown or revoked)".into())
         })?;
         Ok(Principal {
-            limits: Limits::resolve(&self.defaults, &record.limits),
+            limits: record.limits.resolve(&self.defaults),
             id: record.id,
             name: record.name,
             role: record.role,
@@ -774,11 +771,8 @@ impl Auth {
         // The audit is the admins'; the rules' audit (rule texts and authors) the engineers'.
         let hidden = match principal.role {
             Role::Admin => Vec::new(),
-            Role::Engineer => vec![crate::api::audit::audit_table()],
-            Role::Analyst => vec![
-                crate::api::audit::audit_table(),
-                crate::api::rules::audit_table(),
-            ],
+            Role::Engineer => vec![audit_table()],
+            Role::Analyst => vec![audit_table(), crate::api::rules::audit_table()],
         };
         fleetlake_sql::access::Access {
             who: principal.describe(),

@@ -8,7 +8,9 @@ use fleetlake_sql::device_state::{COHORT, DeviceFilter, DeviceView};
 use fleetlake_zones::TableId;
 use serde_json::{Value, json};
 
-use crate::api::{AppState, error_response};
+use crate::api::query::admit;
+use crate::api::respond::error_response;
+use crate::api::state::AppState;
 
 /// Devices per page when the request gives no `limit`, and the most it may ask for.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -74,7 +76,7 @@ pub async fn device(
         Ok(Path(id)) => id,
         Err(e) => return bad(format!("the device id in the path: {e}")),
     };
-    let _admission = match crate::api::admit(&state, &caller) {
+    let _admission = match admit(&state, &caller) {
         Ok(a) => a,
         Err(r) => return *r,
     };
@@ -111,7 +113,7 @@ pub async fn devices(
     axum::Extension(caller): axum::Extension<crate::api::auth::Caller>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
-    let _admission = match crate::api::admit(&state, &caller) {
+    let _admission = match admit(&state, &caller) {
         Ok(a) => a,
         Err(r) => return *r,
     };

@@ -13,8 +13,9 @@ use serde_json::json;
 
 use crate::api::auth::Caller;
 use crate::api::format::{Format, to_json};
-use crate::api::{AppState, error_response};
-use crate::config::Config;
+use crate::api::query::{Admission, admit, execute};
+use crate::api::respond::error_response;
+use crate::api::state::AppState;
 
 /// Rows per page when the request gives no `limit`.
 pub const DEFAULT_LIMIT: u64 = 100;
@@ -27,36 +28,7 @@ const MAX_WINDOW_US: i64 = 100 * 365 * 86_400 * 1_000_000;
 /// The longest statement sent in the `Fleetlake-Sql` header (proxies refuse long headers).
 const MAX_SQL_HEADER: usize = 8 * 1024;
 
-/// What the fleet endpoints read when a request does not say (the `fleet.*` configuration keys).
-#[derive(Debug, Clone)]
-pub struct FleetDefaults {
-    pub metrics_table: String,
-    pub metric: String,
-    pub events_table: String,
-    pub event: String,
-    pub cohort: Vec<String>,
-    pub dimensions: Vec<String>,
-    /// Columns a request may filter on.
-    pub filters: Vec<String>,
-    pub device_column: String,
-    pub time_column: String,
-}
-
-impl FleetDefaults {
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            metrics_table: config.get("fleet.metrics_table").to_string(),
-            metric: config.get("fleet.metric").to_string(),
-            events_table: config.get("fleet.events_table").to_string(),
-            event: config.get("fleet.event").to_string(),
-            cohort: config.list("fleet.cohort"),
-            dimensions: config.list("fleet.dimensions"),
-            filters: config.list("fleet.filters"),
-            device_column: config.get("fleet.device_column").to_string(),
-            time_column: config.get("fleet.time_column").to_string(),
-        }
-    }
-}
+pub use crate::config::FleetDefaults;
 
 type Params = Vec<(String, String)>;
 
@@ -290,10 +262,10 @@ const ROOT_CAUSE_COLUMNS: &[&str] = &[
 async fn columns(
     state: &AppState,
     caller: &Caller,
-    admission: &crate::api::Admission,
+    admission: &Admission,
     table: &TableId,
 ) -> Result<Vec<(String, arrow::datatypes::DataType)>, Response> {
-    let result = crate::api::execute(
+    let result = execute(
         state,
         caller,
         admission,
@@ -332,13 +304,13 @@ type EmptyNote = Option<(String, u64, String)>;
 async fn answer(
     state: &AppState,
     caller: &Caller,
-    admission: &crate::api::Admission,
+    admission: &Admission,
     headers: &HeaderMap,
     sql: String,
     (limit, offset): (u64, u64),
     empty_note: EmptyNote,
 ) -> Response {
-    let result = match crate::api::execute(state, caller, admission, sql.clone()).await {
+    let result = match execute(state, caller, admission, sql.clone()).await {
         Ok(r) => r,
         Err(response) => return response,
     };
@@ -346,7 +318,7 @@ async fn answer(
     let mut note = None;
     if result.row_count() == 0
         && let Some((check, bound, message)) = empty_note
-        && let Ok(checked) = crate::api::execute(state, caller, admission, check).await
+        && let Ok(checked) = execute(state, caller, admission, check).await
     {
         let largest = checked
             .batches
@@ -423,7 +395,7 @@ pub async fn outliers(
     Query(params): Query<Params>,
 ) -> Response {
     // One admission for the request's two statements (its columns, then the answer).
-    let admission = match crate::api::admit(&state, &caller) {
+    let admission = match admit(&state, &caller) {
         Ok(p) => p,
         Err(r) => return *r,
     };
@@ -538,7 +510,7 @@ pub async fn root_cause(
     Query(params): Query<Params>,
 ) -> Response {
     // One admission for the request's two statements (its columns, then the answer).
-    let admission = match crate::api::admit(&state, &caller) {
+    let admission = match admit(&state, &caller) {
         Ok(p) => p,
         Err(r) => return *r,
     };

@@ -17,14 +17,15 @@ pub mod auth;
 pub mod devices;
 pub mod fleet;
 pub mod format;
+pub mod query;
 pub mod reference;
+pub mod respond;
 pub mod rules;
+pub mod state;
 pub mod tls;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use arrow::array::RecordBatch;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::Path;
@@ -34,138 +35,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 
 use crate::api::rules::{Refused, Rules};
-use fleetlake_sql::access::Access;
-use fleetlake_sql::{ErrorKind, QueryEngine, QueryResult};
-use fleetlake_zones::{TableId, TableInfo};
-use futures::future::BoxFuture;
+use fleetlake_zones::TableInfo;
 use serde_json::json;
 
-use crate::api::auth::{Auth, Caller, Denied, Requirement};
-use crate::api::format::Format;
-use crate::metrics::Metrics;
-
-/// What the HTTP layer needs from the lake.
-pub trait Lakehouse: Send + Sync + 'static {
-    /// Runs read-only `sql` as `access` allows (see [`QueryEngine::query_with`]).
-    fn query(
-        &self,
-        sql: String,
-        access: Access,
-    ) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>>;
-    fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>>;
-    /// Replaces `reference.<name>` with `rows`.
-    fn replace_reference(
-        &self,
-        name: String,
-        rows: RecordBatch,
-    ) -> BoxFuture<'static, fleetlake_sql::Result<TableInfo>>;
-}
-
-impl Lakehouse for QueryEngine {
-    fn query(
-        &self,
-        sql: String,
-        access: Access,
-    ) -> BoxFuture<'static, fleetlake_sql::Result<QueryResult>> {
-        let engine = self.clone();
-        Box::pin(async move { QueryEngine::query_with(&engine, &sql, &access).await })
-    }
-
-    fn tables(&self) -> BoxFuture<'static, fleetlake_sql::Result<Vec<TableInfo>>> {
-        let lake = self.lake().clone();
-        Box::pin(async move {
-            // Every table in the lake, zone by zone: built-in, pipeline, window and reference.
-            let mut out = Vec::new();
-            for id in lake.all_tables().await? {
-                if let Some(info) = lake.describe(&id).await? {
-                    out.push(info);
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    fn replace_reference(
-        &self,
-        name: String,
-        rows: RecordBatch,
-    ) -> BoxFuture<'static, fleetlake_sql::Result<TableInfo>> {
-        let lake = self.lake().clone();
-        Box::pin(async move {
-            let id = TableId::parse(&format!("reference.{name}"))?;
-            Ok(lake.replace(&id, rows).await?)
-        })
-    }
-}
-
-/// Shared state of the handlers.
-#[derive(Clone)]
-pub struct AppState {
-    pub lake: Arc<dyn Lakehouse>,
-    pub metrics: Arc<Metrics>,
-    /// False for a process that only serves queries (no ingest): health ignores the source.
-    pub ingesting: bool,
-    /// The declared pipelines: name, source subject, tables and expectations.
-    pub pipelines: Arc<Vec<serde_json::Value>>,
-    /// The rules, changeable at runtime (`None` when this process does not ingest).
-    pub rules: Option<Arc<crate::api::rules::Rules>>,
-    /// The reference tables the pipelines declare: uploads are held to their types.
-    pub references: Arc<Vec<fleetlake_sql::pipeline::ReferenceDef>>,
-    /// What the fleet endpoints read when a request does not say.
-    pub fleet: Arc<crate::api::fleet::FleetDefaults>,
-    /// The latest state of every device (`None` when this process does not ingest).
-    pub devices: Option<fleetlake_sql::device_state::SharedDeviceState>,
-    /// Tokens, route requirements and per-token query admission.
-    pub auth: Arc<Auth>,
-    /// `final.audit`.
-    pub audit: Arc<crate::api::audit::Audit>,
-    /// The runtime queries run on, apart from ingest's (see [`query_runtime`]).
-    pub queries: tokio::runtime::Handle,
-    /// The largest `POST /v1/query` body, in bytes.
-    pub max_query_body: usize,
-}
-
-/// Starts the runtime queries run on: `threads` worker threads of their own, so that a heavy
-/// query competes with ingest for the CPU as one more thread, never by occupying the
-/// ingest runtime's workers. The runtime lives on a thread of its own and ends when the
-/// returned guard is dropped.
-pub fn query_runtime(threads: usize) -> (tokio::runtime::Handle, QueryRuntime) {
-    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name("fleetlake-queries".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads.max(1))
-                .thread_name("fleetlake-query")
-                // DataFusion plans recursively: as much stack as the main runtime's threads.
-                .thread_stack_size(16 * 1024 * 1024)
-                .enable_all()
-                .build()
-                .expect("starting the query runtime");
-            let _ = handle_tx.send(runtime.handle().clone());
-            runtime.block_on(async {
-                let _ = stopped.await;
-            });
-            runtime.shutdown_background();
-        })
-        .expect("starting the query runtime's thread");
-    let handle = handle_rx.recv().expect("the query runtime starts");
-    (handle, QueryRuntime { _stop: stop })
-}
-
-/// Keeps the query runtime alive; dropping it stops the runtime (queries still running are
-/// abandoned).
-pub struct QueryRuntime {
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
+use crate::api::auth::{Auth, Caller, Requirement};
+use crate::api::query::admit;
+pub use crate::api::respond::error_response;
+use crate::api::respond::json_body;
+pub(crate) use crate::api::respond::{denied, sql_error};
+pub use crate::api::state::{AppState, Lakehouse, QueryRuntime, query_runtime};
 
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/v1/query",
-            post(query).layer(axum::extract::DefaultBodyLimit::max(state.max_query_body)),
+            post(query::query).layer(axum::extract::DefaultBodyLimit::max(state.max_query_body)),
         )
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -269,124 +154,6 @@ async fn authenticate(
     next.run(request).await
 }
 
-/// A refusal in the API's error shape, with `WWW-Authenticate` on a 401 and `Retry-After` on
-/// a 429.
-pub(crate) fn denied(d: Denied) -> Response {
-    let mut response = error_response(d.status, d.code, &d.message);
-    if d.status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer realm=\"fleetlake\""),
-        );
-    }
-    if let Some(after) = d.retry_after {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from(after));
-    }
-    response
-}
-
-/// Admits one query of `caller` (rate and concurrency limits); the permit is held until it
-/// is answered.
-pub(crate) fn admit(state: &AppState, caller: &Caller) -> Result<Admission, Box<Response>> {
-    state
-        .auth
-        .admit(&caller.principal)
-        .map(Arc::new)
-        .map_err(|d| Box::new(denied(d)))
-}
-
-/// An admitted query's place among its token's concurrent queries: released when the request
-/// has been answered and every query it started has really ended (a cancelled one included).
-pub(crate) type Admission = Arc<tokio::sync::OwnedSemaphorePermit>;
-
-/// Runs `sql` for an admitted `caller`: a statement naming a raw-zone table is recorded in
-/// `final.audit` first; the query runs on the query runtime with the caller's access and is
-/// cancelled after its timeout (408 `query_timeout`).
-pub(crate) async fn execute(
-    state: &AppState,
-    caller: &Caller,
-    admission: &Admission,
-    sql: String,
-) -> Result<QueryResult, Response> {
-    let access = state.auth.access(&caller.principal);
-    // Only a caller who may read raw can read it: nobody else's statements are parsed here.
-    let raw: Vec<String> = if access.zones.contains(&fleetlake_zones::Zone::Raw) {
-        fleetlake_sql::query::tables_named(&sql)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|t| t.zone == fleetlake_zones::Zone::Raw && access.check_table(t).is_ok())
-            .map(|t| t.to_string())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if !raw.is_empty() {
-        let event = crate::api::audit::Event {
-            principal: &caller.principal,
-            address: caller.address,
-            action: "raw.read",
-            target: &raw.join(","),
-            detail: &sql,
-        };
-        if let Err(e) = state.audit.record(event).await {
-            return Err(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                &format!(
-                    "a raw-zone read is recorded before it is answered, and recording failed: {e}"
-                ),
-            ));
-        }
-    }
-    let timeout = caller.principal.limits.timeout;
-    let held = Arc::clone(admission);
-    let query = state.lake.query(sql, access);
-    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut running = state.queries.spawn({
-        let started = Arc::clone(&started);
-        async move {
-            started.store(true, Ordering::Relaxed);
-            let answer = query.await;
-            drop(held);
-            answer
-        }
-    });
-    match tokio::time::timeout(timeout, &mut running).await {
-        Ok(Ok(Ok(result))) => Ok(result),
-        Ok(Ok(Err(e))) => Err(sql_error(&e)),
-        Ok(Err(e)) => Err(error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            &format!("the query's task failed: {e}"),
-        )),
-        Err(_) if !started.load(Ordering::Relaxed) => {
-            running.abort();
-            Err(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "queries_busy",
-                &format!(
-                    "the query did not start within {} s: every query thread (query.threads) was busy with other queries; retry later",
-                    timeout.as_secs_f64()
-                ),
-            ))
-        }
-        Err(_) => {
-            running.abort();
-            Err(error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                "query_timeout",
-                &format!(
-                    "the query ran longer than {} s, the most {} may use (query.timeout_s), and was cancelled",
-                    timeout.as_secs_f64(),
-                    caller.principal.describe()
-                ),
-            ))
-        }
-    }
-}
-
 /// Any other path: a 404 in the API's error shape, naming the path.
 async fn not_found(uri: axum::http::Uri) -> Response {
     error_response(
@@ -397,93 +164,6 @@ async fn not_found(uri: axum::http::Uri) -> Response {
             uri.path()
         ),
     )
-}
-
-/// The request's JSON body, or a 400 `bad_request` saying what was `expected`.
-fn json_body<T: serde::de::DeserializeOwned>(
-    body: &[u8],
-    expected: &str,
-) -> Result<T, Box<Response>> {
-    serde_json::from_slice(body).map_err(|e| {
-        Box::new(error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("expected a JSON body {expected}: {e}"),
-        ))
-    })
-}
-
-/// `{"error":{"code":…,"message":…}}` with a status.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        json!({"error": {"code": code, "message": message}}).to_string(),
-    )
-        .into_response()
-}
-
-pub(crate) fn sql_error(e: &fleetlake_sql::Error) -> Response {
-    let status = match e.kind() {
-        ErrorKind::User => StatusCode::BAD_REQUEST,
-        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::Limit => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    error_response(status, e.code(), &e.to_string())
-}
-
-async fn query(
-    State(state): State<AppState>,
-    axum::Extension(caller): axum::Extension<Caller>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                &format!(
-                    "the request body is larger than {} KiB (query.max_body_kb)",
-                    state.max_query_body / 1024
-                ),
-            );
-        }
-        Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
-    };
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Request {
-        sql: String,
-    }
-    let request: Request = match json_body(&body, "{\"sql\": \"SELECT …\"}") {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
-    let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
-    let admission = match admit(&state, &caller) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    match execute(&state, &caller, &admission, request.sql).await {
-        Ok(result) => match format.encode(&result) {
-            Ok(body) => (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, format.content_type())],
-                body,
-            )
-                .into_response(),
-            Err(e) => error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "encoding",
-                &e.to_string(),
-            ),
-        },
-        Err(response) => response,
-    }
 }
 
 fn table_json(t: &TableInfo) -> serde_json::Value {

@@ -151,8 +151,8 @@ fn alert(f: &Firing, ends_at: Option<i64>) -> Value {
 /// The latest transition of each rule and key in `final.alerts` that is firing, less the keys a
 /// firing cohort alert stands for: what was firing when fleetlake stopped.
 async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
-    let table = crate::ingest::derived::alerts_table();
-    if !crate::ingest::derived::table_exists(lake, &table).await? {
+    let table = crate::ingest::alert_table::alerts_table();
+    if !crate::ingest::alert_table::table_exists(lake, &table).await? {
         return Ok(Vec::new());
     }
     let sql = format!(

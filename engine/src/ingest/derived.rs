@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::DataType;
 use async_nats::jetstream;
 use datafusion::catalog::TableProvider;
 use fleetlake_sql::QueryEngine;
@@ -29,40 +29,17 @@ use fleetlake_sql::rules::clock::StreamClock;
 use fleetlake_sql::rules::{RuleRunner, Transition};
 use fleetlake_sql::window::WindowOperator;
 use fleetlake_zones::lake::TableWriter;
-use fleetlake_zones::{Lake, TableId, Zone};
+use fleetlake_zones::{Lake, TableId};
 
 use tokio::sync::oneshot;
 
-use crate::cluster::{Partition, scope};
 use crate::config::Config;
+use crate::config::partition::{Partition, scope};
 use crate::ingest::alertmanager::Alertmanager;
 use crate::ingest::commit::Snapshot;
 use crate::metrics::Metrics;
 
-/// `final.alerts`: every alert transition.
-pub fn alerts_table() -> TableId {
-    TableId::new(Zone::Final, "alerts")
-}
-
-fn alerts_schema() -> SchemaRef {
-    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    Arc::new(Schema::new(vec![
-        Field::new("alert_id", DataType::Utf8, true),
-        Field::new("rule", DataType::Utf8, true),
-        Field::new("rule_version", DataType::Utf8, true),
-        Field::new("severity", DataType::Utf8, true),
-        Field::new("key", DataType::Utf8, true),
-        Field::new("state", DataType::Utf8, true),
-        Field::new("window_start", ts(), true),
-        Field::new("window_end", ts(), true),
-        Field::new("values", DataType::Utf8, true),
-        Field::new("event_time", ts(), true),
-        Field::new("emit_time", ts(), true),
-        Field::new("stream_seq", DataType::Int64, false),
-        // Last: added after the table existed (a lake's older table gains it, nullable).
-        Field::new("tenant", DataType::Utf8, true),
-    ]))
-}
+pub use crate::ingest::alert_table::{alerts_schema, alerts_table, table_exists};
 
 /// The alert as published on NATS (JSON).
 pub fn alert_json(t: &Transition, emitted_us: i64) -> serde_json::Value {
@@ -324,15 +301,6 @@ pub(crate) fn window_kind(app_id: &str) -> String {
 
 fn rule_kind(app_id: &str, rule: &str) -> String {
     format!("rule-{app_id}-{rule}")
-}
-
-/// Whether `table` exists in the lake.
-pub(crate) async fn table_exists(lake: &Lake, table: &TableId) -> Result<bool, String> {
-    Ok(lake
-        .describe(table)
-        .await
-        .map_err(|e| e.to_string())?
-        .is_some())
 }
 
 /// The transitions of rule `name` (this version) that final.alerts recorded after stream

@@ -74,7 +74,7 @@ pub async fn safe_position(
     let client = js.client();
     let mut safe = last;
     for (p, d) in done.iter().enumerate() {
-        let filter = crate::cluster::Partition {
+        let filter = crate::config::partition::Partition {
             index: p as u32,
             count: partitions,
         }

@@ -27,6 +27,7 @@
 //! pipeline over the raw zone, offline; refused while a heartbeat is fresh). May call [`crate::metrics`],
 //! [`crate::config`], `fleetlake_sql` and `fleetlake_zones`; never the API.
 
+pub mod alert_table;
 pub mod alertmanager;
 mod budget;
 pub mod commit;
@@ -381,7 +382,7 @@ async fn load_dedup(
         // In the order they were first seen, so devices' sequences arrive mostly in order.
         let sql = format!(
             "SELECT device_id, seq, ts, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} AND stream_seq <= {committed}{} ORDER BY stream_seq",
-            crate::cluster::scope(config.partition(), "stream_seq", since, committed)
+            crate::config::partition::scope(config.partition(), "stream_seq", since, committed)
         );
         let rows = QueryEngine::new(lake.clone())
             .query(&sql)
@@ -453,7 +454,7 @@ async fn load_devices(
                  LEFT JOIN {raw} r ON r.stream_seq = u.stream_seq \
                  AND r.stream_seq > {from} AND r.stream_seq <= {to} \
                  WHERE u.stream_seq > {from} AND u.stream_seq <= {to}{}",
-                crate::cluster::scope(config.partition(), "u.stream_seq", from, to)
+                crate::config::partition::scope(config.partition(), "u.stream_seq", from, to)
             );
             let rows = QueryEngine::new(lake.clone())
                 .query(&sql)

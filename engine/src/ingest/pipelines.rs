@@ -144,7 +144,7 @@ pub struct PipelineStage {
     references: References,
     app_id: String,
     /// The partition ingest consumes, if it consumes one: state is rebuilt from its rows only.
-    partition: Option<crate::cluster::Partition>,
+    partition: Option<crate::config::partition::Partition>,
 }
 
 fn snapshot_kind(app_id: &str, pipeline: &str) -> String {
@@ -161,7 +161,7 @@ async fn load_dedup(
     p: &mut Pipeline,
     first: &TableWriter,
     upto: i64,
-    partition: Option<crate::cluster::Partition>,
+    partition: Option<crate::config::partition::Partition>,
 ) -> Result<(), String> {
     let Some(state) = p.dedup.as_mut() else {
         return Ok(());
@@ -199,7 +199,7 @@ impl PipelineStage {
         runners: &[PipelineRunner],
         app_id: &str,
         max_gaps: usize,
-        partition: Option<crate::cluster::Partition>,
+        partition: Option<crate::config::partition::Partition>,
     ) -> Result<(Self, Vec<TableWriter>), String> {
         let mut pipelines = Vec::new();
         let mut all_writers = Vec::new();
@@ -400,7 +400,7 @@ pub async fn raw_rows(
     runner: &PipelineRunner,
     start: i64,
     end: i64,
-    partition: Option<crate::cluster::Partition>,
+    partition: Option<crate::config::partition::Partition>,
 ) -> Result<Vec<RecordBatch>, String> {
     // The partition's own messages: a filter on raw's subjects, not a semi-join.
     let scope = partition

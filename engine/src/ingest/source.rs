@@ -11,6 +11,55 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::StreamExt;
 
 use crate::config::Config;
+pub use crate::config::nats::NatsConnection;
+
+/// The client options `nats` asks for: credentials (from the settings or the URL) and TLS.
+async fn options(nats: &NatsConnection) -> Result<async_nats::ConnectOptions, SourceError> {
+    // More than one rustls crypto provider is compiled in (object_store's and async-nats'):
+    // name one, or rustls cannot choose and panics at the first TLS connection.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut options = match &nats.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+            .await
+            .map_err(|e| SourceError {
+                action: "reading the credentials file",
+                reason: format!("{}: {e}", path.display()),
+            })?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    // async-nats ignores a URL's user part: nats://user:password@host and nats://token@host
+    // are applied here, unless nats.user or nats.token says otherwise.
+    let (url_user, url_password) = nats.url_credentials();
+    match (&nats.user, url_user, url_password) {
+        (Some(user), _, _) => {
+            options =
+                options.user_and_password(user.clone(), nats.password.clone().unwrap_or_default());
+        }
+        (None, Some(user), Some(password)) => {
+            options = options.user_and_password(user, password);
+        }
+        (None, Some(token), None) if nats.token.is_none() => {
+            options = options.token(token);
+        }
+        _ => {}
+    }
+    if let Some(token) = &nats.token {
+        options = options.token(token.clone());
+    }
+    if let Some(seed) = &nats.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(ca) = &nats.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if nats.tls_required {
+        options = options.require_tls(true);
+    }
+    Ok(options)
+}
 
 /// Errors talking to NATS (an outside system: retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -24,123 +73,6 @@ fn err(action: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SourceErr
     move |e| SourceError {
         action,
         reason: e.to_string(),
-    }
-}
-
-/// How to reach NATS: the server URL, credentials and TLS (`nats.*` configuration keys).
-///
-/// Credentials are optional and combine as NATS allows: user and password, a token, an NKey seed,
-/// or a credentials file (user JWT + seed). TLS is used when the URL is `tls://`, a CA is given,
-/// or `tls_required` is set; a client certificate and key give mutual TLS. `Debug` never shows a
-/// secret.
-#[derive(Clone, Default)]
-pub struct NatsConnection {
-    pub url: String,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    pub token: Option<String>,
-    pub nkey_seed: Option<String>,
-    pub creds_file: Option<std::path::PathBuf>,
-    /// PEM file of the certificate authority the server's certificate is checked against.
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// PEM client certificate and key, for mutual TLS.
-    pub tls_cert: Option<std::path::PathBuf>,
-    pub tls_key: Option<std::path::PathBuf>,
-    pub tls_required: bool,
-}
-
-impl std::fmt::Debug for NatsConnection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let secret = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
-        f.debug_struct("NatsConnection")
-            .field("url", &crate::config::redact_url(&self.url))
-            .field("user", &self.user)
-            .field("password", &secret(&self.password))
-            .field("token", &secret(&self.token))
-            .field("nkey_seed", &secret(&self.nkey_seed))
-            .field("creds_file", &self.creds_file)
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("tls_required", &self.tls_required)
-            .finish()
-    }
-}
-
-impl NatsConnection {
-    /// A server at `url` with neither credentials nor TLS settings beyond the URL's own.
-    pub fn plain(url: &str) -> Self {
-        Self {
-            url: url.to_string(),
-            ..Default::default()
-        }
-    }
-
-    /// The user and password (or token, as the user alone) of the first URL that has any,
-    /// percent-decoded.
-    fn url_credentials(&self) -> (Option<String>, Option<String>) {
-        let decode = |s: &str| {
-            // Percent-decoding: a '+' stays a '+' (form decoding would make it a space).
-            url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
-        };
-        for part in self.url.split(',') {
-            if let Ok(u) = url::Url::parse(part.trim())
-                && !u.username().is_empty()
-            {
-                return (Some(decode(u.username())), u.password().map(decode));
-            }
-        }
-        (None, None)
-    }
-
-    async fn options(&self) -> Result<async_nats::ConnectOptions, SourceError> {
-        // More than one rustls crypto provider is compiled in (object_store's and async-nats'):
-        // name one, or rustls cannot choose and panics at the first TLS connection.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut options = match &self.creds_file {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
-                .await
-                .map_err(|e| SourceError {
-                    action: "reading the credentials file",
-                    reason: format!("{}: {e}", path.display()),
-                })?,
-            None => async_nats::ConnectOptions::new(),
-        };
-        // async-nats ignores a URL's user part: nats://user:password@host and nats://token@host
-        // are applied here, unless nats.user or nats.token says otherwise.
-        let (url_user, url_password) = self.url_credentials();
-        match (&self.user, url_user, url_password) {
-            (Some(user), _, _) => {
-                options = options
-                    .user_and_password(user.clone(), self.password.clone().unwrap_or_default());
-            }
-            (None, Some(user), Some(password)) => {
-                options = options.user_and_password(user, password);
-            }
-            (None, Some(token), None) if self.token.is_none() => {
-                options = options.token(token);
-            }
-            _ => {}
-        }
-        if let Some(token) = &self.token {
-            options = options.token(token.clone());
-        }
-        if let Some(seed) = &self.nkey_seed {
-            options = options.nkey(seed.clone());
-        }
-        if let Some(ca) = &self.tls_ca {
-            options = options.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        if self.tls_required {
-            options = options.require_tls(true);
-        }
-        Ok(options)
     }
 }
 
@@ -163,7 +95,7 @@ pub async fn connect_watched(
     nats: &NatsConnection,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 ) -> Result<jetstream::Context, SourceError> {
-    let mut options = nats.options().await?;
+    let mut options = options(nats).await?;
     if let Some(metrics) = metrics {
         let url = crate::config::redact_url(&nats.url);
         options = options.event_callback(move |event| {
@@ -214,7 +146,7 @@ const CHECKING_MAPPING: &str = "checking the stream's partition mapping";
 
 /// Creates the stream if absent (`nats.stream` on `nats.subjects`, file storage,
 /// `nats.replicas`), with the partition mapping when `cluster.partitions` is set
-/// ([`crate::cluster::subject_transform`]); an existing stream is returned as it is (a consumer
+/// ([`crate::config::partition::subject_transform`]); an existing stream is returned as it is (a consumer
 /// checks its mapping with [`check_mapping`]; a publisher need not).
 pub async fn ensure_stream(
     js: &jetstream::Context,
@@ -225,7 +157,7 @@ pub async fn ensure_stream(
         subjects: config.subjects(),
         storage: stream::StorageType::File,
         num_replicas: config.replicas(),
-        subject_transform: crate::cluster::subject_transform(config.partitions()),
+        subject_transform: crate::config::partition::subject_transform(config.partitions()),
         ..Default::default()
     })
     .await
@@ -237,7 +169,7 @@ pub async fn ensure_stream(
 /// messages would reach no partition, or a device would move); without, one fleetlake mapped
 /// (its stored subjects carry the partition, so no pipeline would match them).
 pub fn check_mapping(info: &stream::Info, config: &Config) -> Result<(), SourceError> {
-    let transform = crate::cluster::subject_transform(config.partitions());
+    let transform = crate::config::partition::subject_transform(config.partitions());
     let has = info
         .config
         .subject_transform
@@ -245,8 +177,9 @@ pub fn check_mapping(info: &stream::Info, config: &Config) -> Result<(), SourceE
         .map(|t| (t.source.clone(), t.destination.clone()));
     let wanted = transform.map(|t| (t.source, t.destination));
     let partitioned = |t: &Option<(String, String)>| {
-        t.as_ref()
-            .is_some_and(|(_, dest)| dest.starts_with(&format!("{}.", crate::cluster::PREFIX)))
+        t.as_ref().is_some_and(|(_, dest)| {
+            dest.starts_with(&format!("{}.", crate::config::partition::PREFIX))
+        })
     };
     // Without partitions a stream fleetlake partitioned must not be read either: its stored
     // subjects carry the partition, so no pipeline would match them.
@@ -286,7 +219,7 @@ pub struct Source {
     stream_name: String,
     /// The partition consumed, when this is one partition's source: its consumer filters the
     /// partition's subjects, and stored subjects lose their partition prefix when taken.
-    partition: Option<crate::cluster::Partition>,
+    partition: Option<crate::config::partition::Partition>,
     /// The consumer sequence of the last delivery seen (see [`Source::delivered_in_order`]).
     last_delivery: std::sync::atomic::AtomicU64,
     /// A delivery came out of order as a redelivery: one may have been dropped before it, so

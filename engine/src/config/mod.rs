@@ -4,6 +4,9 @@
 //! Every key is listed in [`KEYS`] with its default and meaning; `fleetlake config` prints them.
 //! Unknown keys and unparsable values are errors that name the key and what was expected.
 
+pub mod nats;
+pub mod partition;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
@@ -419,7 +422,7 @@ pub struct Config {
     values: HashMap<&'static str, String>,
     /// The partition a partition's ingest runs for ([`Config::for_partition`]); `None` for the
     /// instance (and for an instance without partitions).
-    partition: Option<crate::cluster::Partition>,
+    partition: Option<partition::Partition>,
     /// The durable consumer's name when it is not `nats.consumer` (a partition's, per lease).
     durable: Option<String>,
 }
@@ -796,8 +799,8 @@ impl Config {
     }
 
     /// The `query.*` limits every token has unless it overrides them.
-    pub fn query_limits(&self) -> crate::api::auth::Limits {
-        crate::api::auth::Limits {
+    pub fn query_limits(&self) -> Limits {
+        Limits {
             timeout: Duration::from_secs(self.number("query.timeout_s")),
             memory_bytes: (self.number("query.memory_mb") as usize).saturating_mul(1024 * 1024),
             max_rows: self.number("query.max_rows") as usize,
@@ -836,9 +839,9 @@ impl Config {
     }
 
     /// How to reach NATS: URL, credentials and TLS.
-    pub fn nats(&self) -> crate::ingest::source::NatsConnection {
+    pub fn nats(&self) -> nats::NatsConnection {
         let opt = |key: &str| Some(self.get(key).to_string()).filter(|v| !v.is_empty());
-        crate::ingest::source::NatsConnection {
+        nats::NatsConnection {
             url: self.nats_url().to_string(),
             user: opt("nats.user"),
             password: opt("nats.password"),
@@ -866,7 +869,7 @@ impl Config {
         self.number("cluster.partitions") as u32
     }
     /// The partition this configuration's ingest consumes, when it is one partition's.
-    pub fn partition(&self) -> Option<crate::cluster::Partition> {
+    pub fn partition(&self) -> Option<partition::Partition> {
         self.partition
     }
     /// The configuration of partition `index`'s ingest under the lease taken at revision
@@ -878,7 +881,7 @@ impl Config {
         let app_id = format!("{}-p{index}", self.consumer());
         config.durable = Some(format!("{app_id}-{lease}"));
         config.set_consumer(&app_id);
-        config.partition = Some(crate::cluster::Partition {
+        config.partition = Some(partition::Partition {
             index,
             count: self.partitions(),
         });
@@ -1161,6 +1164,48 @@ fn env_to_key(rest: &str) -> String {
         Some((section, name)) => format!("{section}.{name}"),
         None => lower,
     }
+}
+
+/// What the fleet endpoints read when a request does not say (the `fleet.*` configuration keys).
+#[derive(Debug, Clone)]
+pub struct FleetDefaults {
+    pub metrics_table: String,
+    pub metric: String,
+    pub events_table: String,
+    pub event: String,
+    pub cohort: Vec<String>,
+    pub dimensions: Vec<String>,
+    /// Columns a request may filter on.
+    pub filters: Vec<String>,
+    pub device_column: String,
+    pub time_column: String,
+}
+
+impl FleetDefaults {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            metrics_table: config.get("fleet.metrics_table").to_string(),
+            metric: config.get("fleet.metric").to_string(),
+            events_table: config.get("fleet.events_table").to_string(),
+            event: config.get("fleet.event").to_string(),
+            cohort: config.list("fleet.cohort"),
+            dimensions: config.list("fleet.dimensions"),
+            filters: config.list("fleet.filters"),
+            device_column: config.get("fleet.device_column").to_string(),
+            time_column: config.get("fleet.time_column").to_string(),
+        }
+    }
+}
+
+/// Resolved query limits of one caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+    pub max_rows: usize,
+    pub max_concurrent: usize,
+    /// Requests per minute to the SQL routes; 0 = unlimited.
+    pub rate_per_minute: u64,
 }
 
 #[cfg(test)]
