@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Import circles between the engine crate's modules.
 
-Reads every `crate::a::b` path in engine/src (use declarations and inline paths, comments and
-doc comments left out), maps each to the file that defines it, and prints every strongly
-connected component of more than one file (Tarjan's algorithm): each is an import circle.
-Exit status 1 when there is one. Usage: python3 scripts/module-cycles.py [engine/src]
+Reads every `crate::a::b` and `super::a` path in engine/src (use declarations and inline paths,
+comments and doc comments left out), maps each to the module that defines it, and prints every
+strongly connected component of more than one module (Tarjan's algorithm): each is an import
+circle. A private child module (`mod x;`, not `pub mod`) is a part of its parent, not a room of
+its own: it may use its parent's private items. Exit status 1 when there is a circle.
+Usage: python3 scripts/module-cycles.py [engine/src]
 """
 import os
 import re
@@ -28,11 +30,31 @@ for dirpath, _, files in os.walk(root):
         modules[tuple(rel)] = path
 
 
+def private_children():
+    """Modules declared `mod x;` (not pub) by their parent."""
+    out = set()
+    for mod, path in modules.items():
+        for name in re.findall(r"^\s*mod\s+([a-z_0-9]+)\s*;", open(path, encoding="utf-8").read(), flags=re.M):
+            if name != "tests":
+                out.add(mod + (name,))
+    return out
+
+
+PRIVATE = private_children()
+
+
+def room(mod):
+    """The room a module belongs to: itself, or the parent of a private child."""
+    while mod in PRIVATE:
+        mod = mod[:-1]
+    return mod
+
+
 def owner(parts):
-    """The longest module prefix of a path."""
+    """The room of the longest module prefix of a path."""
     for n in range(len(parts), -1, -1):
         if tuple(parts[:n]) in modules:
-            return tuple(parts[:n])
+            return room(tuple(parts[:n]))
     return None
 
 
@@ -67,20 +89,34 @@ def expand(body):
     return out
 
 
-edges = {m: set() for m in modules}
+rooms = sorted({room(m) for m in modules})
+edges = {m: set() for m in rooms}
 for mod, path in modules.items():
+    if mod[-1:] == ("tests",):
+        continue
     text = code(open(path, encoding="utf-8").read())
+    # Test modules inside a file may use anything.
+    text = text.split("#[cfg(test)]")[0]
     paths = []
-    for use in re.findall(r"\buse\s+(crate::[^;]+);", text, flags=re.S):
+    for use in re.findall(r"\buse\s+((?:crate|super)::[^;]+);", text, flags=re.S):
         paths += expand(use)
-    paths += re.findall(r"\bcrate((?:::[A-Za-z_][A-Za-z0-9_]*)+)", text)
+    paths += re.findall(r"\b((?:crate|super)(?:::[A-Za-z_*][A-Za-z0-9_]*)+)", text)
     for p in paths:
-        parts = [x for x in re.sub(r"\s", "", p).split("::") if x and x != "crate"]
-        parts = [x.split(" as ")[0] for x in parts]
+        parts = [x.split(" as ")[0] for x in re.sub(r"\s", "", p).split("::") if x]
+        if parts[0] == "super":
+            base = list(mod[:-1])
+            parts = parts[1:]
+            while parts and parts[0] == "super":
+                base, parts = base[:-1], parts[1:]
+            parts = base + parts
+        else:
+            parts = parts[1:]
+        parts = [x for x in parts if x != "*"]
         target = owner(parts)
-        if target is not None and target != mod and target != ():
-            # A child module's own parent (ingest/x.rs -> ingest/mod.rs) counts as an edge too.
-            edges[mod].add(target)
+        source = room(mod)
+        if target is not None and target != source and target != ():
+            # A child module's own parent (api/x.rs -> api/mod.rs) counts as an edge too.
+            edges[source].add(target)
 
 index, low, stack, on, sccs = {}, {}, [], set(), []
 counter = [0]
@@ -110,17 +146,17 @@ def visit(v):
             sccs.append(comp)
 
 
-for v in sorted(modules):
+for v in rooms:
     if v not in index:
         visit(v)
 
 name = lambda m: "::".join(m) or "lib"
 for comp in sccs:
     members = sorted(comp)
-    print(f"import circle of {len(members)} files:")
+    print(f"import circle of {len(members)} modules:")
     for m in members:
         inside = sorted(name(t) for t in edges[m] if t in comp)
         print(f"  {name(m)} -> {', '.join(inside)}")
 if not sccs:
-    print(f"no import circle among {len(modules)} files")
+    print(f"no import circle among {len(rooms)} modules ({len(modules)} files)")
 sys.exit(1 if sccs else 0)

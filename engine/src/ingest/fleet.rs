@@ -92,7 +92,7 @@ pub async fn safe_position(
 }
 
 /// Runs the fleet-wide windows and rules of `declared` (only those: see
-/// [`crate::cluster::split_fleet_wide`]) until `cancel` fires. `config` is the instance's; the
+/// [`split_fleet_wide`]) until `cancel` fires. `config` is the instance's; the
 /// partitions' application ids are `<nats.consumer>-p<N>`, this stage's progress is
 /// `<nats.consumer>-fleet`. A failure retrying cannot fix stops ingest (`/healthz`).
 pub async fn run(
@@ -309,4 +309,57 @@ async fn open(
         config.shutdown_grace(),
     );
     Ok((stage, committer, js, references, inputs))
+}
+
+/// Splits the declared work between the partitions and the fleet-wide stage
+/// (this module): window tables not grouped by `device_id`, rules over them, and
+/// rules keyed by something else than `device_id` or grouping cohorts cannot be computed by a
+/// partition alone. Returns what a partition runs, what the fleet-wide stage runs (with every
+/// pipeline, for their reference tables) and the fleet-wide work's names.
+pub fn split_fleet_wide(declared: &Declared) -> (Declared, Declared, Vec<String>) {
+    let mut local = declared.clone();
+    let mut fleet = Declared {
+        runners: declared.runners.clone(),
+        ..Default::default()
+    };
+    let mut names = Vec::new();
+    let (windows, rules) = (
+        std::mem::take(&mut local.windows),
+        std::mem::take(&mut local.rules),
+    );
+    for w in windows {
+        if w.def.groups_by("device_id") {
+            local.windows.push(w);
+        } else {
+            names.push(format!(
+                "window table {} (not grouped by device_id)",
+                w.def.table
+            ));
+            fleet.windows.push(w);
+        }
+    }
+    for r in rules {
+        let per_device = r
+            .def
+            .key
+            .iter()
+            .any(|k| k.eq_ignore_ascii_case("device_id"))
+            && r.def.group_by.is_empty();
+        if per_device && !fleet.windows.iter().any(|w| w.def.table == r.input) {
+            local.rules.push(r);
+        } else {
+            names.push(format!(
+                "rule {} (keyed by {}{})",
+                r.def.name,
+                r.def.key.join(", "),
+                if r.def.group_by.is_empty() {
+                    format!(", over {}", r.input)
+                } else {
+                    format!(", grouped by {}", r.def.group_by.join(", "))
+                }
+            ));
+            fleet.rules.push(r);
+        }
+    }
+    (local, fleet, names)
 }

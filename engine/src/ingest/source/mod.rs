@@ -13,53 +13,11 @@ use futures::StreamExt;
 use crate::config::Config;
 pub use crate::config::nats::NatsConnection;
 
-/// The client options `nats` asks for: credentials (from the settings or the URL) and TLS.
-async fn options(nats: &NatsConnection) -> Result<async_nats::ConnectOptions, SourceError> {
-    // More than one rustls crypto provider is compiled in (object_store's and async-nats'):
-    // name one, or rustls cannot choose and panics at the first TLS connection.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut options = match &nats.creds_file {
-        Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
-            .await
-            .map_err(|e| SourceError {
-                action: "reading the credentials file",
-                reason: format!("{}: {e}", path.display()),
-            })?,
-        None => async_nats::ConnectOptions::new(),
-    };
-    // async-nats ignores a URL's user part: nats://user:password@host and nats://token@host
-    // are applied here, unless nats.user or nats.token says otherwise.
-    let (url_user, url_password) = nats.url_credentials();
-    match (&nats.user, url_user, url_password) {
-        (Some(user), _, _) => {
-            options =
-                options.user_and_password(user.clone(), nats.password.clone().unwrap_or_default());
-        }
-        (None, Some(user), Some(password)) => {
-            options = options.user_and_password(user, password);
-        }
-        (None, Some(token), None) if nats.token.is_none() => {
-            options = options.token(token);
-        }
-        _ => {}
-    }
-    if let Some(token) = &nats.token {
-        options = options.token(token.clone());
-    }
-    if let Some(seed) = &nats.nkey_seed {
-        options = options.nkey(seed.clone());
-    }
-    if let Some(ca) = &nats.tls_ca {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let (Some(cert), Some(key)) = (&nats.tls_cert, &nats.tls_key) {
-        options = options.add_client_certificate(cert.clone(), key.clone());
-    }
-    if nats.tls_required {
-        options = options.require_tls(true);
-    }
-    Ok(options)
-}
+mod connect;
+mod identity;
+
+pub use connect::{connect, connect_watched, connect_with};
+pub use identity::{StreamIdentity, StreamMismatch};
 
 /// Errors talking to NATS (an outside system: retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -74,70 +32,6 @@ fn err(action: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SourceErr
         action,
         reason: e.to_string(),
     }
-}
-
-/// Connects to a NATS server at `url` without credentials; see [`connect_with`].
-pub async fn connect(url: &str) -> Result<jetstream::Context, SourceError> {
-    connect_with(&NatsConnection::plain(url)).await
-}
-
-/// Connects to NATS with `nats`' credentials and TLS settings and returns a JetStream context.
-/// Errors name the server with any password in its URL redacted.
-pub async fn connect_with(nats: &NatsConnection) -> Result<jetstream::Context, SourceError> {
-    connect_watched(nats, None).await
-}
-
-/// Like [`connect_with`], and with `metrics` told of the connection's state as the client sees
-/// it: `source_up` 0 (and the source's last error) the moment the connection is lost, 1 when it
-/// is made again. `/healthz` then tells of a NATS outage at once, not when the next pull
-/// request times out (about 10 s later).
-pub async fn connect_watched(
-    nats: &NatsConnection,
-    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
-) -> Result<jetstream::Context, SourceError> {
-    let mut options = options(nats).await?;
-    if let Some(metrics) = metrics {
-        let url = crate::config::redact_url(&nats.url);
-        options = options.event_callback(move |event| {
-            let (metrics, url) = (metrics.clone(), url.clone());
-            async move {
-                use std::sync::atomic::Ordering;
-                match event {
-                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
-                        metrics.source_up.store(0, Ordering::Relaxed);
-                        metrics.set_last_error(
-                            "source",
-                            &format!(
-                                "the connection to NATS at {url} was lost ({event}); reconnecting"
-                            ),
-                        );
-                    }
-                    async_nats::Event::Connected => metrics.source_up.store(1, Ordering::Relaxed),
-                    _ => {}
-                }
-            }
-        });
-    }
-    let client = options
-        .connection_timeout(Duration::from_secs(5))
-        // Reconnect quickly after a server restart (the default backs off to several seconds).
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((100 * attempts as u64).min(1_000))
-        })
-        // A cluster's seed servers, comma-separated (async-nats takes one URL per item).
-        .connect(
-            nats.url
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .map_err(|e| SourceError {
-            action: "connecting",
-            reason: format!("to {}: {e}", crate::config::redact_url(&nats.url)),
-        })?;
-    Ok(jetstream::new(client))
 }
 
 /// The action of the error [`ensure_stream`] returns for a stream without the partition mapping
@@ -225,89 +119,6 @@ pub struct Source {
     /// A delivery came out of order as a redelivery: one may have been dropped before it, so
     /// the next new message is checked by sequence ([`Source::take_suspect`]).
     suspect: std::sync::atomic::AtomicBool,
-}
-
-/// Why the source will not open: the stream is not the one the lake's positions refer to.
-/// Retrying cannot fix it; an operator must decide (see the README, "A recreated stream").
-#[derive(Debug, thiserror::Error)]
-pub enum StreamMismatch {
-    /// The stream ends before the lake's highest committed position.
-    #[error(
-        "stream {stream} ends at sequence {last}, but the lake has committed messages up to sequence {committed} from it: \
-         the stream was deleted and created again (or is another stream), and consuming it would skip its first {committed} messages. \
-         Nothing was consumed. {REMEDY}"
-    )]
-    EndsBefore {
-        stream: String,
-        last: u64,
-        committed: u64,
-    },
-    /// The stream is not the one whose positions the lake holds (another creation time or
-    /// name), though it may already hold more messages than the lake's position.
-    #[error(
-        "stream {stream} was created at {created}, but the lake's positions (up to sequence {committed}) are of stream {recorded_stream} created at {recorded}: \
-         the stream was deleted and created again (or is another stream), and consuming it would skip its first {committed} messages. \
-         Nothing was consumed. {REMEDY}"
-    )]
-    Recreated {
-        stream: String,
-        created: String,
-        recorded_stream: String,
-        recorded: String,
-        committed: u64,
-    },
-}
-
-const REMEDY: &str = "To take the new stream from its start, run serve with a new consumer name \
-     (--set nats.consumer=<new name>): its positions start at sequence 1, the tables keep their rows";
-
-/// The stream a consumer's positions in the lake are positions of: its name and creation time,
-/// kept at `_fleetlake/stream-<consumer>.json`, written when the consumer first takes the
-/// stream and checked at every open ([`StreamMismatch::Recreated`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StreamIdentity {
-    pub stream: String,
-    /// The stream's creation time as NATS reports it (RFC 3339).
-    pub created: String,
-}
-
-impl StreamIdentity {
-    fn file(consumer: &str) -> String {
-        format!("stream-{consumer}.json")
-    }
-
-    /// Checks the stream `now` against the identity the lake holds for `consumer`, recording
-    /// `now` when there is none yet or nothing has been committed (a new consumer takes the
-    /// stream from its start). Errors: [`OpenError::Mismatch`] for another stream,
-    /// [`OpenError::Lake`] when the lake cannot be read or written (retried).
-    pub async fn check(
-        lake: &fleetlake_zones::Lake,
-        consumer: &str,
-        now: &StreamIdentity,
-        committed: u64,
-    ) -> Result<(), OpenError> {
-        let file = Self::file(consumer);
-        let lake_error = |e: fleetlake_zones::Error| OpenError::Lake(e.to_string());
-        let recorded = lake.get_lake_file(&file).await.map_err(lake_error)?;
-        let recorded: Option<StreamIdentity> =
-            recorded.and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        match recorded {
-            Some(recorded) if recorded == *now => Ok(()),
-            Some(recorded) if committed > 0 => Err(StreamMismatch::Recreated {
-                stream: now.stream.clone(),
-                created: now.created.clone(),
-                recorded_stream: recorded.stream,
-                recorded: recorded.created,
-                committed,
-            }
-            .into()),
-            // First taken by this consumer (or by a version that did not record it).
-            _ => {
-                let bytes = serde_json::to_vec_pretty(now).expect("serializable");
-                lake.put_lake_file(&file, bytes).await.map_err(lake_error)
-            }
-        }
-    }
 }
 
 /// Why [`Source::open`] failed.

@@ -53,59 +53,6 @@ use crate::metrics::Metrics;
 
 pub use crate::config::partition::{PREFIX, Partition, scope, subject_transform};
 
-/// Splits the declared work between the partitions and the fleet-wide stage
-/// ([`crate::ingest::fleet`]): window tables not grouped by `device_id`, rules over them, and
-/// rules keyed by something else than `device_id` or grouping cohorts cannot be computed by a
-/// partition alone. Returns what a partition runs, what the fleet-wide stage runs (with every
-/// pipeline, for their reference tables) and the fleet-wide work's names.
-pub fn split_fleet_wide(declared: &Declared) -> (Declared, Declared, Vec<String>) {
-    let mut local = declared.clone();
-    let mut fleet = Declared {
-        runners: declared.runners.clone(),
-        ..Default::default()
-    };
-    let mut names = Vec::new();
-    let (windows, rules) = (
-        std::mem::take(&mut local.windows),
-        std::mem::take(&mut local.rules),
-    );
-    for w in windows {
-        if w.def.groups_by("device_id") {
-            local.windows.push(w);
-        } else {
-            names.push(format!(
-                "window table {} (not grouped by device_id)",
-                w.def.table
-            ));
-            fleet.windows.push(w);
-        }
-    }
-    for r in rules {
-        let per_device = r
-            .def
-            .key
-            .iter()
-            .any(|k| k.eq_ignore_ascii_case("device_id"))
-            && r.def.group_by.is_empty();
-        if per_device && !fleet.windows.iter().any(|w| w.def.table == r.input) {
-            local.rules.push(r);
-        } else {
-            names.push(format!(
-                "rule {} (keyed by {}{})",
-                r.def.name,
-                r.def.key.join(", "),
-                if r.def.group_by.is_empty() {
-                    format!(", over {}", r.input)
-                } else {
-                    format!(", grouped by {}", r.def.group_by.join(", "))
-                }
-            ));
-            fleet.rules.push(r);
-        }
-    }
-    (local, fleet, names)
-}
-
 pub use crate::metrics::{ClusterStatus, OwnedPartition};
 
 /// Why the cluster's bucket could not be used.
@@ -179,7 +126,7 @@ pub async fn run(
     let id = config.instance_id();
     let partitions = config.partitions();
     let ttl = config.cluster_lease_ttl();
-    let (declared, fleet_declared, fleet_wide) = split_fleet_wide(&declared);
+    let (declared, fleet_declared, fleet_wide) = crate::ingest::fleet::split_fleet_wide(&declared);
     let merge = !fleet_wide.is_empty() && !config.skip_fleet_wide();
     let not_computed = if merge {
         Vec::new()
@@ -620,40 +567,4 @@ async fn read_group(store: &kv::Store) -> Result<Group, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shares_add_up_to_every_partition() {
-        for partitions in [0u32, 1, 5, 6, 7, 64] {
-            for members in 1..=5 {
-                let total: usize = (0..members).map(|r| share(partitions, members, r)).sum();
-                assert_eq!(total, partitions as usize, "{partitions} over {members}");
-                let most = (0..members).map(|r| share(partitions, members, r)).max();
-                let least = (0..members).map(|r| share(partitions, members, r)).min();
-                assert!(most.unwrap() - least.unwrap() <= 1);
-            }
-        }
-    }
-
-    #[test]
-    fn the_published_subject_is_the_stored_one_without_its_partition() {
-        let p = Partition { index: 3, count: 6 };
-        assert_eq!(p.filter_subject(), "fleetlake.3.>");
-        assert_eq!(
-            p.published("fleetlake.3.telemetry.coldchain.d1"),
-            "telemetry.coldchain.d1"
-        );
-        assert_eq!(p.published("telemetry.d1"), "telemetry.d1");
-        assert_eq!(
-            p.published("fleetlake.x.telemetry"),
-            "fleetlake.x.telemetry"
-        );
-        let t = subject_transform(6).unwrap();
-        assert_eq!(
-            (t.source.as_str(), t.destination.as_str()),
-            (">", "fleetlake.{{partition(6)}}.>")
-        );
-        assert!(subject_transform(0).is_none());
-    }
-}
+mod tests;
