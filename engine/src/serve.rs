@@ -369,7 +369,10 @@ async fn supervise(
 ) {
     match run.await {
         Ok(()) if !stop.is_cancelled() && metrics.stopped_reason().is_none() => {
-            metrics.stop_ingest("ingest ended without being asked to stop");
+            let _stopped = crate::error::Stopped::because(
+                &metrics,
+                "ingest ended without being asked to stop",
+            );
         }
         Ok(()) => {}
         Err(e) => {
@@ -377,7 +380,7 @@ async fn supervise(
                 Ok(panic) => format!("ingest panicked: {}", crate::metrics::panic_message(&panic)),
                 Err(e) => format!("ingest task failed: {e}"),
             };
-            metrics.stop_ingest(&reason);
+            let _stopped = crate::error::Stopped::because(&metrics, &reason);
         }
     }
     ended.cancel();

@@ -48,6 +48,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::error::Stopped;
 use crate::ingest::pipelines::Declared;
 use crate::metrics::Metrics;
 
@@ -151,7 +152,7 @@ pub async fn run(
             Ok(s) => break s,
             Err(Join::Refused(e)) => {
                 metrics.set_last_error("source", &e);
-                metrics.stop_ingest(&format!("ingest stopped: {e}"));
+                let _stopped = Stopped::because(&metrics, format!("ingest stopped: {e}"));
                 return;
             }
             Err(Join::Failed(e)) => {
@@ -160,7 +161,7 @@ pub async fn run(
                 metrics
                     .source_up
                     .store(0, std::sync::atomic::Ordering::Relaxed);
-                if !backoff.wait(&cancel).await {
+                if backoff.wait(&cancel).await.is_err() {
                     return;
                 }
             }
@@ -184,7 +185,7 @@ pub async fn run(
                 "another instance is running with cluster.instance = {id}: each member of a cluster needs its own id"
             );
             metrics.set_last_error("source", &e);
-            metrics.stop_ingest(&format!("ingest stopped: {e}"));
+            let _stopped = Stopped::because(&metrics, format!("ingest stopped: {e}"));
             return;
         }
     }
@@ -229,7 +230,7 @@ pub async fn run(
                 _ => format!("ingest of {what} ended without being asked to stop"),
             };
             if metrics.stopped_reason().is_none() {
-                metrics.stop_ingest(&reason);
+                let _stopped = Stopped::because(&metrics, &reason);
             }
             break;
         }

@@ -64,22 +64,23 @@ impl Buffer {
 
 impl Ingest {
     /// Runs the pipelines, the built-in decoder (with dedup), windows and rules over the
-    /// messages not processed yet, and publishes the alert transitions. Returns false when
+    /// messages not processed yet, and publishes the alert transitions. [`Stopped`] when
     /// ingest must stop (a `FAIL` expectation, a failing decoder, window or rule, or cancelled
     /// while NATS or storage were failing).
-    pub(super) async fn process(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
+    pub(super) async fn process(
+        &mut self,
+        buffer: &mut Buffer,
+        stages: &mut Stages,
+    ) -> Result<(), Stopped> {
         if buffer.processed == buffer.messages.len() {
-            return true;
+            return Ok(());
         }
         let raw = raw_batch(&buffer.messages[buffer.processed..]);
         // Declared pipelines take the messages on their subjects; the built-in decoder the rest.
         let out = if stages.stage.is_empty() {
             None
         } else {
-            let Some(out) = self.run_pipelines(&raw, buffer, stages).await else {
-                return false;
-            };
-            Some(out)
+            Some(self.run_pipelines(&raw, buffer, stages).await?)
         };
         let builtin_raw = match &out {
             None => raw,
@@ -99,27 +100,31 @@ impl Ingest {
             Ok(d) => d,
             Err(e) => {
                 // A bug in decoding must not lose data: keep the raw rows and stop here.
-                self.metrics.stop_ingest(&format!(
-                    "ingest stopped: decoding failed (a bug; the raw rows are kept): {e}"
-                ));
+                let stopped = Stopped::because(
+                    &self.metrics,
+                    format!("ingest stopped: decoding failed (a bug; the raw rows are kept): {e}"),
+                );
                 let raw = raw_batch(&buffer.messages);
                 let version = raw_version(&buffer.messages);
-                let (committer, ok) = self.commits.idle().await;
-                if ok {
-                    committer.commit_one(RAW, &raw, version).await;
+                let (committer, settled) = self.commits.idle().await;
+                if settled.is_ok() {
+                    // Its own failure is recorded by the commit; the decoding failure stands.
+                    let _ = committer.commit_one(RAW, &raw, version).await;
                 }
                 self.cancel.cancel();
-                return false;
+                return Err(stopped);
             }
         };
         let before = self.dedup.stats();
         let usable = match self.dedup.filter(&decoded.usable) {
             Ok(u) => u,
             Err(e) => {
-                self.metrics
-                    .stop_ingest(&format!("ingest stopped: deduplication failed: {e}"));
+                let stopped = Stopped::because(
+                    &self.metrics,
+                    format!("ingest stopped: deduplication failed: {e}"),
+                );
                 self.cancel.cancel();
-                return false;
+                return Err(stopped);
             }
         };
         let after = self.dedup.stats();
@@ -167,42 +172,41 @@ impl Ingest {
             let mut derived = match stages.derived.process(&tables, &references, upto).await {
                 Ok(d) => d,
                 Err(e) => {
-                    self.metrics
-                        .stop_ingest(&format!("ingest stopped: window or rule failed: {e}"));
+                    let stopped = Stopped::because(
+                        &self.metrics,
+                        format!("ingest stopped: window or rule failed: {e}"),
+                    );
                     self.cancel.cancel();
-                    return false;
+                    return Err(stopped);
                 }
             };
             self.metrics
                 .late_rows
                 .fetch_add(derived.late, Ordering::Relaxed);
             buffer.windows.push(std::mem::take(&mut derived.windows));
-            if !self.deliver(derived, buffer, stages).await {
-                return false;
-            }
+            self.deliver(derived, buffer, stages).await?;
         }
         buffer.usable.push(usable);
         buffer.quarantine.push(decoded.quarantine);
         buffer.stage.extend(out);
         buffer.processed = buffer.messages.len();
-        true
+        Ok(())
     }
 
     /// Publishes what the derived stage made of a micro-batch or an idle tick (retrying while
-    /// NATS refuses) and keeps its transitions for final.alerts at the next flush. False when
-    /// ingest is stopping with them unpublished.
+    /// NATS refuses) and keeps its transitions for final.alerts at the next flush. [`Stopped`]
+    /// when ingest is stopping with them unpublished.
     pub(super) async fn deliver(
         &mut self,
         derived: DerivedOutput,
         buffer: &mut Buffer,
         stages: &mut Stages,
-    ) -> bool {
+    ) -> Result<(), Stopped> {
         let mut backoff = Backoff::new();
         while let Err(e) = stages.derived.publish(&derived.publish).await {
             self.source_failed(&e);
-            if !backoff.wait(&self.cancel).await {
-                self.unfinished(buffer, &format!("alerts could not be published: {e}"));
-                return false;
+            if backoff.wait(&self.cancel).await.is_err() {
+                return Err(self.unfinished(buffer, &format!("alerts could not be published: {e}")));
             }
         }
         self.metrics
@@ -215,14 +219,18 @@ impl Ingest {
                 .record_rules(&derived.publish, &stages.derived.firing());
         }
         buffer.transitions.extend(derived.transitions);
-        true
+        Ok(())
     }
 
     /// Hands the buffer to the committer, which commits it to every table and then acks while
-    /// ingest goes on. Returns false if ingest must stop (a previous commit failed, or
+    /// ingest goes on. [`Stopped`] if ingest must stop (a previous commit failed, or
     /// processing failed); nothing of an uncommitted batch is acked then, so the messages come
     /// back after a restart.
-    pub(super) async fn flush(&mut self, buffer: &mut Buffer, stages: &mut Stages) -> bool {
+    pub(super) async fn flush(
+        &mut self,
+        buffer: &mut Buffer,
+        stages: &mut Stages,
+    ) -> Result<(), Stopped> {
         if buffer.messages.is_empty() {
             if !buffer.transitions.is_empty() && self.record_idle(&buffer.transitions).await {
                 buffer.transitions.clear();
@@ -230,16 +238,14 @@ impl Ingest {
             // Idle firings not recorded wait for the next message's commit, also across a
             // reopened consumer.
             self.unrecorded.append(&mut buffer.transitions);
-            return true;
+            return Ok(());
         }
         if !self.unrecorded.is_empty() {
             let mut earlier = std::mem::take(&mut self.unrecorded);
             earlier.append(&mut buffer.transitions);
             buffer.transitions = earlier;
         }
-        if !self.process(buffer, stages).await {
-            return false;
-        }
+        self.process(buffer, stages).await?;
         let started = buffer.first_at.unwrap_or_else(Instant::now);
         let raw = raw_batch(&buffer.messages);
         let version = raw_version(&buffer.messages);
@@ -333,37 +339,33 @@ impl Ingest {
     }
 
     /// Runs the declared pipelines over a batch, retrying while the reference tables cannot be
-    /// read. `None` when the batch must not be committed: a `FAIL` expectation stopped the
+    /// read. [`Stopped`] when the batch must not be committed: a `FAIL` expectation stopped the
     /// pipelines (ingest stops, nothing of the batch is written), or the engine is stopping.
     pub(super) async fn run_pipelines(
         &self,
         raw: &arrow::array::RecordBatch,
         buffer: &Buffer,
         stages: &mut Stages,
-    ) -> Option<StageOutput> {
+    ) -> Result<StageOutput, Stopped> {
         let mut backoff = Backoff::new();
         loop {
             match stages.stage.process(raw).await {
-                Ok(Ok(out)) => return Some(out),
+                Ok(Ok(out)) => return Ok(out),
                 Ok(Err(failure)) => {
-                    tracing::error!(%failure, "pipeline failed; ingest stops, nothing of the batch is written");
-                    self.metrics
-                        .set_last_error("pipeline", &failure.to_string());
-                    self.metrics.pipeline_failed.store(1, Ordering::Relaxed);
+                    let stopped = Stopped::pipeline_failed(&self.metrics, failure);
                     self.cancel.cancel();
-                    return None;
+                    return Err(stopped);
                 }
                 Err(StageError::Storage(e)) => {
                     storage_failed(&self.metrics, &e);
-                    if !backoff.wait(&self.cancel).await {
-                        self.unfinished(buffer, &e);
-                        return None;
+                    if backoff.wait(&self.cancel).await.is_err() {
+                        return Err(self.unfinished(buffer, &e));
                     }
                 }
                 Err(StageError::Failed(e)) => {
-                    self.metrics.stop_ingest(&format!("ingest stopped: {e}"));
+                    let stopped = Stopped::because(&self.metrics, format!("ingest stopped: {e}"));
                     self.cancel.cancel();
-                    return None;
+                    return Err(stopped);
                 }
             }
         }

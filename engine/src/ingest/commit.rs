@@ -24,13 +24,14 @@ use fleetlake_zones::{CommitOutcome, TableId};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Stopped;
 use crate::metrics::Metrics;
 use crate::metrics::PipelineCounts;
 
 pub(crate) const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Exponential backoff that sleeps unless cancelled; returns false when cancelled.
+/// Exponential backoff that sleeps unless cancelled.
 pub(crate) struct Backoff(Duration);
 
 impl Backoff {
@@ -43,11 +44,12 @@ impl Backoff {
         self.0 = (self.0 * 2).min(BACKOFF_MAX);
         d
     }
-    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+    /// Sleeps the next pause; [`Stopped::cancelled`] when `cancel` fires first.
+    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> Result<(), Stopped> {
         let d = self.next_delay();
         tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
+            _ = cancel.cancelled() => Err(Stopped::cancelled()),
+            _ = tokio::time::sleep(d) => Ok(()),
         }
     }
 }
@@ -181,13 +183,13 @@ impl Committer {
         &self.writers[i]
     }
 
-    /// Commits every table, stores the snapshots, records the effects and acks. Returns false if
-    /// a table could not be committed (ingest was cancelled; nothing was acked, so the messages
+    /// Commits every table, stores the snapshots, records the effects and acks. [`Stopped`] if
+    /// a table could not be committed (ingest is stopping; nothing was acked, so the messages
     /// come back after a restart).
-    pub async fn run(&mut self, job: Job) -> bool {
+    pub async fn run(&mut self, job: Job) -> Result<(), Stopped> {
         debug_assert_eq!(job.rows.len(), self.writers.len());
         for (writer, rows) in self.writers.iter_mut().zip(&job.rows) {
-            if !commit(
+            commit(
                 &self.metrics,
                 &self.cancel,
                 (self.grace, &mut self.deadline),
@@ -195,10 +197,7 @@ impl Committer {
                 rows,
                 job.version,
             )
-            .await
-            {
-                return false;
-            }
+            .await?;
         }
         self.position = job.version;
         self.store(job.snapshots).await;
@@ -226,7 +225,7 @@ impl Committer {
             }
         }
         m.batch_latency.observe(job.started.elapsed());
-        true
+        Ok(())
     }
 
     /// Adds a table (last in commit order); returns its position.
@@ -236,7 +235,12 @@ impl Committer {
     }
 
     /// Commits one table alone (e.g. raw only, when the rest of a batch cannot be made).
-    pub async fn commit_one(&mut self, i: usize, rows: &RecordBatch, version: i64) -> bool {
+    pub async fn commit_one(
+        &mut self,
+        i: usize,
+        rows: &RecordBatch,
+        version: i64,
+    ) -> Result<(), Stopped> {
         commit(
             &self.metrics,
             &self.cancel,
@@ -299,7 +303,7 @@ async fn commit(
     writer: &mut TableWriter,
     batch: &RecordBatch,
     version: i64,
-) -> bool {
+) -> Result<(), Stopped> {
     let table = metrics.table(&writer.id().to_string());
     let mut backoff = Backoff::new();
     let unfinished = |writer: &TableWriter, reason: &str| {
@@ -321,9 +325,10 @@ async fn commit(
                 match tokio::time::timeout(end.saturating_duration_since(started), attempt).await {
                     Ok(r) => r,
                     Err(_) => {
-                        metrics
-                            .stop_ingest(&unfinished(writer, "the commit did not finish in time"));
-                        return false;
+                        return Err(Stopped::because(
+                            metrics,
+                            unfinished(writer, "the commit did not finish in time"),
+                        ));
                     }
                 }
             }
@@ -337,15 +342,15 @@ async fn commit(
                     table.commits.fetch_add(1, Ordering::Relaxed);
                     table.latency.observe(started.elapsed());
                 }
-                return true;
+                return Ok(());
             }
             Err(e) if !e.is_transient() => {
                 // Retrying cannot help (e.g. a pipeline changed a column's type): stop ingest
                 // and say why; nothing of the batch is acked.
                 metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
-                metrics.stop_ingest(&format!("ingest stopped: {e}"));
+                let stopped = Stopped::because(metrics, format!("ingest stopped: {e}"));
                 cancel.cancel();
-                return false;
+                return Err(stopped);
             }
             Err(e) => {
                 storage_failed(metrics, &e.to_string());
@@ -353,13 +358,15 @@ async fn commit(
                     let end = *deadline.get_or_insert(started + grace);
                     let now = Instant::now();
                     if now >= end {
-                        metrics.stop_ingest(&unfinished(writer, &e.to_string()));
-                        return false;
+                        return Err(Stopped::because(
+                            metrics,
+                            unfinished(writer, &e.to_string()),
+                        ));
                     }
                     tokio::time::sleep(backoff.next_delay().min(end - now)).await;
                 } else {
                     // Returns early when cancelled; later attempts then count as above.
-                    backoff.wait(cancel).await;
+                    let _ = backoff.wait(cancel).await;
                 }
             }
         }
@@ -369,7 +376,7 @@ async fn commit(
 /// The committer, idle or committing one job on its own task.
 pub struct Commits {
     idle: Option<Committer>,
-    busy: Option<JoinHandle<(Committer, bool)>>,
+    busy: Option<JoinHandle<(Committer, Result<(), Stopped>)>>,
 }
 
 impl Commits {
@@ -380,10 +387,10 @@ impl Commits {
         }
     }
 
-    /// Waits for the job in flight, if any. False if it failed (ingest is then cancelled).
-    pub async fn settle(&mut self) -> bool {
+    /// Waits for the job in flight, if any. [`Stopped`] if it failed (ingest is then cancelled).
+    pub async fn settle(&mut self) -> Result<(), Stopped> {
         let Some(handle) = self.busy.take() else {
-            return true;
+            return Ok(());
         };
         let (committer, ok) = match handle.await {
             Ok(done) => done,
@@ -394,23 +401,21 @@ impl Commits {
         ok
     }
 
-    /// The committer, after waiting for the job in flight; false if that job failed.
-    pub async fn idle(&mut self) -> (&mut Committer, bool) {
+    /// The committer, after waiting for the job in flight, and whether that job failed.
+    pub async fn idle(&mut self) -> (&mut Committer, Result<(), Stopped>) {
         let ok = self.settle().await;
         (self.idle.as_mut().expect("settled"), ok)
     }
 
-    /// Starts committing `job` once the previous job is done. False if the previous job failed
-    /// (then `job` is dropped unacked).
-    pub async fn submit(&mut self, job: Job) -> bool {
-        if !self.settle().await {
-            return false;
-        }
+    /// Starts committing `job` once the previous job is done. [`Stopped`] if the previous job
+    /// failed (then `job` is dropped unacked).
+    pub async fn submit(&mut self, job: Job) -> Result<(), Stopped> {
+        self.settle().await?;
         let mut committer = self.idle.take().expect("settled");
         self.busy = Some(tokio::spawn(async move {
-            let ok = committer.run(job).await;
-            (committer, ok)
+            let done = committer.run(job).await;
+            (committer, done)
         }));
-        true
+        Ok(())
     }
 }

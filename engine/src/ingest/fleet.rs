@@ -28,6 +28,7 @@ use fleetlake_zones::{Lake, TableId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::error::Stopped;
 use crate::ingest::commit::{Backoff, Committer, Effects, Job, storage_failed};
 use crate::ingest::derived::{DerivedStage, OpenError, committed_rows};
 use crate::ingest::pipelines::{Declared, References};
@@ -111,14 +112,15 @@ pub async fn run(
         match open(&own, &lake, &declared, &metrics, &cancel, &base, partitions).await {
             Ok(opened) => break opened,
             Err(OpenError::Invalid(e)) => {
-                metrics.stop_ingest(&format!(
-                    "ingest stopped: fleet-wide windows and rules: {e}"
-                ));
+                let _stopped = Stopped::because(
+                    &metrics,
+                    format!("ingest stopped: fleet-wide windows and rules: {e}"),
+                );
                 return;
             }
             Err(OpenError::Storage(e)) => {
                 storage_failed(&metrics, &e);
-                if !backoff.wait(&cancel).await {
+                if backoff.wait(&cancel).await.is_err() {
                     return;
                 }
             }
@@ -180,7 +182,7 @@ pub async fn run(
             Ok(t) => t,
             Err(e) => {
                 storage_failed(&metrics, &e);
-                if !backoff.wait(&cancel).await {
+                if backoff.wait(&cancel).await.is_err() {
                     break;
                 }
                 continue;
@@ -191,9 +193,10 @@ pub async fn run(
         let out = match stage.process(&tables, &loaded, upto).await {
             Ok(o) => o,
             Err(e) => {
-                metrics.stop_ingest(&format!(
-                    "ingest stopped: fleet-wide window or rule failed: {e}"
-                ));
+                let _stopped = Stopped::because(
+                    &metrics,
+                    format!("ingest stopped: fleet-wide window or rule failed: {e}"),
+                );
                 return;
             }
         };
@@ -202,7 +205,7 @@ pub async fn run(
             .fetch_add(out.late, std::sync::atomic::Ordering::Relaxed);
         while let Err(e) = stage.publish(&out.publish).await {
             tracing::warn!(error = %e, "publishing fleet-wide alerts failed; retrying");
-            if !backoff.wait(&cancel).await {
+            if backoff.wait(&cancel).await.is_err() {
                 // Not committed: the next owner derives and publishes them again (same ids).
                 return;
             }
@@ -232,7 +235,8 @@ pub async fn run(
                 ..Default::default()
             },
         };
-        if !committer.run(job).await {
+        if committer.run(job).await.is_err() {
+            // Why is recorded where the commit failed (or a shutdown was asked for).
             return;
         }
         done = upto;

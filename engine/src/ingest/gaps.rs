@@ -7,15 +7,18 @@ impl Ingest {
     /// Records that the engine stops (cancelled) with messages taken but not committed, because
     /// `reason` kept failing: they are not acknowledged and come back at the next start, and
     /// `serve` exits non-zero saying so.
-    pub(super) fn unfinished(&self, buffer: &Buffer, reason: &str) {
+    pub(super) fn unfinished(&self, buffer: &Buffer, reason: &str) -> Stopped {
         if buffer.messages.is_empty() {
-            return;
+            return Stopped::cancelled();
         }
         let first = buffer.messages.first().map_or(0, |m| m.stream_seq);
         let last = buffer.messages.last().map_or(0, |m| m.stream_seq);
-        self.metrics.stop_ingest(&format!(
-            "shutdown: stream sequences {first}..={last} were not committed ({reason}); they are not acknowledged and come back at the next start"
-        ));
+        Stopped::because(
+            &self.metrics,
+            format!(
+                "shutdown: stream sequences {first}..={last} were not committed ({reason}); they are not acknowledged and come back at the next start"
+            ),
+        )
     }
 
     /// Takes `message` after the messages the client did not deliver before it (see
@@ -39,8 +42,8 @@ impl Ingest {
         stages: &mut Stages,
         reason: String,
     ) -> Pumped {
-        if !self.flush(buffer, stages).await {
-            return Pumped::Stopped;
+        if let Err(stopped) = self.flush(buffer, stages).await {
+            return Pumped::Stopped(stopped);
         }
         Pumped::SourceLost(reason)
     }

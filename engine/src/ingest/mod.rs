@@ -59,6 +59,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::error::Stopped;
 use crate::ingest::commit::{
     Backoff, Commits, Committer, Effects, Job, Snapshot, SnapshotBytes, storage_failed,
 };
@@ -91,19 +92,29 @@ pub async fn run(
     cancel: CancellationToken,
     devices: SharedDeviceState,
 ) {
+    // Why it stopped is recorded where it stopped (`Stopped::because`).
+    let _ = run_until_stopped(config, lake, declared, changes, metrics, cancel, devices).await;
+}
+
+async fn run_until_stopped(
+    config: Config,
+    lake: Lake,
+    declared: Declared,
+    changes: mpsc::Receiver<RuleChange>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    devices: SharedDeviceState,
+) -> Result<(), Stopped> {
     let mut backoff = Backoff::new();
     let (mut stages, committer) = loop {
         match open(&lake, &config, &declared, &metrics, &cancel).await {
             Ok(w) => break w,
             Err(OpenError::Invalid(e)) => {
-                metrics.stop_ingest(&format!("ingest stopped: {e}"));
-                return;
+                return Err(Stopped::because(&metrics, format!("ingest stopped: {e}")));
             }
             Err(OpenError::Storage(e)) => {
                 storage_failed(&metrics, &e);
-                if !backoff.wait(&cancel).await {
-                    return;
-                }
+                backoff.wait(&cancel).await?;
             }
         }
     };
@@ -112,9 +123,7 @@ pub async fn run(
             Ok(d) => break d,
             Err(e) => {
                 storage_failed(&metrics, &e);
-                if !backoff.wait(&cancel).await {
-                    return;
-                }
+                backoff.wait(&cancel).await?;
             }
         }
     };
@@ -123,9 +132,7 @@ pub async fn run(
             Ok(d) => break d,
             Err(e) => {
                 storage_failed(&metrics, &e);
-                if !backoff.wait(&cancel).await {
-                    return;
-                }
+                backoff.wait(&cancel).await?;
             }
         }
     };
@@ -160,7 +167,7 @@ pub async fn run(
     };
     loop {
         if ingest.cancel.is_cancelled() {
-            return;
+            return Err(Stopped::cancelled());
         }
         let (committer, _) = ingest.commits.idle().await;
         let (start, committed) = (committer.resume_at(), committer.highest_committed());
@@ -177,14 +184,14 @@ pub async fn run(
                     // operator (`serve` exits non-zero).
                     ingest.metrics.set_last_error("source", &e.to_string());
                     ingest.metrics.source_up.store(0, Ordering::Relaxed);
-                    ingest.metrics.stop_ingest(&format!("ingest stopped: {e}"));
-                    return;
+                    return Err(Stopped::because(
+                        &ingest.metrics,
+                        format!("ingest stopped: {e}"),
+                    ));
                 }
                 Err(e) => {
                     ingest.source_failed(&e.to_string());
-                    if !backoff.wait(&ingest.cancel).await {
-                        return;
-                    }
+                    backoff.wait(&ingest.cancel).await?;
                     continue;
                 }
             };
@@ -195,15 +202,13 @@ pub async fn run(
         ingest.metrics.source_up.store(1, Ordering::Relaxed);
         backoff = Backoff::new();
         match ingest.pump(&mut source, &mut stages).await {
-            Pumped::Stopped => return,
+            Pumped::Stopped(stopped) => return Err(stopped),
             Pumped::Reopen(reason) => {
                 tracing::warn!(%reason, "reopening the consumer at the lake's position");
             }
             Pumped::SourceLost(reason) => {
                 ingest.source_failed(&reason);
-                if !backoff.wait(&ingest.cancel).await {
-                    return;
-                }
+                backoff.wait(&ingest.cancel).await?;
             }
         }
     }
@@ -221,7 +226,8 @@ async fn next_change(changes: &mut Option<mpsc::Receiver<RuleChange>>) -> Option
 }
 
 enum Pumped {
-    Stopped,
+    /// Ingest is stopping (asked to, or for the recorded cause).
+    Stopped(Stopped),
     SourceLost(String),
     /// Everything taken is committed; the consumer must be recreated at the lake's position.
     Reopen(String),
@@ -262,7 +268,8 @@ impl Ingest {
         let pumped = self.pump_until(source, stages).await;
         // Until the consumer is healthy again, time is not observed (silence rules).
         stages.derived.interrupt();
-        self.commits.settle().await;
+        // A failed job's stop is recorded already; the loop ends with `pumped`.
+        let _ = self.commits.settle().await;
         pumped
     }
 
@@ -288,14 +295,14 @@ impl Ingest {
                     // records it then.
                     let unrecorded = buffer.messages.is_empty()
                         && !(buffer.transitions.is_empty() && self.unrecorded.is_empty());
-                    if self.flush(&mut buffer, stages).await && !unrecorded {
+                    if self.flush(&mut buffer, stages).await.is_ok() && !unrecorded {
                         let snapshots = self.snapshots(stages);
-                        let (committer, ok) = self.commits.idle().await;
-                        if ok {
+                        let (committer, settled) = self.commits.idle().await;
+                        if settled.is_ok() {
                             committer.store(snapshots).await;
                         }
                     }
-                    return Pumped::Stopped;
+                    return Pumped::Stopped(Stopped::cancelled());
                 }
                 Some(change) = next_change(&mut stages.changes) => {
                 let position = highest_seen as i64;
@@ -303,7 +310,7 @@ impl Ingest {
                 let stopping = applied.is_err() && self.cancel.is_cancelled();
                 let _ = change.done.send(applied);
                 if stopping {
-                    return Pumped::Stopped;
+                    return Pumped::Stopped(Stopped::cancelled());
                 }
                 continue;
             }
@@ -311,8 +318,8 @@ impl Ingest {
             };
             match next {
                 Err(_elapsed) => {
-                    if !self.flush(&mut buffer, stages).await {
-                        return Pumped::Stopped;
+                    if let Err(stopped) = self.flush(&mut buffer, stages).await {
+                        return Pumped::Stopped(stopped);
                     }
                     // Idle: did the server deliver messages the client library never handed
                     // over (it drops a delivery it cannot parse, and what came with it)?
@@ -329,8 +336,8 @@ impl Ingest {
                             .write()
                             .expect("device state lock")
                             .observe(stages.derived.observed());
-                        if !self.deliver(idle, &mut buffer, stages).await {
-                            return Pumped::Stopped;
+                        if let Err(stopped) = self.deliver(idle, &mut buffer, stages).await {
+                            return Pumped::Stopped(stopped);
                         }
                         continue;
                     };
@@ -346,8 +353,8 @@ impl Ingest {
                     {
                         return self.lose_source(&mut buffer, stages, e).await;
                     }
-                    if !self.flush(&mut buffer, stages).await {
-                        return Pumped::Stopped;
+                    if let Err(stopped) = self.flush(&mut buffer, stages).await {
+                        return Pumped::Stopped(stopped);
                     }
                     // They are committed with nothing to acknowledge them by: the consumer is
                     // recreated after the lake's position.
@@ -356,7 +363,9 @@ impl Ingest {
                     ));
                 }
                 Ok(None) => {
-                    self.flush(&mut buffer, stages).await;
+                    if let Err(stopped) = self.flush(&mut buffer, stages).await {
+                        return Pumped::Stopped(stopped);
+                    }
                     return Pumped::SourceLost("the message stream ended".into());
                 }
                 Ok(Some(Err(e))) => {
@@ -399,17 +408,17 @@ impl Ingest {
                     // Rules see every micro-batch now, not at the commit cadence.
                     let (rows, started) =
                         (buffer.messages.len() - buffer.processed, Instant::now());
-                    if !self.process(&mut buffer, stages).await {
-                        return Pumped::Stopped;
+                    if let Err(stopped) = self.process(&mut buffer, stages).await {
+                        return Pumped::Stopped(stopped);
                     }
                     self.budget.record(rows, started.elapsed());
                     // Commit on time also when messages are always ready (a catch-up), where
                     // the receive above never times out.
                     let due = buffer.first_at.is_some_and(|t| t.elapsed() >= interval);
                     if (due || buffer.messages.len() >= self.config.commit_rows())
-                        && !self.flush(&mut buffer, stages).await
+                        && let Err(stopped) = self.flush(&mut buffer, stages).await
                     {
-                        return Pumped::Stopped;
+                        return Pumped::Stopped(stopped);
                     }
                 }
             }
@@ -426,11 +435,11 @@ impl Ingest {
         highest_seen: i64,
     ) -> Result<(), String> {
         let stopping = || "ingest is stopping; the change applies at the next start".to_string();
-        if !self.flush(buffer, stages).await {
+        if self.flush(buffer, stages).await.is_err() {
             return Err(stopping());
         }
-        let (committer, ok) = self.commits.idle().await;
-        if !ok {
+        let (committer, settled) = self.commits.idle().await;
+        if settled.is_err() {
             return Err(stopping());
         }
         match change {
@@ -448,7 +457,7 @@ impl Ingest {
                     // Recorded as up to date, so it does not pull the resume point back.
                     let empty = arrow::array::RecordBatch::new_empty(writer.schema().clone());
                     let at = committer.push(writer);
-                    if !committer.commit_one(at, &empty, position).await {
+                    if committer.commit_one(at, &empty, position).await.is_err() {
                         return Err(stopping());
                     }
                 }

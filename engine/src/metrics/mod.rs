@@ -362,7 +362,7 @@ impl Metrics {
     /// Records that ingest has stopped for `reason` (a panic, an error retrying cannot fix, or
     /// in-flight messages that could not be committed before shutdown): `/healthz` answers 503
     /// naming it, and `fleetlake serve` exits non-zero.
-    pub fn stop_ingest(&self, reason: &str) {
+    pub(crate) fn stop_ingest(&self, reason: &str) {
         tracing::error!(%reason, "ingest stopped");
         self.set_last_error("ingest", reason);
         self.ingest_stopped.store(1, Ordering::Relaxed);
