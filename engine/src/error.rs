@@ -64,6 +64,36 @@ impl From<fleetlake_sql::Error> for Error {
     }
 }
 
+impl From<datafusion::error::DataFusionError> for Error {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        fleetlake_sql::Error::Execution(e).into()
+    }
+}
+
+impl From<arrow::error::ArrowError> for Error {
+    /// An Arrow kernel failing on batches fleetlake built: a bug.
+    fn from(e: arrow::error::ArrowError) -> Self {
+        Error::Bug(e.to_string())
+    }
+}
+
+impl<K> From<async_nats::error::Error<K>> for Error
+where
+    K: Clone + fmt::Debug + fmt::Display + PartialEq,
+{
+    /// NATS failing: an outside system, retried.
+    fn from(e: async_nats::error::Error<K>) -> Self {
+        Error::Unavailable(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    /// A task of fleetlake's that panicked: a bug.
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Bug(e.to_string())
+    }
+}
+
 /// `result`'s error converted to an [`Error`] and preceded by what was being done.
 pub trait Context<T> {
     fn context(self, doing: impl fmt::Display) -> Result<T, Error>;

@@ -513,11 +513,13 @@ async fn run(cli: Cli) -> Result<(), String> {
             let from = from
                 .as_deref()
                 .map(fleetlake::ingest::replay::parse_time)
-                .transpose()?;
+                .transpose()
+                .map_err(|e| e.to_string())?;
             let to = to
                 .as_deref()
                 .map(fleetlake::ingest::replay::parse_time)
-                .transpose()?;
+                .transpose()
+                .map_err(|e| e.to_string())?;
             let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;
             // No maintenance may rewrite the tables while they are replaced (delta-rs would let
             // a compaction and the replacement both commit, keeping rows twice).
@@ -544,7 +546,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             if let Some(lease) = lease {
                 lease.release().await;
             }
-            let report = report?;
+            let report = report.map_err(|e| e.to_string())?;
             println!(
                 "{}",
                 serde_json::to_string(&report).expect("report serializes")

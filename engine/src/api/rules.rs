@@ -472,7 +472,7 @@ impl Rules {
             }
         }
         match tokio::time::timeout_at(deadline, applied).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => result.map_err(|e| e.to_string()),
             Ok(Err(_)) => Err("ingest stopped; the change applies at the next start".into()),
             Err(_) => Err(format!(
                 "ingest did not take the change within {waited} s (NATS or storage down?); it \

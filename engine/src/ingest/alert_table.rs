@@ -7,6 +7,8 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use fleetlake_zones::{Lake, TableId, Zone};
 
+use crate::error::Error;
+
 /// `final.alerts`: every alert transition.
 pub fn alerts_table() -> TableId {
     TableId::new(Zone::Final, "alerts")
@@ -33,10 +35,6 @@ pub fn alerts_schema() -> SchemaRef {
 }
 
 /// Whether `table` exists in the lake.
-pub async fn table_exists(lake: &Lake, table: &TableId) -> Result<bool, String> {
-    Ok(lake
-        .describe(table)
-        .await
-        .map_err(|e| e.to_string())?
-        .is_some())
+pub async fn table_exists(lake: &Lake, table: &TableId) -> Result<bool, Error> {
+    Ok(lake.describe(table).await?.is_some())
 }

@@ -40,6 +40,7 @@ use fleetlake_zones::Lake;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::error::{Context, Error};
 use crate::ingest::commit::Backoff;
 use crate::metrics::Metrics;
 
@@ -150,7 +151,7 @@ fn alert(f: &Firing, ends_at: Option<i64>) -> Value {
 
 /// The latest transition of each rule and key in `final.alerts` that is firing, less the keys a
 /// firing cohort alert stands for: what was firing when fleetlake stopped.
-async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
+async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, Error> {
     let table = crate::ingest::alert_table::alerts_table();
     if !crate::ingest::alert_table::table_exists(lake, &table).await? {
         return Ok(Vec::new());
@@ -163,7 +164,7 @@ async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
     let rows = QueryEngine::new(lake.clone())
         .query(&sql)
         .await
-        .map_err(|e| format!("reading {table} for the alerts still firing: {e}"))?;
+        .context(format!("reading {table} for the alerts still firing"))?;
     let mut firing = Vec::new();
     for b in &rows.batches {
         let text = |i: usize| {
@@ -173,8 +174,7 @@ async fn firing_at_start(lake: &Lake) -> Result<Vec<Transition>, String> {
                 .clone()
         };
         let (rule, key, severity, values, ids) = (text(0), text(1), text(2), text(3), text(5));
-        let times = arrow::compute::cast(b.column(4), &arrow::datatypes::DataType::Int64)
-            .map_err(|e| e.to_string())?;
+        let times = arrow::compute::cast(b.column(4), &arrow::datatypes::DataType::Int64)?;
         let times = times.as_primitive::<arrow::datatypes::Int64Type>();
         for i in 0..b.num_rows() {
             let mut values: serde_json::Map<String, Value> =

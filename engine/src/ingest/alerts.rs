@@ -4,6 +4,8 @@
 use async_nats::jetstream;
 use fleetlake_sql::rules::Transition;
 
+use crate::error::{Context, Error};
+
 /// The alert as published on NATS (JSON).
 pub fn alert_json(t: &Transition, emitted_us: i64) -> serde_json::Value {
     let time = |us: i64| {
@@ -70,10 +72,7 @@ pub fn alert_subject(rule: &str, key: &str) -> String {
 }
 
 /// Publishes each transition and waits until JetStream has stored them all.
-pub(crate) async fn send(
-    js: &jetstream::Context,
-    transitions: &[Transition],
-) -> Result<(), String> {
+pub(crate) async fn send(js: &jetstream::Context, transitions: &[Transition]) -> Result<(), Error> {
     let now = chrono::Utc::now().timestamp_micros();
     let max_payload = js.client().server_info().max_payload;
     let mut acks = Vec::new();
@@ -107,12 +106,11 @@ pub(crate) async fn send(
         let ack = js
             .publish_with_headers(subject, headers, payload.into())
             .await
-            .map_err(|e| format!("publishing an alert: {e}"))?;
+            .context("publishing an alert")?;
         acks.push(ack);
     }
     for ack in acks {
-        ack.await
-            .map_err(|e| format!("storing an alert in JetStream: {e}"))?;
+        ack.await.context("storing an alert in JetStream")?;
     }
     Ok(())
 }

@@ -390,9 +390,7 @@ impl Ingest {
         out.push(Snapshot {
             tables: usable,
             kind: devices_kind(self.config.consumer()),
-            bytes: SnapshotBytes::Deferred(Box::new(move || {
-                view.encode().map_err(|e| e.to_string())
-            })),
+            bytes: SnapshotBytes::Deferred(Box::new(move || view.encode().map_err(Error::from))),
         });
         if self.dedup.key() != DedupKey::None {
             out.push(Snapshot {

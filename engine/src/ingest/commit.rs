@@ -24,7 +24,7 @@ use fleetlake_zones::{CommitOutcome, TableId};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Stopped;
+use crate::error::{Context, Error, Stopped};
 use crate::metrics::Metrics;
 use crate::metrics::PipelineCounts;
 
@@ -54,11 +54,12 @@ impl Backoff {
     }
 }
 
-pub(crate) fn storage_failed(metrics: &Metrics, reason: &str) {
+pub(crate) fn storage_failed(metrics: &Metrics, reason: impl std::fmt::Display) {
+    let reason = reason.to_string();
     tracing::warn!(%reason, "object storage failed; retrying");
     metrics.storage_errors.fetch_add(1, Ordering::Relaxed);
     metrics.storage_up.store(0, Ordering::Relaxed);
-    metrics.set_last_error("storage", reason);
+    metrics.set_last_error("storage", &reason);
 }
 
 /// State to store beside a table once a job has committed: stored beside `tables[0]`, as of the
@@ -73,7 +74,7 @@ pub struct Snapshot {
 /// state, copied at the flush, so encoding it does not pause ingest).
 pub enum SnapshotBytes {
     Ready(Vec<u8>),
-    Deferred(Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>),
+    Deferred(Box<dyn FnOnce() -> Result<Vec<u8>, Error> + Send>),
 }
 
 impl From<Vec<u8>> for SnapshotBytes {
@@ -83,12 +84,12 @@ impl From<Vec<u8>> for SnapshotBytes {
 }
 
 impl SnapshotBytes {
-    async fn encoded(self) -> Result<Vec<u8>, String> {
+    async fn encoded(self) -> Result<Vec<u8>, Error> {
         match self {
             SnapshotBytes::Ready(b) => Ok(b),
             SnapshotBytes::Deferred(encode) => tokio::task::spawn_blocking(encode)
                 .await
-                .map_err(|e| format!("encoding a snapshot panicked: {e}"))?,
+                .context("encoding a snapshot")?,
         }
     }
 }
@@ -353,7 +354,7 @@ async fn commit(
                 return Err(stopped);
             }
             Err(e) => {
-                storage_failed(metrics, &e.to_string());
+                storage_failed(metrics, &e);
                 if cancel.is_cancelled() {
                     let end = *deadline.get_or_insert(started + grace);
                     let now = Instant::now();

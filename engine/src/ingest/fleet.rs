@@ -28,7 +28,7 @@ use fleetlake_zones::{Lake, TableId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::error::Stopped;
+use crate::error::{Context, Error, Stopped};
 use crate::ingest::commit::{Backoff, Committer, Effects, Job, storage_failed};
 use crate::ingest::derived::{DerivedStage, OpenError, committed_rows};
 use crate::ingest::pipelines::{Declared, References};
@@ -51,23 +51,20 @@ pub async fn safe_position(
     base: &str,
     partitions: u32,
     inputs: &[TableId],
-) -> Result<u64, String> {
+) -> Result<u64, Error> {
     let last = js
         .get_stream(stream)
         .await
-        .map_err(|e| format!("reading the stream: {e}"))?
+        .context("reading the stream")?
         .info()
         .await
-        .map_err(|e| format!("reading the stream: {e}"))?
+        .context("reading the stream")?
         .state
         .last_sequence;
     let app_ids: Vec<String> = (0..partitions).map(|p| format!("{base}-p{p}")).collect();
     let mut done = vec![i64::MAX; partitions as usize];
     for table in inputs {
-        let progress = reader
-            .progress(lake, table, &app_ids)
-            .await
-            .map_err(|e| e.to_string())?;
+        let progress = reader.progress(lake, table, &app_ids).await?;
         for (d, v) in done.iter_mut().zip(progress) {
             *d = (*d).min(v.unwrap_or(0));
         }
@@ -82,9 +79,7 @@ pub async fn safe_position(
         .filter_subject();
         let after = (*d).clamp(0, last as i64) as u64;
         if let Some((next, _)) =
-            crate::ingest::source::next_message(&client, stream, after + 1, &filter)
-                .await
-                .map_err(|e| e.to_string())?
+            crate::ingest::source::next_message(&client, stream, after + 1, &filter).await?
         {
             safe = safe.min(next - 1);
         }
@@ -167,16 +162,13 @@ pub async fn run(
             let references = references.refresh().await?;
             let mut tables: Vec<(TableId, RecordBatch)> = Vec::new();
             for input in &inputs {
-                let batches = committed_rows(&lake, input, done, upto, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let batches = committed_rows(&lake, input, done, upto, None).await?;
                 if let Some(first) = batches.first() {
-                    let rows = arrow::compute::concat_batches(&first.schema(), &batches)
-                        .map_err(|e| e.to_string())?;
+                    let rows = arrow::compute::concat_batches(&first.schema(), &batches)?;
                     tables.push((input.clone(), rows));
                 }
             }
-            Ok::<_, String>((tables, references))
+            Ok::<_, Error>((tables, references))
         };
         let (tables, loaded) = match step.await {
             Ok(t) => t,
@@ -287,10 +279,9 @@ async fn open(
         partitions,
         &inputs,
     )
-    .await
-    .map_err(OpenError::Storage)? as i64;
+    .await? as i64;
     let mut references = References::new(lake, &declared.runners);
-    let loaded = references.refresh().await.map_err(OpenError::Storage)?;
+    let loaded = references.refresh().await?;
     let backfill_upto: Vec<(TableId, i64)> = declared
         .windows
         .iter()

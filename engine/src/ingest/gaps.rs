@@ -29,7 +29,7 @@ impl Ingest {
         message: jetstream::Message,
         buffer: &mut Buffer,
         highest_seen: &mut u64,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, Error> {
         self.fill_gap(source, &message, buffer, highest_seen)
             .await?;
         Ok(self.take(source, message, buffer, highest_seen))
@@ -59,7 +59,7 @@ impl Ingest {
         message: &jetstream::Message,
         buffer: &mut Buffer,
         highest_seen: &mut u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let Ok(info) = message.info() else {
             return Ok(());
         };
@@ -93,15 +93,15 @@ impl Ingest {
         next: u64,
         buffer: &mut Buffer,
         highest_seen: &mut u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         while *highest_seen + 1 < next {
             if self.cancel.is_cancelled() {
-                return Err("ingest is stopping".into());
+                return Err(Error::Unavailable("ingest is stopping".into()));
             }
             let seq = *highest_seen + 1;
-            let found = source.fetch(seq).await.map_err(|e| {
-                format!("stream sequence {seq} was not delivered and could not be read: {e}")
-            })?;
+            let found = source.fetch(seq).await.context(format!(
+                "stream sequence {seq} was not delivered and could not be read"
+            ))?;
             let (at, fetched) = match found {
                 Some((at, fetched)) if at < next => (at, Some(fetched)),
                 _ => (next, None),

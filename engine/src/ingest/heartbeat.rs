@@ -12,6 +12,8 @@ use std::time::Duration;
 use fleetlake_zones::Lake;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{Context, Error};
+
 /// How often the heartbeat is written.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 
@@ -54,11 +56,11 @@ pub async fn beat(lake: Lake, consumer: String, stop: CancellationToken) {
 
 /// Refuses (with who holds it) when an engine with this consumer wrote its heartbeat less than
 /// [`STALE_AFTER`] ago; `what` names the refused operation.
-pub async fn refuse_if_running(lake: &Lake, consumer: &str, what: &str) -> Result<(), String> {
+pub async fn refuse_if_running(lake: &Lake, consumer: &str, what: &str) -> Result<(), Error> {
     let Some(bytes) = lake
         .get_lake_file(&file_name(consumer))
         .await
-        .map_err(|e| format!("reading the engine's heartbeat: {e}"))?
+        .context("reading the engine's heartbeat")?
     else {
         return Ok(());
     };
@@ -68,7 +70,7 @@ pub async fn refuse_if_running(lake: &Lake, consumer: &str, what: &str) -> Resul
     if age_ms < 0 || age_ms as u128 >= STALE_AFTER.as_millis() {
         return Ok(());
     }
-    Err(format!(
+    Err(Error::Invalid(format!(
         "an engine is running on {} (consumer {consumer}, pid {} on host {:?}, heartbeat {:.1} s ago): {what} while it writes the same tables would mix two definitions. \
          Stop it (SIGTERM) and run this again; an engine killed without a clean stop holds the lake for {} s at most",
         lake.root(),
@@ -76,5 +78,5 @@ pub async fn refuse_if_running(lake: &Lake, consumer: &str, what: &str) -> Resul
         beat["host"].as_str().unwrap_or_default(),
         age_ms as f64 / 1000.0,
         STALE_AFTER.as_secs(),
-    ))
+    )))
 }

@@ -59,7 +59,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::error::Stopped;
+use crate::error::{Context, Error, Stopped};
 use crate::ingest::commit::{
     Backoff, Commits, Committer, Effects, Job, Snapshot, SnapshotBytes, storage_failed,
 };
@@ -190,7 +190,7 @@ async fn run_until_stopped(
                     ));
                 }
                 Err(e) => {
-                    ingest.source_failed(&e.to_string());
+                    ingest.source_failed(&e);
                     backoff.wait(&ingest.cancel).await?;
                     continue;
                 }
@@ -255,11 +255,12 @@ struct Ingest {
 }
 
 impl Ingest {
-    fn source_failed(&self, reason: &str) {
+    fn source_failed(&self, reason: impl std::fmt::Display) {
+        let reason = reason.to_string();
         tracing::warn!(%reason, "NATS consumer failed; reopening");
         self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
         self.metrics.source_up.store(0, Ordering::Relaxed);
-        self.metrics.set_last_error("source", reason);
+        self.metrics.set_last_error("source", &reason);
     }
 
     /// Consumes `source` until it fails or ingest is cancelled. Returns with no commit in
@@ -351,7 +352,7 @@ impl Ingest {
                         .fetch_before(source, delivered + 1, &mut buffer, &mut highest_seen)
                         .await
                     {
-                        return self.lose_source(&mut buffer, stages, e).await;
+                        return self.lose_source(&mut buffer, stages, e.to_string()).await;
                     }
                     if let Err(stopped) = self.flush(&mut buffer, stages).await {
                         return Pumped::Stopped(stopped);
@@ -378,7 +379,9 @@ impl Ingest {
                     {
                         Ok(true) => {}
                         Ok(false) => continue,
-                        Err(e) => return self.lose_source(&mut buffer, stages, e).await,
+                        Err(e) => {
+                            return self.lose_source(&mut buffer, stages, e.to_string()).await;
+                        }
                     }
                     // The rest of what was fetched, without waiting: one micro-batch, as large
                     // as processing it within half the commit interval allows.
@@ -396,7 +399,9 @@ impl Ingest {
                                     )
                                     .await;
                                 if let Err(e) = taken {
-                                    return self.lose_source(&mut buffer, stages, e).await;
+                                    return self
+                                        .lose_source(&mut buffer, stages, e.to_string())
+                                        .await;
                                 }
                             }
                             Ok(Some(Err(e))) => {
@@ -433,8 +438,10 @@ impl Ingest {
         buffer: &mut Buffer,
         stages: &mut Stages,
         highest_seen: i64,
-    ) -> Result<(), String> {
-        let stopping = || "ingest is stopping; the change applies at the next start".to_string();
+    ) -> Result<(), Error> {
+        let stopping = || {
+            Error::Unavailable("ingest is stopping; the change applies at the next start".into())
+        };
         if self.flush(buffer, stages).await.is_err() {
             return Err(stopping());
         }

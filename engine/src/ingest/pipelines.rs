@@ -18,6 +18,7 @@ use fleetlake_zones::lake::TableWriter;
 use fleetlake_zones::schema::as_raw_batch;
 use fleetlake_zones::{Lake, TableId};
 
+use crate::error::{Context, Error};
 use crate::ingest::commit::Snapshot;
 use crate::metrics::PipelineCounts;
 
@@ -113,13 +114,9 @@ impl References {
     }
 
     /// Brings the reference tables up to their latest Delta versions.
-    pub async fn refresh(&mut self) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, String> {
+    pub async fn refresh(&mut self) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, Error> {
         for def in &self.declared {
-            let info = self
-                .lake
-                .describe(&def.table)
-                .await
-                .map_err(|e| e.to_string())?;
+            let info = self.lake.describe(&def.table).await?;
             let version = info.map(|i| i.version);
             let current = self.loaded.get(&def.table).map(|(v, _)| *v);
             if current == Some(version) {
@@ -162,16 +159,13 @@ async fn load_dedup(
     first: &TableWriter,
     upto: i64,
     partition: Option<crate::config::partition::Partition>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let Some(state) = p.dedup.as_mut() else {
         return Ok(());
     };
     let kind = snapshot_kind(app_id, &p.runner.name);
     let mut since = 0;
-    let snapshot = first
-        .latest_side_file(&kind, upto)
-        .await
-        .map_err(|e| e.to_string())?;
+    let snapshot = first.latest_side_file(&kind, upto).await?;
     if let Some((v, bytes)) = snapshot {
         match state.restore(&bytes) {
             Ok(restored) => {
@@ -186,7 +180,7 @@ async fn load_dedup(
     if upto > since {
         let query = QueryEngine::new(lake.clone());
         for raw in raw_rows(&query, &p.runner, since + 1, upto, partition).await? {
-            p.runner.observe(&raw, state).map_err(|e| e.to_string())?;
+            p.runner.observe(&raw, state)?;
         }
         tracing::info!(pipeline = %p.runner.name, since, upto, "pipeline dedup state rebuilt from raw.telemetry");
     }
@@ -200,7 +194,7 @@ impl PipelineStage {
         app_id: &str,
         max_gaps: usize,
         partition: Option<crate::config::partition::Partition>,
-    ) -> Result<(Self, Vec<TableWriter>), String> {
+    ) -> Result<(Self, Vec<TableWriter>), Error> {
         let mut pipelines = Vec::new();
         let mut all_writers = Vec::new();
         for runner in runners {
@@ -213,8 +207,7 @@ impl PipelineStage {
                         table.partitions(),
                         app_id,
                     )
-                    .await
-                    .map_err(|e| e.to_string())?,
+                    .await?,
                 );
             }
             pipelines.push(Pipeline {
@@ -235,7 +228,7 @@ impl PipelineStage {
 
     /// Loads each pipeline's dedup state as of `upto`, the position every table has committed
     /// (see [`load_dedup`]); `writers` are the committer's, which hold the snapshots.
-    pub async fn load_dedup(&mut self, writers: &[&TableWriter], upto: i64) -> Result<(), String> {
+    pub async fn load_dedup(&mut self, writers: &[&TableWriter], upto: i64) -> Result<(), Error> {
         for p in &mut self.pipelines {
             let Some(first) = p.runner.tables.first().map(|t| &t.def.table) else {
                 continue;
@@ -280,7 +273,7 @@ impl PipelineStage {
     /// Brings the reference tables up to their latest Delta versions.
     pub async fn refresh_references(
         &mut self,
-    ) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, String> {
+    ) -> Result<Vec<(TableId, Arc<dyn TableProvider>)>, Error> {
         self.references.refresh().await
     }
 
@@ -295,7 +288,7 @@ impl PipelineStage {
         let references = self
             .refresh_references()
             .await
-            .map_err(StageError::Storage)?;
+            .map_err(|e| StageError::Storage(e.to_string()))?;
         let mut out = StageOutput {
             tables: Vec::new(),
             quarantine: Vec::new(),
@@ -341,21 +334,19 @@ pub async fn load_reference(
     lake: &Lake,
     def: &ReferenceDef,
     exists: bool,
-) -> Result<Arc<dyn TableProvider>, String> {
+) -> Result<Arc<dyn TableProvider>, Error> {
     let schema = def.schema();
     let mut batches = Vec::new();
     if exists {
         let rows = QueryEngine::new(lake.clone())
             .query(&format!("SELECT * FROM {}", def.table))
             .await
-            .map_err(|e| format!("reading {}: {e}", def.table))?;
+            .context(format!("reading {}", def.table))?;
         for b in &rows.batches {
             batches.push(conform(b, &schema, &def.table)?);
         }
     }
-    Ok(Arc::new(
-        MemTable::try_new(schema, vec![batches]).map_err(|e| e.to_string())?,
-    ))
+    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
 }
 
 /// Rows of a reference table as its `CREATE REFERENCE TABLE` declares them: the declared columns,
@@ -367,7 +358,7 @@ fn conform(
     batch: &RecordBatch,
     schema: &arrow::datatypes::SchemaRef,
     table: &TableId,
-) -> Result<RecordBatch, String> {
+) -> Result<RecordBatch, Error> {
     let options = arrow::compute::CastOptions {
         safe: true,
         ..Default::default()
@@ -378,7 +369,7 @@ fn conform(
         .map(|f| match batch.column_by_name(f.name()) {
             Some(c) => {
                 let cast = arrow::compute::cast_with_options(c, f.data_type(), &options)
-                    .map_err(|e| format!("{table}.{}: {e}", f.name()))?;
+                    .context(format!("{table}.{}", f.name()))?;
                 if cast.null_count() > c.null_count() {
                     tracing::warn!(%table, column = %f.name(), "values that are not {} read NULL", f.data_type());
                 }
@@ -389,8 +380,8 @@ fn conform(
                 Ok(arrow::array::new_null_array(f.data_type(), batch.num_rows()))
             }
         })
-        .collect::<Result<Vec<_>, String>>()?;
-    RecordBatch::try_new(schema.clone(), columns).map_err(|e| format!("{table}: {e}"))
+        .collect::<Result<Vec<_>, Error>>()?;
+    RecordBatch::try_new(schema.clone(), columns).context(table)
 }
 
 /// The raw messages of `runner`'s subjects with stream sequences in `[start, end]`, in order
@@ -401,7 +392,7 @@ pub async fn raw_rows(
     start: i64,
     end: i64,
     partition: Option<crate::config::partition::Partition>,
-) -> Result<Vec<RecordBatch>, String> {
+) -> Result<Vec<RecordBatch>, Error> {
     // The partition's own messages: a filter on raw's subjects, not a semi-join.
     let scope = partition
         .map(|p| format!(" AND nats_partition(subject, {}) = {}", p.count, p.index))
@@ -412,11 +403,11 @@ pub async fn raw_rows(
              WHERE stream_seq BETWEEN {start} AND {end}{scope} ORDER BY stream_seq"
         ))
         .await
-        .map_err(|e| e.to_string())?;
+        ?;
     let mut out = Vec::new();
     for batch in &rows.batches {
-        let raw = as_raw_batch(batch).map_err(|e| e.to_string())?;
-        let raw = runner.claimed_rows(&raw).map_err(|e| e.to_string())?;
+        let raw = as_raw_batch(batch)?;
+        let raw = runner.claimed_rows(&raw)?;
         if raw.num_rows() > 0 {
             out.push(raw);
         }

@@ -26,6 +26,7 @@ use fleetlake_zones::{Lake, TableId};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::error::{Context, Error};
 use crate::ingest::derived::{derive_window, window_kind};
 use crate::ingest::pipelines::{load_reference, raw_rows};
 use crate::progress::bar;
@@ -56,12 +57,9 @@ async fn check_retention(
     lake: &Lake,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
-) -> Result<Option<NaiveDate>, String> {
+) -> Result<Option<NaiveDate>, Error> {
     let raw = TableId::raw_telemetry();
-    let Some(horizon) = fleetlake_zones::maintain::retention_horizon(lake, &raw)
-        .await
-        .map_err(|e| e.to_string())?
-    else {
+    let Some(horizon) = fleetlake_zones::maintain::retention_horizon(lake, &raw).await? else {
         return Ok(None);
     };
     let kept = horizon
@@ -76,25 +74,25 @@ async fn check_retention(
             (None, Some(t)) => format!("until {}", t.to_rfc3339()),
             (None, None) => unreachable!("a bound was checked"),
         };
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "cannot replay {asked}: retention ({} days by {}) deleted the raw messages received before {}; replay --from {} or later, or raise retention.raw_days before the data expires",
             horizon.days, horizon.column, horizon.kept_from, horizon.kept_from
-        ));
+        )));
     }
     Ok(Some(horizon.kept_from))
 }
 
 /// `2025-11-23` or an RFC 3339 time.
-pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, Error> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
     NaiveDate::parse_from_str(s, "%Y-%m-%d")
         .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
         .map_err(|_| {
-            format!(
+            Error::Invalid(format!(
                 "{s:?}: expected a date (2025-11-23) or an RFC 3339 time (2025-11-23T10:00:00Z)"
-            )
+            ))
         })
 }
 
@@ -113,7 +111,7 @@ pub async fn run(
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
     progress: bool,
-) -> Result<ReplayReport, String> {
+) -> Result<ReplayReport, Error> {
     // A cluster's lake: its positions are per partition (<consumer>-p<N>), whatever this
     // configuration says.
     let partitioned = fleetlake_zones::lake::ProgressReader::default()
@@ -122,28 +120,32 @@ pub async fn run(
             &fleetlake_zones::TableId::raw_telemetry(),
             &[format!("{}-p0", config.consumer())],
         )
-        .await
-        .map_err(|e| e.to_string())?[0]
+        .await?[0]
         .is_some();
     if config.partitions() > 0 || partitioned {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "{} is a cluster's lake (cluster.partitions > 0): replay rewrites a pipeline's tables as of one consumer's positions, \
              and a cluster's are per partition ({}-p<N>). Replaying a cluster's lake is not supported yet; \
              a pipeline change applies to the messages ingested after it",
             lake.root(),
             config.consumer()
-        ));
+        )));
     }
     crate::ingest::heartbeat::refuse_if_running(&lake, config.consumer(), "replaying").await?;
     let Some((dir, _)) = config.pipelines_dir() else {
-        return Err("pipelines.dir is empty: there are no pipelines to replay".into());
+        return Err(Error::Invalid(
+            "pipelines.dir is empty: there are no pipelines to replay".into(),
+        ));
     };
     let files = pipeline_files(std::slice::from_ref(&dir))
-        .map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        .map_err(|e| Error::Invalid(format!("reading {}: {e}", dir.display())))?;
     let reports = check_files(&files).await;
     let errors: Vec<String> = reports.iter().flat_map(|r| r.error_lines()).collect();
     if !errors.is_empty() {
-        return Err(format!("pipelines do not check:\n{}", errors.join("\n")));
+        return Err(Error::Invalid(format!(
+            "pipelines do not check:\n{}",
+            errors.join("\n")
+        )));
     }
     let known: Vec<&str> = reports
         .iter()
@@ -155,13 +157,13 @@ pub async fn run(
         .filter_map(|r| r.pipeline.as_ref())
         .find(|p| p.name == pipeline)
         .ok_or_else(|| {
-            format!(
+            Error::Invalid(format!(
                 "no pipeline {pipeline:?} in {}; there are: {}",
                 dir.display(),
                 known.join(", ")
-            )
+            ))
         })?;
-    let runner = PipelineRunner::new(checked).map_err(|e| e.to_string())?;
+    let runner = PipelineRunner::new(checked).map_err(|e| Error::Invalid(e.to_string()))?;
     let raw_kept_from = check_retention(&lake, from, to).await?;
     // A window table is derived again from all of its input's rows: over an input that
     // retention has cut, the windows of the expired days would be lost.
@@ -169,14 +171,12 @@ pub async fn run(
         if !runner.tables.iter().any(|t| t.def.table == w.input) {
             continue;
         }
-        let horizon = fleetlake_zones::maintain::retention_horizon(&lake, &w.input)
-            .await
-            .map_err(|e| e.to_string())?;
+        let horizon = fleetlake_zones::maintain::retention_horizon(&lake, &w.input).await?;
         if let Some(h) = horizon {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "cannot replay {pipeline}: window table {} would be derived again from {}, whose partitions before {} were deleted by retention, and its windows before then would be lost",
                 w.def.table, w.input, h.kept_from
-            ));
+            )));
         }
     }
     let query = QueryEngine::new(lake.clone());
@@ -194,18 +194,8 @@ pub async fn run(
         format!("WHERE {}", filter.join(" AND "))
     };
     let bounds = |agg: &str| format!("SELECT {agg}(stream_seq) FROM raw.telemetry {filter}");
-    let lo = scalar_i64(
-        &query
-            .query(&bounds("min"))
-            .await
-            .map_err(|e| e.to_string())?,
-    );
-    let hi = scalar_i64(
-        &query
-            .query(&bounds("max"))
-            .await
-            .map_err(|e| e.to_string())?,
-    );
+    let lo = scalar_i64(&query.query(&bounds("min")).await?);
+    let hi = scalar_i64(&query.query(&bounds("max")).await?);
     let mut report = ReplayReport {
         pipeline: pipeline.to_string(),
         sequences: None,
@@ -227,11 +217,7 @@ pub async fn run(
     // Reference tables as they are now (as the running engine reads them: as declared).
     let mut references: Vec<(TableId, Arc<dyn TableProvider>)> = Vec::new();
     for r in runner.references() {
-        let exists = lake
-            .describe(&r.table)
-            .await
-            .map_err(|e| e.to_string())?
-            .is_some();
+        let exists = lake.describe(&r.table).await?.is_some();
         references.push((r.table.clone(), load_reference(&lake, r, exists).await?));
     }
 
@@ -243,7 +229,7 @@ pub async fn run(
         while start < lo {
             let end = (start + CHUNK - 1).min(lo - 1);
             for raw in raw_rows(&query, &runner, start, end, None).await? {
-                runner.observe(&raw, state).map_err(|e| e.to_string())?;
+                runner.observe(&raw, state)?;
             }
             start = end + 1;
         }
@@ -256,9 +242,8 @@ pub async fn run(
             report.messages += raw.num_rows() as u64;
             let out = runner
                 .run(&raw, &references, dedup.as_mut())
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|failure| format!("{failure}; nothing was replaced"))?;
+                .await?
+                .map_err(|failure| Error::Invalid(format!("{failure}; nothing was replaced")))?;
             report.quarantined += out.quarantine.num_rows() as u64;
             for (i, t) in out.tables.into_iter().enumerate() {
                 *report
@@ -284,8 +269,7 @@ pub async fn run(
     let predicate = format!("stream_seq >= {lo} AND stream_seq <= {hi}");
     for (table, batches) in runner.tables.iter().zip(outputs) {
         lake.replace_where(&table.def.table, batches, predicate.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
     }
     // The window tables over the replayed tables, derived again from them.
     let windows = reports
@@ -310,15 +294,14 @@ async fn rederive(
     w: &CheckedWindow,
     references: &[(TableId, Arc<dyn TableProvider>)],
     progress: bool,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<u64>, Error> {
     let app_id = config.consumer();
     let mut op = WindowOperator::new(&w.def, w.input.clone(), &w.input_schema, references)
         .await
-        .map_err(|e| format!("planning {}: {e}", w.def.table))?;
+        .context(format!("planning {}", w.def.table))?;
     let mut writer = lake
         .writer(w.def.table.clone(), op.schema.clone(), Vec::new(), app_id)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let Some(upto) = writer.committed() else {
         return Ok(None);
     };
@@ -331,16 +314,12 @@ async fn rederive(
             );
         }
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     if progress {
         eprintln!();
     }
-    writer
-        .replace_all(&closed, upto)
-        .await
-        .map_err(|e| e.to_string())?;
-    let state = op.encode().map_err(|e| e.to_string())?;
+    writer.replace_all(&closed, upto).await?;
+    let state = op.encode()?;
     writer
         .store_snapshot(&window_kind(app_id), upto, state)
         .await;

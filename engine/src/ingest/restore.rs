@@ -17,11 +17,7 @@ pub(super) async fn open(
     let mut writers = Vec::new();
     for (id, schema, partitions) in builtin_tables() {
         let partitions = partitions.into_iter().map(String::from).collect();
-        writers.push(
-            lake.writer(id, schema, partitions, app_id)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+        writers.push(lake.writer(id, schema, partitions, app_id).await?);
     }
     debug_assert_eq!(writers[RAW].id(), &TableId::raw_telemetry());
     let (mut stage, pipeline_writers) = PipelineStage::open(
@@ -87,7 +83,7 @@ pub(super) async fn load_dedup(
     config: &Config,
     lake: &Lake,
     committer: &Committer,
-) -> Result<DedupState, String> {
+) -> Result<DedupState, Error> {
     let usable = committer.writer(USABLE);
     // As of where the consumer resumes (see `open`), not as of usable.telemetry's position.
     let committed = committer.resume_at() as i64 - 1;
@@ -102,10 +98,7 @@ pub(super) async fn load_dedup(
         return Ok(state);
     }
     let kind = snapshot_kind(config.consumer());
-    let snapshot = usable
-        .latest_side_file(&kind, committed)
-        .await
-        .map_err(|e| e.to_string())?;
+    let snapshot = usable.latest_side_file(&kind, committed).await?;
     let mut since = 0;
     if let Some((v, bytes)) = snapshot {
         match state.restore(&bytes) {
@@ -125,9 +118,9 @@ pub(super) async fn load_dedup(
         let rows = QueryEngine::new(lake.clone())
             .query(&sql)
             .await
-            .map_err(|e| format!("rebuilding the dedup state: {e}"))?;
+            .context("rebuilding the dedup state")?;
         for batch in &rows.batches {
-            state.observe(batch).map_err(|e| e.to_string())?;
+            state.observe(batch)?;
         }
         tracing::info!(
             since,
@@ -155,15 +148,14 @@ pub(super) async fn load_devices(
     lake: &Lake,
     committer: &Committer,
     observed: i64,
-) -> Result<DeviceState, String> {
+) -> Result<DeviceState, Error> {
     let usable = committer.writer(USABLE);
     let kind = devices_kind(config.consumer());
     let mut state = DeviceState::new();
     let mut since = 0;
     if let Some((v, bytes)) = usable
         .latest_side_file(&kind, usable.committed().unwrap_or(0))
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
     {
         match DeviceState::decode(&bytes) {
             Ok(s) => {
@@ -197,7 +189,7 @@ pub(super) async fn load_devices(
             let rows = QueryEngine::new(lake.clone())
                 .query(&sql)
                 .await
-                .map_err(|e| format!("rebuilding the device state from {table}: {e}"))?;
+                .context(format!("rebuilding the device state from {table}"))?;
             let now = chrono::Utc::now().timestamp_micros();
             for batch in &rows.batches {
                 let at = batch.num_columns() - 1;
@@ -208,10 +200,8 @@ pub(super) async fn load_devices(
                 .map(|v| Some(v.unwrap_or(now)))
                 .collect();
                 let keep: Vec<usize> = (0..at).collect();
-                let rows = batch.project(&keep).map_err(|e| e.to_string())?;
-                state
-                    .update(table, &rows, Received::Each(&received))
-                    .map_err(|e| e.to_string())?;
+                let rows = batch.project(&keep)?;
+                state.update(table, &rows, Received::Each(&received))?;
             }
             total += rows.row_count();
             from = to;

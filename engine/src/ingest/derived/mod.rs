@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::config::partition::{Partition, scope};
+use crate::error::{Context, Error};
 use crate::ingest::alertmanager::Alertmanager;
 use crate::ingest::commit::Snapshot;
 use crate::metrics::Metrics;
@@ -59,7 +60,7 @@ pub enum RuleUpdate {
 /// A rule change for ingest, and where to say whether it was applied.
 pub struct RuleChange {
     pub update: RuleUpdate,
-    pub done: oneshot::Sender<Result<(), String>>,
+    pub done: oneshot::Sender<Result<(), Error>>,
 }
 
 /// What the derived stage made of one micro-batch (or of an idle tick: no window rows).
@@ -120,6 +121,29 @@ impl From<String> for OpenError {
     }
 }
 
+impl From<OpenError> for Error {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Storage(m) => Error::Unavailable(m),
+            OpenError::Invalid(m) => Error::Invalid(m),
+        }
+    }
+}
+
+impl From<fleetlake_zones::Error> for OpenError {
+    fn from(e: fleetlake_zones::Error) -> Self {
+        OpenError::Storage(e.to_string())
+    }
+}
+
+impl From<Error> for OpenError {
+    /// Retried, as any failure reading what is committed is (a definition that cannot run is
+    /// [`OpenError::Invalid`], made where it is found).
+    fn from(e: Error) -> Self {
+        OpenError::Storage(e.to_string())
+    }
+}
+
 /// Stamps transitions made now with the time (a held one keeps its stamp when published later,
 /// so the alert and its final.alerts row say the same `emit_time`).
 fn stamp(transitions: &mut [Transition]) {
@@ -175,8 +199,7 @@ impl DerivedStage {
                 .map_err(|e| OpenError::Invalid(format!("planning {}: {e}", w.def.table)))?;
             let mut writer = lake
                 .writer(w.def.table.clone(), op.schema.clone(), Vec::new(), &app_id)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             let input_committed = inputs
                 .iter()
                 .find(|(t, _)| *t == w.input)
@@ -199,8 +222,7 @@ impl DerivedStage {
             let committed = writer.committed().unwrap_or(0);
             let snapshot = writer
                 .latest_side_file(&window_kind(&app_id), committed)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             if let Some((_, bytes)) = snapshot
                 && let Err(e) = op.restore(&bytes)
             {
@@ -225,10 +247,7 @@ impl DerivedStage {
                 let mut rule = RuleRunner::new(&r.def, r.input.clone(), r.input_schema.clone())
                     .with_tenant_column(&stage.tenant_column);
                 let kind = rule_kind(&app_id, &r.def.name);
-                let snapshot = writer
-                    .latest_side_file(&kind, committed)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let snapshot = writer.latest_side_file(&kind, committed).await?;
                 let restored = match snapshot.map(|(_, bytes)| rule.restore(&bytes)) {
                     Some(Ok(true)) => true,
                     // Rebuilt from the input's committed rows, from the start.
@@ -306,7 +325,7 @@ impl DerivedStage {
         lake: &Lake,
         rule: &CheckedRule,
         position: i64,
-    ) -> Result<(Snapshot, Option<TableWriter>), String> {
+    ) -> Result<(Snapshot, Option<TableWriter>), Error> {
         let mut runner = RuleRunner::new(&rule.def, rule.input.clone(), rule.input_schema.clone())
             .with_tenant_column(&self.tenant_column);
         runner.advance(position);
@@ -409,7 +428,7 @@ impl DerivedStage {
         tables: &[(TableId, RecordBatch)],
         references: &[(TableId, Arc<dyn TableProvider>)],
         upto: i64,
-    ) -> Result<DerivedOutput, String> {
+    ) -> Result<DerivedOutput, Error> {
         let observed = self.clock.now();
         let mut out = DerivedOutput::default();
         let mut produced: Vec<(TableId, RecordBatch)> = Vec::new();
@@ -420,10 +439,9 @@ impl DerivedStage {
                 .find(|(t, _)| *t == w.input)
                 .map(|(_, r)| r);
             let result = match rows {
-                Some(rows) if rows.num_rows() > 0 => w
-                    .process(rows, references)
-                    .await
-                    .map_err(|e| format!("{}: {e}", w.def.table))?,
+                Some(rows) if rows.num_rows() > 0 => {
+                    w.process(rows, references).await.context(&w.def.table)?
+                }
                 _ => fleetlake_sql::window::WindowOutput {
                     rows: RecordBatch::new_empty(w.schema.clone()),
                     late: 0,
@@ -445,7 +463,7 @@ impl DerivedStage {
                 t = r
                     .process(rows, references)
                     .await
-                    .map_err(|e| format!("rule {}: {e}", r.def.name))?;
+                    .context(format!("rule {}", r.def.name))?;
             }
             r.advance(upto);
             t.extend(r.tick());
@@ -459,14 +477,12 @@ impl DerivedStage {
 
     /// Publishes transitions to `alerts.<rule>.<key>` and waits until JetStream has stored each;
     /// then hands them to Alertmanager delivery, if configured.
-    pub async fn publish(&mut self, transitions: &[Transition]) -> Result<(), String> {
+    pub async fn publish(&mut self, transitions: &[Transition]) -> Result<(), Error> {
         if transitions.is_empty() {
             return Ok(());
         }
         if self.js.is_none() {
-            let js = crate::ingest::source::connect_with(&self.nats)
-                .await
-                .map_err(|e| e.to_string())?;
+            let js = crate::ingest::source::connect_with(&self.nats).await?;
             js.get_or_create_stream(jetstream::stream::Config {
                 name: self.stream.clone(),
                 subjects: vec!["alerts.>".into()],
@@ -476,7 +492,7 @@ impl DerivedStage {
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("creating the alerts stream: {e}"))?;
+            .context("creating the alerts stream")?;
             self.js = Some(js);
         }
         let js = self.js.as_ref().expect("connected");

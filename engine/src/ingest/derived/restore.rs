@@ -65,14 +65,14 @@ pub(crate) async fn derive_window(
 /// The writer of alerts raised between messages (silence rules while the stream is idle): its
 /// own application id (`<consumer>-idle`), whose versions count only its commits, so recording
 /// them at once never moves the position of the consumer's own commits.
-pub(crate) async fn open_idle_alerts(lake: &Lake, consumer: &str) -> Result<TableWriter, String> {
+pub(crate) async fn open_idle_alerts(lake: &Lake, consumer: &str) -> Result<TableWriter, Error> {
     open_alerts(lake, &format!("{consumer}-idle")).await
 }
 
-pub(super) async fn open_alerts(lake: &Lake, app_id: &str) -> Result<TableWriter, String> {
+pub(super) async fn open_alerts(lake: &Lake, app_id: &str) -> Result<TableWriter, Error> {
     lake.writer(alerts_table(), alerts_schema(), Vec::new(), app_id)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(Error::from)
 }
 
 /// Side-file kind of the window snapshots of one consumer.
@@ -92,7 +92,7 @@ pub(super) async fn recorded_since(
     version: &str,
     after: i64,
     partition: Option<Partition>,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>, Error> {
     let table = alerts_table();
     if !table_exists(lake, &table).await? {
         return Ok(Vec::new());
@@ -105,13 +105,13 @@ pub(super) async fn recorded_since(
             scope(partition, "stream_seq", after, i64::MAX)
         ))
         .await
-        .map_err(|e| format!("reading {table} to rebuild rule {name}: {e}"))?;
+        .context(format!("reading {table} to rebuild rule {name}"))?;
     let mut out = Vec::new();
     for b in &rows.batches {
         let text = |i: usize| {
             arrow::compute::cast(b.column(i), &DataType::Utf8)
                 .map(|c| arrow::array::AsArray::as_string::<i32>(&c).clone())
-                .map_err(|e| e.to_string())
+                .map_err(Error::from)
         };
         let (keys, states) = (text(0)?, text(1)?);
         for i in 0..b.num_rows() {
@@ -129,7 +129,7 @@ pub(crate) async fn committed_rows(
     after: i64,
     upto: i64,
     partition: Option<Partition>,
-) -> Result<Vec<RecordBatch>, String> {
+) -> Result<Vec<RecordBatch>, Error> {
     if upto <= after || !table_exists(lake, table).await? {
         return Ok(Vec::new());
     }
@@ -139,6 +139,6 @@ pub(crate) async fn committed_rows(
             scope(partition, "stream_seq", after, upto)
         ))
         .await
-        .map_err(|e| format!("reading {table} to rebuild windows and rules: {e}"))?;
+        .context(format!("reading {table} to rebuild windows and rules"))?;
     Ok(rows.batches)
 }

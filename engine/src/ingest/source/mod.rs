@@ -27,6 +27,13 @@ pub struct SourceError {
     pub reason: String,
 }
 
+impl From<SourceError> for crate::error::Error {
+    /// NATS failing: an outside system, retried.
+    fn from(e: SourceError) -> Self {
+        crate::error::Error::Unavailable(e.to_string())
+    }
+}
+
 fn err(action: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> SourceError {
     move |e| SourceError {
         action,
