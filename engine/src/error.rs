@@ -94,6 +94,13 @@ impl From<tokio::task::JoinError> for Error {
     }
 }
 
+impl From<Error> for String {
+    /// The message, for the CLI, which prints an error and exits non-zero.
+    fn from(e: Error) -> Self {
+        e.to_string()
+    }
+}
+
 /// `result`'s error converted to an [`Error`] and preceded by what was being done.
 pub trait Context<T> {
     fn context(self, doing: impl fmt::Display) -> Result<T, Error>;

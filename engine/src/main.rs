@@ -353,7 +353,7 @@ async fn token(
         let (actor, lake) = (actor.clone(), config.lake(env.clone()));
         let app_id = config.consumer().to_string();
         async move {
-            let lake = Lake::open(&lake).map_err(|e| e.to_string())?;
+            let lake = Lake::open(&lake).map_err(fleetlake::error::Error::from)?;
             fleetlake::api::audit::Audit::new(lake, &app_id)
                 .record(fleetlake::api::audit::Event {
                     principal: &actor,
@@ -636,6 +636,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 },
             )
             .await
+            .map_err(String::from)
         }
         Command::Query { sql, format } => {
             let lake = Lake::open(&config.lake(env)).map_err(|e| e.to_string())?;

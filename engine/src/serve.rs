@@ -156,7 +156,8 @@ impl Engine {
                 devices.clone(),
             )));
         }
-        let auth = crate::api::auth::Auth::from_config(&config).map_err(StartError::Config)?;
+        let auth = crate::api::auth::Auth::from_config(&config)
+            .map_err(|e| StartError::Config(e.to_string()))?;
         match &auth.tokens {
             None => tracing::warn!(
                 "auth.enabled = false: every route is open to anyone who can reach {addr}, with an admin's rights"
@@ -175,7 +176,8 @@ impl Engine {
             Some(_) => {}
         }
         let (queries, query_runtime) = crate::api::query_runtime(config.query_threads());
-        let tls = crate::api::tls::server_config(&config).map_err(StartError::Config)?;
+        let tls = crate::api::tls::server_config(&config)
+            .map_err(|e| StartError::Config(e.to_string()))?;
         let state = AppState {
             auth: Arc::new(auth),
             audit: Arc::new(crate::api::audit::Audit::new(
@@ -293,16 +295,24 @@ impl Engine {
     /// Stops in order: ingest (commits and acks what is in flight, retrying failed commits for
     /// `ingest.shutdown_grace_s`), then HTTP. An error says what ingest could not finish (the
     /// messages it did not acknowledge come back at the next start); `serve` exits non-zero.
-    pub async fn shutdown(mut self) -> Result<(), String> {
+    pub async fn shutdown(mut self) -> Result<(), IngestStopped> {
         self.ingest_stop.cancel();
         while self.ingest.join_next().await.is_some() {}
         self.http_stop.cancel();
         while self.http.join_next().await.is_some() {}
         match self.metrics.stopped_reason() {
-            Some(reason) => Err(reason),
+            Some(reason) => Err(IngestStopped { reason }),
             None => Ok(()),
         }
     }
+}
+
+/// Why ingest stopped on its own before or during a shutdown, as `/healthz` said it (see
+/// [`crate::error::Stopped`]): what it could not finish; `serve` exits non-zero with it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}")]
+pub struct IngestStopped {
+    pub reason: String,
 }
 
 /// Loads and checks the pipelines of `pipelines.dir`; any error refuses the start. Also returns

@@ -397,7 +397,7 @@ async fn recreated_stream(new_messages: i64) {
     assert!(body.contains("nats.consumer"), "says what to do: {body}");
     assert_eq!(api.scalar("SELECT count(*) FROM raw.telemetry").await, 5);
     let stopped = engine.shutdown().await.expect_err("reported as a stop");
-    assert!(stopped.contains("created again"), "{stopped}");
+    assert!(stopped.reason.contains("created again"), "{stopped}");
 
     // The documented operator action: a new consumer name takes the new stream from its start.
     let config = test_config(nats.url(), &lake, &[("nats.consumer", "fleetlake-2")]);

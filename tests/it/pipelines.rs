@@ -259,7 +259,7 @@ async fn a_fail_expectation_stops_ingest_with_nothing_of_the_batch_written() {
         .shutdown()
         .await
         .expect_err("a stopped pipeline is reported");
-    assert!(stopped.contains("v_positive"), "{stopped}");
+    assert!(stopped.reason.contains("v_positive"), "{stopped}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,5 +723,5 @@ async fn a_column_whose_type_changes_stops_ingest_instead_of_retrying_forever() 
         .shutdown()
         .await
         .expect_err("stopped ingest is reported");
-    assert!(stopped.contains("usable.typ"), "{stopped}");
+    assert!(stopped.reason.contains("usable.typ"), "{stopped}");
 }

@@ -13,7 +13,9 @@ use fleetlake_zones::Lake;
 use fleetlake_zones::lake::TableWriter;
 
 use crate::api::auth::Principal;
+
 pub use crate::api::auth::audit_table;
+use crate::error::Error;
 
 /// `at` (UTC µs), `actor`, `token_id`, `role`, `address`, `action`, `target`, `detail`, and
 /// `audit_seq` (strictly increasing; the table's progress column).
@@ -69,14 +71,14 @@ impl Audit {
     }
 
     /// Appends one row, committed before this returns. Errors: the lake cannot be written.
-    pub async fn record(&self, event: Event<'_>) -> Result<(), String> {
+    pub async fn record(&self, event: Event<'_>) -> Result<(), Error> {
         let mut state = self.state.lock().await;
         if state.0.is_none() {
             let writer = self
                 .lake
                 .writer(audit_table(), audit_schema(), Vec::new(), &self.app_id)
                 .await
-                .map_err(|e| format!("opening {}: {e}", audit_table()))?;
+                .map_err(|e| Error::Invalid(format!("opening {}: {e}", audit_table())))?;
             state.1 = writer.committed().unwrap_or(0);
             state.0 = Some(writer);
         }
@@ -106,12 +108,12 @@ impl Audit {
                 Arc::new(Int64Array::from(vec![seq])),
             ],
         )
-        .map_err(|e| format!("building the audit row: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("building the audit row: {e}")))?;
         let writer = state.0.as_mut().expect("opened");
         if let Err(e) = writer.commit(&batch, "audit_seq", seq).await {
             // The outcome is unknown: open the table again next time.
             state.0 = None;
-            return Err(format!("writing {}: {e}", audit_table()));
+            return Err(Error::Invalid(format!("writing {}: {e}", audit_table())));
         }
         state.1 = seq;
         Ok(())

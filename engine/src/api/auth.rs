@@ -21,7 +21,9 @@ use axum::http::Method;
 
 #[cfg(test)]
 use crate::api::tokens::RELOAD_EVERY;
+
 pub use crate::api::tokens::{Role, TokenLimits, TokenRecord, Tokens};
+use crate::error::Error;
 
 /// What a route requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +197,7 @@ pub struct Denied {
 }
 
 impl Auth {
-    pub fn from_config(config: &crate::config::Config) -> Result<Self, String> {
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, Error> {
         let tokens = if config.get("auth.enabled") == "true" {
             Some(Tokens::open(Path::new(config.get("auth.tokens_file")))?)
         } else {
@@ -461,6 +463,7 @@ mod tests {
             tokens
                 .create("grafana", Role::Admin, vec![], "t", TokenLimits::default())
                 .unwrap_err()
+                .to_string()
                 .contains("exists already")
         );
         assert!(
@@ -494,6 +497,7 @@ mod tests {
             tokens
                 .create("ab12cd34", Role::Admin, vec![], "t", TokenLimits::default())
                 .unwrap_err()
+                .to_string()
                 .contains("looks like a token id")
         );
         // Another process (the CLI) sees the same file.
@@ -516,7 +520,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.toml");
         std::fs::write(&path, "[[token]]\nname = 3\n").unwrap();
-        let err = Tokens::open(&path).err().unwrap();
+        let err = Tokens::open(&path).err().unwrap().to_string();
         assert!(err.contains("tokens.toml"), "{err}");
     }
 

@@ -229,7 +229,9 @@ async fn put_reference(
                 &format!("{id} is declared in the pipelines: {message}"),
             );
         }
-        Err(message) => return error_response(StatusCode::BAD_REQUEST, "bad_rows", &message),
+        Err(message) => {
+            return error_response(StatusCode::BAD_REQUEST, "bad_rows", &message.to_string());
+        }
     };
     if let Err(r) = record(
         &state,
@@ -481,7 +483,7 @@ async fn create_token(
     };
     let role = match auth::Role::parse(&request.role) {
         Ok(r) => r,
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e),
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     let (created, secret) = match tokens.create(
         &request.name,
@@ -491,7 +493,7 @@ async fn create_token(
         request.limits,
     ) {
         Ok(created) => created,
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e),
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     let detail = format!("role {} tenants {:?}", role.as_str(), created.tenants);
     if let Err(r) = record(&state, &caller, "token.create", &created.id, &detail).await {
@@ -536,6 +538,10 @@ async fn revoke_token(
             "unknown_token",
             &format!("no token has the id or name {id:?}"),
         ),
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "tokens_file", &e),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "tokens_file",
+            &e.to_string(),
+        ),
     }
 }

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 
+use crate::error::Error;
+
 /// The largest body accepted: reference tables are small, slowly changing context.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
@@ -25,7 +27,7 @@ pub fn parse_rows(
     content_type: Option<&str>,
     body: &[u8],
     declared: Option<&SchemaRef>,
-) -> Result<RecordBatch, String> {
+) -> Result<RecordBatch, Error> {
     let media = content_type
         .and_then(|c| c.split(';').next())
         .map(|c| c.trim().to_ascii_lowercase())
@@ -34,13 +36,13 @@ pub fn parse_rows(
         "text/csv" => parse_csv(body, declared)?,
         "application/json" | "application/x-ndjson" | "application/jsonl" => parse_json(body)?,
         other => {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "unsupported Content-Type {other:?}: expected text/csv, application/json or application/x-ndjson"
-            ));
+            )));
         }
     };
     if batch.num_rows() == 0 {
-        return Err("the body holds no rows".into());
+        return Err(Error::Invalid("the body holds no rows".into()));
     }
     let mut seen = std::collections::HashSet::new();
     for field in batch.schema().fields() {
@@ -49,12 +51,12 @@ pub fn parse_rows(
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !name.starts_with(|c: char| c.is_ascii_digit());
         if !valid {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "column name {name:?} is not allowed: expected letters, digits and '_', not starting with a digit"
-            ));
+            )));
         }
         if !seen.insert(name.to_lowercase()) {
-            return Err(format!("column {name:?} appears twice"));
+            return Err(Error::Invalid(format!("column {name:?} appears twice")));
         }
     }
     match declared {
@@ -69,7 +71,7 @@ pub fn parse_rows(
 /// present and hold no NULL. Returns the rows with each declared column in its declared type;
 /// columns the declaration does not name are kept as uploaded. The error names the column, the
 /// row (1-based, the header not counted) and the value.
-pub fn apply_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<RecordBatch, String> {
+pub fn apply_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<RecordBatch, Error> {
     check_declared(rows, declared)?;
     let mut fields = Vec::with_capacity(rows.num_columns());
     let mut columns = Vec::with_capacity(rows.num_columns());
@@ -77,7 +79,7 @@ pub fn apply_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<Record
         match declared.field_with_name(field.name()) {
             Ok(d) if d.data_type() != column.data_type() => {
                 let cast = arrow::compute::cast(column, d.data_type())
-                    .map_err(|e| format!("column {}: {e}", field.name()))?;
+                    .map_err(|e| Error::Invalid(format!("column {}: {e}", field.name())))?;
                 fields.push(arrow::datatypes::Field::new(
                     field.name(),
                     d.data_type().clone(),
@@ -91,10 +93,11 @@ pub fn apply_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<Record
             }
         }
     }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| e.to_string())
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
-fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), String> {
+fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), Error> {
     use arrow::array::{Array, AsArray};
     use arrow::compute::{CastOptions, cast_with_options};
     use arrow::datatypes::DataType;
@@ -103,23 +106,23 @@ fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), String
             if field.is_nullable() {
                 continue;
             }
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "column {} is declared NOT NULL ({}) but the upload lacks it",
                 field.name(),
                 field.data_type()
-            ));
+            )));
         };
         let lenient = CastOptions {
             safe: true,
             ..Default::default()
         };
         let cast = cast_with_options(column, field.data_type(), &lenient).map_err(|e| {
-            format!(
+            Error::Invalid(format!(
                 "column {} holds {} values, which cannot be read as the declared {}: {e}",
                 field.name(),
                 column.data_type(),
                 field.data_type()
-            )
+            ))
         })?;
         let text = arrow::compute::cast(column, &DataType::Utf8).ok();
         let value = |row: usize| {
@@ -153,20 +156,20 @@ fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), String
         };
         for row in 0..rows.num_rows() {
             if column.is_valid(row) && (cast.is_null(row) || fractional(row) || infinite(row)) {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "column {}, row {}: {:?} is not a {} (the declared type)",
                     field.name(),
                     row + 1,
                     value(row),
                     field.data_type()
-                ));
+                )));
             }
             if column.is_null(row) && !field.is_nullable() {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "column {}, row {}: NULL in a NOT NULL column",
                     field.name(),
                     row + 1
-                ));
+                )));
             }
         }
     }
@@ -175,11 +178,11 @@ fn check_declared(rows: &RecordBatch, declared: &SchemaRef) -> Result<(), String
 
 /// Reads a CSV with a header; the columns `declared` names as their text (converted later), the
 /// others by inference.
-fn parse_csv(body: &[u8], declared: Option<&SchemaRef>) -> Result<RecordBatch, String> {
+fn parse_csv(body: &[u8], declared: Option<&SchemaRef>) -> Result<RecordBatch, Error> {
     let format = arrow::csv::reader::Format::default().with_header(true);
     let (inferred, _) = format
         .infer_schema(Cursor::new(body), None)
-        .map_err(|e| format!("reading the CSV header and rows: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("reading the CSV header and rows: {e}")))?;
     let schema = Schema::new(
         inferred
             .fields()
@@ -193,30 +196,38 @@ fn parse_csv(body: &[u8], declared: Option<&SchemaRef>) -> Result<RecordBatch, S
     let reader = arrow::csv::ReaderBuilder::new(Arc::new(schema.clone()))
         .with_format(format)
         .build(Cursor::new(body))
-        .map_err(|e| format!("reading CSV: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("reading CSV: {e}")))?;
     let batches = reader
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("reading CSV: {e}"))?;
-    arrow::compute::concat_batches(&Arc::new(schema), &batches).map_err(|e| e.to_string())
+        .map_err(|e| Error::Invalid(format!("reading CSV: {e}")))?;
+    arrow::compute::concat_batches(&Arc::new(schema), &batches)
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
-fn parse_json(body: &[u8]) -> Result<RecordBatch, String> {
-    let text = std::str::from_utf8(body).map_err(|e| format!("the body is not UTF-8: {e}"))?;
+fn parse_json(body: &[u8]) -> Result<RecordBatch, Error> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Error::Invalid(format!("the body is not UTF-8: {e}")))?;
     let rows: Vec<serde_json::Value> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(text).map_err(|e| format!("reading the JSON array: {e}"))?
+        serde_json::from_str(text)
+            .map_err(|e| Error::Invalid(format!("reading the JSON array: {e}")))?
     } else {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| Error::Invalid(format!("line {}: {e}", i + 1)))
+            })
             .collect::<Result<_, _>>()?
     };
     if let Some((i, _)) = rows.iter().enumerate().find(|(_, r)| !r.is_object()) {
-        return Err(format!("row {} is not a JSON object", i + 1));
+        return Err(Error::Invalid(format!(
+            "row {} is not a JSON object",
+            i + 1
+        )));
     }
     let inferred: Schema =
         arrow::json::reader::infer_json_schema_from_iterator(rows.iter().map(Ok))
-            .map_err(|e| format!("inferring column types: {e}"))?;
+            .map_err(|e| Error::Invalid(format!("inferring column types: {e}")))?;
     // Inference sorts columns by name; keep them in the order the rows first mention them.
     let order = key_order(text)?;
     let mut fields: Vec<_> = inferred.fields().iter().cloned().collect();
@@ -230,18 +241,18 @@ fn parse_json(body: &[u8]) -> Result<RecordBatch, String> {
     let mut decoder = arrow::json::ReaderBuilder::new(Arc::new(schema.clone()))
         .with_batch_size(rows.len().max(1))
         .build_decoder()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     decoder
         .serialize(&rows)
-        .map_err(|e| format!("reading rows: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("reading rows: {e}")))?;
     Ok(decoder
         .flush()
-        .map_err(|e| format!("reading rows: {e}"))?
+        .map_err(|e| Error::Invalid(format!("reading rows: {e}")))?
         .unwrap_or_else(|| RecordBatch::new_empty(Arc::new(schema))))
 }
 
 /// The object keys of JSON rows (an array or NDJSON), in order of first appearance.
-fn key_order(text: &str) -> Result<Vec<String>, String> {
+fn key_order(text: &str) -> Result<Vec<String>, Error> {
     use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
     struct Keys(Vec<String>);
     impl<'de> serde::Deserialize<'de> for Keys {
@@ -264,13 +275,13 @@ fn key_order(text: &str) -> Result<Vec<String>, String> {
         }
     }
     let rows: Vec<Keys> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(text).map_err(|e| e.to_string())?
+        serde_json::from_str(text).map_err(|e| Error::Invalid(e.to_string()))?
     } else {
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .map(serde_json::from_str)
             .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Error::Invalid(e.to_string()))?
     };
     let mut order: Vec<String> = Vec::new();
     for key in rows.into_iter().flat_map(|k| k.0) {
@@ -325,7 +336,7 @@ mod tests {
             (Some("text/csv"), b"a,a\n1,2\n", "appears twice"),
             (Some("text/csv"), b"bad name,b\n1,2\n", "not allowed"),
         ] {
-            let err = parse_rows(ct, body, None).unwrap_err();
+            let err = parse_rows(ct, body, None).unwrap_err().to_string();
             assert!(
                 err.contains(needle),
                 "{ct:?} {:?}: {err}",
@@ -348,13 +359,19 @@ mod tests {
             check("device_id,max_c,slots,extra\nd1,5,2,x\nd2,7.5,,y\n"),
             Ok(())
         );
-        let err = check("device_id,max_c\nd1,5\nd2,warm\n").unwrap_err();
+        let err = check("device_id,max_c\nd1,5\nd2,warm\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("column max_c, row 2: \"warm\""), "{err}");
-        let err = check("device_id,slots\nd1,2\nd2,2.5\n").unwrap_err();
+        let err = check("device_id,slots\nd1,2\nd2,2.5\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("column slots, row 2: \"2.5\""), "{err}");
-        let err = check("device_id,max_c\nd1,1e400\n").unwrap_err();
+        let err = check("device_id,max_c\nd1,1e400\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("column max_c, row 1"), "{err}");
-        let err = check("max_c\n5\n").unwrap_err();
+        let err = check("max_c\n5\n").unwrap_err().to_string();
         assert!(err.contains("device_id is declared NOT NULL"), "{err}");
     }
 

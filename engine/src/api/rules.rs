@@ -28,6 +28,7 @@ use fleetlake_zones::{Lake, TableId, Zone};
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use crate::error::Error;
 use crate::ingest::derived::{RuleChange, RuleUpdate};
 
 /// `final.rule_audit`: every change made over `/v1/rules`.
@@ -450,9 +451,9 @@ impl Rules {
     }
 
     /// Hands a change to ingest and waits until it is swapped in (or says why it is not yet).
-    async fn apply(&self, update: RuleUpdate) -> Result<(), String> {
+    async fn apply(&self, update: RuleUpdate) -> Result<(), Error> {
         if let Some(reason) = &self.frozen {
-            return Err(reason.clone());
+            return Err(Error::Unavailable(reason.clone()));
         }
         let (done, applied) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + APPLY_TIMEOUT;
@@ -462,32 +463,36 @@ impl Rules {
         {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
-                return Err("ingest is not running; the change applies at the next start".into());
+                return Err(Error::Unavailable(
+                    "ingest is not running; the change applies at the next start".into(),
+                ));
             }
             Err(_) => {
-                return Err(format!(
+                return Err(Error::Unavailable(format!(
                     "ingest has not taken earlier changes for {waited} s (NATS or storage down?); \
                      this one applies at the next start"
-                ));
+                )));
             }
         }
         match tokio::time::timeout_at(deadline, applied).await {
-            Ok(Ok(result)) => result.map_err(|e| e.to_string()),
-            Ok(Err(_)) => Err("ingest stopped; the change applies at the next start".into()),
-            Err(_) => Err(format!(
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Unavailable(
+                "ingest stopped; the change applies at the next start".into(),
+            )),
+            Err(_) => Err(Error::Unavailable(format!(
                 "ingest did not take the change within {waited} s (NATS or storage down?); it \
                  applies when ingest resumes"
-            )),
+            ))),
         }
     }
 }
 
-fn add_applied(body: &mut serde_json::Value, applied: Result<(), String>) {
+fn add_applied(body: &mut serde_json::Value, applied: Result<(), Error>) {
     match applied {
         Ok(()) => body["applied"] = json!(true),
         Err(reason) => {
             body["applied"] = json!(false);
-            body["pending"] = json!(reason);
+            body["pending"] = json!(reason.to_string());
         }
     }
 }

@@ -11,6 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::error::Error;
+
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -18,7 +20,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// the file that cannot be read or holds no certificate or key.
 pub fn server_config(
     config: &crate::config::Config,
-) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (cert, key) = (config.get("http.tls_cert"), config.get("http.tls_key"));
@@ -27,19 +29,32 @@ pub fn server_config(
     }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|e| format!("http.tls_cert {cert}: expected PEM certificates: {e}"))?;
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "http.tls_cert {cert}: expected PEM certificates: {e}"
+            ))
+        })?;
     if chain.is_empty() {
-        return Err(format!("http.tls_cert {cert}: holds no certificate"));
+        return Err(Error::Invalid(format!(
+            "http.tls_cert {cert}: holds no certificate"
+        )));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("http.tls_key {key}: expected a PEM private key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        Error::Invalid(format!(
+            "http.tls_key {key}: expected a PEM private key: {e}"
+        ))
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| Error::Invalid(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("http.tls_cert and http.tls_key do not make a certificate: {e}"))?;
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "http.tls_cert and http.tls_key do not make a certificate: {e}"
+            ))
+        })?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(Arc::new(server)))
 }

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::error::Error;
+
 /// What a token may do; each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,14 +32,14 @@ impl Role {
         }
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, Error> {
         match text {
             "analyst" => Ok(Role::Analyst),
             "engineer" => Ok(Role::Engineer),
             "admin" => Ok(Role::Admin),
-            other => Err(format!(
+            other => Err(Error::Invalid(format!(
                 "role {other:?}: expected analyst, engineer or admin"
-            )),
+            ))),
         }
     }
 }
@@ -120,9 +122,10 @@ fn sha256_hex(text: &str) -> String {
         .collect()
 }
 
-fn random_hex(bytes: usize) -> Result<String, String> {
+fn random_hex(bytes: usize) -> Result<String, Error> {
     let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).map_err(|e| format!("the system's random source failed: {e}"))?;
+    getrandom::fill(&mut buf)
+        .map_err(|e| Error::Invalid(format!("the system's random source failed: {e}")))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -131,7 +134,7 @@ impl Tokens {
     ///
     /// Errors: the file cannot be read, or is not a list of `[[token]]` tables with the fields
     /// of [`TokenRecord`].
-    pub fn open(path: &Path) -> Result<Self, String> {
+    pub fn open(path: &Path) -> Result<Self, Error> {
         let (records, modified) = read_file(path)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -179,7 +182,7 @@ impl Tokens {
                 loaded.broken = None;
             }
             Err(e) => {
-                loaded.broken = Some(e.clone());
+                loaded.broken = Some(e.to_string());
                 // Fail closed: a revocation typed into a broken file must not leave the token
                 // working. Every token is refused until the file reads again.
                 tracing::error!("refusing every token until the tokens file reads again: {e}");
@@ -238,7 +241,7 @@ impl Tokens {
         tenants: Vec<String>,
         created_by: &str,
         limits: TokenLimits,
-    ) -> Result<(TokenRecord, String), String> {
+    ) -> Result<(TokenRecord, String), Error> {
         let name = name.trim();
         if name.is_empty()
             || name.len() > 100
@@ -246,19 +249,19 @@ impl Tokens {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
         {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "token name {name:?}: expected 1 to 100 letters, digits, '-', '_', '.' or '@'"
-            ));
+            )));
         }
         if name.len() == 8 && name.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "token name {name:?} looks like a token id (8 hex digits): choose another, so that revoking by id is never ambiguous"
-            ));
+            )));
         }
         if role == Role::Admin && !tenants.is_empty() {
-            return Err(
+            return Err(Error::Invalid(
                 "an admin token cannot be bound to tenants (the admin routes serve what all tenants share): make an analyst or engineer token for a tenant".into(),
-            );
+            ));
         }
         for (what, value) in [
             ("timeout_s", limits.timeout_s),
@@ -267,24 +270,28 @@ impl Tokens {
             ("max_concurrent", limits.max_concurrent),
         ] {
             if value == Some(0) {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "limit {what} = 0 would refuse every query: expected 1 or more (leave it out for the default)"
-                ));
+                )));
             }
         }
         if limits.timeout_s.is_some_and(|t| t > 86_400) {
-            return Err("limit timeout_s: expected at most 86400 (a day)".into());
+            return Err(Error::Invalid(
+                "limit timeout_s: expected at most 86400 (a day)".into(),
+            ));
         }
         if let Some(t) = tenants.iter().find(|t| t.trim().is_empty()) {
-            return Err(format!("tenant {t:?}: expected a tenant name"));
+            return Err(Error::Invalid(format!(
+                "tenant {t:?}: expected a tenant name"
+            )));
         }
         let _guard = self.write.lock().expect("tokens write lock");
         let _file_lock = self.lock_file()?;
         let (mut records, _) = read_file(&self.path)?;
         if records.iter().any(|r| r.name == name) {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "a token named {name:?} exists already: revoke it first, or choose another name"
-            ));
+            )));
         }
         let mut id = random_hex(4)?;
         while records.iter().any(|r| r.id == id) {
@@ -308,7 +315,7 @@ impl Tokens {
 
     /// Removes the token with this id (or name); `None` if there is none.
     /// An id is matched before a name.
-    pub fn revoke(&self, id_or_name: &str) -> Result<Option<TokenRecord>, String> {
+    pub fn revoke(&self, id_or_name: &str) -> Result<Option<TokenRecord>, Error> {
         let _guard = self.write.lock().expect("tokens write lock");
         let _file_lock = self.lock_file()?;
         let (mut records, _) = read_file(&self.path)?;
@@ -326,9 +333,10 @@ impl Tokens {
 
     /// An exclusive lock on `<file>.lock`, held while the file is read, changed and written, so
     /// that two processes (the CLI and a server) never lose each other's changes.
-    fn lock_file(&self) -> Result<std::fs::File, String> {
+    fn lock_file(&self) -> Result<std::fs::File, Error> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
         }
         let path = self.path.with_extension("toml.lock");
         let file = std::fs::OpenOptions::new()
@@ -336,23 +344,24 @@ impl Tokens {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+            .map_err(|e| Error::Invalid(format!("opening {}: {e}", path.display())))?;
         file.lock()
-            .map_err(|e| format!("locking {}: {e}", path.display()))?;
+            .map_err(|e| Error::Invalid(format!("locking {}: {e}", path.display())))?;
         Ok(file)
     }
 
     /// Writes the file (a temporary file renamed over it, mode 0600) and the cache.
-    fn store(&self, records: Vec<TokenRecord>) -> Result<(), String> {
+    fn store(&self, records: Vec<TokenRecord>) -> Result<(), Error> {
         let text = toml::to_string(&TokensFile {
             token: records.clone(),
         })
-        .map_err(|e| format!("encoding the tokens: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("encoding the tokens: {e}")))?;
         let text = format!(
             "# fleetlake tokens: SHA-256 hashes only. Managed by `fleetlake token` and /v1/tokens.\n{text}"
         );
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Invalid(format!("creating {}: {e}", dir.display())))?;
         }
         let tmp = self
             .path
@@ -365,13 +374,13 @@ impl Tokens {
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let mut file = options
                 .open(&tmp)
-                .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+                .map_err(|e| Error::Invalid(format!("writing {}: {e}", tmp.display())))?;
             file.write_all(text.as_bytes())
                 .and_then(|_| file.sync_all())
-                .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+                .map_err(|e| Error::Invalid(format!("writing {}: {e}", tmp.display())))?;
         }
         std::fs::rename(&tmp, &self.path)
-            .map_err(|e| format!("replacing {}: {e}", self.path.display()))?;
+            .map_err(|e| Error::Invalid(format!("replacing {}: {e}", self.path.display())))?;
         let mut loaded = self.loaded.write().expect("tokens lock");
         loaded.records = records;
         loaded.modified = stamp(&self.path);
@@ -388,18 +397,23 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 type FileContents = (Vec<TokenRecord>, Option<(SystemTime, u64)>);
 
-fn read_file(path: &Path) -> Result<FileContents, String> {
+fn read_file(path: &Path) -> Result<FileContents, Error> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
-        Err(e) => return Err(format!("reading the tokens file {}: {e}", path.display())),
+        Err(e) => {
+            return Err(Error::Invalid(format!(
+                "reading the tokens file {}: {e}",
+                path.display()
+            )));
+        }
     };
     let modified = stamp(path);
     let file: TokensFile = toml::from_str(&text).map_err(|e| {
-        format!(
+        Error::Invalid(format!(
             "the tokens file {} is not a list of [[token]] tables (id, name, role, tenants, sha256, created_at, created_by): {e}",
             path.display()
-        )
+        ))
     })?;
     Ok((file.token, modified))
 }

@@ -48,7 +48,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::error::Stopped;
+use crate::error::{Error, Stopped};
 use crate::ingest::pipelines::Declared;
 use crate::metrics::Metrics;
 
@@ -530,16 +530,16 @@ struct Group {
     fleet: Option<String>,
 }
 
-async fn read_group(store: &kv::Store) -> Result<Group, String> {
+async fn read_group(store: &kv::Store) -> Result<Group, Error> {
     let mut keys = store
         .keys()
         .await
-        .map_err(|e| nats_error("listing keys", e))?;
+        .map_err(|e| Error::Unavailable(nats_error("listing keys", e)))?;
     let mut members = Vec::new();
     let mut holders = BTreeMap::new();
     let mut fleet = None;
     while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| nats_error("listing keys", e))?;
+        let key = key.map_err(|e| Error::Unavailable(nats_error("listing keys", e)))?;
         if key == FLEET_KEY {
             fleet = store
                 .get(&key)

@@ -58,19 +58,20 @@ impl Config {
         }
     }
 
-    /// `retention.tables`: table name → days.
-    pub(super) fn table_retention(&self) -> Result<HashMap<String, u64>, String> {
+    /// `retention.tables`: table name → days; `None` when an item is not `zone.table=days`
+    /// (refused when the value is set, see [`super::Check::TableDays`]).
+    pub(super) fn table_retention(&self) -> Option<HashMap<String, u64>> {
         let mut out = HashMap::new();
         for item in self.get("retention.tables").split(',') {
             let item = item.trim();
             if item.is_empty() {
                 continue;
             }
-            let (table, days) = item.split_once('=').ok_or_else(|| item.to_string())?;
-            let table = fleetlake_zones::TableId::parse(table.trim()).map_err(|e| e.to_string())?;
-            let days: u64 = days.trim().parse().map_err(|_| item.to_string())?;
+            let (table, days) = item.split_once('=')?;
+            let table = fleetlake_zones::TableId::parse(table.trim()).ok()?;
+            let days: u64 = days.trim().parse().ok()?;
             out.insert(table.to_string(), days);
         }
-        Ok(out)
+        Some(out)
     }
 }

@@ -234,7 +234,7 @@ impl Config {
                 .list(key)
                 .iter()
                 .all(|t| fleetlake_zones::TableId::parse(t).is_ok()),
-            Check::TableDays => self.table_retention().is_ok(),
+            Check::TableDays => self.table_retention().is_some(),
             Check::SocketAddr => value.parse::<std::net::SocketAddr>().is_ok(),
             Check::HttpUrl => {
                 value.is_empty()

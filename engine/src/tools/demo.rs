@@ -13,6 +13,8 @@ use crate::serve::{Engine, shutdown_signal};
 use crate::tools::nats_server::NatsServer;
 use crate::tools::simulate::{self, SimConfig};
 
+use crate::error::Error;
+
 /// Demo options.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -24,7 +26,7 @@ pub struct DemoOptions {
 /// Runs the demo until Ctrl-C (or until done with `exit_when_done`).
 /// A fresh admin token named `demo` (an earlier run's is revoked), or a note when
 /// authentication is off.
-fn demo_token(config: &Config) -> Result<String, String> {
+fn demo_token(config: &Config) -> Result<String, Error> {
     use crate::api::auth::{Role, TokenLimits, Tokens};
     if config.get("auth.enabled") != "true" {
         return Ok("(none needed: auth.enabled = false)".into());
@@ -99,17 +101,18 @@ pub async fn run(
     mut config: Config,
     env: Vec<(String, String)>,
     mut options: DemoOptions,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     // The demo's tokens live in its own folder, not in the directory it was started from.
     if config.get("auth.tokens_file") == crate::config::default_of("auth.tokens_file") {
-        std::fs::create_dir_all(DEMO_DIR).map_err(|e| format!("creating {DEMO_DIR}: {e}"))?;
+        std::fs::create_dir_all(DEMO_DIR)
+            .map_err(|e| Error::Invalid(format!("creating {DEMO_DIR}: {e}")))?;
         config
             .set(
                 "auth.tokens_file",
                 &format!("{DEMO_DIR}/tokens.toml"),
                 "demo",
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::Invalid(e.to_string()))?;
     }
     let url = crate::config::redact_url(config.nats_url());
     let mut child: Option<NatsServer> = None;
@@ -131,24 +134,24 @@ pub async fn run(
             NatsServer::start(port, &dir.join("nats"), Some(&dir.join("nats.log"))).await?;
         config
             .set("nats.url", &server.url, "demo")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         child = Some(server);
     } else {
         eprintln!("· using the NATS server at {url}");
     }
     let engine = Engine::start(config.clone(), env, true)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     // The fleet's registry gives pipelines their cohort columns (tenant, site, model, hw_rev).
     let registry = simulate::Simulator::new(options.sim.clone()).registry_csv();
     let rows = crate::api::reference::parse_rows(Some("text/csv"), registry.as_bytes(), None)?;
-    let devices =
-        fleetlake_zones::TableId::parse("reference.devices").map_err(|e| e.to_string())?;
+    let devices = fleetlake_zones::TableId::parse("reference.devices")
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     engine
         .lake
         .replace(&devices, rows)
         .await
-        .map_err(|e| format!("uploading the device registry: {e}"))?;
+        .map_err(|e| Error::Invalid(format!("uploading the device registry: {e}")))?;
     let addr = engine.addr;
     eprintln!("· lake at {}", engine.lake.root());
     eprintln!("· HTTP API on http://{addr}");
@@ -230,10 +233,10 @@ pub async fn run(
 
     let js = crate::ingest::source::connect_with(&config.nats())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     crate::ingest::source::ensure_stream(&js, &config)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     let stop = CancellationToken::new();
     let sim_stop = stop.clone();
     let sim_config = options.sim.clone();
@@ -265,7 +268,7 @@ pub async fn run(
                     if metrics.storage_up.load(Ordering::Relaxed) == 1 { "up" } else { "DOWN" },
                 );
                 if publisher.as_ref().is_some_and(|p| p.is_finished()) {
-                    let done = publisher.take().expect("checked").await.map_err(|e| e.to_string())??;
+                    let done = publisher.take().expect("checked").await.map_err(|e| Error::Invalid(e.to_string()))??;
                     eprintln!("· simulator finished: {}", serde_json::to_string(&done).unwrap_or_default());
                     published_report = Some(done);
                 }
@@ -287,7 +290,7 @@ pub async fn run(
     if let Some(mut server) = child {
         server.stop().await;
     }
-    stopped.map_err(|reason| format!("stopped with work unfinished: {reason}"))?;
+    stopped.map_err(|reason| Error::Invalid(format!("stopped with work unfinished: {reason}")))?;
     eprintln!("· stopped");
     Ok(())
 }

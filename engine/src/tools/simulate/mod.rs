@@ -12,6 +12,8 @@ use async_nats::jetstream;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Error;
+
 mod messages;
 mod publish;
 
@@ -126,7 +128,7 @@ impl Faults {
 
     /// Parses `demo`, `none` or a comma-separated list of `drift=N`, `crash=FW/HW_REV`,
     /// `noisy=MODEL` and `beta=N`; an error names the part that is wrong and what was expected.
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> Result<Self, Error> {
         match spec.trim() {
             "demo" => return Ok(Self::demo()),
             "none" | "" => return Ok(Self::default()),
@@ -135,11 +137,12 @@ impl Faults {
         let mut faults = Self::default();
         for part in spec.split(',').map(str::trim) {
             let (key, value) = part.split_once('=').ok_or_else(|| {
-                format!("--faults: {part:?} is not key=value (expected drift=N, crash=FW/HW_REV, noisy=MODEL, beta=N, or demo)")
+                Error::Invalid(format!("--faults: {part:?} is not key=value (expected drift=N, crash=FW/HW_REV, noisy=MODEL, beta=N, or demo)"))
             })?;
             let count = |v: &str| {
-                v.parse::<u64>()
-                    .map_err(|_| format!("--faults: {key}={v}: expected a number of devices"))
+                v.parse::<u64>().map_err(|_| {
+                    Error::Invalid(format!("--faults: {key}={v}: expected a number of devices"))
+                })
             };
             match key {
                 "drift" => faults.drift = count(value)?,
@@ -150,14 +153,14 @@ impl Faults {
                         .split_once('/')
                         .filter(|(f, h)| !f.is_empty() && !h.is_empty())
                         .ok_or_else(|| {
-                            format!("--faults: crash={value}: expected FIRMWARE/HW_REV, e.g. crash=2.0.1/rev-B")
+                            Error::Invalid(format!("--faults: crash={value}: expected FIRMWARE/HW_REV, e.g. crash=2.0.1/rev-B"))
                         })?;
                     faults.crash = Some((fw.into(), hw.into()));
                 }
                 _ => {
-                    return Err(format!(
+                    return Err(Error::Invalid(format!(
                         "--faults: unknown fault {part:?} (expected drift=N, crash=FW/HW_REV, noisy=MODEL, beta=N, or demo)"
-                    ));
+                    )));
                 }
             }
         }
@@ -215,33 +218,37 @@ impl Default for SimConfig {
 
 impl SimConfig {
     /// Checks shares and counts, naming the bad option.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Error> {
         for (name, v) in [
             ("duplicates", self.duplicates),
             ("malformed", self.malformed),
             ("late", self.late),
         ] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(format!("--{name} is {v}: expected a share between 0 and 1"));
+                return Err(Error::Invalid(format!(
+                    "--{name} is {v}: expected a share between 0 and 1"
+                )));
             }
         }
         if self.duplicates + self.malformed > 1.0 {
-            return Err("--duplicates plus --malformed must not exceed 1".into());
+            return Err(Error::Invalid(
+                "--duplicates plus --malformed must not exceed 1".into(),
+            ));
         }
         if self.devices == 0 {
-            return Err("--devices must be at least 1".into());
+            return Err(Error::Invalid("--devices must be at least 1".into()));
         }
         if !(1..=86_400_000).contains(&self.reading_interval_ms) {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "--reading-interval-ms is {}: expected milliseconds between 1 and 86400000 (a day)",
                 self.reading_interval_ms
-            ));
+            )));
         }
         if !(self.rate >= 0.0 && self.rate.is_finite()) {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "--rate is {}: expected messages per second >= 0",
                 self.rate
-            ));
+            )));
         }
         Ok(())
     }

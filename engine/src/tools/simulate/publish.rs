@@ -2,6 +2,8 @@
 
 use super::*;
 
+use crate::error::Error;
+
 /// How many publishes may await their acknowledgement at once.
 pub(super) const IN_FLIGHT: usize = 512;
 
@@ -13,7 +15,7 @@ type PendingAck = jetstream::context::PublishAckFuture;
 pub(super) async fn send(
     js: &jetstream::Context,
     message: &SimMessage,
-) -> Result<PendingAck, String> {
+) -> Result<PendingAck, Error> {
     let payload = bytes::Bytes::from(message.payload.clone());
     let sent = match &message.msg_id {
         Some(id) => {
@@ -24,7 +26,7 @@ pub(super) async fn send(
         }
         None => js.publish(message.subject.clone(), payload).await,
     };
-    sent.map_err(|e| e.to_string())
+    sent.map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// Waits for a publish to be stored, publishing it again (same message id, so JetStream stores
@@ -32,9 +34,9 @@ pub(super) async fn send(
 pub(super) async fn confirm(
     js: &jetstream::Context,
     message: &SimMessage,
-    first: Result<PendingAck, String>,
+    first: Result<PendingAck, Error>,
     cancel: &CancellationToken,
-) -> Result<bool, String> {
+) -> Result<bool, Error> {
     let deadline = Instant::now() + PUBLISH_PATIENCE;
     let mut pending = first;
     // The first retry goes out at once: after an outage every publish in flight has timed out,
@@ -46,10 +48,13 @@ pub(super) async fn confirm(
                 Ok(ack) => return Ok(ack.duplicate),
                 Err(e) => e.to_string(),
             },
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         if Instant::now() > deadline || cancel.is_cancelled() {
-            return Err(format!("publishing to {}: {error}", message.subject));
+            return Err(Error::Unavailable(format!(
+                "publishing to {}: {error}",
+                message.subject
+            )));
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
@@ -62,12 +67,12 @@ pub(super) async fn confirm(
 /// message ids: JetStream stores each once) rather than timing out one after the other.
 pub(super) async fn confirm_oldest(
     js: &jetstream::Context,
-    pending: &mut VecDeque<(SimMessage, Result<PendingAck, String>)>,
+    pending: &mut VecDeque<(SimMessage, Result<PendingAck, Error>)>,
     cancel: &CancellationToken,
-) -> Result<bool, String> {
+) -> Result<bool, Error> {
     let (message, ack) = pending.pop_front().expect("non-empty");
     let ack = match ack {
-        Ok(ack) => ack.await.map_err(|e| e.to_string()),
+        Ok(ack) => ack.await.map_err(|e| Error::Invalid(e.to_string())),
         Err(e) => Err(e),
     };
     match ack {
@@ -89,7 +94,7 @@ pub async fn publish(
     config: SimConfig,
     cancel: CancellationToken,
     mut progress: impl FnMut(&Report),
-) -> Result<Report, String> {
+) -> Result<Report, Error> {
     config.validate()?;
     let mut report = Report {
         seed: config.seed,
@@ -101,7 +106,7 @@ pub async fn publish(
     report.planted = sim.planted();
     let started = Instant::now();
     let mut last_progress = Instant::now();
-    let mut pending: VecDeque<(SimMessage, Result<PendingAck, String>)> = VecDeque::new();
+    let mut pending: VecDeque<(SimMessage, Result<PendingAck, Error>)> = VecDeque::new();
     for message in sim {
         if cancel.is_cancelled() {
             break;

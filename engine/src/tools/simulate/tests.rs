@@ -90,7 +90,8 @@ fn shares_are_checked() {
         ..config()
     }
     .validate()
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("--malformed"), "{err}");
 }
 
@@ -109,7 +110,7 @@ fn faults_parse_and_say_what_is_wrong() {
         ("crash=2.0.1", "FIRMWARE/HW_REV"),
         ("melt=1", "unknown fault"),
     ] {
-        let err = Faults::parse(spec).unwrap_err();
+        let err = Faults::parse(spec).unwrap_err().to_string();
         assert!(err.contains(says), "{spec}: {err}");
     }
 }
