@@ -39,6 +39,7 @@ pub mod memory;
 pub mod pipeline;
 pub mod prepared;
 pub mod query;
+pub mod restore;
 pub mod rules;
 pub mod session;
 pub mod window;

@@ -52,7 +52,7 @@ use crate::error::{Error, Stopped};
 use crate::ingest::pipelines::Declared;
 use crate::metrics::Metrics;
 
-pub use crate::config::partition::{PREFIX, Partition, scope, subject_transform};
+pub use crate::config::partition::{PREFIX, Partition, subject_transform};
 
 pub use crate::metrics::{ClusterStatus, OwnedPartition};
 

@@ -31,24 +31,6 @@ impl Partition {
             .filter(|(n, _)| n.parse::<u32>().is_ok())
             .map_or(stored, |(_, rest)| rest)
     }
-
-    /// A SQL condition (starting with ` AND`) keeping the rows whose `column` (a stream
-    /// sequence) is a message of this partition with a sequence in `(after, upto]`: the
-    /// messages' subjects in raw.telemetry, mapped as NATS maps them (`nats_partition`).
-    pub fn scope(&self, column: &str, after: i64, upto: i64) -> String {
-        format!(
-            " AND {column} IN (SELECT stream_seq FROM raw.telemetry WHERE stream_seq > {after} \
-             AND stream_seq <= {upto} AND nats_partition(subject, {}) = {})",
-            self.count, self.index
-        )
-    }
-}
-
-/// [`Partition::scope`] for an optional partition: empty without one (the whole stream).
-pub fn scope(partition: Option<Partition>, column: &str, after: i64, upto: i64) -> String {
-    partition
-        .map(|p| p.scope(column, after, upto))
-        .unwrap_or_default()
 }
 
 /// The stream's subject mapping for `partitions` partitions (`None` for 0): every subject
@@ -58,4 +40,13 @@ pub fn subject_transform(partitions: u32) -> Option<jetstream::stream::SubjectTr
         source: ">".into(),
         destination: format!("{PREFIX}.{{{{partition({partitions})}}}}.>"),
     })
+}
+
+impl From<Partition> for fleetlake_sql::restore::StreamPartition {
+    fn from(p: Partition) -> Self {
+        Self {
+            index: p.index,
+            count: p.count,
+        }
+    }
 }

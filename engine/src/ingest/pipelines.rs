@@ -393,19 +393,22 @@ pub async fn raw_rows(
     end: i64,
     partition: Option<crate::config::partition::Partition>,
 ) -> Result<Vec<RecordBatch>, Error> {
-    // The partition's own messages: a filter on raw's subjects, not a semi-join.
-    let scope = partition
-        .map(|p| format!(" AND nats_partition(subject, {}) = {}", p.count, p.index))
-        .unwrap_or_default();
-    let rows = query
-        .query(&format!(
-            "SELECT payload, subject, stream_seq, msg_id, received_at, ingest_date FROM raw.telemetry \
-             WHERE stream_seq BETWEEN {start} AND {end}{scope} ORDER BY stream_seq"
-        ))
-        .await
-        ?;
+    // The partition's own messages: raw's own subjects decide.
+    let batches = fleetlake_sql::restore::Committed::of(&TableId::raw_telemetry())
+        .columns(&[
+            "payload",
+            "subject",
+            "stream_seq",
+            "msg_id",
+            "received_at",
+            "ingest_date",
+        ])
+        .range(start - 1, end)
+        .partition(partition.map(Into::into))
+        .read(query)
+        .await?;
     let mut out = Vec::new();
-    for batch in &rows.batches {
+    for batch in &batches {
         let raw = as_raw_batch(batch)?;
         let raw = runner.claimed_rows(&raw)?;
         if raw.num_rows() > 0 {

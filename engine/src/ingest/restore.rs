@@ -3,6 +3,7 @@
 //! newest snapshot and the rows committed after it.
 
 use super::*;
+use fleetlake_sql::restore::Committed;
 
 /// Opens every table (raw, quarantine, usable, the pipelines', the window tables, final.alerts:
 /// the committer's order) and rebuilds the stages' state as of what they committed.
@@ -111,22 +112,19 @@ pub(super) async fn load_dedup(
     }
     if committed > since {
         // In the order they were first seen, so devices' sequences arrive mostly in order.
-        let sql = format!(
-            "SELECT device_id, seq, ts, msg_id, received_at FROM usable.telemetry WHERE stream_seq > {since} AND stream_seq <= {committed}{} ORDER BY stream_seq",
-            crate::config::partition::scope(config.partition(), "stream_seq", since, committed)
-        );
-        let rows = QueryEngine::new(lake.clone())
-            .query(&sql)
+        let batches = Committed::of(&TableId::usable_telemetry())
+            .columns(&["device_id", "seq", "ts", "msg_id", "received_at"])
+            .range(since, committed)
+            .partition(config.partition().map(Into::into))
+            .read(&QueryEngine::new(lake.clone()))
             .await
             .context("rebuilding the dedup state")?;
-        for batch in &rows.batches {
+        let mut rows = 0;
+        for batch in &batches {
             state.observe(batch)?;
+            rows += batch.num_rows();
         }
-        tracing::info!(
-            since,
-            rows = rows.row_count(),
-            "dedup state rebuilt from usable.telemetry"
-        );
+        tracing::info!(since, rows, "dedup state rebuilt from usable.telemetry");
     }
     Ok(state)
 }
@@ -168,7 +166,6 @@ pub(super) async fn load_devices(
         }
     }
     state.observe(observed);
-    let raw = TableId::raw_telemetry();
     for w in committer.writers() {
         let (table, committed) = (w.id(), w.committed().unwrap_or(0));
         if table.zone != fleetlake_zones::Zone::Usable || committed <= since {
@@ -179,19 +176,15 @@ pub(super) async fn load_devices(
         let (mut from, mut total) = (since, 0usize);
         while from < committed {
             let to = from.saturating_add(DEVICE_RESTORE_STEP).min(committed);
-            let sql = format!(
-                "SELECT u.*, CAST(r.received_at AS BIGINT) AS __received_us FROM {table} u \
-                 LEFT JOIN {raw} r ON r.stream_seq = u.stream_seq \
-                 AND r.stream_seq > {from} AND r.stream_seq <= {to} \
-                 WHERE u.stream_seq > {from} AND u.stream_seq <= {to}{}",
-                crate::config::partition::scope(config.partition(), "u.stream_seq", from, to)
-            );
-            let rows = QueryEngine::new(lake.clone())
-                .query(&sql)
+            let batches = Committed::of(table)
+                .range(from, to)
+                .partition(config.partition().map(Into::into))
+                .with_arrival()
+                .read(&QueryEngine::new(lake.clone()))
                 .await
                 .context(format!("rebuilding the device state from {table}"))?;
             let now = chrono::Utc::now().timestamp_micros();
-            for batch in &rows.batches {
+            for batch in &batches {
                 let at = batch.num_columns() - 1;
                 let received: arrow::array::Int64Array = arrow::array::AsArray::as_primitive::<
                     arrow::datatypes::Int64Type,
@@ -203,7 +196,7 @@ pub(super) async fn load_devices(
                 let rows = batch.project(&keep)?;
                 state.update(table, &rows, Received::Each(&received))?;
             }
-            total += rows.row_count();
+            total += batches.iter().map(|b| b.num_rows()).sum::<usize>();
             from = to;
             if committed - since > DEVICE_RESTORE_STEP {
                 tracing::info!(%table, stream_seq = to, of = committed, rows = total, "rebuilding the device state");

@@ -34,7 +34,7 @@ use fleetlake_zones::{Lake, TableId};
 use tokio::sync::oneshot;
 
 use crate::config::Config;
-use crate::config::partition::{Partition, scope};
+use crate::config::partition::Partition;
 use crate::error::{Context, Error};
 use crate::ingest::alertmanager::Alertmanager;
 use crate::ingest::commit::Snapshot;

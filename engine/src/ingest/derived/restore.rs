@@ -3,6 +3,7 @@
 //! writers of final.alerts.
 
 use super::*;
+use fleetlake_sql::restore::Committed;
 
 /// Stream sequences read from the input table per step of a backfill.
 pub(super) const BACKFILL_CHUNK: i64 = 200_000;
@@ -97,17 +98,18 @@ pub(super) async fn recorded_since(
     if !table_exists(lake, &table).await? {
         return Ok(Vec::new());
     }
-    // Rule names are letters, digits and _; versions are hex.
-    let rows = QueryEngine::new(lake.clone())
-        .query(&format!(
-            "SELECT key, state FROM {table} WHERE rule = '{name}' AND rule_version = '{version}' \
-             AND stream_seq > {after}{} ORDER BY stream_seq, state",
-            scope(partition, "stream_seq", after, i64::MAX)
-        ))
+    let batches = Committed::of(&table)
+        .columns(&["key", "state"])
+        .range(after, i64::MAX)
+        .where_eq("rule", name)
+        .where_eq("rule_version", version)
+        .then_by("state")
+        .partition(partition.map(Into::into))
+        .read(&QueryEngine::new(lake.clone()))
         .await
         .context(format!("reading {table} to rebuild rule {name}"))?;
     let mut out = Vec::new();
-    for b in &rows.batches {
+    for b in &batches {
         let text = |i: usize| {
             arrow::compute::cast(b.column(i), &DataType::Utf8)
                 .map(|c| arrow::array::AsArray::as_string::<i32>(&c).clone())
@@ -133,12 +135,10 @@ pub(crate) async fn committed_rows(
     if upto <= after || !table_exists(lake, table).await? {
         return Ok(Vec::new());
     }
-    let rows = QueryEngine::new(lake.clone())
-        .query(&format!(
-            "SELECT * FROM {table} WHERE stream_seq > {after} AND stream_seq <= {upto}{} ORDER BY stream_seq",
-            scope(partition, "stream_seq", after, upto)
-        ))
+    Committed::of(table)
+        .range(after, upto)
+        .partition(partition.map(Into::into))
+        .read(&QueryEngine::new(lake.clone()))
         .await
-        .context(format!("reading {table} to rebuild windows and rules"))?;
-    Ok(rows.batches)
+        .context(format!("reading {table} to rebuild windows and rules"))
 }
