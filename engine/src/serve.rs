@@ -229,7 +229,7 @@ impl Engine {
                     ingest_stop.clone(),
                 ))
             } else {
-                tokio::spawn(crate::ingest::run(
+                let run = crate::ingest::run(
                     config.clone(),
                     lake.clone(),
                     declared,
@@ -237,7 +237,11 @@ impl Engine {
                     metrics.clone(),
                     ingest_stop.clone(),
                     devices,
-                ))
+                );
+                // Why it stopped is recorded where it stopped.
+                tokio::spawn(async move {
+                    let _ = run.await;
+                })
             };
             tasks.spawn(supervise(
                 run,

@@ -20,6 +20,26 @@ async fn token(api: &Api, body: Value) -> Api {
     api.with_token(Some(created["token"].as_str().unwrap()))
 }
 
+/// 50 devices publishing `messages` readings at 500 a second, in the background.
+fn fleet_in_background(
+    js: &async_nats::jetstream::Context,
+    messages: u64,
+) -> tokio::task::JoinHandle<fleetlake::tools::simulate::Report> {
+    let js = js.clone();
+    tokio::spawn(async move {
+        fleetlake_tests::simulate(
+            &js,
+            SimConfig {
+                devices: 50,
+                messages,
+                rate: 500.0,
+                ..Default::default()
+            },
+        )
+        .await
+    })
+}
+
 /// An analyst bound to acme.
 async fn analyst_of(admin: &Api) -> Api {
     token(
@@ -617,21 +637,7 @@ async fn each_query_limit_answers_its_error_while_ingest_keeps_acknowledging() {
     .await;
 
     // Ingest runs all along: a fleet publishing 500 messages a second.
-    let publisher = {
-        let js = js.clone();
-        tokio::spawn(async move {
-            fleetlake_tests::simulate(
-                &js,
-                SimConfig {
-                    devices: 50,
-                    messages: 15_000,
-                    rate: 500.0,
-                    ..Default::default()
-                },
-            )
-            .await
-        })
-    };
+    let publisher = fleet_in_background(&js, 15_000);
     let acked = || metric(&admin, "fleetlake_messages_acked_total");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = acked().await;
@@ -773,21 +779,7 @@ async fn buffering_operators_and_huge_values_stay_within_the_pool_while_ingest_a
                "limits": {"memory_mb": POOL_MIB, "timeout_s": 2}}),
     )
     .await;
-    let publisher = {
-        let js = js.clone();
-        tokio::spawn(async move {
-            fleetlake_tests::simulate(
-                &js,
-                SimConfig {
-                    devices: 50,
-                    messages: 20_000,
-                    rate: 500.0,
-                    ..Default::default()
-                },
-            )
-            .await
-        })
-    };
+    let publisher = fleet_in_background(&js, 20_000);
     let acked = || metric(&admin, "fleetlake_messages_acked_total");
     // Ingest's own memory settles before the peak is measured.
     admin.wait_acked(2_000).await;

@@ -464,7 +464,8 @@ async fn run_partition(
     stop: CancellationToken,
 ) {
     let (_changes, rule_changes) = tokio::sync::mpsc::channel(1);
-    crate::ingest::run(
+    // Why it stopped is recorded where it stopped.
+    let _ = crate::ingest::run(
         config,
         lake,
         declared,

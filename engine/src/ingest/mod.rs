@@ -83,20 +83,8 @@ struct Stages {
 
 /// Runs the ingest stage until `cancel` fires; in-flight messages are committed and acked first.
 /// `devices` is kept up to date with every processed micro-batch (restored first).
+/// [`Stopped`] says it ended; why is recorded where it stopped ([`Stopped::because`]).
 pub async fn run(
-    config: Config,
-    lake: Lake,
-    declared: Declared,
-    changes: mpsc::Receiver<RuleChange>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-    devices: SharedDeviceState,
-) {
-    // Why it stopped is recorded where it stopped (`Stopped::because`).
-    let _ = run_until_stopped(config, lake, declared, changes, metrics, cancel, devices).await;
-}
-
-async fn run_until_stopped(
     config: Config,
     lake: Lake,
     declared: Declared,
