@@ -147,9 +147,9 @@ impl Engine {
         // The latest state of every device, kept by ingest; queried as final.device_state and
         // over /v1/devices.
         let devices: fleetlake_sql::device_state::SharedDeviceState = Default::default();
-        let mut engine = QueryEngine::new(lake.clone()).with_memory(
-            fleetlake_sql::memory::EngineMemory::new(config.query_total_memory()),
-        );
+        let query_memory = fleetlake_sql::memory::EngineMemory::new(config.query_total_memory());
+        let _ = metrics.query_memory.set(query_memory.clone());
+        let mut engine = QueryEngine::new(lake.clone()).with_memory(query_memory);
         // In a cluster each partition keeps its devices' state: there is no whole view here.
         if ingest && !cluster {
             engine = engine.with_live(Arc::new(fleetlake_sql::device_state::DeviceStateTable(

@@ -816,6 +816,19 @@ async fn buffering_operators_and_huge_values_stay_within_the_pool_while_ingest_a
         "{body}"
     );
     let (_, peak) = resident_mib();
+    // Every refused query gives its reservations back to the budget all queries share (the
+    // cancelled cross join once its task has really ended).
+    fleetlake_tests::wait_for("queries' memory released", Duration::from_secs(60), || {
+        let admin = admin.clone();
+        async move {
+            (metric(&admin, "fleetlake_query_memory_reserved_bytes").await == 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(&admin, "fleetlake_query_memory_limit_bytes").await,
+        2048 << 20
+    );
     assert!(
         peak <= baseline + POOL_MIB + MARGIN_MIB,
         "resident memory peaked at {peak} MiB from {baseline} MiB: more than the {POOL_MIB} MiB pool and the {MARGIN_MIB} MiB margin"

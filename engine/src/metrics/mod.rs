@@ -194,6 +194,8 @@ pub struct Metrics {
     maintenance: Mutex<MaintenanceCounters>,
     /// The cluster this instance is a member of (`cluster.partitions` > 0), as last seen.
     cluster: Mutex<Option<ClusterStatus>>,
+    /// The memory all queries share (`query.total_memory_mb`), when the API serves queries.
+    pub query_memory: std::sync::OnceLock<std::sync::Arc<fleetlake_sql::memory::EngineMemory>>,
     /// The stream sequence up to which this instance's fleet-wide windows and rules have
     /// committed (`crate::ingest::fleet`); 0 when it does not compute them.
     pub fleet_wide_position: AtomicI64,
@@ -232,6 +234,7 @@ impl Default for Metrics {
             tables: Mutex::new(Vec::new()),
             last_errors: Mutex::new(Vec::new()),
             cluster: Mutex::new(None),
+            query_memory: std::sync::OnceLock::new(),
             partition_lags: Mutex::new(std::collections::BTreeMap::new()),
             partitions_consuming: Mutex::new(std::collections::BTreeSet::new()),
             fleet_wide_position: AtomicI64::new(0),

@@ -91,6 +91,20 @@ impl Metrics {
             "gauge",
             self.dedup_keys.load(Ordering::Relaxed).to_string(),
         );
+        if let Some(memory) = self.query_memory.get() {
+            counter(
+                "fleetlake_query_memory_reserved_bytes",
+                "Memory the running queries hold in their pools, of the budget all queries share.",
+                "gauge",
+                memory.reserved().to_string(),
+            );
+            counter(
+                "fleetlake_query_memory_limit_bytes",
+                "The memory all queries together may hold (query.total_memory_mb).",
+                "gauge",
+                memory.limit().to_string(),
+            );
+        }
         counter(
             "fleetlake_consumer_lag",
             "Messages in the stream not yet delivered to fleetlake's consumer.",
