@@ -816,6 +816,7 @@ async fn buffering_operators_and_huge_values_stay_within_the_pool_while_ingest_a
         "{body}"
     );
     let (_, peak) = resident_mib();
+    eprintln!("resident memory: {baseline} MiB before the queries, peak {peak} MiB");
     // Every refused query gives its reservations back to the budget all queries share (the
     // cancelled cross join once its task has really ended).
     fleetlake_tests::wait_for("queries' memory released", Duration::from_secs(60), || {
