@@ -97,8 +97,8 @@ pub struct QueryPool {
     engine: Option<Arc<EngineMemory>>,
     limit: Option<usize>,
     used: AtomicUsize,
-    /// Set when a reservation within the query's own limit was refused because the engine's
-    /// budget was spent by other queries: the answer is then "busy, retry", not "too large".
+    /// Whether the last refused reservation was refused because the engine's budget was spent
+    /// by other queries (the answer is then "busy, retry"), not by the query's own limit.
     engine_refused: AtomicBool,
 }
 
@@ -125,8 +125,8 @@ impl QueryPool {
         self.limit
     }
 
-    /// Whether a reservation was refused because all queries together had spent the engine's
-    /// budget (rather than this query its own limit).
+    /// Whether the last refused reservation was refused because all queries together had spent
+    /// the engine's budget (rather than this query its own limit).
     pub fn refused_by_engine(&self) -> bool {
         self.engine_refused.load(Ordering::Relaxed)
     }
@@ -164,6 +164,9 @@ impl MemoryPool for QueryPool {
                 used.checked_add(additional).filter(|n| *n <= limit)
             })
             .map_err(|used| {
+                // The last refusal decides what the query is told (an earlier one DataFusion
+                // absorbed, e.g. by emitting a partial aggregate early, does not).
+                self.engine_refused.store(false, Ordering::Relaxed);
                 DataFusionError::ResourcesExhausted(format!(
                     "{} needed {} MiB more with {} MiB of the query's {} MiB in use",
                     reservation.consumer().name(),
@@ -232,9 +235,10 @@ impl PhysicalOptimizerRule for BoundBuffering {
                 state: Mutex::new(LedgerState::default()),
             });
             let counted = Buffered::new(Arc::clone(input), Arc::clone(&ledger), Side::In);
+            // The new child has its old child's properties exactly.
             let node = Arc::clone(&node).replace_children(
                 vec![counted],
-                ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+                ReplaceChildrenOptions::new(ChildrenPropertiesMode::Keep),
             )?;
             Ok(Transformed::yes(Buffered::new(node, ledger, Side::Out)))
         })
@@ -397,7 +401,8 @@ impl ExecutionPlan for Buffered {
 
 /// An upper bound, in bytes, of what a function's call allocates for its output, from its
 /// arguments; 0 when it cannot tell (the call then goes ahead unreserved).
-type Estimate = fn(&[ArrayRef]) -> usize;
+/// Scalar arguments come as one-row arrays and stand for every one of the `rows`.
+type Estimate = fn(&[ArrayRef], usize) -> usize;
 
 /// DataFusion's amplifying scalar functions, each wrapped to reserve an upper bound of its
 /// output in `pool` before it allocates: registered per query over the defaults (the same
@@ -481,13 +486,24 @@ impl ScalarUDFImpl for Sized {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        let rows = args.number_rows;
+        let rows = args.number_rows.max(1);
+        // Scalars stay one row here (never broadcast before anything is reserved); the
+        // function itself may broadcast them to every row, which is counted too.
+        let mut broadcast = 0usize;
         let arrays: Vec<ArrayRef> = args
             .args
             .iter()
-            .map(|a| a.to_array(rows.max(1)))
+            .map(|a| match a {
+                ColumnarValue::Array(a) => Ok(Arc::clone(a)),
+                ColumnarValue::Scalar(v) => {
+                    if rows > 1 {
+                        broadcast = broadcast.saturating_add(v.size().saturating_mul(rows));
+                    }
+                    v.to_array_of_size(1)
+                }
+            })
             .collect::<DfResult<_>>()?;
-        let bound = (self.estimate)(&arrays);
+        let bound = (self.estimate)(&arrays, rows).saturating_add(broadcast);
         let reservation =
             MemoryConsumer::new(format!("{}()", self.inner.name())).register(&self.pool);
         reservation.try_grow(bound)?;
@@ -513,22 +529,29 @@ impl ScalarUDFImpl for Sized {
     }
 }
 
-/// Each row's value of `a` as an i64 (NULL or not an integer: 0).
-fn ints(a: &ArrayRef) -> Vec<i64> {
+/// Each of `rows` rows' value of `a` as an i64 (NULL or not an integer: 0); a one-row `a` (a
+/// scalar) stands for every row.
+fn ints(a: &ArrayRef, rows: usize) -> Vec<i64> {
     let Ok(cast) = arrow::compute::cast(a, &DataType::Int64) else {
-        return vec![0; a.len()];
+        return vec![0; rows];
     };
     let cast = cast.as_primitive::<Int64Type>();
-    (0..cast.len())
-        .map(|i| if cast.is_null(i) { 0 } else { cast.value(i) })
-        .collect()
+    let at = |i: usize| {
+        let i = if cast.len() == 1 { 0 } else { i };
+        if i >= cast.len() || cast.is_null(i) {
+            0
+        } else {
+            cast.value(i)
+        }
+    };
+    (0..rows).map(at).collect()
 }
 
-/// Each row's byte length of the string `a` (NULL: 0).
-fn lengths(a: &ArrayRef) -> Vec<i64> {
+/// Each of `rows` rows' byte length of the string `a` (NULL: 0), broadcast like [`ints`].
+fn lengths(a: &ArrayRef, rows: usize) -> Vec<i64> {
     match arrow::compute::kernels::length::length(a) {
-        Ok(l) => ints(&l),
-        Err(_) => vec![0; a.len()],
+        Ok(l) => ints(&l, rows),
+        Err(_) => vec![0; rows],
     }
 }
 
@@ -539,48 +562,48 @@ fn total(per_row: impl Iterator<Item = i64>) -> usize {
 }
 
 /// `repeat(s, n)`: |s| × n bytes per row.
-fn estimate_repeat(args: &[ArrayRef]) -> usize {
+fn estimate_repeat(args: &[ArrayRef], rows: usize) -> usize {
     let [s, n, ..] = args else { return 0 };
     total(
-        lengths(s)
+        lengths(s, rows)
             .into_iter()
-            .zip(ints(n))
+            .zip(ints(n, rows))
             .map(|(l, n)| l.saturating_mul(n)),
     )
 }
 
 /// `lpad(s, n [, fill])`, `rpad`: n characters, at most 4 bytes each.
-fn estimate_pad(args: &[ArrayRef]) -> usize {
+fn estimate_pad(args: &[ArrayRef], rows: usize) -> usize {
     let [_, n, ..] = args else { return 0 };
-    total(ints(n).into_iter().map(|n| n.saturating_mul(4)))
+    total(ints(n, rows).into_iter().map(|n| n.saturating_mul(4)))
 }
 
 /// `array_repeat(element, n)`: n copies of the element (its share of the input's bytes, at
 /// least 8) per row.
-fn estimate_array_repeat(args: &[ArrayRef]) -> usize {
+fn estimate_array_repeat(args: &[ArrayRef], rows: usize) -> usize {
     let [element, n, ..] = args else { return 0 };
     let each = (element.get_array_memory_size() / element.len().max(1)).max(8) as i64;
-    total(ints(n).into_iter().map(|n| n.saturating_mul(each)))
+    total(ints(n, rows).into_iter().map(|n| n.saturating_mul(each)))
 }
 
 /// `range(start, stop [, step])`, `generate_series`: (stop − start) / step elements of 8 bytes
 /// per row. Integers, and dates or timestamps with an interval step (a month counted as 28
 /// days, the shortest).
-fn estimate_range(args: &[ArrayRef]) -> usize {
+fn estimate_range(args: &[ArrayRef], rows: usize) -> usize {
     const DAY_NS: i64 = 86_400_000_000_000;
     let (start, stop, step): (Vec<i64>, Vec<i64>, Vec<i64>) = match args {
-        [stop] => (vec![0; stop.len()], ints(stop), vec![1; stop.len()]),
+        [stop] => (vec![0; rows], ints(stop, rows), vec![1; rows]),
         [start, stop] if start.data_type().is_integer() => {
-            (ints(start), ints(stop), vec![1; start.len()])
+            (ints(start, rows), ints(stop, rows), vec![1; rows])
         }
         [start, stop, step] if start.data_type().is_integer() => {
-            (ints(start), ints(stop), ints(step))
+            (ints(start, rows), ints(stop, rows), ints(step, rows))
         }
         [start, stop, step] => {
             let nanos = |a: &ArrayRef| {
                 arrow::compute::cast(a, &DataType::Timestamp(TimeUnit::Nanosecond, None))
-                    .map(|t| ints(&t))
-                    .unwrap_or_else(|_| vec![0; a.len()])
+                    .map(|t| ints(&t, rows))
+                    .unwrap_or_else(|_| vec![0; rows])
             };
             let steps = match step.data_type() {
                 DataType::Interval(_) => {
@@ -591,11 +614,16 @@ fn estimate_range(args: &[ArrayRef]) -> usize {
                         return 0;
                     };
                     let step = step.as_primitive::<IntervalMonthDayNanoType>();
-                    (0..step.len())
+                    (0..rows)
                         .map(|i| {
+                            let i = if step.len() == 1 { 0 } else { i };
+                            if i >= step.len() || step.is_null(i) {
+                                return 1;
+                            }
                             let v = step.value(i);
-                            (v.months as i64 * 28 * DAY_NS)
-                                .saturating_add(v.days as i64 * DAY_NS)
+                            (v.months as i64)
+                                .saturating_mul(28 * DAY_NS)
+                                .saturating_add((v.days as i64).saturating_mul(DAY_NS))
                                 .saturating_add(v.nanoseconds)
                         })
                         .collect()
@@ -620,25 +648,25 @@ fn estimate_range(args: &[ArrayRef]) -> usize {
 }
 
 /// `replace(s, from, to)`: every occurrence of `from` (at most |s| / |from|) becomes `to`.
-fn estimate_replace(args: &[ArrayRef]) -> usize {
+fn estimate_replace(args: &[ArrayRef], rows: usize) -> usize {
     let [s, from, to, ..] = args else { return 0 };
     total(
-        lengths(s)
+        lengths(s, rows)
             .into_iter()
-            .zip(lengths(from))
-            .zip(lengths(to))
+            .zip(lengths(from, rows))
+            .zip(lengths(to, rows))
             .map(|((s, from), to)| s.saturating_add((s / from.max(1) + 1).saturating_mul(to))),
     )
 }
 
 /// `regexp_replace(s, pattern, replacement [, flags])`: a pattern may match at every position,
 /// the empty string included.
-fn estimate_regexp_replace(args: &[ArrayRef]) -> usize {
+fn estimate_regexp_replace(args: &[ArrayRef], rows: usize) -> usize {
     let [s, _, to, ..] = args else { return 0 };
     total(
-        lengths(s)
+        lengths(s, rows)
             .into_iter()
-            .zip(lengths(to))
+            .zip(lengths(to, rows))
             .map(|(s, to)| s.saturating_add((s + 1).saturating_mul(to))),
     )
 }
@@ -676,12 +704,12 @@ mod tests {
     fn amplifiers_are_estimated_from_their_arguments() {
         let s: ArrayRef = Arc::new(arrow::array::StringArray::from(vec!["ab", "c"]));
         let n: ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![1_000, -5]));
-        assert_eq!(estimate_repeat(&[Arc::clone(&s), Arc::clone(&n)]), 2_000);
-        assert_eq!(estimate_pad(&[Arc::clone(&s), n]), 4_000);
+        assert_eq!(estimate_repeat(&[Arc::clone(&s), Arc::clone(&n)], 2), 2_000);
+        assert_eq!(estimate_pad(&[Arc::clone(&s), n], 2), 4_000);
         let stop: ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![999]));
-        assert_eq!(estimate_range(&[stop]), 8_000);
+        assert_eq!(estimate_range(&[stop], 1), 8_000);
         let start: ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![0]));
         let stop: ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![i64::MAX]));
-        assert!(estimate_range(&[start, stop]) > 1 << 60);
+        assert!(estimate_range(&[start, stop], 1) > 1 << 60);
     }
 }

@@ -134,6 +134,8 @@ async fn buffering_operators_and_huge_values_are_held_to_the_query_pool() {
         "SELECT length(lpad('x', {n} * 100, 'y'))",
         "SELECT cardinality(range({n} * 1000))",
         "SELECT length(replace(repeat('a', {n}), 'a', repeat('b', 1000)))",
+        // A scalar argument the function broadcasts to every row of the batch.
+        "SELECT max(length(lpad(CAST(value AS VARCHAR), 5, repeat('x', {n})))) FROM generate_series(1, 10000)",
     ];
     let mut failed = Vec::new();
     for case in cases {
@@ -148,4 +150,13 @@ async fn buffering_operators_and_huge_values_are_held_to_the_query_pool() {
         }
     }
     assert!(failed.is_empty(), "{failed:#?}");
+    // Steps of months or days far beyond the nanosecond range are estimated without overflow
+    // (a panic before DataFusion's own answer) and as the one element they are, not refused.
+    for step in ["4000 months", "200000 days"] {
+        let sql = format!(
+            "SELECT cardinality(generate_series(TIMESTAMP '2000-01-01', TIMESTAMP '2001-01-01', INTERVAL '{step}'))"
+        );
+        let answer = format!("{:?}", run(sql).await);
+        assert!(!answer.contains("Resources exhausted"), "{step}: {answer}");
+    }
 }

@@ -78,7 +78,7 @@ impl Audit {
                 .lake
                 .writer(audit_table(), audit_schema(), Vec::new(), &self.app_id)
                 .await
-                .map_err(|e| Error::Invalid(format!("opening {}: {e}", audit_table())))?;
+                .map_err(|e| Error::from(e).context(format!("opening {}", audit_table())))?;
             state.1 = writer.committed().unwrap_or(0);
             state.0 = Some(writer);
         }
@@ -108,12 +108,12 @@ impl Audit {
                 Arc::new(Int64Array::from(vec![seq])),
             ],
         )
-        .map_err(|e| Error::Invalid(format!("building the audit row: {e}")))?;
+        .map_err(|e| Error::Bug(format!("building the audit row: {e}")))?;
         let writer = state.0.as_mut().expect("opened");
         if let Err(e) = writer.commit(&batch, "audit_seq", seq).await {
             // The outcome is unknown: open the table again next time.
             state.0 = None;
-            return Err(Error::Invalid(format!("writing {}: {e}", audit_table())));
+            return Err(Error::from(e).context(format!("writing {}", audit_table())));
         }
         state.1 = seq;
         Ok(())
