@@ -46,7 +46,10 @@ impl Error {
 
 impl From<fleetlake_zones::Error> for Error {
     fn from(e: fleetlake_zones::Error) -> Self {
-        if e.is_transient() {
+        if matches!(e, fleetlake_zones::Error::Schema { .. }) {
+            // A batch fleetlake built that does not fit its own table.
+            Error::Bug(e.to_string())
+        } else if e.is_transient() {
             Error::Unavailable(e.to_string())
         } else {
             Error::Invalid(e.to_string())

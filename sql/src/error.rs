@@ -121,8 +121,29 @@ fn classify(e: &DataFusionError) -> ErrorKind {
         DataFusionError::Internal(_) => ErrorKind::Internal,
         DataFusionError::Context(_, inner) => classify(inner),
         DataFusionError::Diagnostic(_, inner) => classify(inner),
+        // Repartitioning shares its input's error between its outputs.
+        DataFusionError::Shared(inner) => classify(inner),
         // Errors raised inside table providers (Delta log, object store) are outside systems.
         DataFusionError::External(_) => ErrorKind::Unavailable,
+        // A Parquet or Arrow read that failed below the format (object storage, I/O).
+        DataFusionError::ParquetError(p)
+            if matches!(
+                p.as_ref(),
+                datafusion::parquet::errors::ParquetError::External(_)
+            ) =>
+        {
+            ErrorKind::Unavailable
+        }
+        DataFusionError::ArrowError(a, _)
+            if matches!(
+                a.as_ref(),
+                arrow::error::ArrowError::ExternalError(_) | arrow::error::ArrowError::IoError(..)
+            ) =>
+        {
+            ErrorKind::Unavailable
+        }
+        // A task of the plan panicked.
+        DataFusionError::ExecutionJoin(_) => ErrorKind::Internal,
         _ => ErrorKind::User,
     }
 }
@@ -154,3 +175,34 @@ fn caused_by_values(e: &DataFusionError) -> bool {
 
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn storage_failures_inside_shared_parquet_and_arrow_errors_are_unavailable() {
+        let shared = DataFusionError::Shared(Arc::new(DataFusionError::IoError(reset())));
+        assert_eq!(classify(&shared), ErrorKind::Unavailable);
+        let parquet = DataFusionError::ParquetError(Box::new(
+            datafusion::parquet::errors::ParquetError::External(Box::new(reset())),
+        ));
+        assert_eq!(classify(&parquet), ErrorKind::Unavailable);
+        let arrow = DataFusionError::ArrowError(
+            Box::new(arrow::error::ArrowError::ExternalError(Box::new(reset()))),
+            None,
+        );
+        assert_eq!(classify(&arrow), ErrorKind::Unavailable);
+        // A value that does not fit stays the caller's.
+        let cast = DataFusionError::ArrowError(
+            Box::new(arrow::error::ArrowError::CastError("x".into())),
+            None,
+        );
+        assert_eq!(classify(&cast), ErrorKind::User);
+    }
+
+    fn reset() -> std::io::Error {
+        std::io::Error::other("connection reset by the object store")
+    }
+}
