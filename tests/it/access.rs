@@ -40,6 +40,20 @@ fn fleet_in_background(
     })
 }
 
+/// Waits for the background fleet to finish and for every message it sent to be acknowledged;
+/// each is in raw.telemetry once.
+async fn every_message_lands(
+    admin: &Api,
+    publisher: tokio::task::JoinHandle<fleetlake::tools::simulate::Report>,
+) {
+    let report = publisher.await.unwrap();
+    admin.wait_acked(report.total).await;
+    assert_eq!(
+        scalar(admin, "SELECT count(*) FROM raw.telemetry").await,
+        report.total as i64
+    );
+}
+
 /// An analyst bound to acme.
 async fn analyst_of(admin: &Api) -> Api {
     token(
@@ -726,12 +740,7 @@ async fn each_query_limit_answers_its_error_while_ingest_keeps_acknowledging() {
         after > before,
         "acked {before} before the queries, {after} after"
     );
-    let report = publisher.await.unwrap();
-    admin.wait_acked(report.total).await;
-    assert_eq!(
-        scalar(&admin, "SELECT count(*) FROM raw.telemetry").await,
-        report.total as i64
-    );
+    every_message_lands(&admin, publisher).await;
     engine.shutdown().await.expect("clean shutdown");
 }
 
@@ -840,12 +849,7 @@ async fn buffering_operators_and_huge_values_stay_within_the_pool_while_ingest_a
         progress.first() < progress.last(),
         "acked counts while the queries ran: {progress:?}"
     );
-    let report = publisher.await.unwrap();
-    admin.wait_acked(report.total).await;
-    assert_eq!(
-        scalar(&admin, "SELECT count(*) FROM raw.telemetry").await,
-        report.total as i64
-    );
+    every_message_lands(&admin, publisher).await;
     engine.shutdown().await.expect("clean shutdown");
 }
 
